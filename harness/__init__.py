@@ -1,0 +1,30 @@
+"""ptqbench's shared machinery: what every quantization method builds on.
+
+The public surface, in the order data flows through a run::
+
+    BitSpec.parse("W4A4")                     # harness.bits
+    load_model("smollm2-135m")                # harness.models
+    calibration_windows("brown", tok, ...)    # harness.data
+    get_method("rtn").from_options({})        # harness.registry / harness.method
+      .quantize(model, spec, calib, ctx)      #   uses quantize_linears / QuantLinear / adapters
+    perplexity(model, windows, device=...)    # harness.evaluate
+"""
+from __future__ import annotations
+
+from harness.adapter import LlamaAdapter, ScalePair, get_adapter
+from harness.bits import FP, BitSpec
+from harness.errors import ConfigError, PtqbenchError, ResourceUnavailableError, UnknownNameError
+from harness.method import Method, MethodConfig, QuantContext, QuantizeResult
+from harness.qlinear import QuantLinear, freeze, quant_linears, quantize_linears, quantizers_disabled
+from harness.quantizer import ActQuantizer, WeightQuantizer, fake_quantize, quantize_activation, quantize_weight, round_ste
+from harness.registry import REGISTRY, get_method, register_method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FP", "ActQuantizer", "BitSpec", "ConfigError", "LlamaAdapter", "Method", "MethodConfig", "PtqbenchError",
+    "QuantContext", "QuantLinear", "QuantizeResult", "REGISTRY", "ResourceUnavailableError", "ScalePair",
+    "UnknownNameError", "WeightQuantizer", "fake_quantize", "freeze", "get_adapter", "get_method",
+    "quant_linears", "quantize_activation", "quantize_linears", "quantize_weight", "quantizers_disabled",
+    "register_method", "round_ste",
+]

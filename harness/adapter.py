@@ -1,0 +1,86 @@
+"""Model adapters: where a model family keeps its blocks, norms and linears.
+
+Method code never hard-codes a module path. It asks the adapter which linears a block has, which
+norm feeds which linears (the pairs an equivalent transform may scale), and how to run one block
+on its own. One adapter covers the LLaMA family (LLaMA-1/2/3, SmolLM, Mistral-style blocks):
+pre-norm RMSNorm, q/k/v/o attention with RoPE and grouped-query heads, gated SiLU MLP.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from harness.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ScalePair:
+    """A module whose output is the input of ``consumers``: a per-channel scale can move across it.
+
+    ``producer`` is an RMSNorm (scale its weight) or a linear (scale its output rows); dividing the
+    producer's output by s and multiplying the consumers' input columns by s leaves the FP function
+    unchanged.
+    """
+
+    name: str
+    producer: str
+    consumers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LlamaAdapter:
+    """Block layout of ``LlamaForCausalLM`` and architecturally identical families."""
+
+    layers_path: str = "model.layers"
+    attn_in: ScalePair = ScalePair("attn_in", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+    mlp_in: ScalePair = ScalePair("mlp_in", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))
+    attn_out: ScalePair = ScalePair("attn_out", "self_attn.v_proj", ("self_attn.o_proj",))
+    mlp_out: ScalePair = ScalePair("mlp_out", "mlp.up_proj", ("mlp.down_proj",))
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        """Every linear of a block, in execution order."""
+        return (*self.attn_in.consumers, *self.attn_out.consumers, *self.mlp_in.consumers, *self.mlp_out.consumers)
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.layers_path)
+
+    def embed(self, model: nn.Module) -> nn.Module:
+        return model.model.embed_tokens
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.model.norm
+
+    def lm_head(self, model: nn.Module) -> nn.Module:
+        return model.lm_head
+
+    def position_embeddings(self, model: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE (cos, sin) for a batch of full sequences starting at position 0."""
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        return model.model.rotary_emb(hidden, positions)
+
+    def run_layer(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """One decoder block on its own (causal attention, no KV cache)."""
+        # attention_mask=None lets SDPA/eager use the causal mask: every sequence here is full length.
+        out = layer(hidden, attention_mask=None, position_embeddings=position_embeddings, use_cache=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    def attention_geometry(self, model: nn.Module) -> tuple[int, int, int]:
+        """(num_heads, num_kv_heads, head_dim)."""
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads), head_dim
+
+
+# model_type values whose blocks have exactly the LLaMA layout above.
+_LLAMA_LIKE = ("llama", "mistral")
+
+
+def get_adapter(model: nn.Module) -> LlamaAdapter:
+    """The adapter for ``model``; a clear error for families ptqbench does not describe."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in _LLAMA_LIKE:
+        return LlamaAdapter()
+    raise ConfigError(f"model: model_type {model_type!r} is not supported; supported families: {_LLAMA_LIKE}")

@@ -1,0 +1,83 @@
+"""Bit specifications such as ``W4A4``, ``W4A16`` or ``W4A4g128``.
+
+A spec names the weight bits, the activation bits and optionally a weight group size.
+16 bits means "not quantized" (the FP16 baseline of the papers). Symmetry and per-tensor
+weights are not part of the short string; they come from the sweep's ``quant:`` section and
+are kept in the same frozen dataclass so every method sees one object.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from harness.errors import ConfigError
+
+_SPEC_RE = re.compile(r"^W(\d+)A(\d+)(?:G(\d+))?$")
+MIN_BITS, MAX_BITS = 2, 16
+WEIGHT_GRANULARITIES = ("channel", "tensor")
+
+
+@dataclass(frozen=True)
+class BitSpec:
+    """How weights and activations are quantized.
+
+    Args:
+        w_bits: weight bits, 2..16 (16 = keep FP weights).
+        a_bits: activation bits, 2..16 (16 = keep FP activations).
+        w_group: weight group size along the input dimension; 0 = one group per output channel.
+        w_granularity: "channel" (per output channel, or per group) or "tensor" (one scale).
+        w_symmetric: symmetric weight quantization (zero point 0) instead of asymmetric.
+        a_symmetric: symmetric per-token activation quantization instead of asymmetric.
+    """
+
+    w_bits: int = 16
+    a_bits: int = 16
+    w_group: int = 0
+    w_granularity: str = "channel"
+    w_symmetric: bool = False
+    a_symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        for field in ("w_bits", "a_bits"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
+                raise ConfigError(f"bits.{field}: {value!r} is not allowed; use an integer {MIN_BITS}..{MAX_BITS}")
+        if not isinstance(self.w_group, int) or self.w_group < 0:
+            raise ConfigError(f"bits.w_group: {self.w_group!r} is not allowed; use 0 (per channel) or a positive group size")
+        if self.w_granularity not in WEIGHT_GRANULARITIES:
+            raise ConfigError(f"quant.weight_granularity: {self.w_granularity!r} is not allowed; use one of {WEIGHT_GRANULARITIES}")
+        if self.w_group and self.w_granularity == "tensor":
+            raise ConfigError("quant.weight_granularity: 'tensor' cannot be combined with a group size (g...)")
+
+    @classmethod
+    def parse(cls, text: str, **scheme: object) -> BitSpec:
+        """Parse ``W4A4`` / ``w4a16`` / ``W4A4g128``; ``scheme`` sets the non-string fields."""
+        match = _SPEC_RE.match(str(text).strip().upper())
+        if match is None:
+            raise ConfigError(
+                f"bits: {text!r} is not a bit spec; write W<bits>A<bits>[g<group>], e.g. W4A4, W4A16, W4A4g128"
+            )
+        w, a, g = match.groups()
+        return cls(w_bits=int(w), a_bits=int(a), w_group=int(g or 0), **scheme)  # type: ignore[arg-type]
+
+    @property
+    def name(self) -> str:
+        """The short string, e.g. ``W4A4g128`` (round-trips through :meth:`parse`)."""
+        return f"W{self.w_bits}A{self.a_bits}" + (f"g{self.w_group}" if self.w_group else "")
+
+    @property
+    def quantizes_weights(self) -> bool:
+        return self.w_bits < 16
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.a_bits < 16
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+FP = BitSpec()  # the unquantized baseline, W16A16

@@ -1,0 +1,39 @@
+"""The ``ptqbench`` command line. Each subcommand is a small module of this package."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from harness.errors import PtqbenchError
+
+
+class _Group(click.Group):
+    """Turns user errors into one ``Error: ...`` line and exit code 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except PtqbenchError as err:
+            click.echo(f"Error: {err}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """ptqbench: post-training quantization methods for LLaMA models, head to head."""
+    level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _register() -> None:
+    from harness.cli import bench, methods, prepare, report, run
+
+    for module in (methods, run, report, prepare, bench):
+        main.add_command(module.command)
+
+
+_register()

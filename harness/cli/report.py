@@ -1,0 +1,27 @@
+"""``ptqbench report DIR``: the comparison table of a results directory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from harness.report import FORMATS, report
+from harness.results import write_text_atomic
+
+
+@click.command("report")
+@click.argument("results_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Output format (default: from -o's suffix, else md).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write here instead of stdout.")
+@click.option("--title", default=None, help="Report title.")
+def command(results_dir: Path, fmt: str | None, output: Path | None, title: str | None) -> None:
+    """Render a comparison table (rows: method x bits; columns: metrics and cost)."""
+    if fmt is None:
+        suffix = output.suffix.lstrip(".") if output else ""
+        fmt = {"markdown": "md", "htm": "html", "latex": "tex"}.get(suffix, suffix) if suffix in (*FORMATS, "markdown", "htm", "latex") else "md"
+    text = report(results_dir, fmt, title)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    write_text_atomic(output, text)
+    click.echo(f"wrote {output}")

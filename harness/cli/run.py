@@ -1,0 +1,45 @@
+"""``ptqbench run CONFIG.yaml``: validate a sweep, run what is not done yet, print where results are."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from harness.config import load_config
+from harness.runner import plan, run_sweep
+
+log = logging.getLogger(__name__)
+
+
+@click.command("run")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Results directory (default: runs/<config name>).")
+@click.option("--force", is_flag=True, help="Redo runs whose results already exist.")
+@click.option("--dry-run", is_flag=True, help="Validate and list the planned runs, run nothing.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Overrides the YAML's device.")
+@click.option("--seed", type=int, default=None, help="Overrides the YAML's seed.")
+@click.option("--progress/--no-progress", default=True, help="Progress bars.")
+def command(config_path: Path, out_dir: Path | None, force: bool, dry_run: bool, device: str | None,
+            seed: int | None, progress: bool) -> None:
+    """Run the sweep described by CONFIG (models x methods x bit specs)."""
+    import dataclasses
+
+    config = load_config(config_path)
+    overrides = {k: v for k, v in (("device", device), ("seed", seed)) if v is not None}
+    config = dataclasses.replace(config, **overrides) if overrides else config
+    out_dir = out_dir or Path("runs") / config.name
+    runs = plan(config)
+    if dry_run:
+        for r in runs:
+            click.echo(f"{r.key}  {r.label}")
+        return
+    log.info("%d runs planned; results in %s", len(runs), out_dir)
+    summary = run_sweep(config, out_dir, force=force, progress=progress)
+    click.echo(f"{len(summary.done)} run, {len(summary.skipped)} already done, {len(summary.failed)} failed; results in {out_dir}")
+    for key, error in summary.failed.items():
+        click.echo(f"failed {key}: {error} (details: {out_dir / 'failed' / (key + '.json')})", err=True)
+    if summary.failed:
+        sys.exit(1)

@@ -1,0 +1,187 @@
+"""The sweep config: models x methods x bit specs, plus calibration and evaluation settings.
+
+A sweep is YAML (``yaml.safe_load``); every section is a frozen dataclass built by
+``harness.schema`` so unknown keys and wrong types fail with the field's dotted path. The whole
+config, including each method's options and every dataset name, is validated before any work.
+Precedence: CLI flags > YAML > these defaults.
+
+    name: demo
+    seed: 0
+    models: [smollm2-135m]
+    methods: [rtn, {name: smoothquant, alpha: 0.5}]
+    bits: [W8A8, W4A4]
+    calibration: {dataset: brown, samples: 32, seqlen: 512}
+    evaluation: {ppl: {datasets: [brown], seqlen: 512, max_windows: 40}}
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness import schema
+from harness.bits import BitSpec
+from harness.data import check_dataset_name
+from harness.errors import ConfigError, PtqbenchError
+from harness.registry import get_method
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Args:
+    dataset: corpus name (brown, wikitext2, c4) or a text file path.
+    samples: number of random windows (the papers: 128).
+    seqlen: tokens per window (the papers: 2048).
+    """
+
+    dataset: str = "brown"
+    samples: int = 128
+    seqlen: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ConfigError(f"samples: {self.samples} is not allowed; use a positive integer")
+        if self.seqlen < 2:
+            raise ConfigError(f"seqlen: {self.seqlen} is not allowed; use an integer >= 2")
+
+
+@dataclass(frozen=True)
+class PerplexityConfig:
+    """Args:
+    datasets: corpora to score (brown, wikitext2, c4, or text file paths).
+    seqlen: window length (the papers: 2048).
+    max_windows: score only the first N windows (null = all); recorded with every result.
+    batch_size: windows per forward pass.
+    """
+
+    datasets: tuple[str, ...] = ("brown",)
+    seqlen: int = 2048
+    max_windows: int | None = None
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.seqlen < 2:
+            raise ConfigError(f"seqlen: {self.seqlen} is not allowed; use an integer >= 2")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise ConfigError(f"max_windows: {self.max_windows} is not allowed; use a positive integer or null")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: {self.batch_size} is not allowed; use a positive integer")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    ppl: PerplexityConfig = field(default_factory=PerplexityConfig)
+
+
+@dataclass(frozen=True)
+class QuantSchemeConfig:
+    """Choices the short bit spec does not encode (defaults follow QLLM / OmniQuant: asymmetric)."""
+
+    weight_symmetric: bool = False
+    act_symmetric: bool = False
+    weight_granularity: str = "channel"
+
+    def __post_init__(self) -> None:
+        if self.weight_granularity not in ("channel", "tensor"):
+            raise ConfigError(f"weight_granularity: {self.weight_granularity!r} is not allowed; use 'channel' or 'tensor'")
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One method of the sweep with its options, and optionally its own list of bit specs."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    bits: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    name: str = "sweep"
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    models: tuple[str, ...] = ()
+    methods: tuple[MethodEntry, ...] = ()
+    bits: tuple[str, ...] = ()
+    quant: QuantSchemeConfig = field(default_factory=QuantSchemeConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"device: {self.device!r} is not allowed; use one of {DEVICES}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype: {self.dtype!r} is not allowed; use one of {DTYPES}")
+        if not self.models:
+            raise ConfigError("models: empty; list at least one model (zoo name, HF id or local folder)")
+
+    def bit_spec(self, text: str) -> BitSpec:
+        q = self.quant
+        return BitSpec.parse(text, w_symmetric=q.weight_symmetric, a_symmetric=q.act_symmetric, w_granularity=q.weight_granularity)
+
+    def to_dict(self) -> dict[str, Any]:
+        return schema.to_dict(self)
+
+
+def _method_entries(raw: Any) -> list[dict]:
+    """``methods:`` items are a name or ``{name: ..., bits: [...], <options>}``."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("methods: expected a non-empty list of method names or {name: ..., <options>} mappings")
+    entries = []
+    for i, item in enumerate(raw):
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ConfigError(f"methods[{i}]: expected a method name or a mapping with a 'name' key")
+        options = {k: v for k, v in item.items() if k not in ("name", "bits")}
+        entries.append({"name": item["name"], "options": options, **({"bits": item["bits"]} if "bits" in item else {})})
+    return entries
+
+
+def parse_config(raw: Any, source: str = "config") -> SweepConfig:
+    """Validate a loaded YAML mapping completely; every error is a ``ConfigError`` naming its field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a YAML mapping at the top level")
+    data = dict(raw)
+    data["methods"] = _method_entries(data.get("methods"))
+    config = schema.from_dict(SweepConfig, data)
+    if not config.bits and not all(m.bits for m in config.methods):
+        raise ConfigError("bits: empty; list bit specs such as [W8A8, W4A4] (or give every method its own bits)")
+    for spec in config.bits:
+        config.bit_spec(spec)
+    for i, entry in enumerate(config.methods):
+        where = f"methods[{i}]"
+        method_cls = _get(lambda: get_method(entry.name), f"{where}.name")
+        method_cls.from_options(entry.options, where=where)  # validates the options
+        for spec in entry.bits or ():
+            _get(lambda s=spec: config.bit_spec(s), f"{where}.bits")
+    for name in (config.calibration.dataset,):
+        _get(lambda n=name: check_dataset_name(n), "calibration.dataset")
+    for i, name in enumerate(config.evaluation.ppl.datasets):
+        _get(lambda n=name: check_dataset_name(n), f"evaluation.ppl.datasets[{i}]")
+    return config
+
+
+def _get(thunk: Any, where: str) -> Any:
+    try:
+        return thunk()
+    except PtqbenchError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def load_config(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse_config(raw, source=str(path))

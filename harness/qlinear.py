@@ -1,0 +1,103 @@
+"""The quantized linear layer and the swap that puts it into a model.
+
+``QuantLinear`` = input-activation quantizer + weight quantizer + the original weight and bias.
+While a method calibrates, the weight is quantized on every forward (so gradients reach learnable
+quantizer parameters). ``freeze()`` then stores the fake-quantized weight once, so evaluation pays
+only for the activation quantizer.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.adapter import get_adapter
+from harness.bits import BitSpec
+from harness.quantizer import ActQuantizer, WeightQuantizer
+
+
+class QuantLinear(nn.Module):
+    """A drop-in replacement for ``nn.Linear`` that fake-quantizes its input and weight."""
+
+    def __init__(self, linear: nn.Linear, spec: BitSpec) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.spec = spec
+        self.act_quant = ActQuantizer(spec.a_bits, spec.a_symmetric)
+        self.weight_quant: nn.Module = WeightQuantizer(spec)
+        self.frozen = False
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight if self.frozen else self.weight_quant(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.act_quant(x), self.quantized_weight(), self.bias)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Replace the weight by its fake-quantized value; the weight quantizer is not used again."""
+        if not self.frozen:
+            self.weight.data = self.weight_quant(self.weight).to(self.weight.dtype)
+            self.weight_quant = nn.Identity()
+            self.frozen = True
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, spec={self.spec.name}, frozen={self.frozen}"
+
+
+def quantize_linears(
+    model: nn.Module,
+    spec: BitSpec,
+    include: Callable[[str, nn.Linear], bool] | None = None,
+) -> dict[str, QuantLinear]:
+    """Swap the decoder blocks' linears for ``QuantLinear`` in place; return them by qualified name.
+
+    Which linears exist comes from the model adapter (for LLaMA: q/k/v/o and gate/up/down of every
+    block); the embedding and ``lm_head`` stay in full precision, as in all the papers compared here.
+    ``include(name, linear)`` narrows the selection further.
+    """
+    adapter = get_adapter(model)
+    swapped: dict[str, QuantLinear] = {}
+    for i, layer in enumerate(adapter.layers(model)):
+        for name in adapter.linear_names:
+            parent_name, _, attr = name.rpartition(".")
+            parent = layer.get_submodule(parent_name) if parent_name else layer
+            linear = getattr(parent, attr)
+            qualified = f"{adapter.layers_path}.{i}.{name}"
+            if isinstance(linear, QuantLinear) or (include is not None and not include(qualified, linear)):
+                continue
+            qlinear = QuantLinear(linear, spec)
+            setattr(parent, attr, qlinear)
+            swapped[qualified] = qlinear
+    return swapped
+
+
+def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear))
+
+
+def freeze(model: nn.Module) -> None:
+    """Freeze every ``QuantLinear`` of the model (see :meth:`QuantLinear.freeze`)."""
+    for _, module in quant_linears(model):
+        module.freeze()
+
+
+@contextlib.contextmanager
+def quantizers_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the model with every activation and (unfrozen) weight quantizer turned off."""
+    saved = []
+    for _, module in quant_linears(model):
+        for q in (module.act_quant, module.weight_quant):
+            if hasattr(q, "enabled"):
+                saved.append((q, q.enabled))
+                q.enabled = False
+    try:
+        yield
+    finally:
+        for q, enabled in saved:
+            q.enabled = enabled

@@ -1,0 +1,113 @@
+"""Uniform fake quantization with a straight-through estimator.
+
+Fake quantization rounds a tensor to the grid a b-bit integer format can represent and maps it
+back to floating point, so the network computes with exactly the values an integer kernel would
+see. Rounding uses a straight-through estimator (STE), so methods that learn clipping ranges,
+scales or low-rank corrections can backpropagate through the quantizer.
+
+Weights: static, per output channel (default), per group of input channels, or per tensor.
+Activations: dynamic per token (a scale per row of the last dimension), as in the QLLM, OmniQuant
+and SmoothQuant (per-token variant) papers.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from harness.bits import BitSpec
+
+# OmniQuant/QLLM clamp scales to this range so an all-zero channel never divides by zero.
+SCALE_MIN, SCALE_MAX = 1e-5, 1e4
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() in the forward pass, identity in the backward pass."""
+    return (x.round() - x).detach() + x
+
+
+def fake_quantize(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Quantize ``x`` to ``bits`` with the range [xmin, xmax] (broadcast against ``x``) and dequantize.
+
+    Asymmetric: scale = (xmax - xmin) / (2^b - 1) and an integer zero point, grid [0, 2^b - 1].
+    Symmetric: scale = max(|xmin|, |xmax|) / (2^(b-1) - 1), zero point 0, grid [-(2^(b-1) - 1), 2^(b-1) - 1]
+    (the restricted range SmoothQuant uses, so +x and -x quantize alike).
+    """
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = (torch.maximum(xmin.abs(), xmax.abs()) / qmax).clamp(SCALE_MIN, SCALE_MAX)
+        return torch.clamp(round_ste(x / scale), -qmax, qmax) * scale
+    qmax = 2**bits - 1
+    scale = ((xmax - xmin) / qmax).clamp(SCALE_MIN, SCALE_MAX)
+    zero = round_ste(-xmin / scale).clamp(-SCALE_MAX, SCALE_MAX)
+    return (torch.clamp(round_ste(x / scale) + zero, 0, qmax) - zero) * scale
+
+
+def group_view(w: torch.Tensor, spec: BitSpec) -> torch.Tensor:
+    """Reshape a (out, in) weight so that one quantization range covers the last dimension."""
+    if spec.w_granularity == "tensor":
+        return w.reshape(1, -1)
+    if spec.w_group:
+        if w.shape[-1] % spec.w_group:
+            raise ValueError(f"weight input width {w.shape[-1]} is not divisible by group size {spec.w_group}")
+        return w.reshape(-1, spec.w_group)
+    return w
+
+
+def quantize_weight(
+    w: torch.Tensor,
+    spec: BitSpec,
+    clip_min: torch.Tensor | None = None,
+    clip_max: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fake-quantize a (out, in) weight per ``spec``.
+
+    ``clip_min`` / ``clip_max`` are optional factors in [0, 1] (shape (rows, 1) of the grouped view)
+    that shrink the min/max range before quantizing: the hook learnable weight clipping uses.
+    """
+    if not spec.quantizes_weights:
+        return w
+    grouped = group_view(w, spec)
+    xmin = grouped.amin(dim=-1, keepdim=True)
+    xmax = grouped.amax(dim=-1, keepdim=True)
+    if clip_min is not None:
+        xmin = xmin * clip_min
+    if clip_max is not None:
+        xmax = xmax * clip_max
+    return fake_quantize(grouped, xmin, xmax, spec.w_bits, spec.w_symmetric).reshape(w.shape)
+
+
+def quantize_activation(x: torch.Tensor, bits: int, symmetric: bool = False) -> torch.Tensor:
+    """Dynamic per-token fake quantization: one range per vector along the last dimension."""
+    if bits >= 16:
+        return x
+    xmin = x.amin(dim=-1, keepdim=True)
+    xmax = x.amax(dim=-1, keepdim=True)
+    return fake_quantize(x, xmin, xmax, bits, symmetric)
+
+
+class ActQuantizer(nn.Module):
+    """Per-token dynamic activation quantizer; ``enabled = False`` makes it the identity."""
+
+    def __init__(self, bits: int, symmetric: bool = False) -> None:
+        super().__init__()
+        self.bits, self.symmetric, self.enabled = bits, symmetric, bits < 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize_activation(x, self.bits, self.symmetric) if self.enabled else x
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}, enabled={self.enabled}"
+
+
+class WeightQuantizer(nn.Module):
+    """Min/max weight quantizer for one spec. Methods may swap in their own module (e.g. learned clipping)."""
+
+    def __init__(self, spec: BitSpec) -> None:
+        super().__init__()
+        self.spec, self.enabled = spec, spec.quantizes_weights
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return quantize_weight(w, self.spec) if self.enabled else w
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec.name}, granularity={self.spec.w_granularity}, symmetric={self.spec.w_symmetric}"
