@@ -1,0 +1,4 @@
+"""``python -m harness.cli`` = the ``ptqbench`` command."""
+from harness.cli import main
+
+main()

@@ -1,0 +1,68 @@
+"""Shared fixtures. Tests never touch the network: models and text come from packages (see README).
+
+- ``tiny_model``: a fresh 2-layer random LLaMA (GQA) per test, built in code.
+- ``smollm2``: the real smollm2-135m (loaded once per session; tests get a deep copy to mutate).
+- ``brown_calib`` / ``brown_eval``: real Brown token windows for smollm2 tests, small sizes.
+- ``device``: CUDA when present, else CPU (tests run the same code on both).
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def tiny_model():
+    from harness.models import tiny_llama
+
+    return tiny_llama(seed=0, vocab_size=256)
+
+
+@pytest.fixture
+def tiny_tokens() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (4, 32), generator=g)
+
+
+@pytest.fixture(scope="session")
+def _smollm2_loaded():
+    from harness.models import load_model
+
+    return load_model("smollm2-135m", dtype="float32", device="cpu")
+
+
+@pytest.fixture
+def smollm2(_smollm2_loaded):
+    """(model, tokenizer): a private copy of the real model that the test may modify."""
+    return copy.deepcopy(_smollm2_loaded.model), _smollm2_loaded.tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(_smollm2_loaded):
+    return _smollm2_loaded.tokenizer
+
+
+@pytest.fixture(scope="session")
+def brown_calib(smollm2_tokenizer) -> torch.Tensor:
+    from harness.data import calibration_windows
+
+    return calibration_windows("brown", smollm2_tokenizer, samples=16, seqlen=256, seed=0)
+
+
+@pytest.fixture(scope="session")
+def brown_eval(smollm2_tokenizer) -> torch.Tensor:
+    from harness.data import eval_windows
+
+    return eval_windows("brown", smollm2_tokenizer, seqlen=256, max_windows=24)
