@@ -15,7 +15,7 @@ from harness.adapter import LlamaAdapter, ScalePair, get_adapter
 from harness.bits import FP, BitSpec
 from harness.errors import ConfigError, PtqbenchError, ResourceUnavailableError, UnknownNameError
 from harness.method import Method, MethodConfig, QuantContext, QuantizeResult
-from harness.qlinear import QuantLinear, freeze, quant_linears, quantize_linears, quantizers_disabled
+from harness.qlinear import QuantLinear, freeze, quant_linears, quantize_block, quantize_linears, quantizers_disabled
 from harness.quantizer import ActQuantizer, WeightQuantizer, fake_quantize, quantize_activation, quantize_weight, round_ste
 from harness.registry import REGISTRY, get_method, register_method
 
@@ -25,6 +25,6 @@ __all__ = [
     "FP", "ActQuantizer", "BitSpec", "ConfigError", "LlamaAdapter", "Method", "MethodConfig", "PtqbenchError",
     "QuantContext", "QuantLinear", "QuantizeResult", "REGISTRY", "ResourceUnavailableError", "ScalePair",
     "UnknownNameError", "WeightQuantizer", "fake_quantize", "freeze", "get_adapter", "get_method",
-    "quant_linears", "quantize_activation", "quantize_linears", "quantize_weight", "quantizers_disabled",
+    "quant_linears", "quantize_activation", "quantize_block", "quantize_linears", "quantize_weight", "quantizers_disabled",
     "register_method", "round_ste",
 ]

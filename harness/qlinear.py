@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.adapter import get_adapter
+from harness.adapter import LlamaAdapter, get_adapter
 from harness.bits import BitSpec
 from harness.quantizer import ActQuantizer, WeightQuantizer
 
@@ -50,6 +50,29 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, spec={self.spec.name}, frozen={self.frozen}"
 
 
+def quantize_block(
+    layer: nn.Module,
+    spec: BitSpec,
+    adapter: LlamaAdapter | None = None,
+    include: Callable[[str, nn.Linear], bool] | None = None,
+    prefix: str = "",
+) -> dict[str, QuantLinear]:
+    """Swap one decoder block's linears for ``QuantLinear`` in place; return them by name."""
+    adapter = adapter or LlamaAdapter()
+    swapped: dict[str, QuantLinear] = {}
+    for name in adapter.linear_names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = layer.get_submodule(parent_name) if parent_name else layer
+        linear = getattr(parent, attr)
+        qualified = prefix + name
+        if isinstance(linear, QuantLinear) or (include is not None and not include(qualified, linear)):
+            continue
+        qlinear = QuantLinear(linear, spec)
+        setattr(parent, attr, qlinear)
+        swapped[qualified] = qlinear
+    return swapped
+
+
 def quantize_linears(
     model: nn.Module,
     spec: BitSpec,
@@ -64,16 +87,7 @@ def quantize_linears(
     adapter = get_adapter(model)
     swapped: dict[str, QuantLinear] = {}
     for i, layer in enumerate(adapter.layers(model)):
-        for name in adapter.linear_names:
-            parent_name, _, attr = name.rpartition(".")
-            parent = layer.get_submodule(parent_name) if parent_name else layer
-            linear = getattr(parent, attr)
-            qualified = f"{adapter.layers_path}.{i}.{name}"
-            if isinstance(linear, QuantLinear) or (include is not None and not include(qualified, linear)):
-                continue
-            qlinear = QuantLinear(linear, spec)
-            setattr(parent, attr, qlinear)
-            swapped[qualified] = qlinear
+        swapped.update(quantize_block(layer, spec, adapter, include, prefix=f"{adapter.layers_path}.{i}."))
     return swapped
 
 
