@@ -25,6 +25,7 @@ from harness import schema
 from harness.bits import BitSpec
 from harness.data import check_dataset_name
 from harness.errors import ConfigError, PtqbenchError
+from harness.models import check_model_name
 from harness.registry import get_method
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -162,6 +163,8 @@ def parse_config(raw: Any, source: str = "config") -> SweepConfig:
         method_cls.from_options(entry.options, where=where)  # validates the options
         for spec in entry.bits or ():
             _get(lambda s=spec: config.bit_spec(s), f"{where}.bits")
+    for i, name in enumerate(config.models):
+        _get(lambda n=name: check_model_name(n), f"models[{i}]")
     for name in (config.calibration.dataset,):
         _get(lambda n=name: check_dataset_name(n), "calibration.dataset")
     for i, name in enumerate(config.evaluation.ppl.datasets):

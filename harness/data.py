@@ -99,12 +99,29 @@ def _ids(tokenizer: object, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
+# Tokenizing Brown's train split (1.2M tokens) takes seconds; a sweep asks for it once per run.
+# Streams are cached per (tokenizer, corpus, split); a few entries cover every sweep we run.
+_STREAMS: dict[tuple, torch.Tensor] = {}
+_MAX_STREAMS = 8
+
+
+def token_stream(name: str, split: str, tokenizer: object) -> torch.Tensor:
+    """The whole ``split`` ("train" / "test") of corpus ``name`` as one tensor of token ids."""
+    key = (getattr(tokenizer, "name_or_path", id(tokenizer)), len(tokenizer), name, split)
+    if key not in _STREAMS:
+        corpus = resolve_corpus(name)
+        if len(_STREAMS) >= _MAX_STREAMS:
+            _STREAMS.pop(next(iter(_STREAMS)))
+        _STREAMS[key] = _ids(tokenizer, corpus.train() if split == "train" else corpus.test())
+    return _STREAMS[key]
+
+
 def eval_windows(name: str, tokenizer: object, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """(n, seqlen) token windows for perplexity on ``name``'s test text."""
     if name == "c4":
         windows = _c4_eval_windows(tokenizer, seqlen)
     else:
-        ids = _ids(tokenizer, resolve_corpus(name).test())
+        ids = token_stream(name, "test", tokenizer)
         n = ids.numel() // seqlen
         if n == 0:
             raise ResourceUnavailableError(f"dataset {name!r}: test text has {ids.numel()} tokens, fewer than seqlen {seqlen}")
@@ -127,7 +144,7 @@ def _c4_eval_windows(tokenizer: object, seqlen: int) -> torch.Tensor:
 
 def calibration_windows(name: str, tokenizer: object, samples: int, seqlen: int, seed: int) -> torch.Tensor:
     """(samples, seqlen) random windows of ``name``'s train text, reproducible for a seed."""
-    ids = _ids(tokenizer, resolve_corpus(name).train())
+    ids = token_stream(name, "train", tokenizer)
     if ids.numel() <= seqlen:
         raise ResourceUnavailableError(f"dataset {name!r}: train text has {ids.numel()} tokens, fewer than seqlen {seqlen}")
     rng = random.Random(seed)

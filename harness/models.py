@@ -138,6 +138,22 @@ def _load_pretrained(path: str, *, dtype: torch.dtype, trust_remote_code: bool, 
     return model.eval(), tokenizer
 
 
+def check_model_name(name: str) -> None:
+    """Validate a model name without loading: a zoo name, an existing HF folder, or an ``org/name`` hub id."""
+    path = Path(name).expanduser()
+    if name in ZOO:
+        return
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ResourceUnavailableError(f"model {name!r}: folder has no config.json; expected a Hugging Face model folder")
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UnknownNameError(
+            f"model {name!r}: not a zoo name, an existing folder or a hub id (org/name){did_you_mean(name, list(ZOO))}; "
+            f"zoo: {', '.join(ZOO)}"
+        )
+
+
 def load_model(name: str, *, dtype: str = "auto", device: str = "auto", seed: int = 0, trust_remote_code: bool = False) -> LoadedModel:
     """Load a zoo name, local folder or hub id onto CPU (methods move blocks to the device they need).
 
@@ -147,7 +163,9 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", seed: in
     if name in ZOO:
         entry = ZOO[name]
         if entry.random_config is not None:
-            tokenizer = load_model("smollm2-135m", dtype="float32").tokenizer
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(_gguf_folder("smollm2-135m", ZOO["smollm2-135m"]))
             return LoadedModel(name, tiny_llama(seed).to(torch_dtype), tokenizer, "random init (seed %d)" % seed)
         if entry.gguf_package is not None:
             folder = _gguf_folder(name, entry)
@@ -155,16 +173,10 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", seed: in
             return LoadedModel(name, model, tokenizer, f"{entry.gguf_package}:{entry.gguf_file}")
         model, tokenizer = _load_pretrained(entry.hub_id, dtype=torch_dtype, trust_remote_code=trust_remote_code, what=f"{name!r} ({entry.hub_id})")
         return LoadedModel(name, model, tokenizer, f"hub:{entry.hub_id}")
+    check_model_name(name)
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
-            raise ResourceUnavailableError(f"model {name!r}: folder has no config.json; expected a Hugging Face model folder")
         model, tokenizer = _load_pretrained(str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code, what=repr(name))
         return LoadedModel(name, model, tokenizer, f"local:{path.resolve()}")
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise UnknownNameError(
-            f"model {name!r}: not a zoo name, an existing folder or a hub id (org/name){did_you_mean(name, list(ZOO))}; "
-            f"zoo: {', '.join(ZOO)}"
-        )
     model, tokenizer = _load_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code, what=f"{name!r} (hub)")
     return LoadedModel(name, model, tokenizer, f"hub:{name}")

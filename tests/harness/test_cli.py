@@ -1,0 +1,78 @@
+"""The command line: one clear error line for bad input, earlier results untouched."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from harness.cli import main
+
+TINY = {
+    "name": "tiny", "models": ["tiny-random-llama"], "methods": ["rtn"], "bits": ["W4A4"],
+    "evaluation": {"ppl": {"datasets": ["brown"], "seqlen": 32, "max_windows": 1}},
+}
+
+
+def write(tmp_path: Path, name: str, data: dict) -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A results directory holding a finished tiny sweep."""
+    tmp = tmp_path_factory.mktemp("cli")
+    out = tmp / "out"
+    result = CliRunner().invoke(main, ["run", write(tmp, "ok.yaml", TINY), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.json"))}
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"bits": ["W4Q4"]}, "bits: 'W4Q4' is not a bit spec"),
+    ({"methods": ["smoothquantt"]}, "methods[0].name: method 'smoothquantt': unknown"),
+    ({"models": ["/no/such/model"]}, "models[0]: model '/no/such/model'"),
+    ({"models": ["smollm2-153m"]}, "did you mean 'smollm2-135m'"),
+    ({"calibration": {"samples": -1}}, "calibration.samples"),
+    ({"evaluation": {"ppl": {"datasets": ["c5"]}}}, "evaluation.ppl.datasets[0]"),
+])
+def test_bad_input_is_one_error_line_and_keeps_results(finished, tmp_path, change, needle):
+    before = snapshot(finished)
+    result = CliRunner().invoke(main, ["run", write(tmp_path, "bad.yaml", {**TINY, **change}), "--out", str(finished)])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], result.output
+    assert snapshot(finished) == before
+
+
+def test_rerun_skips_and_report_renders(finished, tmp_path):
+    result = CliRunner().invoke(main, ["run", write(tmp_path, "ok.yaml", TINY), "--out", str(finished), "--no-progress"])
+    assert result.exit_code == 0 and "0 run, 2 already done" in result.output
+    for fmt in ("md", "csv", "html", "tex"):
+        out = CliRunner().invoke(main, ["report", str(finished), "--format", fmt])
+        assert out.exit_code == 0 and "rtn" in out.output and "W4A4" in out.output
+    target = tmp_path / "r" / "report.md"
+    assert CliRunner().invoke(main, ["report", str(finished), "-o", str(target)]).exit_code == 0
+    assert target.read_text().startswith("# ")
+
+
+def test_report_of_missing_dir_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and result.output.startswith("Error: ") and "no results" in result.output
+
+
+def test_dry_run_lists_runs(tmp_path):
+    result = CliRunner().invoke(main, ["run", write(tmp_path, "ok.yaml", TINY), "--dry-run"])
+    assert result.exit_code == 0 and "tiny-random-llama fp W16A16" in result.output and "rtn W4A4" in result.output
+
+
+def test_methods_lists_builtins():
+    result = CliRunner().invoke(main, ["methods", "--options"])
+    assert result.exit_code == 0 and "rtn" in result.output and "clip_ratio = 0.9" in result.output
