@@ -1,0 +1,66 @@
+"""The Ray executor: each run is a Ray task; results are collected with ``ray.wait`` as they finish.
+
+``executor.ray.address`` (or ``--ray-address``) joins an existing cluster ("auto" on a cluster
+node, "ray://head:10001" through Ray Client); without it a local cluster is started for the sweep
+and shut down after it. Each task asks for ``num_gpus`` (1 by default when the cluster has GPUs)
+and ``num_cpus``. Ray's own retries are off: the driver retries, so every failed attempt is
+reported with its error, whether the task raised or its worker died.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Hashable
+from pathlib import Path
+
+import harness
+from harness.executors.base import Executor, Outcome, require
+from harness.runner import RunSpec
+
+log = logging.getLogger(__name__)
+
+
+class RayExecutor(Executor):
+    kind = "ray"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ray = require("ray", "ray")
+        opts = self.config.ray
+        self._owns_cluster = not self.ray.is_initialized()  # a test or notebook may have connected already
+        if self._owns_cluster:
+            init: dict = {"address": opts.address, "runtime_env": dict(opts.runtime_env) or None}
+            if opts.address is None:
+                # Workers of a local cluster import harness/ and methods/ from this checkout.
+                root = str(Path(harness.__file__).resolve().parent.parent)
+                path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+                init.update(num_cpus=opts.local_num_cpus, include_dashboard=False,
+                            runtime_env={"env_vars": {"PYTHONPATH": path}, **opts.runtime_env})
+            log.info("ray: %s", f"joining {opts.address}" if opts.address else f"starting a local cluster ({opts.local_num_cpus} CPUs)")
+            self.ray.init(**init)
+        gpus = opts.num_gpus
+        if gpus is None:
+            gpus = 1 if self.ray.cluster_resources().get("GPU", 0) > 0 else 0
+        log.info("ray: each run asks for %s CPU(s) and %s GPU(s)", opts.num_cpus, gpus)
+        self._remote = self.ray.remote(self.task).options(num_cpus=opts.num_cpus, num_gpus=gpus, max_retries=0)
+
+    def submit(self, run: RunSpec) -> Hashable:
+        return self._remote.remote(run, False)  # per-run bars from many workers would interleave
+
+    def wait(self, handles: list[Hashable]) -> list[tuple[Hashable, Outcome]]:
+        ready, _ = self.ray.wait(handles, num_returns=1)
+        finished = []
+        for ref in ready:
+            try:
+                outcome = self.ray.get(ref)
+            except self.ray.exceptions.RayError as err:  # worker died, node lost, task cancelled
+                outcome = Outcome.from_exception(err)
+            finished.append((ref, outcome))
+        return finished
+
+    def close(self) -> None:
+        if self._owns_cluster and self.ray.is_initialized():
+            self.ray.shutdown()
+
+
+EXECUTOR = RayExecutor
