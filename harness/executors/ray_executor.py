@@ -1,8 +1,8 @@
 """The Ray executor: each run is a Ray task; results are collected with ``ray.wait`` as they finish.
 
-``executor.ray.address`` (or ``--ray-address``) joins an existing cluster ("auto" on a cluster
-node, "ray://head:10001" through Ray Client); without it a local cluster is started for the sweep
-and shut down after it. Each task asks for ``num_gpus`` (1 by default when the cluster has GPUs)
+``executor.ray.address`` (or ``--ray-address``, or ``$RAY_ADDRESS``) joins an existing cluster
+("auto" on a cluster node, "ray://head:10001" through Ray Client); without one a local cluster is
+started for the sweep and shut down after it. Each task asks for ``num_gpus`` (1 by default when the cluster has GPUs)
 and ``num_cpus``. Ray's own retries are off: the driver retries, so every failed attempt is
 reported with its error, whether the task raised or its worker died.
 """
@@ -29,14 +29,17 @@ class RayExecutor(Executor):
         opts = self.config.ray
         self._owns_cluster = not self.ray.is_initialized()  # a test or notebook may have connected already
         if self._owns_cluster:
-            init: dict = {"address": opts.address, "runtime_env": dict(opts.runtime_env) or None}
-            if opts.address is None:
-                # Workers of a local cluster import harness/ and methods/ from this checkout.
+            # RAY_ADDRESS is how `ray job submit` tells a driver where its cluster is.
+            address = opts.address or os.environ.get("RAY_ADDRESS")
+            init: dict = {"address": address, "runtime_env": dict(opts.runtime_env) or None}
+            if address is None:
+                # "local" always starts a fresh cluster (never a stray one found on this machine); its workers
+                # import harness/ and methods/ from this checkout.
                 root = str(Path(harness.__file__).resolve().parent.parent)
                 path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-                init.update(num_cpus=opts.local_num_cpus, include_dashboard=False,
+                init.update(address="local", num_cpus=opts.local_num_cpus, include_dashboard=False,
                             runtime_env={"env_vars": {"PYTHONPATH": path}, **opts.runtime_env})
-            log.info("ray: %s", f"joining {opts.address}" if opts.address else f"starting a local cluster ({opts.local_num_cpus} CPUs)")
+            log.info("ray: %s", f"joining {address}" if address else f"starting a local cluster ({opts.local_num_cpus} CPUs)")
             self.ray.init(**init)
         gpus = opts.num_gpus
         if gpus is None:
@@ -53,6 +56,9 @@ class RayExecutor(Executor):
         for ref in ready:
             try:
                 outcome = self.ray.get(ref)
+            except self.ray.exceptions.RayTaskError as err:  # the task raised; report its own error, not Ray's wrapper
+                cause = err.cause if isinstance(err.cause, BaseException) else err
+                outcome = Outcome(error=f"{cause.__class__.__name__}: {cause}".splitlines()[0], traceback=str(err))
             except self.ray.exceptions.RayError as err:  # worker died, node lost, task cancelled
                 outcome = Outcome.from_exception(err)
             finished.append((ref, outcome))
