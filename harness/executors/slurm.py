@@ -1,6 +1,6 @@
 """The Slurm executor: each run is a job submitted with submitit; the driver polls and stores results.
 
-Job scripts, logs and pickled results live in ``<out>/slurm/<job id>/``; ``<out>/slurm/jobs.json``
+Job scripts, logs and pickled results live in ``<out>/slurm/`` (named by job id); ``jobs.json`` there
 maps each run key to its last job. A driver that was killed finds its jobs again on restart: a job
 still queued or running is waited for, and a job that finished in the meantime is collected from
 its pickle, so no finished run is redone. ``cluster: local`` uses submitit's LocalExecutor (the
@@ -34,7 +34,7 @@ class SlurmExecutor(Executor):
             raise ResourceUnavailableError("executor.slurm.cluster: 'slurm' but sbatch is not on PATH; "
                                            "run from a Slurm login node, or use cluster: local")
         self.folder = self.out_dir / "slurm"
-        self._ex = self.submitit.AutoExecutor(folder=self.folder / "%j", cluster=o.cluster)
+        self._ex = self.submitit.AutoExecutor(folder=self.folder, cluster=o.cluster)
         params: dict[str, Any] = dict(name="ptqbench", timeout_min=o.time_min, gpus_per_node=o.gpus,
                                       cpus_per_task=o.cpus, mem_gb=o.mem_gb)
         if o.cluster == "slurm":
@@ -50,7 +50,7 @@ class SlurmExecutor(Executor):
         if job_id is None:
             return None
         cls = self.submitit.SlurmJob if self.config.slurm.cluster == "slurm" else self.submitit.LocalJob
-        job = cls(folder=self.folder / "%j", job_id=job_id)
+        job = cls(folder=self.folder, job_id=job_id)
         if not job.done():
             return job  # queued or running on the cluster
         try:
