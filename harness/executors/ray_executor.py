@@ -14,6 +14,7 @@ from collections.abc import Hashable
 from pathlib import Path
 
 import harness
+from harness.errors import ResourceUnavailableError
 from harness.executors.base import Executor, Outcome, require
 from harness.runner import RunSpec
 
@@ -40,7 +41,10 @@ class RayExecutor(Executor):
                 init.update(address="local", num_cpus=opts.local_num_cpus, include_dashboard=False,
                             runtime_env={"env_vars": {"PYTHONPATH": path}, **opts.runtime_env})
             log.info("ray: %s", f"joining {address}" if address else f"starting a local cluster ({opts.local_num_cpus} CPUs)")
-            self.ray.init(**init)
+            try:
+                self.ray.init(**init)
+            except (ConnectionError, TimeoutError) as err:
+                raise ResourceUnavailableError(f"executor.ray.address: cannot reach Ray at {address!r}: {err}") from None
         gpus = opts.num_gpus
         if gpus is None:
             gpus = 1 if self.ray.cluster_resources().get("GPU", 0) > 0 else 0

@@ -30,8 +30,9 @@ class SlurmExecutor(Executor):
         super().__init__(*args, **kwargs)
         self.submitit = require("submitit", "slurm")
         o = self.config.slurm
-        if o.cluster == "slurm" and shutil.which("sbatch") is None:
-            raise ResourceUnavailableError("executor.slurm.cluster: 'slurm' but sbatch is not on PATH; "
+        missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+        if o.cluster == "slurm" and missing:
+            raise ResourceUnavailableError(f"executor.slurm.cluster: 'slurm' but {' and '.join(missing)} not on PATH; "
                                            "run from a Slurm login node, or use cluster: local")
         self.folder = self.out_dir / "slurm"
         self._ex = self.submitit.AutoExecutor(folder=self.folder, cluster=o.cluster)
@@ -66,7 +67,12 @@ class SlurmExecutor(Executor):
             if job is not None:
                 log.info("slurm: run %s re-attached to job %s", run.label, job.job_id)
                 return job
-        job = self._ex.submit(self.task, run, False)
+        try:
+            job = self._ex.submit(self.task, run, False)
+        except Exception as err:  # sbatch refused (bad partition, account, limits): a setup problem, stop here
+            lines = [line for line in str(err).splitlines() if line.strip()] or [err.__class__.__name__]
+            detail = next((line for line in lines if "error" in line.lower()), lines[-1]).strip()
+            raise ResourceUnavailableError(f"executor.slurm: submitting run {run.label} failed: {detail}") from None
         log.info("slurm: run %s submitted as job %s", run.label, job.job_id)
         self._jobs[run.key] = job.job_id
         write_json_atomic(self._jobs_file, self._jobs)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -38,5 +39,24 @@ def test_jobs_store_results_skip_done_runs_and_are_collected_after_a_driver_deat
 
 def test_slurm_cluster_without_sbatch_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
-    with pytest.raises(ResourceUnavailableError, match="sbatch is not on PATH.*cluster: local"):
+    with pytest.raises(ResourceUnavailableError, match="sbatch and srun not on PATH.*cluster: local"):
         make_executor(tiny_sweep(kind="slurm").executor, tmp_path)
+
+
+def test_sbatch_gets_the_options_and_a_refusal_is_one_clear_error(tmp_path, monkeypatch):
+    """A stand-in sbatch keeps the job script it was given and refuses it the way Slurm does."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/job.sh\necho "sbatch: error: invalid partition specified: gpu" >&2\nexit 1\n')
+    sbatch.chmod(0o755)
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit checks that it exists
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    config = tiny_sweep(kind="slurm", slurm={"partition": "gpu", "time_min": 30, "gpus": 2, "cpus": 4, "mem_gb": 16,
+                                             "extra": {"account": "p1"}})
+    with pytest.raises(ResourceUnavailableError, match="submitting run .* failed: sbatch: error: invalid partition"):
+        run_sweep(config, tmp_path / "out", progress=False)
+    script = (tmp_path / "job.sh").read_text()
+    for line in ("--partition=gpu", "--time=30", "--gpus-per-node=2", "--cpus-per-task=4", "--mem=16GB", "--account=p1"):
+        assert f"#SBATCH {line}\n" in script
