@@ -2,9 +2,9 @@
 
 ``executor.ray.address`` (or ``--ray-address``, or ``$RAY_ADDRESS``) joins an existing cluster
 ("auto" on a cluster node, "ray://head:10001" through Ray Client); without one a local cluster is
-started for the sweep and shut down after it. Each task asks for ``num_gpus`` (1 by default when the cluster has GPUs)
-and ``num_cpus``. Ray's own retries are off: the driver retries, so every failed attempt is
-reported with its error, whether the task raised or its worker died.
+started for the sweep and shut down after it. Each task asks for ``num_cpus`` and ``num_gpus``
+(1 by default when the cluster has GPUs). Ray's own retries are off: the driver retries, so every
+failed attempt is reported with its error, whether the task raised or its worker died.
 """
 from __future__ import annotations
 
