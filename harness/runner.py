@@ -7,6 +7,7 @@ then every method at each of its bit specs. ``execute()`` is a pure function of 
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import sys
@@ -157,32 +158,35 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
     from harness.executors import make_executor  # executors import this module
 
     store = ResultStore(out_dir)
-    runs = plan(config)
-    write_json_atomic(store.root / "plan.json", [{"key": r.key, "label": r.label} for r in runs])
-    write_text_atomic(store.root / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     summary = SweepSummary()
-    todo = []
-    for run in runs:
-        if store.has(run.key) and not force:
-            log.info("skip %s (done: runs/%s.json)", run.label, run.key)
-            summary.skipped.append(run.key)
-        else:
-            todo.append(run)
+    ex = executor or make_executor(config.executor, store.root, progress=progress)
+    with ex:
+        if config.device == "auto" and (device := ex.auto_device()):
+            # A run's key names the device it executes on: a GPU worker's, not a CPU-only driver's.
+            config = dataclasses.replace(config, device=device)
+        runs = plan(config)
+        write_json_atomic(store.root / "plan.json", [{"key": r.key, "label": r.label} for r in runs])
+        write_text_atomic(store.root / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        todo = []
+        for run in runs:
+            if store.has(run.key) and not force:
+                log.info("skip %s (done: runs/%s.json)", run.label, run.key)
+                summary.skipped.append(run.key)
+            else:
+                todo.append(run)
 
-    def done(run: RunSpec, record: dict) -> None:
-        record["provenance"] = {**record.get("provenance", {}), "argv": sys.argv, "config": config.to_dict(),
-                                "seed": run.seed, "executor": ex.kind}
-        store.write(run.key, record)
-        summary.done.append(run.key)
+        def done(run: RunSpec, record: dict) -> None:
+            record["provenance"] = {**record.get("provenance", {}), "argv": sys.argv, "config": config.to_dict(),
+                                    "seed": run.seed, "executor": ex.kind}
+            store.write(run.key, record)
+            summary.done.append(run.key)
 
-    def failed(run: RunSpec, outcome: Any) -> None:
-        log.error("run %s failed: %s", run.label, outcome.error)
-        store.write_failure(run.key, {"key": run.key, "label": run.label, "error": outcome.error,
-                                      "traceback": outcome.traceback, "run": schema.to_dict(run)})
-        summary.failed[run.key] = outcome.error
+        def failed(run: RunSpec, outcome: Any) -> None:
+            log.error("run %s failed: %s", run.label, outcome.error)
+            store.write_failure(run.key, {"key": run.key, "label": run.label, "error": outcome.error,
+                                          "traceback": outcome.traceback, "run": schema.to_dict(run)})
+            summary.failed[run.key] = outcome.error
 
-    if todo:
-        ex = executor or make_executor(config.executor, store.root, progress=progress)
-        with ex:
+        if todo:
             ex.run(todo, done, failed, desc=f"sweep {config.name}")
     return summary

@@ -90,6 +90,10 @@ class Executor(ABC):
     def wait(self, handles: list[Hashable]) -> list[tuple[Hashable, Outcome]]:
         """Block until at least one of ``handles`` has finished; return the finished ones."""
 
+    def auto_device(self) -> str | None:
+        """What ``device: auto`` means where the runs execute; None: each run decides in its own process."""
+        return None
+
     def close(self) -> None:
         """Release what the executor started (a local Ray cluster)."""
 

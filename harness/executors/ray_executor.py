@@ -48,8 +48,12 @@ class RayExecutor(Executor):
         gpus = opts.num_gpus
         if gpus is None:
             gpus = 1 if self.ray.cluster_resources().get("GPU", 0) > 0 else 0
+        self.num_gpus = gpus
         log.info("ray: each run asks for %s CPU(s) and %s GPU(s)", opts.num_cpus, gpus)
         self._remote = self.ray.remote(self.task).options(num_cpus=opts.num_cpus, num_gpus=gpus, max_retries=0)
+
+    def auto_device(self) -> str | None:
+        return "cuda" if self.num_gpus > 0 else "cpu"  # Ray hides GPUs from tasks that asked for none
 
     def submit(self, run: RunSpec) -> Hashable:
         return self._remote.remote(run, False)  # per-run bars from many workers would interleave

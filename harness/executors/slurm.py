@@ -45,6 +45,9 @@ class SlurmExecutor(Executor):
         self._jobs: dict[str, str] = json.loads(self._jobs_file.read_text()) if self._jobs_file.is_file() else {}
         self._seen: set[str] = set()  # runs this driver has submitted or re-attached once
 
+    def auto_device(self) -> str | None:
+        return "cuda" if self.config.slurm.gpus > 0 else "cpu"
+
     def _previous_job(self, run: RunSpec) -> Any:
         """The job an earlier (killed) driver left for ``run``, if it is still useful."""
         job_id = self._jobs.get(run.key)

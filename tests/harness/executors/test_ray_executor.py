@@ -41,6 +41,7 @@ def test_ray_gives_the_same_metrics_as_local(ray_sweep, local_reference):
     for key, ref in local_reference.items():
         assert records[key]["metrics"]["ppl"]["brown"] == pytest.approx(ref["metrics"]["ppl"]["brown"], rel=1e-6)
         assert records[key]["provenance"]["executor"] == "ray"
+        assert records[key]["key"] == key  # the worker computed the same key as the driver
     assert sorted(summary.done) == sorted(local_reference)
 
 
@@ -88,3 +89,10 @@ def test_dead_workers_and_raising_tasks_are_retried_then_recorded(ray_cluster, t
     retried = [m for m in caplog.messages if "retrying" in m]
     assert len(retried) == 2 and any("boom" in m for m in retried)
 
+
+
+def test_auto_device_is_the_workers_device_not_the_drivers(ray_cluster, tmp_path):
+    """On a CPU-only driver, runs that ask Ray for a GPU are keyed as CUDA runs (and vice versa)."""
+    for num_gpus, device in ((None, "cpu"), (1, "cuda"), (0, "cpu")):  # this local cluster has no GPU
+        with make_executor(tiny_sweep(kind="ray", ray={"num_gpus": num_gpus}).executor, tmp_path) as ex:
+            assert ex.auto_device() == device

@@ -19,7 +19,7 @@ def test_jobs_store_results_skip_done_runs_and_are_collected_after_a_driver_deat
     records = stored(tmp_path)
     for key, ref in local_reference.items():
         assert records[key]["metrics"]["ppl"]["brown"] == pytest.approx(ref["metrics"]["ppl"]["brown"], rel=1e-6)
-        assert records[key]["provenance"]["executor"] == "slurm"
+        assert records[key]["provenance"]["executor"] == "slurm" and records[key]["key"] == key
     jobs = json.loads((tmp_path / "slurm" / "jobs.json").read_text())
     assert sorted(jobs) == sorted(local_reference)
 
@@ -35,6 +35,11 @@ def test_jobs_store_results_skip_done_runs_and_are_collected_after_a_driver_deat
     assert resumed.done == [lost]
     assert json.loads((tmp_path / "slurm" / "jobs.json").read_text()) == jobs  # no new job
     assert stored(tmp_path)[lost]["started_at"] == records[lost]["started_at"]  # not recomputed
+
+
+def test_auto_device_follows_the_gpus_a_job_asks_for(tmp_path):
+    for gpus, device in ((0, "cpu"), (1, "cuda")):
+        assert make_executor(tiny_sweep(kind="slurm", slurm={"cluster": "local", "gpus": gpus}).executor, tmp_path).auto_device() == device
 
 
 def test_slurm_cluster_without_sbatch_is_one_clear_error(tmp_path, monkeypatch):
