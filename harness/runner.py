@@ -7,27 +7,25 @@ then every method at each of its bit specs. ``execute()`` is a pure function of 
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
-import traceback
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 from harness import schema
 from harness.bits import FP, BitSpec
 from harness.config import CalibrationConfig, EvaluationConfig, SweepConfig
 from harness.costs import CostMeter
 from harness.data import calibration_windows, eval_windows
-from harness.errors import PtqbenchError
 from harness.evaluate import perplexity
 from harness.method import QuantContext
 from harness.models import load_model, resolve_device
-from harness.provenance import provenance
 from harness.registry import get_method
 from harness.results import ResultStore, run_key, write_json_atomic, write_text_atomic
 
@@ -150,34 +148,45 @@ class SweepSummary:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, progress: bool = True) -> SweepSummary:
-    """Execute every planned run not already stored in ``out_dir`` (all of them with ``force``)."""
+def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, progress: bool = True,
+              executor: Any = None) -> SweepSummary:
+    """Execute every planned run not already stored in ``out_dir`` (all of them with ``force``).
+
+    ``config.executor`` decides where runs execute (``executor`` overrides it with a ready
+    ``harness.executors`` instance); every result comes back here and is stored as it arrives.
+    """
+    from harness.executors import make_executor  # executors import this module
+
     store = ResultStore(out_dir)
-    runs = plan(config)
-    write_json_atomic(store.root / "plan.json", [{"key": r.key, "label": r.label} for r in runs])
-    write_text_atomic(store.root / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    summary, cache, prov = SweepSummary(), DataCache(), None
-    bar = tqdm(runs, desc=f"sweep {config.name}", disable=not progress, unit="run")
-    for run in bar:
-        bar.set_postfix_str(run.label)
-        if store.has(run.key) and not force:
-            log.info("skip %s (done: runs/%s.json)", run.label, run.key)
-            summary.skipped.append(run.key)
-            continue
-        log.info("run %s", run.label)
-        prov = prov or provenance()
-        try:
-            record = execute(run, cache, progress)
-        except Exception as err:  # one failing run must not stop the sweep; the error is kept on disk
-            message = f"{err.__class__.__name__}: {err}"
-            log.error("run %s failed: %s", run.label, message)
-            if not isinstance(err, PtqbenchError):
-                log.debug("%s", traceback.format_exc())
-            store.write_failure(run.key, {"key": run.key, "label": run.label, "error": message,
-                                          "traceback": traceback.format_exc(), "run": schema.to_dict(run)})
-            summary.failed[run.key] = message
-            continue
-        record["provenance"] = {**prov, "config": config.to_dict(), "seed": run.seed}
-        store.write(run.key, record)
-        summary.done.append(run.key)
+    summary = SweepSummary()
+    ex = executor or make_executor(config.executor, store.root, progress=progress)
+    with ex:
+        if config.device == "auto" and (device := ex.auto_device()):
+            # A run's key names the device it executes on: a GPU worker's, not a CPU-only driver's.
+            config = dataclasses.replace(config, device=device)
+        runs = plan(config)
+        write_json_atomic(store.root / "plan.json", [{"key": r.key, "label": r.label} for r in runs])
+        write_text_atomic(store.root / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        todo = []
+        for run in runs:
+            if store.has(run.key) and not force:
+                log.info("skip %s (done: runs/%s.json)", run.label, run.key)
+                summary.skipped.append(run.key)
+            else:
+                todo.append(run)
+
+        def done(run: RunSpec, record: dict) -> None:
+            record["provenance"] = {**record.get("provenance", {}), "argv": sys.argv, "config": config.to_dict(),
+                                    "seed": run.seed, "executor": ex.kind}
+            store.write(run.key, record)
+            summary.done.append(run.key)
+
+        def failed(run: RunSpec, outcome: Any) -> None:
+            log.error("run %s failed: %s", run.label, outcome.error)
+            store.write_failure(run.key, {"key": run.key, "label": run.label, "error": outcome.error,
+                                          "traceback": outcome.traceback, "run": schema.to_dict(run)})
+            summary.failed[run.key] = outcome.error
+
+        if todo:
+            ex.run(todo, done, failed, desc=f"sweep {config.name}")
     return summary

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from harness.config import load_config
+from harness.config import SweepConfig, load_config
+from harness.errors import ConfigError
 from harness.runner import plan, run_sweep
 
 log = logging.getLogger(__name__)
@@ -21,15 +22,19 @@ log = logging.getLogger(__name__)
 @click.option("--dry-run", is_flag=True, help="Validate and list the planned runs, run nothing.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Overrides the YAML's device.")
 @click.option("--seed", type=int, default=None, help="Overrides the YAML's seed.")
+@click.option("--executor", type=click.Choice(["local", "ray", "slurm"]), default=None,
+              help="Where runs execute; overrides the YAML's executor.kind (default local).")
+@click.option("--ray-address", default=None, help="Join this Ray cluster ('auto', 'ray://head:10001'); implies --executor ray.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars.")
 def command(config_path: Path, out_dir: Path | None, force: bool, dry_run: bool, device: str | None,
-            seed: int | None, progress: bool) -> None:
+            seed: int | None, executor: str | None, ray_address: str | None, progress: bool) -> None:
     """Run the sweep described by CONFIG (models x methods x bit specs)."""
     import dataclasses
 
     config = load_config(config_path)
     overrides = {k: v for k, v in (("device", device), ("seed", seed)) if v is not None}
     config = dataclasses.replace(config, **overrides) if overrides else config
+    config = with_executor(config, executor, ray_address)
     out_dir = out_dir or Path("runs") / config.name
     runs = plan(config)
     if dry_run:
@@ -43,3 +48,17 @@ def command(config_path: Path, out_dir: Path | None, force: bool, dry_run: bool,
         click.echo(f"failed {key}: {error} (details: {out_dir / 'failed' / (key + '.json')})", err=True)
     if summary.failed:
         sys.exit(1)
+
+
+def with_executor(config: SweepConfig, kind: str | None, ray_address: str | None) -> SweepConfig:
+    """Apply ``--executor`` / ``--ray-address`` over the YAML's ``executor:`` section."""
+    import dataclasses
+
+    ex = config.executor
+    if ray_address is not None:
+        if (kind or "ray") != "ray":
+            raise ConfigError(f"--ray-address: only used with --executor ray, not --executor {kind}")
+        ex = dataclasses.replace(ex, kind="ray", ray=dataclasses.replace(ex.ray, address=ray_address))
+    if kind is not None:
+        ex = dataclasses.replace(ex, kind=kind)
+    return dataclasses.replace(config, executor=ex)

@@ -1,0 +1,128 @@
+"""What every executor shares: the task a worker runs, and the driver loop with retries.
+
+An executor only knows how to start one attempt of a run (``submit``) and how to wait until some
+attempt has finished (``wait``). ``Executor.run`` does the rest the same way everywhere: a progress
+bar over runs, each result handed to the driver's callback as soon as it arrives (the runner
+stores it atomically right then, so a killed driver loses no finished run), failures reported with
+their error and retried up to ``max_retries`` times, then handed to the failure callback.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import traceback
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+from tqdm.auto import tqdm
+
+from harness.config import ExecutorConfig
+from harness.errors import PtqbenchError, ResourceUnavailableError
+from harness.provenance import provenance
+from harness.runner import DataCache, RunSpec, execute
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """One finished attempt: a result record, or the error that stopped it."""
+
+    record: dict[str, Any] | None = None
+    error: str | None = None
+    traceback: str | None = None
+
+    @classmethod
+    def from_exception(cls, err: BaseException) -> Outcome:
+        return cls(error=f"{err.__class__.__name__}: {err}".splitlines()[0],
+                   traceback="".join(traceback.format_exception(err)))
+
+
+def run_task(run: RunSpec, progress: bool = False, cache: DataCache | None = None) -> Outcome:
+    """Execute one run where it lands (this process, a Ray worker, a Slurm job).
+
+    Errors are caught here and returned, so a backend only ever raises for lost workers or jobs.
+    Provenance is taken here because the hardware that matters is the worker's.
+    """
+    try:
+        record = execute(run, cache, progress)
+    except Exception as err:  # one failing run must not stop the sweep; the driver keeps the error on disk
+        if not isinstance(err, PtqbenchError):
+            log.debug("run %s:\n%s", run.label, traceback.format_exc())
+        return Outcome.from_exception(err)
+    record["provenance"] = provenance()
+    return Outcome(record=record)
+
+
+Task = Callable[..., Outcome]
+OnDone = Callable[[RunSpec, dict], None]
+OnFailed = Callable[[RunSpec, Outcome], None]
+
+
+def require(module: str, extra: str) -> ModuleType:
+    """Import an optional dependency, or say which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ResourceUnavailableError(
+            f"executor {extra}: the {module!r} package is not installed; pip install 'ptqbench[{extra}]'") from None
+
+
+class Executor(ABC):
+    kind: ClassVar[str]
+    retries: ClassVar[bool] = True  # the local executor reruns nothing within a sweep
+
+    def __init__(self, config: ExecutorConfig, out_dir: str | Path, *, progress: bool = True, task: Task = run_task) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        self.task = task  # tests swap in tasks that fail or kill their worker
+
+    @abstractmethod
+    def submit(self, run: RunSpec) -> Hashable:
+        """Start one attempt of ``run``; returns a handle that ``wait`` reports back."""
+
+    @abstractmethod
+    def wait(self, handles: list[Hashable]) -> list[tuple[Hashable, Outcome]]:
+        """Block until at least one of ``handles`` has finished; return the finished ones."""
+
+    def auto_device(self) -> str | None:
+        """What ``device: auto`` means where the runs execute; None: each run decides in its own process."""
+        return None
+
+    def close(self) -> None:
+        """Release what the executor started (a local Ray cluster)."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, runs: list[RunSpec], on_done: OnDone, on_failed: OnFailed, desc: str = "sweep") -> None:
+        """Run every run once (plus retries), calling back the moment each one settles."""
+        max_retries = self.config.max_retries if self.retries else 0
+        attempts = {run.key: 1 for run in runs}
+        pending: dict[Hashable, RunSpec] = {}
+        for run in runs:
+            pending[self.submit(run)] = run
+        with tqdm(total=len(runs), desc=f"{desc} ({self.kind})", unit="run", disable=not self.progress) as bar:
+            while pending:
+                for handle, outcome in self.wait(list(pending)):
+                    run = pending.pop(handle)
+                    if outcome.record is not None:
+                        on_done(run, outcome.record)
+                    elif attempts[run.key] <= max_retries:
+                        log.warning("run %s failed (attempt %d of %d), retrying: %s",
+                                    run.label, attempts[run.key], max_retries + 1, outcome.error)
+                        attempts[run.key] += 1
+                        pending[self.submit(run)] = run
+                        continue
+                    else:
+                        on_failed(run, outcome)
+                    bar.update(1)
+                    bar.set_postfix_str(run.label)

@@ -1,0 +1,100 @@
+"""The Slurm executor: each run is a job submitted with submitit; the driver polls and stores results.
+
+Job scripts, logs and pickled results live in ``<out>/slurm/`` (named by job id); ``jobs.json`` there
+maps each run key to its last job. A driver that was killed finds its jobs again on restart: a job
+still queued or running is waited for, and a job that finished in the meantime is collected from
+its pickle, so no finished run is redone. ``cluster: local`` uses submitit's LocalExecutor (the
+same code path minus sbatch: jobs are local processes), which is how the tests run it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Hashable
+from typing import Any
+
+from harness.errors import ResourceUnavailableError
+from harness.executors.base import Executor, Outcome, require
+from harness.results import write_json_atomic
+from harness.runner import RunSpec
+
+log = logging.getLogger(__name__)
+
+
+class SlurmExecutor(Executor):
+    kind = "slurm"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.submitit = require("submitit", "slurm")
+        o = self.config.slurm
+        missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+        if o.cluster == "slurm" and missing:
+            raise ResourceUnavailableError(f"executor.slurm.cluster: 'slurm' but {' and '.join(missing)} not on PATH; "
+                                           "run from a Slurm login node, or use cluster: local")
+        self.folder = self.out_dir / "slurm"
+        self._ex = self.submitit.AutoExecutor(folder=self.folder, cluster=o.cluster)
+        params: dict[str, Any] = dict(name="ptqbench", timeout_min=o.time_min, gpus_per_node=o.gpus,
+                                      cpus_per_task=o.cpus, mem_gb=o.mem_gb)
+        if o.cluster == "slurm":
+            params.update(slurm_partition=o.partition, slurm_additional_parameters=dict(o.extra) or None)
+        self._ex.update_parameters(**params)
+        self._jobs_file = self.folder / "jobs.json"
+        self._jobs: dict[str, str] = json.loads(self._jobs_file.read_text()) if self._jobs_file.is_file() else {}
+        self._seen: set[str] = set()  # runs this driver has submitted or re-attached once
+
+    def auto_device(self) -> str | None:
+        return "cuda" if self.config.slurm.gpus > 0 else "cpu"
+
+    def _previous_job(self, run: RunSpec) -> Any:
+        """The job an earlier (killed) driver left for ``run``, if it is still useful."""
+        job_id = self._jobs.get(run.key)
+        if job_id is None:
+            return None
+        cls = self.submitit.SlurmJob if self.config.slurm.cluster == "slurm" else self.submitit.LocalJob
+        job = cls(folder=self.folder, job_id=job_id)
+        if not job.done():
+            return job  # queued or running on the cluster
+        try:
+            outcome = job.result()
+        except Exception:  # killed, timed out or never started: submit afresh
+            return None
+        return job if isinstance(outcome, Outcome) and outcome.record is not None else None
+
+    def submit(self, run: RunSpec) -> Hashable:
+        if run.key not in self._seen:
+            self._seen.add(run.key)
+            job = self._previous_job(run)
+            if job is not None:
+                log.info("slurm: run %s re-attached to job %s", run.label, job.job_id)
+                return job
+        try:
+            job = self._ex.submit(self.task, run, False)
+        except Exception as err:  # sbatch refused (bad partition, account, limits): a setup problem, stop here
+            lines = [line for line in str(err).splitlines() if line.strip()] or [err.__class__.__name__]
+            detail = next((line for line in lines if "error" in line.lower()), lines[-1]).strip()
+            raise ResourceUnavailableError(f"executor.slurm: submitting run {run.label} failed: {detail}") from None
+        log.info("slurm: run %s submitted as job %s", run.label, job.job_id)
+        self._jobs[run.key] = job.job_id
+        write_json_atomic(self._jobs_file, self._jobs)
+        return job
+
+    def wait(self, handles: list[Hashable]) -> list[tuple[Hashable, Outcome]]:
+        while True:
+            finished = [job for job in handles if job.done()]
+            if finished:
+                break
+            time.sleep(self.config.slurm.poll_s)
+        results = []
+        for job in finished:
+            try:
+                outcome = job.result()
+            except Exception as err:  # the job died (time limit, node failure, out of memory)
+                outcome = Outcome.from_exception(err)
+            results.append((job, outcome))
+        return results
+
+
+EXECUTOR = SlurmExecutor

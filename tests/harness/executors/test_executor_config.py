@@ -1,0 +1,65 @@
+"""The ``executor:`` section, ``--executor`` / ``--ray-address`` precedence, and missing extras."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from harness.cli import main
+from harness.cli.run import with_executor
+from harness.config import ExecutorConfig
+from harness.errors import ConfigError, ResourceUnavailableError
+from harness.executors import make_executor
+from harness.runner import plan
+from tests.harness.executors.conftest import tiny_raw, tiny_sweep
+
+
+def test_defaults_are_local_and_the_section_round_trips():
+    config = tiny_sweep()
+    assert config.executor == ExecutorConfig() and config.executor.kind == "local"
+    custom = tiny_sweep(kind="slurm", max_retries=3, slurm={"partition": "gpu", "extra": {"account": "p1"}})
+    assert tiny_sweep(**custom.to_dict()["executor"]) == custom
+
+
+def test_the_executor_is_not_part_of_a_run_key():
+    keys = [[r.key for r in plan(tiny_sweep(kind=kind))] for kind in ("local", "ray", "slurm")]
+    assert keys[0] == keys[1] == keys[2]
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"kind": "dask"}, r"executor.kind: 'dask' is not allowed; use one of \['local', 'ray', 'slurm'\]"),
+    ({"max_retries": -1}, r"executor.max_retries: -1 is not allowed"),
+    ({"ray": {"num_gpu": 1}}, r"executor.ray.num_gpu: unknown option \(did you mean 'num_gpus'\?\)"),
+    ({"ray": {"num_cpus": 0}}, r"executor.ray.num_cpus: 0.0 is not allowed"),
+    ({"slurm": {"cluster": "pbs"}}, r"executor.slurm.cluster: 'pbs' is not allowed"),
+    ({"slurm": {"time_min": 0}}, r"executor.slurm.time_min: 0 is not allowed"),
+])
+def test_bad_fields_name_the_field(section, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_sweep(**section)
+
+
+def test_cli_flags_override_the_yaml():
+    yaml_ray = tiny_sweep(kind="ray", ray={"address": "ray://head:10001", "num_cpus": 4})
+    assert with_executor(yaml_ray, None, None) == yaml_ray
+    assert with_executor(yaml_ray, "local", None).executor.kind == "local"
+    joined = with_executor(tiny_sweep(), None, "auto").executor  # --ray-address alone implies ray
+    assert (joined.kind, joined.ray.address) == ("ray", "auto")
+    kept = with_executor(yaml_ray, None, "auto").executor
+    assert (kept.ray.address, kept.ray.num_cpus) == ("auto", 4.0)
+    with pytest.raises(ConfigError, match="--ray-address: only used with --executor ray"):
+        with_executor(yaml_ray, "slurm", "auto")
+
+
+@pytest.mark.parametrize("kind, module", [("ray", "ray"), ("slurm", "submitit")])
+def test_a_missing_extra_is_one_line_naming_it(kind, module, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    with pytest.raises(ResourceUnavailableError, match=rf"pip install 'ptqbench\[{kind}\]'"):
+        make_executor(tiny_sweep(kind=kind).executor, tmp_path)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw()))
+    result = CliRunner().invoke(main, ["run", str(path), "--out", str(tmp_path / "out"), "--executor", kind])
+    assert result.exit_code == 2
+    assert f"pip install 'ptqbench[{kind}]'" in result.output and "Traceback" not in result.output

@@ -1,0 +1,60 @@
+"""The local executor: today's loop, and a killed driver that resumes without redoing runs."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from harness.executors import make_executor
+from harness.executors.base import Outcome
+from harness.runner import plan
+from tests.harness.executors.conftest import tiny_raw, tiny_sweep
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_runs_in_order_and_each_is_stored_before_the_next_starts(tmp_path):
+    runs = plan(tiny_sweep(bits=["W8A8", "W4A4"]))
+    events = []
+
+    def task(run, progress=False, cache=None):
+        events.append(("start", run.key))
+        return Outcome(record={"key": run.key}) if run is not runs[1] else Outcome(error="RuntimeError: boom")
+
+    config = tiny_sweep(kind="local", max_retries=3).executor
+    with make_executor(config, tmp_path, progress=False, task=task) as ex:
+        ex.run(runs, lambda r, rec: events.append(("done", r.key)), lambda r, o: events.append(("failed", r.key)))
+    a, b, c = (r.key for r in runs)
+    # local never retries within a sweep (max_retries is for lost workers and jobs), and runs strictly in turn
+    assert events == [("start", a), ("done", a), ("start", b), ("failed", b), ("start", c), ("done", c)]
+
+
+def test_killed_driver_resumes_without_redoing_finished_runs(tmp_path):
+    """`ptqbench run` killed right after its first stored result, then started again."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw(bits=["W8A8", "W4A4"])))  # 3 runs with the FP baseline
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "harness.cli", "run", str(path), "--out", str(out), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((out / "runs").glob("*.json")) and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    first = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in (out / "runs").glob("*.json")}
+    assert 1 <= len(first) < 3, "the driver must be killed mid-sweep for this test to mean anything"
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{3 - len(first)} run, {len(first)} already done, 0 failed" in again.stdout
+    files = list((out / "runs").glob("*.json"))
+    assert len(files) == 3
+    assert {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in files if p.name in first} == first
