@@ -204,7 +204,12 @@ class SweepConfig:
         return BitSpec.parse(text, w_symmetric=q.weight_symmetric, a_symmetric=q.act_symmetric, w_granularity=q.weight_granularity)
 
     def to_dict(self) -> dict[str, Any]:
-        return schema.to_dict(self)
+        """The config as YAML would write it: ``parse_config(config.to_dict()) == config``."""
+        data = schema.to_dict(self)
+        data["methods"] = [
+            {"name": m.name, **m.options, **({"bits": list(m.bits)} if m.bits is not None else {})} for m in self.methods
+        ]
+        return data
 
 
 def _method_entries(raw: Any) -> list[dict]:
