@@ -33,8 +33,8 @@ def _methods(frame: pd.DataFrame) -> list[str]:
     return [m for m in dict.fromkeys(frame["method"]) if m != BASELINE]
 
 
-def _figure(rows: int, cols: int) -> tuple[Figure, list[list]]:
-    fig = Figure(figsize=(PANEL[0] * cols, PANEL[1] * rows), layout="constrained")
+def _figure(rows: int, cols: int, widen: float = 1.0) -> tuple[Figure, list[list]]:
+    fig = Figure(figsize=(PANEL[0] * cols * widen, PANEL[1] * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     return fig, axes
 
@@ -94,7 +94,7 @@ def zeroshot_figure(frame: pd.DataFrame, column: str = "zero-shot avg") -> Figur
     if frame.empty or column not in frame.columns or not _valid(frame[column]):
         return None
     models = list(dict.fromkeys(frame["model"]))
-    fig, axes = _figure(len(models), 1)
+    fig, axes = _figure(len(models), 1, widen=1.4)  # room for the legend
     for i, model in enumerate(models):
         sub, ax = frame[frame["model"] == model], axes[i][0]
         _grouped_bars(ax, sub, column, _bits_order(sub), "bits", _methods(sub), "method")
@@ -103,7 +103,7 @@ def zeroshot_figure(frame: pd.DataFrame, column: str = "zero-shot avg") -> Figur
             ax.axhline(float(fp.iloc[0]), color="black", linestyle="--", linewidth=1, label=f"fp ({fp.iloc[0]:.2f})")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{model}: {column}")
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not over them
     return fig
 
 
@@ -120,11 +120,11 @@ def cost_figure(frame: pd.DataFrame) -> Figure | None:
     fig, axes = _figure(len(models), len(columns))
     for i, model in enumerate(models):
         sub = frame[frame["model"] == model]
-        labels = [m if m == BASELINE else f"{m}\n{b}" for m, b in zip(sub["method"], sub["bits"])]
+        labels = [m if m == BASELINE else f"{m} {b}" for m, b in zip(sub["method"], sub["bits"])]
         for j, column in enumerate(columns):
             ax = axes[i][j]
             ax.bar(range(len(sub)), sub[column].to_numpy(dtype=float), color=[colours[m] for m in sub["method"]])
-            ax.set_xticks(range(len(sub)), labels, fontsize="small")
+            ax.set_xticks(range(len(sub)), labels, fontsize="small", rotation=45, ha="right", rotation_mode="anchor")
             ax.set_ylabel(COST_COLUMNS[column])
             ax.set_title(f"{model}: {COST_COLUMNS[column]}")
             ax.grid(True, axis="y", alpha=0.3)

@@ -61,12 +61,12 @@ def results_frame(records: Iterable[dict]) -> pd.DataFrame:
             row[f"ppl {name}"] = value
         row[ZS_AVG] = zeroshot_average(r.get("metrics", {}))
         cost = r.get("cost", {})
-        row["device"] = cost.get("device")
         row["wall s"] = cost.get("wall_s")
         for phase, column in PHASES.items():
             row[column] = cost.get("phases_s", {}).get(phase)
         row["device-h"] = cost.get("device_hours")
         row["peak mem GiB"] = cost["peak_memory_bytes"] / 2**30 if cost.get("peak_memory_bytes") is not None else None
+        row["device"] = cost.get("device")  # last: long names (and device-hours are per device)
         rows.append(row)
     frame = pd.DataFrame(rows)
     if frame.empty:
@@ -89,8 +89,12 @@ def directions(columns: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def results_table(frame: pd.DataFrame, title: str) -> Table:
+def results_table(frame: pd.DataFrame, title: str, compact: bool = True) -> Table:
+    """The results as a ``Table``; ``compact`` moves a device shared by all runs into a note."""
     notes = []
+    if compact and not frame.empty and frame["device"].nunique(dropna=False) == 1 and frame["device"].notna().all():
+        notes.append(f"All runs on {frame['device'].iloc[0]} (one device each).")
+        frame = frame.drop(columns=["device"])  # the same long name on every row only widens the table
     if not frame.empty:
         notes.append(f"Bold: best per column among quantized methods of the same model and bit spec "
                      f"(lowest perplexity, device-hours and peak memory; highest accuracy); {MISSING}: not measured.")
@@ -101,7 +105,7 @@ def render(frame: pd.DataFrame, fmt: str, title: str = "ptqbench results") -> st
     """One results table in one format (the HTML of ``report`` also has plots)."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format: {fmt!r} is not allowed; use one of {FORMATS}")
-    table = results_table(frame, title)
+    table = results_table(frame, title, compact=fmt != "csv")
     if fmt == "md":
         return to_markdown(table, level=1)
     if fmt == "html":
@@ -123,7 +127,7 @@ def report(results_dir: str | Path, fmt: str = "md", title: str | None = None, r
     records = list(store.records())
     title = title or f"ptqbench results: {Path(results_dir).name}"
     frame = results_frame(records)
-    tables = [results_table(frame, "Results")]
+    tables = [results_table(frame, "Results", compact=fmt != "csv")]
     if reference == "paper":
         from harness import paper
 

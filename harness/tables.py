@@ -53,6 +53,8 @@ def format_value(value: object, column: str) -> str | None:
         return f"{v:.3g}"
     if column.endswith(" s"):  # phase times: a tenth of a second is plenty
         return f"{v:.1f}"
+    if "device-h" in column or "GPU-h" in column:  # from seconds on a CPU to days on a cluster
+        return "0" if v == 0 else f"{v:#.3g}".rstrip(".")
     if v == 0 or abs(v) >= 1:
         return f"{v:.2f}"
     return f"{v:.3g}"  # device-hours of small runs: keep three significant digits, not 0.00

@@ -71,7 +71,7 @@ def test_every_format_shows_known_cells_best_and_dashes(tmp_path, fmt):
     # W4A4 competitors: smoothquant has the lower wikitext2 ppl, rtn the higher accuracy and less time
     assert bold(sq["ppl wikitext2"], fmt) == "15.00" and bold(rtn4["ppl wikitext2"], fmt) is None
     assert bold(rtn4[ZS_AVG], fmt) == "50.00" and bold(sq[ZS_AVG], fmt) is None
-    assert bold(rtn4["device-h"], fmt) == "0.01" and bold(sq["peak mem GiB"], fmt) == "2.00"
+    assert bold(rtn4["device-h"], fmt) == "0.0100" and bold(sq["peak mem GiB"], fmt) == "2.00"
     assert bold(sq["ppl c4"], fmt) is None  # alone in its group: beats no one
     # FP is the reference, never a competitor, though its perplexity is the lowest; W8A8 has one method
     assert all(bold(c, fmt) is None for c in list(fp.values()) + list(rtn8.values()))
