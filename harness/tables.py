@@ -53,8 +53,8 @@ def format_value(value: object, column: str) -> str | None:
         return f"{v:.3g}"
     if column.endswith(" s"):  # phase times: a tenth of a second is plenty
         return f"{v:.1f}"
-    if "device-h" in column or "GPU-h" in column:  # from seconds on a CPU to days on a cluster
-        return "0" if v == 0 else f"{v:#.3g}".rstrip(".")
+    if ("device-h" in column or "GPU-h" in column) and 0 < abs(v) < 1:  # seconds on a CPU: 3 digits, not 0.00
+        return f"{v:#.3g}"
     if v == 0 or abs(v) >= 1:
         return f"{v:.2f}"
     return f"{v:.3g}"  # device-hours of small runs: keep three significant digits, not 0.00
@@ -133,7 +133,10 @@ _TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "
 
 
 def tex_escape(text: str) -> str:
-    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in str(text))
+    text = str(text)
+    if text[:1] == "-" and text[1:2].isdigit():  # a minus sign, not a hyphen
+        return "$-$" + tex_escape(text[1:])
+    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in text)
 
 
 def to_latex(table: Table) -> str:

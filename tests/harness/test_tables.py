@@ -43,6 +43,7 @@ def test_best_mask_matches_brute_force(seed):
 def test_missing_values_never_render_as_zero_or_nan():
     assert format_value(None, "x") is None and format_value(float("nan"), "x") is None and format_value(pd.NA, "x") is None
     assert format_value(0.0, "x") == "0.00" and format_value(0.0123, "device-h") == "0.0123" and format_value(1.1, "GPU-h ours") == "1.10"
+    assert format_value(14.52, "GPU-h paper") == "14.52" and format_value(0.000556, "device-h") == "0.000556"
     assert format_value(-0.26, "C4 Δ") == "-0.26" and format_value(0.03, "C4 Δ") == "+0.03"
     assert format_value(123456.0, "ppl c4") == "1.23e+05" and format_value(0.04, "load s") == "0.0"
     frame = pd.DataFrame({"model": ["m"], "method": ["q"], "bits": ["W4A4"], "ppl": [math.nan], "acc": [None], "z": [0.0]})
@@ -60,4 +61,5 @@ def test_latex_is_booktabs_escaped_with_rules_between_models():
     for rule in (r"\toprule", r"\bottomrule", r"\begin{tabular}{lllr}", r"\caption{50\% \& more}", r"ppl \%", "a\\_1", "x\\_y"):
         assert rule in tex
     assert tex.count(r"\midrule") == 2  # after the header and between models a_1 and b
+    assert tex_escape("-0.26") == "$-$0.26" and tex_escape("a-b") == "a-b"
     assert tex_escape("{a}~^\\") == r"\{a\}\textasciitilde{}\textasciicircum{}\textbackslash{}"
