@@ -91,13 +91,15 @@ def directions(columns: Iterable[str]) -> dict[str, str]:
 
 def results_table(frame: pd.DataFrame, title: str, compact: bool = True) -> Table:
     """The results as a ``Table``; ``compact`` moves a device shared by all runs into a note."""
+    if frame.empty:
+        return Table(pd.DataFrame(columns=["model", "method", "bits"]), title,
+                     notes=["No finished runs in this directory (failed runs, if any, are in failed/)."])
     notes = []
-    if compact and not frame.empty and frame["device"].nunique(dropna=False) == 1 and frame["device"].notna().all():
+    if compact and frame["device"].nunique(dropna=False) == 1 and frame["device"].notna().all():
         notes.append(f"All runs on {frame['device'].iloc[0]} (one device each).")
         frame = frame.drop(columns=["device"])  # the same long name on every row only widens the table
-    if not frame.empty:
-        notes.append(f"Bold: best per column among quantized methods of the same model and bit spec "
-                     f"(lowest perplexity, device-hours and peak memory; highest accuracy); {MISSING}: not measured.")
+    notes.append(f"Bold: best per column among quantized methods of the same model and bit spec "
+                 f"(lowest perplexity, device-hours and peak memory; highest accuracy); {MISSING}: not measured.")
     return Table(frame, title, best=best_mask(frame, directions(frame.columns)), notes=notes)
 
 

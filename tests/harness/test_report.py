@@ -96,3 +96,11 @@ def test_cli_report_writes_each_format_by_suffix(tmp_path):
         assert result.exit_code == 0, result.output
         assert "smoothquant" in out.read_text()
     assert set(FORMATS) == {"md", "csv", "tex", "html"}
+
+
+@pytest.mark.parametrize("fmt", ["md", "csv", "tex", "html"])
+def test_a_directory_without_finished_runs_says_so(tmp_path, fmt):
+    (tmp_path / "runs").mkdir()
+    text = report(tmp_path, fmt)
+    assert grid(text, fmt) == []
+    assert fmt == "csv" or "No finished runs" in text
