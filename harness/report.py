@@ -96,7 +96,7 @@ def results_table(frame: pd.DataFrame, title: str, compact: bool = True) -> Tabl
                      notes=["No finished runs in this directory (failed runs, if any, are in failed/)."])
     notes = []
     if compact and frame["device"].nunique(dropna=False) == 1 and frame["device"].notna().all():
-        notes.append(f"All runs on {frame['device'].iloc[0]} (one device each).")
+        notes.append(f"All runs on {frame['device'].iloc[0]}; device-h = wall time x devices.")
         frame = frame.drop(columns=["device"])  # the same long name on every row only widens the table
     notes.append(f"Bold: best per column among quantized methods of the same model and bit spec "
                  f"(lowest perplexity, device-hours and peak memory; highest accuracy); {MISSING}: not measured.")
