@@ -27,6 +27,7 @@ setup: $(BIN)/ptqbench
 demo: setup
 	$(BIN)/ptqbench run configs/demo.yaml --out runs/demo
 	$(BIN)/ptqbench report runs/demo -o reports/demo.md
+	$(BIN)/ptqbench report runs/demo -o reports/demo.html
 
 test: setup
 	$(BIN)/python -m pytest

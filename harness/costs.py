@@ -1,5 +1,9 @@
 """What a run costs: wall time per phase, device-hours and peak memory.
 
+Device-hours are wall time x devices, recorded with the device's name (GPU name, or CPU model)
+so that hours from different hardware are never compared unknowingly. ``quantize_device_hours``
+counts only calibration and quantization, the "training cost" the papers report.
+
 Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA. On CPU it is the peak resident set
 size of this process during the run, sampled by a background thread every 10 ms (``ru_maxrss``
 cannot be reset between the runs of one sweep, so it would report the largest run so far).
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import resource
 import threading
 import time
@@ -17,6 +22,20 @@ from dataclasses import dataclass, field
 import torch
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def device_name(device: torch.device) -> str:
+    """What device-hours were measured on: the GPU's name, or the CPU model with its core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    return f"CPU {model} ({torch.get_num_threads()} threads)"
 
 
 def current_rss() -> int:
@@ -91,9 +110,12 @@ class CostMeter:
         return {
             "wall_s": round(self.wall_s, 3),
             "phases_s": {k: round(v, 3) for k, v in self.phases.items()},
-            "device": torch.cuda.get_device_name(self.device) if cuda else "cpu",
+            "device": device_name(self.device),
+            "device_type": self.device.type,
             "device_count": devices,
             "device_hours": self.wall_s * devices / 3600.0,
+            # calibration + quantization only: what the papers' "training cost" tables measure
+            "quantize_device_hours": (self.phases.get("calibrate", 0.0) + self.phases.get("quantize", 0.0)) * devices / 3600.0,
             "peak_memory_bytes": int(torch.cuda.max_memory_allocated(self.device)) if cuda else int(self.peak_rss),
             "peak_memory_kind": "cuda_max_allocated" if cuda else "cpu_peak_rss",
             "peak_rss_bytes": int(self.peak_rss),

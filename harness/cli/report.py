@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from harness.report import FORMATS, report
+from harness.report import FORMATS, REFERENCES, report
 from harness.results import write_text_atomic
 
 
@@ -14,12 +14,18 @@ from harness.results import write_text_atomic
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Output format (default: from -o's suffix, else md).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write here instead of stdout.")
 @click.option("--title", default=None, help="Report title.")
-def command(results_dir: Path, fmt: str | None, output: Path | None, title: str | None) -> None:
-    """Render a comparison table (rows: method x bits; columns: metrics and cost)."""
+@click.option("--reference", type=click.Choice(REFERENCES), default=None,
+              help="Put published numbers beside ours (paper: QLLM Table 1 and its training cost).")
+def command(results_dir: Path, fmt: str | None, output: Path | None, title: str | None, reference: str | None) -> None:
+    """Render a comparison table (rows: model x method x bits; columns: metrics and cost).
+
+    With --reference paper, also our numbers beside the published ones with the difference
+    (as CSV: that comparison alone). HTML is one self-contained page with plots.
+    """
     if fmt is None:
         suffix = output.suffix.lstrip(".") if output else ""
         fmt = {"markdown": "md", "htm": "html", "latex": "tex"}.get(suffix, suffix) if suffix in (*FORMATS, "markdown", "htm", "latex") else "md"
-    text = report(results_dir, fmt, title)
+    text = report(results_dir, fmt, title, reference)
     if output is None:
         click.echo(text, nl=False)
         return

@@ -1,24 +1,30 @@
+"""Cost records: phases, device-hours with the device's name, peak memory that sees an allocation."""
 from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
-from harness.costs import CostMeter, current_rss
+from harness.costs import CostMeter, current_rss, device_name
 
 
-def test_peak_rss_sees_a_temporary_allocation():
+def test_cost_summary_on_cpu():
+    before = current_rss()
     with CostMeter(torch.device("cpu")) as meter:
-        base = current_rss()
-        with meter.phase("alloc"):
-            block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-            time.sleep(0.1)
-            del block
-        with meter.phase("alloc"):
-            time.sleep(0.01)
-    summary = meter.summary()
-    assert summary["peak_memory_bytes"] >= base + 48 * 2**20
-    assert summary["phases_s"]["alloc"] >= 0.1
-    assert summary["wall_s"] >= summary["phases_s"]["alloc"]
-    assert abs(summary["device_hours"] - summary["wall_s"] / 3600) < 1e-6
-    assert summary["device"] == "cpu" and summary["peak_memory_kind"] == "cpu_peak_rss"
+        with meter.phase("calibrate"):
+            time.sleep(0.05)
+        with meter.phase("quantize"):
+            block = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB, touched so it is resident
+            time.sleep(0.05)
+        with meter.phase("quantize"):  # a phase entered twice adds up
+            time.sleep(0.02)
+    del block
+    s = meter.summary()
+    assert s["device"] == device_name(torch.device("cpu")) and s["device"].startswith("CPU ") and s["device_type"] == "cpu"
+    assert s["phases_s"]["calibrate"] >= 0.05 and s["phases_s"]["quantize"] >= 0.07
+    assert s["device_hours"] == pytest.approx(s["wall_s"] / 3600, rel=1e-3)
+    assert s["quantize_device_hours"] == pytest.approx((s["phases_s"]["calibrate"] + s["phases_s"]["quantize"]) / 3600, rel=1e-2)
+    assert s["wall_s"] >= s["phases_s"]["calibrate"] + s["phases_s"]["quantize"] - 1e-3
+    # the 256 MiB block was resident at some sample: the peak is above what the process held before
+    assert s["peak_memory_kind"] == "cpu_peak_rss" and s["peak_memory_bytes"] >= before + 200 * 2**20

@@ -1,0 +1,65 @@
+"""Table rendering: bold is the true best per column (checked by brute force), missing is a dash."""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pandas as pd
+import pytest
+
+from harness.tables import MISSING, Table, best_mask, format_value, tex_escape, to_csv, to_html, to_latex, to_markdown
+
+
+def brute_best(rows: list[dict], column: str, direction: str) -> set[int]:
+    """Indices of the best cells, by the rule written out longhand: same model and bits, fp excluded, >= 2 values."""
+    best = set()
+    for i, row in enumerate(rows):
+        if row["method"] == "fp" or row[column] is None:
+            continue
+        rivals = [r[column] for r in rows if r["method"] != "fp" and r[column] is not None
+                  and (r["model"], r["bits"]) == (row["model"], row["bits"])]
+        if len(rivals) >= 2 and row[column] == (min(rivals) if direction == "min" else max(rivals)):
+            best.add(i)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_best_mask_matches_brute_force(seed):
+    rng = random.Random(seed)
+    rows = []
+    for model, method, bits in itertools.product(["a", "b"], ["fp", "x", "y", "z"], ["W8A8", "W4A4"]):
+        if rng.random() < 0.2:
+            continue
+        pick = lambda: None if rng.random() < 0.25 else float(rng.choice([1, 2, 3, 4]))  # noqa: E731  (ties happen)
+        rows.append({"model": model, "method": method, "bits": bits, "ppl": pick(), "acc": pick(), "other": pick()})
+    frame = pd.DataFrame(rows)
+    mask = best_mask(frame, {"ppl": "min", "acc": "max"})
+    for column, direction in (("ppl", "min"), ("acc", "max")):
+        assert set(frame.index[mask[column]]) == brute_best(rows, column, direction)
+    assert not mask["other"].any() and not mask["model"].any()
+
+
+def test_missing_values_never_render_as_zero_or_nan():
+    assert format_value(None, "x") is None and format_value(float("nan"), "x") is None and format_value(pd.NA, "x") is None
+    assert format_value(0.0, "x") == "0.00" and format_value(0.0123, "device-h") == "0.0123" and format_value(1.1, "GPU-h ours") == "1.10"
+    assert format_value(14.52, "GPU-h paper") == "14.52" and format_value(0.000556, "device-h") == "0.000556"
+    assert format_value(-0.26, "C4 Δ") == "-0.26" and format_value(0.03, "C4 Δ") == "+0.03"
+    assert format_value(123456.0, "ppl c4") == "1.23e+05" and format_value(0.04, "load s") == "0.0"
+    frame = pd.DataFrame({"model": ["m"], "method": ["q"], "bits": ["W4A4"], "ppl": [math.nan], "acc": [None], "z": [0.0]})
+    table = Table(frame, "t")
+    for text in (to_markdown(table), to_html(table), to_csv(table)):
+        assert text.count(MISSING) == 2 and "nan" not in text.lower() and "None" not in text
+    tex = to_latex(table)
+    assert tex.count(" -- ") + tex.count("-- \\\\") == 2 and "nan" not in tex.lower() and "0.00" in tex
+
+
+def test_latex_is_booktabs_escaped_with_rules_between_models():
+    frame = pd.DataFrame({"model": ["a_1", "a_1", "b"], "method": ["fp", "q", "q"], "bits": ["W4A4"] * 3,
+                          "ppl %": [1.0, 2.0, 3.0]})
+    tex = to_latex(Table(frame, "50% & more", notes=["x_y"]))
+    for rule in (r"\toprule", r"\bottomrule", r"\begin{tabular}{lllr}", r"\caption{50\% \& more}", r"ppl \%", "a\\_1", "x\\_y"):
+        assert rule in tex
+    assert tex.count(r"\midrule") == 2  # after the header and between models a_1 and b
+    assert tex_escape("-0.26") == "$-$0.26" and tex_escape("a-b") == "a-b"
+    assert tex_escape("{a}~^\\") == r"\{a\}\textasciitilde{}\textasciicircum{}\textbackslash{}"
