@@ -35,7 +35,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from harness import BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, ScalePair, freeze, get_adapter, quantize_linears, register_method
+from harness import (
+    BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, ScalePair, freeze, get_adapter, quantize_linears,
+    register_method,
+)
 from harness.calibration_stats import input_abs_max, max_over_median
 
 log = logging.getLogger(__name__)

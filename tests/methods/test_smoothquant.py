@@ -100,7 +100,8 @@ def test_scales_follow_the_official_formula(outlier_model, tiny_tokens, alpha):
             s = before.get_submodule(norm_name).weight / after.get_submodule(norm_name).weight
             torch.testing.assert_close(s, expected, rtol=1e-5, atol=0)
             for c in consumers:
-                torch.testing.assert_close(after.get_submodule(c).weight, before.get_submodule(c).weight * expected, rtol=1e-5, atol=1e-7)
+                scaled = before.get_submodule(c).weight * expected
+                torch.testing.assert_close(after.get_submodule(c).weight, scaled, rtol=1e-5, atol=1e-7)
         # o_proj and down_proj have no norm in front of them: untouched.
         for c in ("self_attn.o_proj", "mlp.down_proj"):
             assert torch.equal(after.get_submodule(c).weight, before.get_submodule(c).weight)
@@ -138,3 +139,56 @@ def test_quantize_leaves_every_linear_frozen(outlier_model, tiny_tokens):
     qlinears = [m for m in result.model.modules() if isinstance(m, QuantLinear)]
     assert len(qlinears) == 7 * 2 and all(q.frozen for q in qlinears)
     assert result.stats["alpha"] == 0.5 and result.stats["quantized_linears"] == 14
+
+
+# --- smollm2-135m ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_smoothed(_smollm2_loaded, brown_calib):
+    """(reference, smoothed, stats): smollm2 smoothed once with alpha 0.5 on the 16x256 Brown calibration."""
+    reference = _smollm2_loaded.model
+    smoothed = copy.deepcopy(reference)
+    stats = smooth(smoothed, brown_calib, 0.5, CTX)
+    return reference, smoothed, stats
+
+
+@pytest.mark.smollm2
+def test_smollm2_smoothing_keeps_logits_and_flattens(smollm2_smoothed, brown_eval):
+    reference, smoothed, stats = smollm2_smoothed
+    tokens = brown_eval[:2]  # held-out text, not the calibration windows
+    names = smoothed_inputs(reference)
+    before = channel_abs_max(reference, tokens, names)
+    after = channel_abs_max(smoothed, tokens, names)
+    with torch.no_grad():
+        expected = reference(tokens, use_cache=False).logits
+        got = smoothed(tokens, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+    for pair in ("self_attn.q_proj", "mlp.gate_proj"):
+        r_before = [ratio(before[n]) for n in names if n.endswith(pair)]
+        r_after = [ratio(after[n]) for n in names if n.endswith(pair)]
+        # Flatter on average over the 30 layers, and in most single layers.
+        assert sum(r_after) < 0.5 * sum(r_before), pair
+        assert sum(a < b for a, b in zip(r_after, r_before)) >= 0.9 * len(r_before), pair
+    assert stats["act_max_over_median"]["mlp_in"]["after"] < stats["act_max_over_median"]["mlp_in"]["before"]
+
+
+def _quantized_ppl(model: nn.Module, spec: BitSpec, windows: torch.Tensor) -> float:
+    from harness import freeze, quantize_linears
+
+    model = copy.deepcopy(model)
+    quantize_linears(model, spec)
+    freeze(model)
+    return perplexity(model, windows, device=CPU, progress=False)
+
+
+@pytest.mark.smollm2
+def test_smollm2_perplexity_vs_fp_and_rtn(smollm2_smoothed, brown_eval):
+    """W8A8 within 1% of FP; at W6A6 and W4A4 better than RTN (default asymmetric bit specs)."""
+    reference, smoothed, _ = smollm2_smoothed
+    fp = perplexity(reference, brown_eval, device=CPU, progress=False)
+    w8a8 = _quantized_ppl(smoothed, BitSpec.parse("W8A8"), brown_eval)
+    assert w8a8 < 1.01 * fp, (w8a8, fp)
+    for text in ("W6A6", "W4A4"):
+        spec = BitSpec.parse(text)
+        sq, rtn = _quantized_ppl(smoothed, spec, brown_eval), _quantized_ppl(reference, spec, brown_eval)
+        assert sq < rtn, (text, sq, rtn)
