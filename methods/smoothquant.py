@@ -1,0 +1,122 @@
+"""SmoothQuant (Xiao et al., ICML 2023): migrate activation outliers into the weights, then quantize.
+
+LLM activations have a few channels whose magnitude is 10-100x the rest, so a per-token activation
+quantizer spends its range on them. SmoothQuant divides every input channel j of a linear by
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
+
+and multiplies the matching weight column by s_j: X W^T = (X / s)(W * s)^T, so the FP function is
+unchanged while the activation becomes flatter and the weight absorbs part of the difficulty.
+alpha = 0.5 splits it evenly (the official default); the official LLaMA-2 W8A8 settings are 0.85
+(7B/13B) and 0.9 (70B), see ``configs/smoothquant-llama2-w8a8.yaml``.
+
+As in the official code (mit-han-lab/smoothquant, ``smooth_lm`` / ``smooth_ln_fcs_llama_like``)
+for LLaMA-like blocks:
+
+- max|X_j| is the running max over all calibration tokens of the input of q_proj (shared by k, v)
+  and of gate_proj (shared by up), gathered with forward hooks in one pass before any change;
+- max|W_j| is taken over the concatenated linears of a pair (q, k, v or gate, up), clamped to
+  >= 1e-5, and s is clamped to >= 1e-5, both as the official code does;
+- 1/s is folded into the RMSNorm weight that produces the input (input_layernorm,
+  post_attention_layernorm), s into the input columns of every linear of the pair.
+
+o_proj and down_proj are not smoothed. Their inputs (the attention context, and SiLU(gate) * up)
+come from no op that could absorb 1/s without changing the network: the attention mixes v_proj's
+output across tokens and heads, and the SwiGLU product is nonlinear in gate. The official code
+therefore smooths only the norm-fed pairs for LLaMA (for OPT likewise only the LayerNorm-fed
+qkv and fc1). Every linear is quantized afterwards, smoothed or not, per the bit spec.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from harness import (
+    BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, ScalePair, freeze, get_adapter, quantize_linears,
+    register_method,
+)
+from harness.calibration_stats import input_abs_max, max_over_median
+
+log = logging.getLogger(__name__)
+
+# The official code clamps the weight maxima and the final scales to this floor.
+CLAMP_MIN = 1e-5
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig(MethodConfig):
+    """Args:
+    alpha: migration strength in [0, 1]; 0 leaves activations alone (s = 1 / max|W|), 1 moves all
+        of their range into the weights. Official: 0.5 default, 0.85 LLaMA-2 7B/13B, 0.9 LLaMA-2 70B.
+    """
+
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha: {self.alpha} is not allowed; use a number in [0, 1]")
+
+
+def smoothing_scales(act_max: torch.Tensor, linears: list[nn.Module], alpha: float) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha), float32, with the weight max over all ``linears``."""
+    weight_max = torch.stack([lin.weight.detach().abs().amax(dim=0).float() for lin in linears]).amax(dim=0)
+    weight_max = weight_max.clamp(min=CLAMP_MIN)
+    act_max = act_max.to(weight_max.device, torch.float32)
+    return (act_max.pow(alpha) / weight_max.pow(1 - alpha)).clamp(min=CLAMP_MIN)
+
+
+@torch.no_grad()
+def smooth_pair(layer: nn.Module, pair: ScalePair, scales: torch.Tensor) -> None:
+    """Fold 1/s into the pair's RMSNorm weight and s into its linears' input columns, in place."""
+    norm = layer.get_submodule(pair.producer)
+    norm.weight.div_(scales.to(norm.weight.device, norm.weight.dtype))
+    for name in pair.consumers:
+        linear = layer.get_submodule(name)
+        linear.weight.mul_(scales.to(linear.weight.device, linear.weight.dtype).view(1, -1))
+
+
+@torch.no_grad()
+def smooth(model: nn.Module, calibration: torch.Tensor, alpha: float, context: QuantContext) -> dict:
+    """Smooth every norm-fed pair of every block in place (no quantization); return outlier stats.
+
+    The stats compare max|X| over channels / median at each smoothed input before and after; after
+    smoothing the per-channel max is exactly max|X_j| / s_j since the norm output is divided by s.
+    """
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    pairs = (adapter.attn_in, adapter.mlp_in)
+    # The pair's linears share one input; its first consumer's hook sees it.
+    names = {(i, p.name): f"{adapter.layers_path}.{i}.{p.consumers[0]}" for i in range(len(layers)) for p in pairs}
+    act_max = input_abs_max(model, calibration, names.values(), device=context.device, progress=context.progress,
+                            desc="smoothquant act scales")
+    ratios: dict[str, dict[str, list[float]]] = {p.name: {"before": [], "after": []} for p in pairs}
+    for i, layer in enumerate(layers):
+        for pair in pairs:
+            x_max = act_max[names[i, pair.name]]
+            scales = smoothing_scales(x_max, [layer.get_submodule(c) for c in pair.consumers], alpha)
+            smooth_pair(layer, pair, scales)
+            ratios[pair.name]["before"].append(max_over_median(x_max))
+            ratios[pair.name]["after"].append(max_over_median(x_max / scales.cpu()))
+    summary = {name: {when: statistics.fmean(v) for when, v in r.items()} for name, r in ratios.items()}
+    for name, r in summary.items():
+        log.info("smoothquant %s: act max/median (mean over layers) %.1f -> %.1f", name, r["before"], r["after"])
+    return {"act_max_over_median": summary, "act_max_over_median_per_layer": ratios}
+
+
+@register_method
+class SmoothQuant(Method):
+    name = "smoothquant"
+    description = "SmoothQuant: per-channel scales move activation outliers into the weights, then RTN"
+    config_class = SmoothQuantConfig
+
+    def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
+        if calibration is None:
+            raise ConfigError("calibration: smoothquant needs calibration data to measure activation scales")
+        stats = smooth(model, calibration, self.config.alpha, context)
+        swapped = quantize_linears(model, spec)
+        freeze(model)
+        return QuantizeResult(model, {"alpha": self.config.alpha, "quantized_linears": len(swapped), **stats})
