@@ -27,6 +27,10 @@ def results_frame(records: Iterable[dict]) -> pd.DataFrame:
                "w_bits": r["bit_spec"]["w_bits"], "a_bits": r["bit_spec"]["a_bits"]}
         for name, value in r.get("metrics", {}).get("ppl", {}).items():
             row[f"ppl {name}"] = value
+        if zs := r.get("metrics", {}).get("zeroshot"):  # accuracy in %, each task's compared metric
+            for task, entry in zs["tasks"].items():
+                row[f"{task} {entry['metric']}"] = 100 * entry[entry["metric"]]
+            row["zero-shot avg"] = 100 * zs["average"] if zs.get("average") is not None else None
         cost = r.get("cost", {})
         row["wall s"] = cost.get("wall_s")
         row["device-h"] = cost.get("device_hours")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from harness.config import load_config
+from harness.config import load_config, with_task_data
 from harness.runner import plan, run_sweep
 
 log = logging.getLogger(__name__)
@@ -21,15 +21,19 @@ log = logging.getLogger(__name__)
 @click.option("--dry-run", is_flag=True, help="Validate and list the planned runs, run nothing.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Overrides the YAML's device.")
 @click.option("--seed", type=int, default=None, help="Overrides the YAML's seed.")
+@click.option("--task-data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Local copies of the zero-shot tasks' data (<task>/<split>.jsonl); overrides the YAML's.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars.")
 def command(config_path: Path, out_dir: Path | None, force: bool, dry_run: bool, device: str | None,
-            seed: int | None, progress: bool) -> None:
+            seed: int | None, task_data: Path | None, progress: bool) -> None:
     """Run the sweep described by CONFIG (models x methods x bit specs)."""
     import dataclasses
 
     config = load_config(config_path)
     overrides = {k: v for k, v in (("device", device), ("seed", seed)) if v is not None}
     config = dataclasses.replace(config, **overrides) if overrides else config
+    if task_data is not None:
+        config = with_task_data(config, str(task_data))
     out_dir = out_dir or Path("runs") / config.name
     runs = plan(config)
     if dry_run:
