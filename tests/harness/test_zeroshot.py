@@ -147,3 +147,16 @@ def test_w3a3_rtn_scores_lower_than_fp(_smollm2_loaded, brown_cfg, fp_result):
     freeze(model)
     w3a3 = zeroshot(model, _smollm2_loaded.tokenizer, brown_cfg, device=torch.device("cpu"))
     assert w3a3["average"] < fp_result["average"] - 0.1, (w3a3["average"], fp_result["average"])
+
+
+def test_report_shows_each_task_and_the_average_in_percent():
+    from harness.report import results_frame
+
+    record = {"model": "m", "method": "fp", "bits": "W16A16", "bit_spec": {"w_bits": 16, "a_bits": 16},
+              "metrics": {"ppl": {"brown": 20.0}, "zeroshot": {"average": 0.5, "tasks": {
+                  "hellaswag": {"acc": 0.3, "acc_norm": 0.4, "metric": "acc_norm"},
+                  "piqa": {"acc": 0.6, "acc_norm": 0.7, "metric": "acc"}}}}}
+    row = results_frame([record]).iloc[0]
+    assert row["hellaswag acc_norm"] == pytest.approx(40.0)
+    assert row["piqa acc"] == pytest.approx(60.0)
+    assert row["zero-shot avg"] == pytest.approx(50.0)
