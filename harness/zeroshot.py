@@ -47,15 +47,15 @@ def headline_metric(task: str) -> str:
 
 
 @lru_cache(maxsize=4)
-def _task_manager(include: tuple[str, ...], include_defaults: bool) -> Any:
-    """lm-eval's task index; indexing the ~14k built-in tasks takes seconds, so it is built once."""
+def _task_manager(include: tuple[str, ...]) -> Any:
+    """lm-eval's built-in tasks plus ``include``; indexing the ~14k built-ins takes seconds, so once."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=list(include) or None, include_defaults=include_defaults)
+    return TaskManager(include_path=list(include) or None)
 
 
 def _builtin_index() -> dict[str, Any]:
-    return _task_manager((), True).task_index
+    return _task_manager(()).task_index
 
 
 def check_tasks(cfg: ZeroShotConfig) -> Path | None:
@@ -126,9 +126,13 @@ def _task_manager_for(cfg: ZeroShotConfig) -> tuple[Any, bool]:
     if task_data_dir is not None:
         include.append(str(task_data_dir))
         hub_tasks = []
+    if hub_tasks:
+        return _task_manager(tuple(include)), False
     # Generated YAMLs include the installed task files by absolute path, so lm-eval's own index is
-    # only needed for tasks read from the hub.
-    return _task_manager(tuple(include), bool(hub_tasks)), not hub_tasks
+    # not needed; this small index is rebuilt every time (the task-data folder's YAMLs change).
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include, include_defaults=False), True
 
 
 def _task_entry(task: str, results: dict[str, Any]) -> dict[str, Any]:

@@ -50,6 +50,10 @@ def test_standard_tasks_run_offline_on_local_data(tmp_path, monkeypatch, smollm2
         assert ("acc_norm" in entry) == (task != "winogrande")  # winogrande defines acc only
     assert result["average"] == pytest.approx(sum(e[headline_metric(t)] for t, e in tasks.items()) / 5)
     assert result["num_fewshot"] == 0 and result["limit"] is None and result["lm_eval_version"]
+    # A second call from the same folder with other tasks and a limit sees exactly those.
+    again = zeroshot(tiny_model, smollm2_tokenizer, ZeroShotConfig(tasks=("winogrande",), task_data=str(data), limit=2),
+                     device=torch.device("cpu"))
+    assert list(again["tasks"]) == ["winogrande"] and again["tasks"]["winogrande"]["samples"] == 2 and again["limit"] == 2
     # What datasets converted went to our cache, not the user's home.
     assert datasets_cache() == tmp_path / "home" / "hf-datasets"
     assert any(datasets_cache().iterdir())
