@@ -16,7 +16,6 @@ requested task is local, so users with hub access still get the standard tasks.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator
 from functools import lru_cache
@@ -33,10 +32,8 @@ from harness.zeroshot_tasks import BROWN_TASKS, brown_task_dir, write_task_data_
 if TYPE_CHECKING:
     from harness.config import ZeroShotConfig
 
-log = logging.getLogger(__name__)
-
 # The metric compared with the papers' tables (README, "Zero-shot accuracy"): their old lm-eval fork
-# reported both; their FP16 rows match acc_norm for HellaSwag and acc for the other tasks. The
+# reported both; their FP16 rows match acc_norm for HellaSwag and acc for PIQA and ARC-c. The
 # HellaSwag-like Brown task follows HellaSwag.
 HEADLINE_METRIC = {"hellaswag": "acc_norm", "brown_nextsent": "acc_norm"}
 FIND_TASKS = "see `lm-eval ls tasks` for lm-eval's task names"
