@@ -11,11 +11,12 @@ Precedence: CLI flags > YAML > these defaults.
     methods: [rtn, {name: smoothquant, alpha: 0.5}]
     bits: [W8A8, W4A4]
     calibration: {dataset: brown, samples: 32, seqlen: 512}
-    evaluation: {ppl: {datasets: [brown], seqlen: 512, max_windows: 40}}
+    evaluation: {ppl: {datasets: [brown], seqlen: 512, max_windows: 40},
+                 zeroshot: {tasks: [brown_nextsent, brown_cloze], limit: 100}}
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from harness.data import check_dataset_name
 from harness.errors import ConfigError, PtqbenchError
 from harness.models import check_model_name
 from harness.registry import get_method
+from harness.zeroshot import check_tasks
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -75,8 +77,38 @@ class PerplexityConfig:
 
 
 @dataclass(frozen=True)
+class ZeroShotConfig:
+    """Args:
+    tasks: lm-eval task names (piqa, arc_easy, arc_challenge, hellaswag, winogrande, ...) and the
+        offline brown_nextsent, brown_cloze; empty = no zero-shot evaluation.
+    limit: score only the first N examples of each task (null = all); recorded with every result.
+    batch_size: lm-eval requests per forward pass.
+    num_fewshot: in-context examples (the papers: 0).
+    task_data: folder with local copies of the standard tasks' data, <task>/<split>.jsonl or .parquet
+        in the hub's column schema (null = the hub or the HF cache).
+    """
+
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+    batch_size: int = 8
+    num_fewshot: int = 0
+    task_data: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"tasks: {list(self.tasks)} lists a task twice; list each task once")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit: {self.limit} is not allowed; use a positive integer or null")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: {self.batch_size} is not allowed; use a positive integer")
+        if self.num_fewshot < 0:
+            raise ConfigError(f"num_fewshot: {self.num_fewshot} is not allowed; use an integer >= 0")
+
+
+@dataclass(frozen=True)
 class EvaluationConfig:
     ppl: PerplexityConfig = field(default_factory=PerplexityConfig)
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
 
 @dataclass(frozen=True)
@@ -250,7 +282,15 @@ def parse_config(raw: Any, source: str = "config") -> SweepConfig:
         _get(lambda n=name: check_dataset_name(n), "calibration.dataset")
     for i, name in enumerate(config.evaluation.ppl.datasets):
         _get(lambda n=name: check_dataset_name(n), f"evaluation.ppl.datasets[{i}]")
+    check_tasks(config.evaluation.zeroshot)
     return config
+
+
+def with_task_data(config: SweepConfig, task_data: str) -> SweepConfig:
+    """``config`` reading its zero-shot tasks from ``task_data`` (``ptqbench run --task-data``), checked."""
+    zs = replace(config.evaluation.zeroshot, task_data=task_data)
+    check_tasks(zs)
+    return replace(config, evaluation=replace(config.evaluation, zeroshot=zs))
 
 
 def _get(thunk: Any, where: str) -> Any:

@@ -31,7 +31,7 @@ __all__ = ["FORMATS", "MISSING", "REFERENCES", "ZS_AVG", "results_frame", "resul
 def zeroshot_average(metrics: dict, tasks: Iterable[str] | None = None) -> float | None:
     """Mean accuracy in percent over ``metrics["zeroshot"]`` (all tasks, or exactly ``tasks``).
 
-    A task's value is a number or a mapping holding ``acc``; values <= 1 are fractions (the
+    A task's value is a number or a mapping holding its compared ``metric`` (default ``acc``); values <= 1 are fractions (the
     lm-eval convention) and are scaled to percent like the papers' tables. ``None`` when a task
     asked for is missing, so a partial average is never shown as the paper's five-task one.
     """
@@ -40,7 +40,7 @@ def zeroshot_average(metrics: dict, tasks: Iterable[str] | None = None) -> float
         scores = scores["tasks"]
     values = {}
     for task, value in scores.items():
-        value = value.get("acc") if isinstance(value, dict) else value
+        value = value.get(value.get("metric", "acc")) if isinstance(value, dict) else value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             values[task] = float(value)
     wanted = list(tasks) if tasks is not None else list(values)
@@ -59,7 +59,12 @@ def results_frame(records: Iterable[dict]) -> pd.DataFrame:
                "w_bits": r["bit_spec"]["w_bits"], "a_bits": r["bit_spec"]["a_bits"]}
         for name, value in r.get("metrics", {}).get("ppl", {}).items():
             row[f"ppl {name}"] = value
-        row[ZS_AVG] = zeroshot_average(r.get("metrics", {}))
+        metrics = r.get("metrics", {})
+        for task, entry in ((metrics.get("zeroshot") or {}).get("tasks") or {}).items():
+            metric = entry.get("metric", "acc")  # each task's compared metric (acc or acc_norm), in %
+            if isinstance(entry.get(metric), (int, float)):
+                row[f"{task} {metric}"] = 100 * entry[metric]
+        row[ZS_AVG] = zeroshot_average(metrics)
         cost = r.get("cost", {})
         row["wall s"] = cost.get("wall_s")
         for phase, column in PHASES.items():
@@ -84,7 +89,7 @@ def directions(columns: Iterable[str]) -> dict[str, str]:
     for c in columns:
         if c.startswith("ppl ") or c in ("device-h", "peak mem GiB"):
             out[c] = "min"
-        elif c == ZS_AVG or c.startswith("acc "):
+        elif c == ZS_AVG or c.startswith("acc ") or c.endswith((" acc", " acc_norm")):
             out[c] = "max"
     return out
 

@@ -28,6 +28,7 @@ from harness.method import QuantContext
 from harness.models import load_model, resolve_device
 from harness.registry import get_method
 from harness.results import ResultStore, run_key, write_json_atomic, write_text_atomic
+from harness.zeroshot import zeroshot
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class RunSpec:
         ident = schema.to_dict(self)
         ident.pop("trust_remote_code")
         ident["device"] = resolve_device(self.device).type  # "auto" on a GPU box and "cuda" are the same run
+        if not self.evaluation.zeroshot.tasks:  # runs without zero-shot keep the keys they had before it existed
+            ident["evaluation"].pop("zeroshot")
         return ident
 
     @property
@@ -121,6 +124,8 @@ def execute(run: RunSpec, cache: DataCache | None = None, progress: bool = True)
                 metrics["ppl"][name] = perplexity(model, windows, device=device, batch_size=p.batch_size,
                                                   desc=f"ppl {name} ({run.label})", progress=progress)
                 metrics.setdefault("ppl_windows", {})[name] = len(windows)
+            if run.evaluation.zeroshot.tasks:
+                metrics["zeroshot"] = zeroshot(model, loaded.tokenizer, run.evaluation.zeroshot, device=device)
     return {
         "key": run.key,
         "status": "ok",

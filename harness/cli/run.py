@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from harness.config import SweepConfig, load_config
+from harness.config import SweepConfig, load_config, with_task_data
 from harness.errors import ConfigError
 from harness.runner import plan, run_sweep
 
@@ -25,9 +25,11 @@ log = logging.getLogger(__name__)
 @click.option("--executor", type=click.Choice(["local", "ray", "slurm"]), default=None,
               help="Where runs execute; overrides the YAML's executor.kind (default local).")
 @click.option("--ray-address", default=None, help="Join this Ray cluster ('auto', 'ray://head:10001'); implies --executor ray.")
+@click.option("--task-data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Local copies of the zero-shot tasks' data (<task>/<split>.jsonl); overrides the YAML's.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars.")
 def command(config_path: Path, out_dir: Path | None, force: bool, dry_run: bool, device: str | None,
-            seed: int | None, executor: str | None, ray_address: str | None, progress: bool) -> None:
+            seed: int | None, executor: str | None, ray_address: str | None, task_data: Path | None, progress: bool) -> None:
     """Run the sweep described by CONFIG (models x methods x bit specs)."""
     import dataclasses
 
@@ -35,6 +37,8 @@ def command(config_path: Path, out_dir: Path | None, force: bool, dry_run: bool,
     overrides = {k: v for k, v in (("device", device), ("seed", seed)) if v is not None}
     config = dataclasses.replace(config, **overrides) if overrides else config
     config = with_executor(config, executor, ray_address)
+    if task_data is not None:
+        config = with_task_data(config, str(task_data))
     out_dir = out_dir or Path("runs") / config.name
     runs = plan(config)
     if dry_run:
