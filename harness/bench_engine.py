@@ -52,8 +52,10 @@ def _measure(layers: int, hidden: int, samples: int, seqlen: int, device: str) -
 
     def process(job):
         for layer in job.layers:
+            for p in layer.parameters():
+                p.requires_grad_(False)  # as a method does: only its own parameters are trained
             linears = quantize_block(layer, spec, job.adapter)
-            norms = [p for n, p in layer.named_parameters() if "norm" in n]
+            norms = [p.requires_grad_(True) for n, p in layer.named_parameters() if "norm" in n]
             train([{"params": norms, "lr": 1e-3}],
                   lambda idx: F.mse_loss(job.forward(job.q_inputs[idx]), job.targets[idx]),
                   len(job.q_inputs), epochs=1, device=job.device)
@@ -76,7 +78,7 @@ def _measure(layers: int, hidden: int, samples: int, seqlen: int, device: str) -
     return asdict(EngineMemory(layers, hidden, model_bytes, block_bytes, int(peak), dev.type, time.perf_counter() - t0))
 
 
-def engine_memory(depths: tuple[int, ...] = (4, 16), hidden: int = 256, samples: int = 8, seqlen: int = 256,
+def engine_memory(depths: tuple[int, ...] = (4, 16), hidden: int = 256, samples: int = 4, seqlen: int = 128,
                   device: str = "auto") -> list[EngineMemory]:
     """Measure the engine at each depth, each in a fresh process; see the module docstring."""
     if device == "auto":

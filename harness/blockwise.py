@@ -132,6 +132,10 @@ def run_blockwise(
         next_q = job.forward_all(q_x)
         stats.setdefault("output_mse", mean_squared_error(next_q, job.targets))
         for layer, dtype in zip(group, dtypes):
+            # gradients a method's training left on the block's own weights would otherwise stay
+            # in CPU memory for every block already done, so memory would grow with depth
+            for p in layer.parameters():
+                p.grad = None
             layer.to(device="cpu", dtype=dtype)
         fp_x, q_x = job.targets, next_q
         all_stats.append({"block": start, **stats})

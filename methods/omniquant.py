@@ -293,7 +293,8 @@ class OmniQuant(Method):
             act = input_abs_max(job, pair_inputs) if cfg.let else [None] * len(job.layers)
             states = [attach(layer, spec, job.adapter, job.attention_geometry(), a, cfg) for layer, a in zip(job.layers, act)]
             groups = [g for s in states for g in s.parameter_groups(cfg)]
-            init_loss = block_loss(job, cfg.batch_size)
+            # the loss at the initialisation (SmoothQuant scales, clip 0.982); skipped when nothing is trained
+            init_loss = block_loss(job, cfg.batch_size) if cfg.epochs else None
 
             def loss_fn(idx: torch.Tensor) -> torch.Tensor:
                 out = job.forward(job.q_inputs[idx])
@@ -304,7 +305,7 @@ class OmniQuant(Method):
             for s in states:
                 fold(s)
             return {"init_loss": init_loss, "epoch_losses": history, "seconds": round(time.perf_counter() - t0, 3),
-                    "loss": history[-1] if history else init_loss}
+                    **({"loss": history[-1]} if history else {})}
 
         t0 = time.perf_counter()
         blocks = run_blockwise(model, calibration, process, device=context.device, desc="omniquant", progress=context.progress)

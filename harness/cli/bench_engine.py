@@ -9,8 +9,8 @@ from harness.bench_engine import engine_memory
 @click.command("bench-engine")
 @click.option("--depths", default="4,16", show_default=True, help="Comma-separated layer counts.")
 @click.option("--hidden", default=256, show_default=True)
-@click.option("--samples", default=8, show_default=True)
-@click.option("--seqlen", default=256, show_default=True)
+@click.option("--samples", default=4, show_default=True)
+@click.option("--seqlen", default=128, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def command(depths: str, hidden: int, samples: int, seqlen: int, device: str) -> None:
     """Print the engine's peak memory against model size; the peak must not grow with depth."""

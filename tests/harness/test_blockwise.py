@@ -116,3 +116,16 @@ def test_job_geometry_and_label(tiny_model, tiny_tokens):
     run_blockwise(tiny_model, tiny_tokens, lambda job: seen.append((job.label, job.attention_geometry())) or rtn_process(job),
                   device=torch.device("cpu"), blocks_per_job=2, progress=False)
     assert seen == [("blocks 0-1", (4, 2, 16))]
+
+
+def test_gradients_on_block_weights_are_released(tiny_model, tiny_tokens):
+    """A method whose loss reaches the block weights must not leave their .grad behind (memory grows with depth)."""
+    def process(job: BlockJob) -> dict:
+        p = torch.nn.Parameter(torch.ones(1))
+        train([{"params": [p], "lr": 1e-3}], lambda idx: p * job.forward(job.q_inputs[idx]).square().mean(),
+              len(job.q_inputs), epochs=1)
+        assert job.layers[0].mlp.down_proj.weight.grad is not None  # the loss did reach them
+        return rtn_process(job)
+
+    run_blockwise(tiny_model, tiny_tokens, process, device=torch.device("cpu"), progress=False)
+    assert all(p.grad is None for p in tiny_model.parameters())
