@@ -62,6 +62,8 @@ class OmniQuantConfig(MethodConfig):
     alpha: SmoothQuant migration strength of the initial scales (official 0.5; 0.75 for LLaMA-2 W4A4).
     batch_size: calibration samples per step (official 1).
     lwc_init: initial gamma and beta (sigmoid(4) = 0.982 of the min/max range).
+    max_samples: train on the first N calibration windows only (null = all, as the official code);
+        fake-quantized training is slow on CPU, so the CPU demo uses a few windows.
     """
 
     epochs: int = 20
@@ -72,6 +74,7 @@ class OmniQuantConfig(MethodConfig):
     alpha: float = 0.5
     batch_size: int = 1
     lwc_init: float = 4.0
+    max_samples: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -81,6 +84,8 @@ class OmniQuantConfig(MethodConfig):
                 raise ConfigError(f"{name}: {getattr(self, name)} is not allowed; use a positive learning rate")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha: {self.alpha} is not allowed; use a number in [0, 1]")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"max_samples: {self.max_samples} is not allowed; use a positive integer or null")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: {self.batch_size} is not allowed; use a positive integer")
 
@@ -284,6 +289,8 @@ class OmniQuant(Method):
         if calibration is None:
             raise ConfigError("omniquant: needs calibration data (calibration: {dataset, samples, seqlen})")
         cfg: OmniQuantConfig = self.config  # type: ignore[assignment]
+        if cfg.max_samples is not None:
+            calibration = calibration[: cfg.max_samples]
         adapter = get_adapter(model)
         # Each LET pair's consumers share one input: the first consumer's input stands for the pair.
         pair_inputs = tuple(pair.consumers[0] for pair in (adapter.attn_in, adapter.attn_out, adapter.mlp_in))
@@ -312,4 +319,5 @@ class OmniQuant(Method):
         for b in blocks:
             b.pop("loss", None)
         return QuantizeResult(model, {"blocks": blocks, "wall_s": round(time.perf_counter() - t0, 3),
-                                      "lwc": cfg.lwc, "let": cfg.let, "epochs": cfg.epochs})
+                                      "lwc": cfg.lwc, "let": cfg.let, "epochs": cfg.epochs,
+                                      "samples": len(calibration)})
