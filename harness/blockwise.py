@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -57,6 +58,12 @@ class BlockJob:
     def label(self) -> str:
         last = self.index + len(self.layers) - 1
         return f"block {self.index}" if last == self.index else f"blocks {self.index}-{last}"
+
+    def attention_geometry(self) -> tuple[int, int, int]:
+        """(num_heads, num_kv_heads, head_dim) of these blocks, from the model config."""
+        cfg = self.model_config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim
 
     def forward(self, x: torch.Tensor, layers: Iterable[nn.Module] | None = None) -> torch.Tensor:
         """Run ``x`` (batch, seqlen, hidden) through ``layers`` (default: all of this job's)."""
@@ -101,6 +108,8 @@ def run_blockwise(
 
     ``process(job)`` must leave ``job.layers`` in their quantized state (e.g. frozen
     ``QuantLinear``s); the engine then computes the student inputs of the next job from them.
+    Every job's stats also get ``output_mse``: the mean squared error between the quantized
+    blocks' outputs on the quantized inputs and the FP targets (what the next job starts from).
     """
     if blocks_per_job < 1:
         raise ValueError("blocks_per_job must be >= 1")
@@ -121,7 +130,12 @@ def run_blockwise(
         job.targets = job.forward_all(fp_x)
         stats = process(job) or {}
         next_q = job.forward_all(q_x)
+        stats.setdefault("output_mse", mean_squared_error(next_q, job.targets))
         for layer, dtype in zip(group, dtypes):
+            # gradients a method's training left on the block's own weights would otherwise stay
+            # in CPU memory for every block already done, so memory would grow with depth
+            for p in layer.parameters():
+                p.grad = None
             layer.to(device="cpu", dtype=dtype)
         fp_x, q_x = job.targets, next_q
         all_stats.append({"block": start, **stats})
@@ -131,6 +145,13 @@ def run_blockwise(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return all_stats
+
+
+@torch.no_grad()
+def mean_squared_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """MSE of two (samples, seqlen, hidden) tensors, one sample at a time (no full-size temporary)."""
+    total = sum(F.mse_loss(x.float(), y.float(), reduction="sum").item() for x, y in zip(a, b))
+    return total / a.numel()
 
 
 def train(

@@ -30,9 +30,9 @@ def main(verbose: int) -> None:
 
 
 def _register() -> None:
-    from harness.cli import bench, methods, prepare, report, run
+    from harness.cli import bench, bench_engine, methods, prepare, report, run
 
-    for module in (methods, run, report, prepare, bench):
+    for module in (methods, run, report, prepare, bench, bench_engine):
         main.add_command(module.command)
 
 

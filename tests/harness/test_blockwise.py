@@ -1,0 +1,131 @@
+"""The block-wise engine: protocol (targets, next-block inputs), equivalence with global RTN, training loop."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness import BitSpec, freeze, quantize_block, quantize_linears
+from harness.blockwise import BlockJob, mean_squared_error, run_blockwise, train
+from harness.errors import TrainingDivergedError
+
+W4A4 = BitSpec.parse("W4A4")
+
+
+def rtn_process(job: BlockJob) -> dict:
+    for layer in job.layers:
+        for q in quantize_block(layer, W4A4, job.adapter).values():
+            q.freeze()
+    return {}
+
+
+@pytest.mark.parametrize("blocks_per_job", [1, 2])
+def test_blockwise_rtn_equals_global_rtn(tiny_model, tiny_tokens, device, blocks_per_job):
+    global_rtn = copy.deepcopy(tiny_model)
+    quantize_linears(global_rtn, W4A4)
+    freeze(global_rtn)
+    stats = run_blockwise(tiny_model, tiny_tokens, rtn_process, device=device, blocks_per_job=blocks_per_job, progress=False)
+    assert [s["block"] for s in stats] == list(range(0, 2, blocks_per_job))
+    a, b = tiny_model.state_dict(), global_rtn.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    with torch.no_grad():
+        assert torch.equal(tiny_model(tiny_tokens).logits, global_rtn(tiny_tokens).logits)
+
+
+def test_inputs_targets_and_output_mse_follow_the_protocol(tiny_model, tiny_tokens):
+    """Block i gets the FP model's hidden state i as FP input and the quantized model's as student input."""
+    fp_model = copy.deepcopy(tiny_model)
+    seen = []
+
+    def process(job: BlockJob) -> dict:
+        seen.append((job.fp_inputs.clone(), job.q_inputs.clone(), job.targets.clone()))
+        return rtn_process(job)
+
+    stats = run_blockwise(tiny_model, tiny_tokens, process, device=torch.device("cpu"), progress=False)
+    with torch.no_grad():
+        fp_hidden = fp_model(tiny_tokens, output_hidden_states=True).hidden_states
+        q_hidden = tiny_model(tiny_tokens, output_hidden_states=True).hidden_states
+    for i, (fp_in, q_in, target) in enumerate(seen):
+        torch.testing.assert_close(fp_in, fp_hidden[i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(q_in, q_hidden[i], rtol=1e-5, atol=1e-6)
+        if i + 1 < len(seen):  # the last hidden state HF returns is after the final norm
+            torch.testing.assert_close(target, fp_hidden[i + 1], rtol=1e-5, atol=1e-6)
+            expected = F.mse_loss(q_hidden[i + 1], fp_hidden[i + 1]).item()
+            assert stats[i]["output_mse"] == pytest.approx(expected, rel=1e-4)
+    assert not torch.equal(seen[1][0], seen[1][1])  # W4A4 changed the student's inputs
+
+
+def test_mean_squared_error_matches_torch():
+    a, b = torch.randn(3, 5, 7), torch.randn(3, 5, 7)
+    assert mean_squared_error(a, b) == pytest.approx(F.mse_loss(a, b).item(), rel=1e-6)
+
+
+def test_nan_loss_names_block_and_epoch(tiny_model, tiny_tokens):
+    def process(job: BlockJob) -> dict:
+        p = torch.nn.Parameter(torch.ones(1))
+        calls = {"n": 0}
+
+        def loss_fn(idx):
+            calls["n"] += 1
+            bad = job.index == 1 and calls["n"] > len(job.q_inputs)  # block 1 diverges in its second epoch
+            return (p * (float("nan") if bad else 1.0)).sum()
+
+        train([{"params": [p], "lr": 1e-3}], loss_fn, len(job.q_inputs), epochs=3, label=job.label)
+        return rtn_process(job)
+
+    with pytest.raises(TrainingDivergedError, match=r"block 1, epoch 1: loss is nan"):
+        run_blockwise(tiny_model, tiny_tokens, process, device=torch.device("cpu"), progress=False)
+
+
+def _fit(seed: int) -> tuple[list[float], torch.Tensor]:
+    torch.manual_seed(123)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    w = torch.nn.Parameter(torch.zeros(4, 1))
+    history = train([{"params": [w], "lr": 0.05}], lambda idx: F.mse_loss(x[idx] @ w, y[idx]), 16,
+                    epochs=3, batch_size=4, seed=seed, linear_decay=True)
+    return history, w.detach().clone()
+
+
+def test_seeded_training_is_reproducible_and_reduces_loss():
+    h1, w1 = _fit(seed=0)
+    h2, w2 = _fit(seed=0)
+    h3, w3 = _fit(seed=1)
+    assert h1 == h2 and torch.equal(w1, w2)
+    assert not torch.equal(w1, w3)  # another seed visits the samples in another order
+    assert len(h1) == 3 and h1[-1] < h1[0]
+
+
+def test_train_without_parameters_or_epochs_is_a_no_op():
+    w = torch.nn.Parameter(torch.ones(1))
+    assert train([], lambda idx: w.sum(), 4, epochs=2) == []
+    assert train([{"params": [w], "lr": 1.0}], lambda idx: w.sum(), 4, epochs=0) == []
+    assert w.item() == 1.0
+
+
+def test_blocks_per_job_must_be_positive(tiny_model, tiny_tokens):
+    with pytest.raises(ValueError, match="blocks_per_job"):
+        run_blockwise(tiny_model, tiny_tokens, rtn_process, device=torch.device("cpu"), blocks_per_job=0)
+
+
+def test_job_geometry_and_label(tiny_model, tiny_tokens):
+    seen = []
+    run_blockwise(tiny_model, tiny_tokens, lambda job: seen.append((job.label, job.attention_geometry())) or rtn_process(job),
+                  device=torch.device("cpu"), blocks_per_job=2, progress=False)
+    assert seen == [("blocks 0-1", (4, 2, 16))]
+
+
+def test_gradients_on_block_weights_are_released(tiny_model, tiny_tokens):
+    """A method whose loss reaches the block weights must not leave their .grad behind (memory grows with depth)."""
+    def process(job: BlockJob) -> dict:
+        p = torch.nn.Parameter(torch.ones(1))
+        train([{"params": [p], "lr": 1e-3}], lambda idx: p * job.forward(job.q_inputs[idx]).square().mean(),
+              len(job.q_inputs), epochs=1)
+        assert job.layers[0].mlp.down_proj.weight.grad is not None  # the loss did reach them
+        return rtn_process(job)
+
+    run_blockwise(tiny_model, tiny_tokens, process, device=torch.device("cpu"), progress=False)
+    assert all(p.grad is None for p in tiny_model.parameters())
