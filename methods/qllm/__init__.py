@@ -16,6 +16,7 @@ Run:  python -m harness.cli run configs/ablation-qllm.yaml   (see README, sectio
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -201,7 +202,7 @@ class QLLM(Method):
         final: dict[str, torch.Tensor] = {}
 
         def process(job: BlockJob) -> dict:
-            sites = []
+            sites, started = [], time.time()
             for layer in job.layers:
                 quantize_block(layer, spec, adapter)
             if cfg.disassembly:
@@ -216,6 +217,9 @@ class QLLM(Method):
                 freeze(layer)
             if cfg.final_norm != "off" and job.index + len(job.layers) - 1 == last_block:
                 final["q"], final["fp"] = job.forward_all(job.q_inputs).cpu(), job.targets.cpu()
+            added = sum(s["added"] for s in sites)
+            log.info("%s: %d sites reassembled (+%d channels), loss %s, %.1fs", job.label,
+                     sum(1 for s in sites if s["added"]), added, f"{losses[-1]:.4g}" if losses else "-", time.time() - started)
             out = {"sites": sites}
             if losses:
                 out.update(loss_first=losses[0], loss=losses[-1])

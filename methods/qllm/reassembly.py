@@ -73,16 +73,26 @@ def split_counts(x_max: torch.Tensor, theta: float) -> torch.Tensor:
     return torch.ceil(x_max / theta).clamp(min=1).long()
 
 
-def match_channels(x: torch.Tensor, w: torch.Tensor, r: int, frozen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def channel_distances(x: torch.Tensor) -> torch.Tensor:
+    """(C, C) L2 distances between the channels of ``x`` (tokens, C), over tokens.
+
+    Computed once per site: an unsplit expanded channel is its original channel, and sub-channels
+    never take part in matching, so every candidate theta only re-indexes this matrix.
+    """
+    xt = x.t().double()
+    return torch.cdist(xt, xt, compute_mode="donot_use_mm_for_euclid_dist").float()
+
+
+def match_channels(dist: torch.Tensor, wsum: torch.Tensor, src: torch.Tensor, frozen: torch.Tensor, r: int
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Bipartite soft matching; return (src, dst) expanded-channel positions of ``r`` merges.
 
-    ``x`` (tokens, E), ``w`` (out, E), ``frozen`` (E,) bool: channels that must not be merged.
-    None when fewer than ``r`` mergeable pairs exist.
+    ``dist`` (C, C) channel distances, ``wsum`` (C,) column sums of the stacked consumer weights,
+    ``src`` (E,) original channel of each expanded channel, ``frozen`` (E,) channels that must not
+    be merged. None when fewer than ``r`` mergeable pairs exist.
     """
-    xa, xb = x[:, ::2].t(), x[:, 1::2].t()
-    wsum = w.sum(0)
-    dist = torch.cdist(xa.double(), xb.double()).float()
-    scores = ((wsum[::2, None] + wsum[None, 1::2]) * dist).pow(2)
+    sa, sb = src[::2], src[1::2]
+    scores = ((wsum[sa, None] + wsum[None, sb]) * dist[sa][:, sb]).pow(2)
     scores[frozen[::2], :] = math.inf
     scores[:, frozen[1::2]] = math.inf
     best, best_b = scores.min(dim=-1)
@@ -92,10 +102,12 @@ def match_channels(x: torch.Tensor, w: torch.Tensor, r: int, frozen: torch.Tenso
     return order * 2, best_b[order] * 2 + 1
 
 
-def make_plan(x_max: torch.Tensor, theta: float, x: torch.Tensor | None, w: torch.Tensor | None, assemble: bool) -> Plan | None:
+def make_plan(x_max: torch.Tensor, theta: float, x: torch.Tensor | None, w: torch.Tensor | None, assemble: bool,
+              dist: torch.Tensor | None = None) -> Plan | None:
     """The reassembly for ``theta``; ``x`` (tokens, C) and ``w`` (out, C) are needed to assemble.
 
-    None when assembly cannot find enough mergeable pairs.
+    ``dist`` = ``channel_distances(x)`` when the caller has it. None when assembly cannot find
+    enough mergeable pairs.
     """
     counts = split_counts(x_max, theta)
     C = x_max.numel()
@@ -105,7 +117,8 @@ def make_plan(x_max: torch.Tensor, theta: float, x: torch.Tensor | None, w: torc
     added, disassembled = E - C, int((counts > 1).sum())
     group, count, merged = torch.arange(E, device=src.device), torch.ones(E, device=src.device), 0
     if assemble and added > 0:
-        matched = match_channels(x.index_select(-1, src) * scale, w.index_select(1, src), added, scale < 1)
+        dist = channel_distances(x) if dist is None else dist
+        matched = match_channels(dist, w.sum(0), src, scale < 1, added)
         if matched is None:
             return None
         s_pos, d_pos = matched
@@ -212,9 +225,10 @@ def search(fn: SiteFn, x: torch.Tensor, x_max: torch.Tensor, weights: Sequence[t
     before = site_error(fn, x, weights, reference, None, spec)
     tokens = x.reshape(-1, x.shape[-1])
     stacked = torch.cat(list(weights), 0)
+    dist = channel_distances(tokens) if assemble and thetas else None
     best, best_err, evaluated = None, before, 0
     for theta in thetas:
-        plan = make_plan(x_max, theta, tokens, stacked, assemble)
+        plan = make_plan(x_max, theta, tokens, stacked, assemble, dist)
         if plan is None or plan.added == 0:
             continue
         evaluated += 1

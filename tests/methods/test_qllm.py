@@ -62,7 +62,7 @@ def test_smollm2_w4a4_beats_rtn(smollm2, brown_calib, brown_eval):
     rtn_ppl = perplexity(rtn, brown_eval, device=cpu, progress=False)
     del rtn
     # Demo-sized QLLM: 8 calibration windows, 2 epochs, coarse theta grid.
-    options = {"epochs": 2, "grid_steps": 20}
+    options = {"epochs": 2, "grid_steps": 10}
     get_method("qllm").from_options(options).quantize(model, W4A4, brown_calib[:8], QuantContext(progress=False))
     qllm_ppl = perplexity(model, brown_eval, device=cpu, progress=False)
     assert qllm_ppl < rtn_ppl, f"qllm {qllm_ppl:.2f} vs rtn {rtn_ppl:.2f}"
