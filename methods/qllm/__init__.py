@@ -203,10 +203,10 @@ class QLLM(Method):
 
         def process(job: BlockJob) -> dict:
             sites, started = [], time.time()
+            features = collect_features(job, cfg.search_samples) if cfg.disassembly else []  # FP: before quantizing
             for layer in job.layers:
                 quantize_block(layer, spec, adapter)
             if cfg.disassembly:
-                features = collect_features(job, cfg.search_samples)
                 for offset, layer in enumerate(job.layers):
                     for site in SITES:
                         x_max, feats = features[offset][site]

@@ -9,7 +9,9 @@ import torch
 from harness import BitSpec, ConfigError, QuantContext, QuantLinear, get_method, quant_linears
 from harness.evaluate import perplexity
 from methods.qllm import QLLMConfig
-from tests.methods.test_qllm_reassembly import with_outliers
+from harness import LlamaAdapter
+from methods.qllm.reassembly import channel_max
+from tests.methods.test_qllm_reassembly import site_features, with_outliers
 
 W4A4 = BitSpec.parse("W4A4")
 
@@ -38,6 +40,9 @@ def test_config_round_trips():
 def test_tiny_end_to_end(tiny_model, tiny_tokens):
     model = with_outliers(tiny_model)
     widths = {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    with torch.no_grad():  # the FP outlier statistics of block 0, computed independently
+        hidden = model.model.embed_tokens(tiny_tokens)
+        feats = site_features(model.model.layers[0], hidden, LlamaAdapter().position_embeddings(model, hidden))
     method = get_method("qllm").from_options({"epochs": 2, "blocks_per_job": 2, "rank": 2, "grid_steps": 10})
     result = method.quantize(model, W4A4, tiny_tokens, QuantContext(progress=False))
     linears = dict(quant_linears(model))
@@ -46,6 +51,8 @@ def test_tiny_end_to_end(tiny_model, tiny_tokens):
         assert linear.in_features == linear.weight.shape[1] == widths[name.replace(".module", "")]
     sites = result.stats["jobs"][0]["sites"]
     assert len(sites) == 6 and all(s["error_after"] <= s["error_before"] for s in sites)
+    for s in sites[:3]:  # block 0: the statistic comes from the FP pass, not the quantized one
+        assert s["layer"] == 0 and s["max_stat"] == pytest.approx(channel_max(feats[s["site"]]).max().item(), rel=1e-5)
     assert result.stats["reassembled_sites"] > 0  # the planted outliers get reassembled
     assert model.lm_head.bias is not None  # the tuned final-norm bias, folded into the FP head
     assert not any("lora" in name for name, _ in model.named_parameters())  # merged: no extra parameters
