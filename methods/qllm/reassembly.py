@@ -1,0 +1,276 @@
+"""QLLM adaptive channel reassembly: disassemble outlier channels, assemble similar ones, pick theta.
+
+Numerics follow the official code (ModelTC/QLLM: ``disassembly/cd_module.py``,
+``assembly/ca_module.py``, ``reassembly/cr_module.py``, ``models/int_qllm_llama_layer.py``):
+
+- statistic per input channel: max(|min|, |max|) over all calibration tokens of the FP pass;
+- disassembly with threshold theta: channel i becomes T_i = max(1, ceil(x_max_i / theta))
+  sub-channels x_i / T_i (repeat_interleave, so sub-channels are adjacent); the weight column is
+  repeated T_i times. Exact in FP;
+- assembly (ToMe bipartite soft matching on the *disassembled* channels: even positions are one
+  side, odd positions the other): score(a, b) = ((sum_k W[k,a] + sum_k W[k,b]) * ||x_a - x_b||_2)^2
+  with W the consumers' weights stacked along the output dimension and the distance over tokens;
+  the r = (added channels) lowest-scoring edges are merged (activation: mean, weight columns: sum);
+  sub-channels made by disassembly are masked out of the matching, so the width is back to C;
+- theta: official grid downward from max(x_max), step (max - min) / max(100, int(max / 0.5)), a
+  candidate evaluated only when the number of added channels changes, stop once added channels
+  exceed ``channel_ratio * C``; the theta with the lowest output MSE of the quantized site wins.
+
+Where this differs from the official code, on purpose:
+- the official search scores "assemble, then disassemble" as a cheap proxy but applies
+  "disassemble, then assemble"; here every candidate is scored with exactly the transform that
+  is applied, so the recorded error is the error of the applied transform;
+- the no-op theta (nothing split) is always a candidate (the official code only keeps it through a
+  100000 loss cap), so the search can never make a site worse on the calibration features;
+- the score uses the intended formula for odd widths (the official loop leaves the last row zero).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness import BitSpec, quantize_activation, quantize_weight
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One reassembly of a width-C input: x' = scatter_mean(x[src] * scale -> group) (see :class:`Reassembly`)."""
+
+    src: torch.Tensor  # (E,) original channel of every expanded channel
+    scale: torch.Tensor  # (E,) 1 / T of that channel
+    group: torch.Tensor  # (E,) output channel each expanded channel lands in
+    count: torch.Tensor  # (C',) number of expanded channels averaged into each output channel
+    theta: float
+    disassembled: int  # channels split (T > 1)
+    added: int  # channels added by disassembly (E - C)
+    merged: int  # pairs merged by assembly
+
+    @property
+    def width(self) -> int:
+        return int(self.count.numel())
+
+    def apply_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """(out, C) -> (out, C'): repeated columns for sub-channels, summed columns for merged ones."""
+        expanded = w.index_select(1, self.src)
+        if self.merged == 0:
+            return expanded
+        return w.new_zeros(w.shape[0], self.width).index_add_(1, self.group, expanded)
+
+
+def channel_max(x: torch.Tensor) -> torch.Tensor:
+    """max(|min|, |max|) per channel (last dim) over every other dimension."""
+    flat = x.reshape(-1, x.shape[-1])
+    return torch.maximum(flat.amin(0).abs(), flat.amax(0))
+
+
+def split_counts(x_max: torch.Tensor, theta: float) -> torch.Tensor:
+    """T = max(1, ceil(x_max / theta)) as integers."""
+    return torch.ceil(x_max / theta).clamp(min=1).long()
+
+
+def channel_distances(x: torch.Tensor) -> torch.Tensor:
+    """(C, C) L2 distances between the channels of ``x`` (tokens, C), over tokens.
+
+    Computed once per site: an unsplit expanded channel is its original channel, and sub-channels
+    never take part in matching, so every candidate theta only re-indexes this matrix.
+    """
+    xt = x.t().double()
+    return torch.cdist(xt, xt, compute_mode="donot_use_mm_for_euclid_dist").float()
+
+
+def match_channels(dist: torch.Tensor, wsum: torch.Tensor, src: torch.Tensor, frozen: torch.Tensor, r: int
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Bipartite soft matching; return (src, dst) expanded-channel positions of ``r`` merges.
+
+    ``dist`` (C, C) channel distances, ``wsum`` (C,) column sums of the stacked consumer weights,
+    ``src`` (E,) original channel of each expanded channel, ``frozen`` (E,) channels that must not
+    be merged. None when fewer than ``r`` mergeable pairs exist.
+    """
+    sa, sb = src[::2], src[1::2]
+    scores = ((wsum[sa, None] + wsum[None, sb]) * dist[sa][:, sb]).pow(2)
+    scores[frozen[::2], :] = math.inf
+    scores[:, frozen[1::2]] = math.inf
+    best, best_b = scores.min(dim=-1)
+    order = best.argsort(stable=True)[:r]
+    if r > 0 and not torch.isfinite(best[order]).all():
+        return None
+    return order * 2, best_b[order] * 2 + 1
+
+
+def make_plan(x_max: torch.Tensor, theta: float, x: torch.Tensor | None, w: torch.Tensor | None, assemble: bool,
+              dist: torch.Tensor | None = None) -> Plan | None:
+    """The reassembly for ``theta``; ``x`` (tokens, C) and ``w`` (out, C) are needed to assemble.
+
+    ``dist`` = ``channel_distances(x)`` when the caller has it. None when assembly cannot find
+    enough mergeable pairs.
+    """
+    counts = split_counts(x_max, theta)
+    C = x_max.numel()
+    src = torch.repeat_interleave(torch.arange(C, device=x_max.device), counts)
+    scale = (1.0 / counts.float()).repeat_interleave(counts)
+    E = src.numel()
+    added, disassembled = E - C, int((counts > 1).sum())
+    group, count, merged = torch.arange(E, device=src.device), torch.ones(E, device=src.device), 0
+    if assemble and added > 0:
+        dist = channel_distances(x) if dist is None else dist
+        matched = match_channels(dist, w.sum(0), src, scale < 1, added)
+        if matched is None:
+            return None
+        s_pos, d_pos = matched
+        keep = torch.ones(E, dtype=torch.bool, device=src.device)
+        keep[s_pos] = False
+        rank = torch.cumsum(keep.long(), 0) - 1  # output index of every kept channel, in order
+        group = rank.clone()
+        group[s_pos] = rank[d_pos]
+        count = torch.zeros(C, device=src.device).index_add_(0, group, torch.ones(E, device=src.device))
+        merged = added
+    return Plan(src, scale, group, count, float(theta), disassembled, added, merged)
+
+
+def theta_grid(x_max: torch.Tensor, channel_ratio: float, steps: int = 0) -> list[float]:
+    """Official candidate thresholds: downward from the max, one per change in added channels.
+
+    The first element is the no-op theta (the max statistic). ``steps`` = 0 uses the official
+    step count max(100, int(max / 0.5)).
+    """
+    hi, lo = float(x_max.max()), float(x_max.min())
+    n = steps or max(100, int(hi / 0.5))
+    step = (hi - lo) / n
+    limit = int(x_max.numel() * channel_ratio)
+    grid, prev, th, C = [hi], 0, hi, x_max.numel()
+    for _ in range(n):
+        if th < lo or step <= 0:
+            break
+        added = int(split_counts(x_max, th).sum()) - C
+        if added > limit:
+            break
+        if added != prev:
+            grid.append(th)
+            prev = added
+        th -= step
+    return grid
+
+
+def ratio_theta(x_max: torch.Tensor, channel_ratio: float, steps: int = 0) -> float:
+    """Non-adaptive theta of the official CD module: the lowest grid point within the channel budget."""
+    return theta_grid(x_max, channel_ratio, steps)[-1]
+
+
+# --- the functions whose output error a reassembly is judged by ------------------------------
+
+
+SiteFn = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
+
+
+def attention_fn(attn: nn.Module, names: Sequence[str], out_name: str, position_embeddings) -> SiteFn:
+    """q/k/v site: the attention output before o_proj (the real module: RoPE, GQA, its scaling)."""
+    o_proj = attn.get_submodule(out_name)
+
+    def fn(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+        params = {f"{n}.weight": w for n, w in zip(names, weights)}
+        params[f"{out_name}.weight"] = torch.eye(o_proj.in_features, device=x.device, dtype=x.dtype)
+        if o_proj.bias is not None:
+            params[f"{out_name}.bias"] = torch.zeros(o_proj.in_features, device=x.device, dtype=x.dtype)
+        out = torch.func.functional_call(attn, params, (x,), {"position_embeddings": position_embeddings, "attention_mask": None})
+        return out[0] if isinstance(out, tuple) else out
+
+    return fn
+
+
+def gated_fn(act: Callable, biases: Sequence[torch.Tensor | None]) -> SiteFn:
+    """gate/up site: act(gate(x)) * up(x)."""
+    def fn(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+        return act(F.linear(x, weights[0], biases[0])) * F.linear(x, weights[1], biases[1])
+
+    return fn
+
+
+def linear_fn(bias: torch.Tensor | None) -> SiteFn:
+    """down_proj site: its output."""
+    return lambda x, weights: F.linear(x, weights[0], bias)
+
+
+def site_error(fn: SiteFn, x: torch.Tensor, weights: Sequence[torch.Tensor], reference: torch.Tensor,
+               plan: Plan | None, spec: BitSpec) -> float:
+    """MSE between the FP output and the output with reassembled, quantized input and weights."""
+    if plan is not None:
+        x, weights = Reassembly(plan)(x), [plan.apply_weight(w) for w in weights]
+    xq = quantize_activation(x, spec.a_bits, spec.a_symmetric)
+    wq = [quantize_weight(w, spec) for w in weights]
+    return F.mse_loss(fn(xq, wq), reference).item()
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    plan: Plan | None  # None: leave the site as it is
+    error_before: float
+    error_after: float
+    candidates: int
+
+
+@torch.no_grad()
+def search(fn: SiteFn, x: torch.Tensor, x_max: torch.Tensor, weights: Sequence[torch.Tensor], spec: BitSpec, *,
+           thetas: Sequence[float], assemble: bool) -> SearchResult:
+    """Evaluate every theta in ``thetas`` and keep the one with the lowest site error.
+
+    ``x`` (samples, seqlen, C) FP features of the site; the no-op (nothing split) is always a
+    candidate and wins ties, so the result is never worse than leaving the site alone.
+    """
+    reference = fn(x, weights)
+    before = site_error(fn, x, weights, reference, None, spec)
+    tokens = x.reshape(-1, x.shape[-1])
+    stacked = torch.cat(list(weights), 0)
+    dist = channel_distances(tokens) if assemble and thetas else None
+    best, best_err, evaluated = None, before, 0
+    for theta in thetas:
+        plan = make_plan(x_max, theta, tokens, stacked, assemble, dist)
+        if plan is None or plan.added == 0:
+            continue
+        evaluated += 1
+        err = site_error(fn, x, weights, reference, plan, spec)
+        if err < best_err:
+            best, best_err = plan, err
+    return SearchResult(best, before, best_err, evaluated)
+
+
+class Reassembly(nn.Module):
+    """Applies a :class:`Plan` to an input at inference (index / scale buffers, no parameters).
+
+    An explicit module because assembly averages two different channels, which no per-channel
+    scale of the producer (RMSNorm weight, up_proj rows) can express; disassembly alone could be
+    folded, but one mechanism for every site keeps both exact.
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        super().__init__()
+        self.register_buffer("src", plan.src.clone())
+        self.register_buffer("scale", plan.scale.clone())
+        self.register_buffer("group", plan.group.clone())
+        self.register_buffer("count", plan.count.clone())
+        self.merged = plan.merged
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expanded = x.index_select(-1, self.src) * self.scale.to(x.dtype)
+        if self.merged == 0:
+            return expanded
+        out = x.new_zeros(*x.shape[:-1], self.count.numel()).index_add_(-1, self.group, expanded)
+        return out / self.count.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={int(self.src.max()) + 1}, expanded={self.src.numel()}, out={self.count.numel()}, merged={self.merged}"
+
+
+class Reassembled(nn.Module):
+    """``module`` followed (``after=True``) or preceded by a :class:`Reassembly` of its output / input."""
+
+    def __init__(self, module: nn.Module, reassembly: Reassembly, after: bool) -> None:
+        super().__init__()
+        self.module, self.reassembly, self.after = module, reassembly, after
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reassembly(self.module(x)) if self.after else self.module(self.reassembly(x))

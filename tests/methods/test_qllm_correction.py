@@ -1,0 +1,68 @@
+"""Low-rank error correction (methods/qllm/correction.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from harness import BitSpec, QuantLinear, quantizers_disabled
+from methods.qllm.correction import LowRankWeight, NormWithBias, add_lowrank, fold_bias_into_head, merge_lowrank
+
+
+def make_linear(spec: str, seed: int = 0) -> QuantLinear:
+    torch.manual_seed(seed)
+    return QuantLinear(nn.Linear(48, 24, bias=True), BitSpec.parse(spec))
+
+
+def randomize(lowrank: LowRankWeight, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        lowrank.lora_B.copy_(torch.randn(lowrank.lora_B.shape, generator=g) * 0.1)
+
+
+def test_initial_correction_is_zero_and_a_is_kaiming():
+    linear = make_linear("W4A16")
+    lowrank = add_lowrank(linear, rank=4, alpha=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.count_nonzero(lowrank.lora_B) == 0 and torch.count_nonzero(lowrank.lora_A) == lowrank.lora_A.numel()
+    assert lowrank.lora_A.abs().max() <= 1 / 48**0.5  # kaiming_uniform(a=sqrt(5)) bound = 1/sqrt(fan_in)
+    assert lowrank.scaling == 0.25 and not linear.weight.requires_grad
+
+
+@pytest.mark.parametrize("spec", ["W16A16", "W4A16"])
+def test_merging_matches_the_unmerged_low_rank_path_before_quantization(spec):
+    linear = make_linear(spec)
+    x = torch.randn(5, 7, 48, generator=torch.Generator().manual_seed(3))
+    lowrank = add_lowrank(linear, rank=4, alpha=1.0, generator=torch.Generator().manual_seed(0))
+    randomize(lowrank, 1)
+    expected_delta = lowrank.lora_B.detach() @ lowrank.lora_A.detach() * 0.25
+    with torch.no_grad(), quantizers_disabled(linear):
+        unmerged = linear(x)
+    original = linear.weight.detach().clone()
+    merge_lowrank(linear)
+    assert not isinstance(linear.weight_quant, LowRankWeight)
+    torch.testing.assert_close(linear.weight.detach(), original + expected_delta)
+    with torch.no_grad(), quantizers_disabled(linear):
+        merged = linear(x)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-6)
+
+
+def test_training_path_is_quantized_weight_plus_correction():
+    linear = make_linear("W4A16")
+    quantized = linear.weight_quant(linear.weight).detach()
+    lowrank = add_lowrank(linear, rank=2, alpha=1.0, generator=torch.Generator().manual_seed(0))
+    randomize(lowrank, 2)
+    torch.testing.assert_close(linear.quantized_weight(), quantized + lowrank.lora_B @ lowrank.lora_A * 0.5)
+
+
+def test_final_norm_bias_folds_into_the_head_exactly():
+    torch.manual_seed(0)
+    norm = nn.RMSNorm(16)
+    student = NormWithBias(norm)
+    with torch.no_grad():
+        student.bias.copy_(torch.randn(16))
+    head = nn.Linear(16, 40, bias=False)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = head(student(x))
+        fold_bias_into_head(head, student.bias)
+        torch.testing.assert_close(head(norm(x)), expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,165 @@
+"""Channel reassembly (methods/qllm/reassembly.py + its block surgery in methods/qllm/__init__.py)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness import BitSpec, LlamaAdapter, quantize_block
+from methods.qllm import SITES, QLLMConfig, apply_plan, reassemble_site, site_function
+from methods.qllm.reassembly import channel_max, make_plan, search, site_error, theta_grid
+
+W4A4 = BitSpec.parse("W4A4")
+
+
+def with_outliers(model):
+    """Give the tiny random model the LLaMA-like outlier channels QLLM targets."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 17, 40]] *= 25.0
+            layer.post_attention_layernorm.weight[[5, 9]] *= 15.0
+            layer.mlp.up_proj.weight[[7, 70, 100]] *= 30.0
+    return model
+
+
+def site_features(layer, x, position_embeddings):
+    """FP features of every site of ``layer`` for input ``x`` (what the method's hooks record)."""
+    feats, adapter = {}, LlamaAdapter()
+    handles = [layer.get_submodule(getattr(adapter, s).producer).register_forward_hook(
+        lambda m, a, out, s=s: feats.__setitem__(s, out.detach())) for s in ("attn_in", "mlp_in")]
+    handles.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: feats.__setitem__("mlp_out", a[0].detach())))
+    with torch.no_grad():
+        adapter.run_layer(layer, x, position_embeddings)
+    for h in handles:
+        h.remove()
+    return feats
+
+
+@pytest.fixture
+def block(tiny_model, tiny_tokens):
+    model = with_outliers(tiny_model)
+    adapter = LlamaAdapter()
+    with torch.no_grad():
+        hidden = model.model.embed_tokens(tiny_tokens)
+    pe = adapter.position_embeddings(model, hidden)
+    return model, model.model.layers[0], hidden, pe
+
+
+def test_disassembly_alone_is_exact(tiny_model, tiny_tokens):
+    model = with_outliers(tiny_model)
+    with torch.no_grad():
+        reference = model(tiny_tokens).logits
+        hidden = model.model.embed_tokens(tiny_tokens)
+    pe = LlamaAdapter().position_embeddings(model, hidden)
+    widths = {}
+    for layer in model.model.layers:
+        feats = site_features(layer, hidden, pe)
+        for site in SITES:
+            x_max = channel_max(feats[site])
+            theta = float(x_max.median())  # splits about half of the channels, some into many parts
+            plan = make_plan(x_max, theta, None, None, assemble=False)
+            assert plan.added > 0 and plan.merged == 0
+            apply_plan(layer, site, plan)
+            widths.setdefault(site, plan.width)  # layer 0
+        with torch.no_grad():
+            hidden = LlamaAdapter().run_layer(layer, hidden, pe)
+    assert model.model.layers[0].mlp.down_proj.module.in_features == widths["mlp_out"] > 128
+    with torch.no_grad():
+        out = model(tiny_tokens).logits
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_plan_never_merges_sub_channels_and_keeps_width():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 32, generator=g)
+    x[:, [2, 11]] *= 5
+    w = torch.randn(16, 32, generator=g)
+    x_max = channel_max(x)
+    plan = make_plan(x_max, float(x_max.sort().values[-3]), x, w, assemble=True)  # splits the two outliers
+    assert plan.added > 0 and plan.merged == plan.added and plan.width == 32
+    assert plan.count.sum() == plan.src.numel()
+    for g_out in range(plan.width):
+        members = (plan.group == g_out).nonzero().flatten()
+        if len(members) > 1:
+            assert (plan.scale[members] == 1).all(), "a disassembled sub-channel was merged"
+
+
+def quantized_site_output(layer, site, feats, pe):
+    """The site's output through the installed (reassembled, quantized) modules, recomputed directly."""
+    if site == "mlp_out":
+        return layer.mlp.down_proj(feats)
+    if site == "mlp_in":
+        x = layer.post_attention_layernorm.reassembly(feats)
+        return layer.mlp.act_fn(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x)
+    captured = {}
+    handle = layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0]))
+    layer.self_attn(layer.input_layernorm.reassembly(feats), position_embeddings=pe, attention_mask=None)
+    handle.remove()
+    return captured["x"]
+
+
+def fp_site_output(layer, site, feats, pe):
+    if site == "mlp_out":
+        return layer.mlp.down_proj(feats)
+    if site == "mlp_in":
+        return layer.mlp.act_fn(layer.mlp.gate_proj(feats)) * layer.mlp.up_proj(feats)
+    captured = {}
+    handle = layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0]))
+    layer.self_attn(feats, position_embeddings=pe, attention_mask=None)
+    handle.remove()
+    return captured["x"]
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_reassembly_keeps_width_and_recorded_error_is_real(block, site):
+    _, layer, hidden, pe = block
+    feats = site_features(layer, hidden, pe)[site]
+    fp_layer = copy.deepcopy(layer)
+    quantize_block(layer, W4A4)
+    x_max = channel_max(feats)
+    theta = float(x_max.max()) / 3  # forces a reassembly with merges
+    cfg = QLLMConfig(theta="fixed", theta_value=theta)
+    stats = reassemble_site(layer, site, x_max, feats, W4A4, cfg, pe)
+    assert stats["added"] > 0 and stats["merged"] == stats["added"]
+    for path in getattr(LlamaAdapter(), site).consumers:
+        linear = fp_layer.get_submodule(path)
+        new = layer.get_submodule(path)
+        new = getattr(new, "module", new)
+        assert new.in_features == linear.in_features == new.weight.shape[1]
+    with torch.no_grad():
+        err = F.mse_loss(quantized_site_output(layer, site, feats, pe), fp_site_output(fp_layer, site, feats, pe)).item()
+    assert err == pytest.approx(stats["error_after"], rel=1e-4)
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_adaptive_search_is_never_worse_than_no_op(block, site):
+    _, layer, hidden, pe = block
+    feats = site_features(layer, hidden, pe)[site]
+    consumers, fn = site_function(layer, site, pe)
+    weights = [layer.get_submodule(c).weight.detach() for c in consumers]
+    x_max = channel_max(feats)
+    grid = theta_grid(x_max, 0.2)
+    assert grid[0] == pytest.approx(float(x_max.max()))
+    with torch.no_grad():
+        result = search(fn, feats, x_max, weights, W4A4, thetas=grid[1:], assemble=True)
+        reference = fn(feats, weights)
+        no_op = site_error(fn, feats, weights, reference, None, W4A4)
+        errors = []
+        for theta in grid[1:]:
+            plan = make_plan(x_max, theta, feats.reshape(-1, feats.shape[-1]), torch.cat(weights), True)
+            if plan is not None:
+                errors.append(site_error(fn, feats, weights, reference, plan, W4A4))
+    assert result.error_before == pytest.approx(no_op)
+    assert result.error_after <= no_op
+    assert result.error_after == pytest.approx(min([no_op, *errors]))
+    assert result.candidates == len(errors) > 0
+
+
+def test_theta_grid_respects_the_channel_budget():
+    x_max = torch.tensor([0.5] * 90 + [3.0, 5.0, 8.0, 20.0, 40.0, 1.0, 1.2, 2.0, 2.5, 60.0])
+    grid = theta_grid(x_max, 0.2)
+    added = [int(torch.ceil(x_max / t).clamp(min=1).sum()) - 100 for t in grid]
+    assert added[0] == 0 and all(a <= 20 for a in added)
+    assert added == sorted(added) and len(set(added)) == len(added)  # one candidate per change
