@@ -1,7 +1,6 @@
 """OmniQuant-style method: LET is an exact equivalence (GQA included), LWC, training, export, perplexity."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ from torch.nn.utils import parametrize
 
 from harness import BitSpec, ConfigError, QuantContext, QuantLinear, get_adapter, get_method, quantize_weight, quantizers_disabled
 from harness.blockwise import run_blockwise
-from harness.evaluate import perplexity
 from harness.models import tiny_llama
 from methods.omniquant import LearnableClipQuantizer, OmniQuantConfig, attach, fold
 
@@ -165,13 +163,6 @@ def test_needs_calibration(tiny_model):
 
 
 @pytest.mark.smollm2
-def test_smollm2_w4a4_perplexity_below_rtn(smollm2, brown_calib, brown_eval):
-    model, _ = smollm2
-    calib, windows = brown_calib[:4, :128], brown_eval[:8]
-    rtn_model = copy.deepcopy(model)
-    get_method("rtn").from_options({}).quantize(rtn_model, W4A4, None, QuantContext(progress=False))
-    rtn_ppl = perplexity(rtn_model, windows, device=CPU, progress=False)
-    del rtn_model
-    get_method("omniquant").from_options({"epochs": 1}).quantize(model, W4A4, calib, QuantContext(progress=False))
-    omni_ppl = perplexity(model, windows, device=CPU, progress=False)
-    assert omni_ppl < rtn_ppl
+def test_smollm2_w4a4_perplexity_below_rtn(w4a4_ppl):
+    """Demo settings (1 epoch on 4 calibration windows); the runs are shared via tests/methods/conftest.py."""
+    assert w4a4_ppl("omniquant") < w4a4_ppl("rtn")

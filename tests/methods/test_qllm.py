@@ -1,15 +1,11 @@
 """The qllm method (methods/qllm/__init__.py): config, an end-to-end tiny run, and smollm2 vs RTN."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
-from harness import BitSpec, ConfigError, QuantContext, QuantLinear, get_method, quant_linears
-from harness.evaluate import perplexity
+from harness import BitSpec, ConfigError, LlamaAdapter, QuantContext, get_method, quant_linears
 from methods.qllm import QLLMConfig
-from harness import LlamaAdapter
 from methods.qllm.reassembly import channel_max
 from tests.methods.test_qllm_reassembly import site_features, with_outliers
 
@@ -61,15 +57,7 @@ def test_tiny_end_to_end(tiny_model, tiny_tokens):
 
 
 @pytest.mark.smollm2
-def test_smollm2_w4a4_beats_rtn(smollm2, brown_calib, brown_eval):
-    model, _ = smollm2
-    cpu = torch.device("cpu")
-    rtn = copy.deepcopy(model)
-    get_method("rtn")().quantize(rtn, W4A4, None, QuantContext(progress=False))
-    rtn_ppl = perplexity(rtn, brown_eval, device=cpu, progress=False)
-    del rtn
-    # Demo-sized QLLM: 8 calibration windows, 2 epochs, coarse theta grid.
-    options = {"epochs": 2, "grid_steps": 10}
-    get_method("qllm").from_options(options).quantize(model, W4A4, brown_calib[:8], QuantContext(progress=False))
-    qllm_ppl = perplexity(model, brown_eval, device=cpu, progress=False)
-    assert qllm_ppl < rtn_ppl, f"qllm {qllm_ppl:.2f} vs rtn {rtn_ppl:.2f}"
+def test_smollm2_w4a4_beats_rtn(w4a4_ppl):
+    """Demo settings (coarse theta grid, 1 epoch); the runs are shared via tests/methods/conftest.py."""
+    qllm, rtn = w4a4_ppl("qllm"), w4a4_ppl("rtn")
+    assert qllm < rtn, f"qllm {qllm:.2f} vs rtn {rtn:.2f}"
