@@ -11,6 +11,8 @@ cannot be reset between the runs of one sweep, so it would report the largest ru
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import os
 import platform
 import resource
@@ -45,6 +47,15 @@ def current_rss() -> int:
             return int(f.read().split()[1]) * _PAGE
     except OSError:  # not Linux: lifetime peak is the best available
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and, on glibc, return freed heap pages to the OS (malloc_trim)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 class PeakRSS:
@@ -84,6 +95,10 @@ class CostMeter:
     _t0: float = 0.0
 
     def __enter__(self) -> CostMeter:
+        # Runs of one sweep share a process: hand memory freed by earlier runs back to the OS first,
+        # so this run's peak RSS is not inflated by a previous run's heap.
+        release_freed_memory()
+        self.rss_at_start = current_rss()
         self._t0 = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -119,4 +134,5 @@ class CostMeter:
             "peak_memory_bytes": int(torch.cuda.max_memory_allocated(self.device)) if cuda else int(self.peak_rss),
             "peak_memory_kind": "cuda_max_allocated" if cuda else "cpu_peak_rss",
             "peak_rss_bytes": int(self.peak_rss),
+            "rss_at_start_bytes": int(self.rss_at_start),
         }

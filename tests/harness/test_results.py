@@ -32,3 +32,13 @@ def test_store_success_clears_failure(tmp_path):
     assert list(store.failures())
     store.write("k", {"ok": True})
     assert store.has("k") and not list(store.failures()) and list(store.records()) == [{"ok": True}]
+
+
+def test_atomic_files_get_ordinary_permissions(tmp_path):
+    import os
+
+    path = tmp_path / "r.json"
+    write_json_atomic(path, {"x": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
