@@ -123,8 +123,8 @@ class CostMeter:
         cuda = self.device.type == "cuda"
         devices = 1  # one run uses one device; distributed executors record per run
         return {
-            "wall_s": round(self.wall_s, 3),
-            "phases_s": {k: round(v, 3) for k, v in self.phases.items()},
+            "wall_s": self.wall_s,  # unrounded: device-hours are derived from it
+            "phases_s": dict(self.phases),
             "device": device_name(self.device),
             "device_type": self.device.type,
             "device_count": devices,
