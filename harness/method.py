@@ -21,6 +21,7 @@ from torch import nn
 
 from harness import schema
 from harness.bits import BitSpec
+from harness.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,12 @@ class Method(ABC):
     @classmethod
     def from_options(cls, options: dict | None, where: str = "") -> Method:
         return cls(cls.config_class.from_dict(options, where or f"methods.{cls.name}"))
+
+    def require_calibration(self, calibration: torch.Tensor | None) -> torch.Tensor:
+        """The calibration tokens, or the one-line error every data-driven method gives without them."""
+        if calibration is None:
+            raise ConfigError(f"calibration: {self.name} needs calibration data (the sweep's calibration: section)")
+        return calibration
 
     @abstractmethod
     def quantize(self, model: nn.Module, spec: BitSpec, calibration: torch.Tensor | None, context: QuantContext) -> QuantizeResult:

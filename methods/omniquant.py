@@ -286,8 +286,7 @@ class OmniQuant(Method):
     config_class = OmniQuantConfig
 
     def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
-        if calibration is None:
-            raise ConfigError("omniquant: needs calibration data (calibration: {dataset, samples, seqlen})")
+        calibration = self.require_calibration(calibration)
         cfg: OmniQuantConfig = self.config  # type: ignore[assignment]
         if cfg.max_samples is not None:
             calibration = calibration[: cfg.max_samples]

@@ -114,8 +114,7 @@ class SmoothQuant(Method):
     config_class = SmoothQuantConfig
 
     def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
-        if calibration is None:
-            raise ConfigError("calibration: smoothquant needs calibration data to measure activation scales")
+        calibration = self.require_calibration(calibration)
         stats = smooth(model, calibration, self.config.alpha, context)
         swapped = quantize_linears(model, spec)
         freeze(model)

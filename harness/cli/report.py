@@ -8,6 +8,9 @@ import click
 from harness.report import FORMATS, REFERENCES, report
 from harness.results import write_text_atomic
 
+# -o FILE picks the format from its suffix; anything else means Markdown.
+_SUFFIX_FORMATS = {**{f: f for f in FORMATS}, "markdown": "md", "htm": "html", "latex": "tex"}
+
 
 @click.command("report")
 @click.argument("results_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
@@ -23,8 +26,7 @@ def command(results_dir: Path, fmt: str | None, output: Path | None, title: str 
     (as CSV: that comparison alone). HTML is one self-contained page with plots.
     """
     if fmt is None:
-        suffix = output.suffix.lstrip(".") if output else ""
-        fmt = {"markdown": "md", "htm": "html", "latex": "tex"}.get(suffix, suffix) if suffix in (*FORMATS, "markdown", "htm", "latex") else "md"
+        fmt = _SUFFIX_FORMATS.get(output.suffix.lstrip(".") if output else "", "md")
     text = report(results_dir, fmt, title, reference)
     if output is None:
         click.echo(text, nl=False)

@@ -194,8 +194,7 @@ class QLLM(Method):
     config_class = QLLMConfig
 
     def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
-        if calibration is None:
-            raise ConfigError("qllm: needs calibration data (calibration: section of the sweep)")
+        calibration = self.require_calibration(calibration)
         cfg: QLLMConfig = self.config
         adapter = get_adapter(model)
         last_block = len(adapter.layers(model)) - 1
