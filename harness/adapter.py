@@ -67,11 +67,16 @@ class LlamaAdapter:
         out = layer(hidden, attention_mask=None, position_embeddings=position_embeddings, use_cache=False)
         return out[0] if isinstance(out, tuple) else out
 
-    def attention_geometry(self, model: nn.Module) -> tuple[int, int, int]:
-        """(num_heads, num_kv_heads, head_dim)."""
-        cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads), head_dim
+    def attention_geometry(self, config: object) -> tuple[int, int, int]:
+        """(num_heads, num_kv_heads, head_dim) from a model config (or a model, which has one).
+
+        ``num_key_value_heads`` may be absent or None (older LLaMA configs): then every head has its
+        own K/V (no grouped-query attention). ``head_dim`` may be absent or None likewise.
+        """
+        cfg = getattr(config, "config", config)
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return heads, getattr(cfg, "num_key_value_heads", None) or heads, head_dim
 
 
 # model_type values whose blocks have exactly the LLaMA layout above.

@@ -8,7 +8,7 @@ are kept in the same frozen dataclass so every method sees one object.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from harness.errors import ConfigError
 
@@ -50,8 +50,10 @@ class BitSpec:
             raise ConfigError("quant.weight_granularity: 'tensor' cannot be combined with a group size (g...)")
 
     @classmethod
-    def parse(cls, text: str, **scheme: object) -> BitSpec:
+    def parse(cls, text: str | BitSpec, **scheme: object) -> BitSpec:
         """Parse ``W4A4`` / ``w4a16`` / ``W4A4g128``; ``scheme`` sets the non-string fields."""
+        if isinstance(text, BitSpec):
+            return replace(text, **scheme) if scheme else text  # type: ignore[arg-type]
         match = _SPEC_RE.match(str(text).strip().upper())
         if match is None:
             raise ConfigError(
@@ -73,11 +75,28 @@ class BitSpec:
     def quantizes_activations(self) -> bool:
         return self.a_bits < 16
 
+    @property
+    def order_key(self) -> tuple[int, int, int]:
+        """Sort key for tables and plots: most bits first (weights, then activations), then coarser groups.
+
+        Per-channel (group 0) sorts before any group size of the same bits.
+        """
+        return (-self.w_bits, -self.a_bits, self.w_group)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> BitSpec:
+        return cls(**data)
+
     def __str__(self) -> str:
         return self.name
+
+
+def bits_order(names: list[str] | tuple[str, ...] | set[str]) -> list[str]:
+    """Bit-spec names sorted as in every table: most bits first (see :attr:`BitSpec.order_key`)."""
+    return sorted(names, key=lambda n: BitSpec.parse(n).order_key)
 
 
 FP = BitSpec()  # the unquantized baseline, W16A16

@@ -4,7 +4,9 @@ Protocol (OmniQuant / QLLM official code): embed the calibration tokens to get t
 decoder block 0, then go through the blocks in order. For each block (or group of blocks):
 
 1. move it to the compute device (float32; everything else stays on CPU),
-2. teacher targets = FP block on the FP inputs,
+2. teacher targets = FP block on the FP inputs; during this pass the engine records what the method
+   asked for (``record=``: per-channel max|X| and the first samples of named linears' inputs), so
+   no method needs an FP pass of its own,
 3. the method's ``process(job)`` quantizes the block and may train its quantization parameters
    against the targets, starting from the inputs the *quantized* model produced so far,
 4. the quantized block's outputs on the quantized inputs become the next block's student inputs,
@@ -20,10 +22,11 @@ an error naming the block and epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from harness.adapter import LlamaAdapter, get_adapter
+from harness.calibration_stats import InputRecord, recording_inputs
 from harness.errors import TrainingDivergedError
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,9 @@ class BlockJob:
     adapter: LlamaAdapter
     device: torch.device
     model_config: Any = None
+    # per block of this job: the inputs of the submodules named in run_blockwise(record=...) during
+    # the teacher pass (FP blocks on FP inputs)
+    inputs: list[InputRecord] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -61,9 +68,7 @@ class BlockJob:
 
     def attention_geometry(self) -> tuple[int, int, int]:
         """(num_heads, num_kv_heads, head_dim) of these blocks, from the model config."""
-        cfg = self.model_config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim
+        return self.adapter.attention_geometry(self.model_config)
 
     def forward(self, x: torch.Tensor, layers: Iterable[nn.Module] | None = None) -> torch.Tensor:
         """Run ``x`` (batch, seqlen, hidden) through ``layers`` (default: all of this job's)."""
@@ -101,10 +106,15 @@ def run_blockwise(
     *,
     device: torch.device,
     blocks_per_job: int = 1,
+    record: tuple[str, ...] = (),
+    keep_samples: int = 0,
     desc: str = "blocks",
     progress: bool = True,
 ) -> list[dict]:
     """Quantize ``model`` block by block with ``process``; return each job's stats (with its index).
+
+    ``record`` names submodules of a block (``"self_attn.q_proj"``) whose inputs the teacher pass
+    records into ``job.inputs`` (per-channel max |X| and the first ``keep_samples`` samples).
 
     ``process(job)`` must leave ``job.layers`` in their quantized state (e.g. frozen
     ``QuantLinear``s); the engine then computes the student inputs of the next job from them.
@@ -127,7 +137,9 @@ def run_blockwise(
         for layer in group:
             layer.to(device=device, dtype=torch.float32)
         job = BlockJob(start, group, fp_x, q_x, torch.empty(0), position_embeddings, adapter, device, model.config)
-        job.targets = job.forward_all(fp_x)
+        with contextlib.ExitStack() as stack:
+            job.inputs = [stack.enter_context(recording_inputs(layer, record, keep_samples)) for layer in group]
+            job.targets = job.forward_all(fp_x)
         stats = process(job) or {}
         next_q = job.forward_all(q_x)
         stats.setdefault("output_mse", mean_squared_error(next_q, job.targets))

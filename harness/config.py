@@ -26,9 +26,10 @@ from harness import schema
 from harness.bits import BitSpec
 from harness.data import check_dataset_name
 from harness.errors import ConfigError, PtqbenchError
+from harness.method import Method, MethodConfig
 from harness.models import check_model_name
 from harness.registry import get_method
-from harness.zeroshot import check_tasks
+from harness.zeroshot import ZeroShotConfig, check_tasks
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -77,35 +78,6 @@ class PerplexityConfig:
 
 
 @dataclass(frozen=True)
-class ZeroShotConfig:
-    """Args:
-    tasks: lm-eval task names (piqa, arc_easy, arc_challenge, hellaswag, winogrande, ...) and the
-        offline brown_nextsent, brown_cloze; empty = no zero-shot evaluation.
-    limit: score only the first N examples of each task (null = all); recorded with every result.
-    batch_size: lm-eval requests per forward pass.
-    num_fewshot: in-context examples (the papers: 0).
-    task_data: folder with local copies of the standard tasks' data, <task>/<split>.jsonl or .parquet
-        in the hub's column schema (null = the hub or the HF cache).
-    """
-
-    tasks: tuple[str, ...] = ()
-    limit: int | None = None
-    batch_size: int = 8
-    num_fewshot: int = 0
-    task_data: str | None = None
-
-    def __post_init__(self) -> None:
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ConfigError(f"tasks: {list(self.tasks)} lists a task twice; list each task once")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit: {self.limit} is not allowed; use a positive integer or null")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size: {self.batch_size} is not allowed; use a positive integer")
-        if self.num_fewshot < 0:
-            raise ConfigError(f"num_fewshot: {self.num_fewshot} is not allowed; use an integer >= 0")
-
-
-@dataclass(frozen=True)
 class EvaluationConfig:
     ppl: PerplexityConfig = field(default_factory=PerplexityConfig)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
@@ -113,15 +85,22 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class QuantSchemeConfig:
-    """Choices the short bit spec does not encode (defaults follow QLLM / OmniQuant: asymmetric)."""
+    """Choices the short bit spec does not encode (defaults follow QLLM / OmniQuant: asymmetric).
+
+    Values are checked where they are used, by ``BitSpec`` (one place for the allowed values).
+    """
 
     weight_symmetric: bool = False
     act_symmetric: bool = False
     weight_granularity: str = "channel"
 
     def __post_init__(self) -> None:
-        if self.weight_granularity not in ("channel", "tensor"):
-            raise ConfigError(f"weight_granularity: {self.weight_granularity!r} is not allowed; use 'channel' or 'tensor'")
+        self.bit_spec("W16A16")  # validates the scheme's fields
+
+    def bit_spec(self, text: str | BitSpec) -> BitSpec:
+        """``text`` (``W4A4``) with this scheme's symmetry and granularity."""
+        return BitSpec.parse(text, w_symmetric=self.weight_symmetric, a_symmetric=self.act_symmetric,
+                             w_granularity=self.weight_granularity)
 
 
 @dataclass(frozen=True)
@@ -201,11 +180,19 @@ class ExecutorConfig:
 
 @dataclass(frozen=True)
 class MethodEntry:
-    """One method of the sweep with its options, and optionally its own list of bit specs."""
+    """One method of the sweep: its registered name, its parsed options, and optionally its own bit specs."""
 
     name: str
-    options: dict[str, Any] = field(default_factory=dict)
-    bits: tuple[str, ...] | None = None
+    config: MethodConfig
+    bits: tuple[BitSpec, ...] | None = None
+
+    @property
+    def method_class(self) -> type[Method]:
+        return get_method(self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form: ``{name: ..., <every option>, bits: [...]}`` (options made explicit)."""
+        return {"name": self.name, **self.config.to_dict(), **({"bits": [b.name for b in self.bits]} if self.bits else {})}
 
 
 @dataclass(frozen=True)
@@ -216,8 +203,8 @@ class SweepConfig:
     dtype: str = "auto"
     trust_remote_code: bool = False
     models: tuple[str, ...] = ()
-    methods: tuple[MethodEntry, ...] = ()
-    bits: tuple[str, ...] = ()
+    methods: tuple[MethodEntry, ...] = ()  # parsed by parse_config, not by the schema
+    bits: tuple[BitSpec, ...] = ()
     quant: QuantSchemeConfig = field(default_factory=QuantSchemeConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
@@ -231,51 +218,55 @@ class SweepConfig:
         if not self.models:
             raise ConfigError("models: empty; list at least one model (zoo name, HF id or local folder)")
 
-    def bit_spec(self, text: str) -> BitSpec:
-        q = self.quant
-        return BitSpec.parse(text, w_symmetric=q.weight_symmetric, a_symmetric=q.act_symmetric, w_granularity=q.weight_granularity)
-
     def to_dict(self) -> dict[str, Any]:
         """The config as YAML would write it: ``parse_config(config.to_dict()) == config``."""
         data = schema.to_dict(self)
-        data["methods"] = [
-            {"name": m.name, **m.options, **({"bits": list(m.bits)} if m.bits is not None else {})} for m in self.methods
-        ]
+        data["methods"] = [m.to_dict() for m in self.methods]
+        data["bits"] = [b.name for b in self.bits]
         return data
 
 
-def _method_entries(raw: Any) -> list[dict]:
-    """``methods:`` items are a name or ``{name: ..., bits: [...], <options>}``."""
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError("methods: expected a non-empty list of method names or {name: ..., <options>} mappings")
-    entries = []
-    for i, item in enumerate(raw):
-        if isinstance(item, str):
-            item = {"name": item}
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise ConfigError(f"methods[{i}]: expected a method name or a mapping with a 'name' key")
-        options = {k: v for k, v in item.items() if k not in ("name", "bits")}
-        entries.append({"name": item["name"], "options": options, **({"bits": item["bits"]} if "bits" in item else {})})
-    return entries
+def _bit_specs(raw: Any, quant: QuantSchemeConfig, where: str) -> tuple[BitSpec, ...]:
+    specs = []
+    for i, text in enumerate(raw if isinstance(raw, (list, tuple)) else [raw]):
+        try:
+            specs.append(quant.bit_spec(str(text)))
+        except ConfigError as err:  # BitSpec names its field "bits"; say which list and item
+            raise ConfigError(f"{where}[{i}]{str(err).removeprefix('bits')}") from None
+    return tuple(specs)
+
+
+def _method_entry(item: Any, quant: QuantSchemeConfig, where: str) -> MethodEntry:
+    """A ``methods:`` item, a name or ``{name: ..., bits: [...], <options>}``, parsed into its typed config."""
+    if isinstance(item, str):
+        item = {"name": item}
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise ConfigError(f"{where}: expected a method name or a mapping with a 'name' key")
+    method_cls = _get(lambda: get_method(item["name"]), f"{where}.name")
+    options = {k: v for k, v in item.items() if k not in ("name", "bits")}
+    config = method_cls.config_class.from_dict(options, where)
+    bits = _bit_specs(item["bits"], quant, f"{where}.bits") if item.get("bits") is not None else None
+    return MethodEntry(item["name"], config, bits)
 
 
 def parse_config(raw: Any, source: str = "config") -> SweepConfig:
-    """Validate a loaded YAML mapping completely; every error is a ``ConfigError`` naming its field."""
+    """Validate a loaded YAML mapping completely; every error is a ``ConfigError`` naming its field.
+
+    This is the one place YAML becomes typed objects: method options become each method's
+    ``MethodConfig``, bit specs ``BitSpec``s; nothing downstream parses them again.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a YAML mapping at the top level")
     data = dict(raw)
-    data["methods"] = _method_entries(data.get("methods"))
+    methods, bits = data.pop("methods", None), data.pop("bits", None)
     config = schema.from_dict(SweepConfig, data)
-    if not config.bits and not all(m.bits for m in config.methods):
+    if not isinstance(methods, list) or not methods:
+        raise ConfigError("methods: expected a non-empty list of method names or {name: ..., <options>} mappings")
+    entries = tuple(_method_entry(item, config.quant, f"methods[{i}]") for i, item in enumerate(methods))
+    specs = _bit_specs(bits, config.quant, "bits") if bits else ()
+    if not specs and not all(m.bits for m in entries):
         raise ConfigError("bits: empty; list bit specs such as [W8A8, W4A4] (or give every method its own bits)")
-    for spec in config.bits:
-        config.bit_spec(spec)
-    for i, entry in enumerate(config.methods):
-        where = f"methods[{i}]"
-        method_cls = _get(lambda: get_method(entry.name), f"{where}.name")
-        method_cls.from_options(entry.options, where=where)  # validates the options
-        for spec in entry.bits or ():
-            _get(lambda s=spec: config.bit_spec(s), f"{where}.bits")
+    config = replace(config, methods=entries, bits=specs)
     for i, name in enumerate(config.models):
         _get(lambda n=name: check_model_name(n), f"models[{i}]")
     for name in (config.calibration.dataset,):

@@ -9,6 +9,9 @@ import base64
 import datetime as dt
 import html
 
+from harness import plots
+from harness.frame import results_frame
+from harness.record import RunRecord
 from harness.tables import Table, to_html
 
 CSS = """
@@ -35,10 +38,7 @@ def figure_html(png: bytes | None, caption: str, absent: str) -> str:
             f"src=\"data:image/png;base64,{data}\"></figure>\n")
 
 
-def plots_html(records: list[dict]) -> str:
-    from harness import plots
-    from harness.report import results_frame
-
+def plots_html(records: list[RunRecord]) -> str:
     frame = results_frame(records)
     parts = []
     for make, caption, absent in (
@@ -51,16 +51,16 @@ def plots_html(records: list[dict]) -> str:
     return "".join(parts)
 
 
-def _summary(records: list[dict]) -> str:
-    devices = sorted({str((r.get("cost") or {}).get("device")) for r in records if (r.get("cost") or {}).get("device")})
-    hours = sum((r.get("cost") or {}).get("device_hours") or 0.0 for r in records)
+def _summary(records: list[RunRecord]) -> str:
+    devices = sorted({r.cost["device"] for r in records})
+    hours = sum(r.cost["device_hours"] for r in records)
     text = f"{len(records)} runs, {hours:.3g} device-hours in all"
     if devices:
         text += f", on {'; '.join(devices)}"
     return f'<p class="note">{html.escape(text)}. Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by ptqbench.</p>\n'
 
 
-def page(title: str, tables: list[Table], records: list[dict] | None = None) -> str:
+def page(title: str, tables: list[Table], records: list[RunRecord] | None = None) -> str:
     body = [f"<h1>{html.escape(title)}</h1>\n"]
     if records is not None:
         body.append(_summary(records))

@@ -57,7 +57,7 @@ class Method(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
-    # False for methods that never look at data (RTN); the runner then skips loading calibration text.
+    # False for methods that never look at data (RTN); the sweep then skips loading calibration text.
     needs_calibration: ClassVar[bool] = True
     # True for the FP baseline: it runs once per model at W16A16 whatever the sweep's bits.
     is_baseline: ClassVar[bool] = False

@@ -1,7 +1,8 @@
 """Our results beside the published ones: QLLM (arXiv 2310.08041) Table 1 and its training cost.
 
-The published numbers are data in ``reports/reference/qllm.yaml``. Our runs map onto the paper's
-cells by (model, method, bit spec, metric): the paper's FP16 row is our ``fp`` method, its rows
+The published numbers are package data, ``harness/reference/qllm.yaml``. Our runs map onto the
+paper's cells by (model, method, bit spec, metric): the paper's FP16 column is our baseline run
+(whatever method the sweep used as its baseline, ``Method.is_baseline``), its rows
 are our zoo names (hub ids of the zoo map too), and its WikiText-2 / C4 / Avg columns are our
 ``ppl wikitext2`` / ``ppl c4`` / zero-shot accuracy averaged over exactly the paper's five tasks.
 Every cell both have shows ours, published and the difference (ours - published); a published
@@ -13,20 +14,23 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
+from importlib import resources
+from typing import Any
 
 import pandas as pd
 import yaml
 
 from harness.bits import BitSpec
 from harness.errors import ConfigError
+from harness.frame import quantize_hours, zeroshot_average
 from harness.models import ZOO
-from harness.report import zeroshot_average
-from harness.tables import MISSING, Table, best_mask
+from harness.record import RunRecord
+from harness.tables import BASELINE, MISSING, Table, best_mask
 
 log = logging.getLogger(__name__)
 
-REFERENCE_FILE = Path(__file__).resolve().parent.parent / "reports" / "reference" / "qllm.yaml"
+# Package data (pyproject [tool.setuptools.package-data]), so it ships with a plain `pip install .`.
+REFERENCE_FILE: Any = resources.files("harness") / "reference" / "qllm.yaml"
 LABELS = {"wikitext2": "WikiText-2", "c4": "C4", "avg": "Avg"}
 DIRECTION = {"wikitext2": "min", "c4": "min", "avg": "max"}
 
@@ -42,6 +46,7 @@ class Reference:
     cost: pd.DataFrame  # model, zoo, method, bits, gpu_hours
     cost_table: str
     cost_device: str
+    baseline_method: str  # the method name the reference gives its FP16 column
 
 
 def _number(text: str, where: str) -> float | None:
@@ -55,10 +60,10 @@ def _number(text: str, where: str) -> float | None:
 
 
 @cache
-def load_reference(path: Path = REFERENCE_FILE) -> Reference:
+def load_reference(path: Any = REFERENCE_FILE) -> Reference:
     """Parse the published tables; every cell becomes one long-form row (missing ones are dropped)."""
     if not path.is_file():
-        raise ConfigError(f"--reference: the published numbers {str(path)!r} are missing from this checkout")
+        raise ConfigError(f"--reference: the published numbers {str(path)!r} are missing from this installation")
     data = yaml.safe_load(path.read_text())
     metrics, columns = data["metrics"], data["columns"]
     cells = []
@@ -77,8 +82,10 @@ def load_reference(path: Path = REFERENCE_FILE) -> Reference:
     tc = data["training_cost"]
     cost = [{"model": m, "zoo": data["models"][m], "method": method, "bits": tc["bits"], "gpu_hours": float(h)}
             for m, hours in tc["rows"].items() for method, h in hours.items()]
+    baseline = next(c["method"] for c in columns if c.get("baseline"))
     return Reference(data["source"], data["table"], pd.DataFrame(cells), tuple(data.get("notes", [])),
-                     tuple(data["zeroshot_tasks"]), int(data["ppl_seqlen"]), pd.DataFrame(cost), tc["table"], tc["device"])
+                     tuple(data["zeroshot_tasks"]), int(data["ppl_seqlen"]), pd.DataFrame(cost), tc["table"], tc["device"],
+                     baseline)
 
 
 def paper_model(name: str, ref: Reference) -> str | None:
@@ -92,43 +99,39 @@ def paper_model(name: str, ref: Reference) -> str | None:
     return None
 
 
-def _our_values(record: dict, ref: Reference) -> dict[str, float | None]:
-    metrics = record.get("metrics", {})
-    ppl = metrics.get("ppl", {})
-    return {"wikitext2": ppl.get("wikitext2"), "c4": ppl.get("c4"), "avg": zeroshot_average(metrics, ref.tasks)}
+def _our_values(record: RunRecord, ref: Reference) -> dict[str, float | None]:
+    return {"wikitext2": record.ppl.get("wikitext2"), "c4": record.ppl.get("c4"), "avg": zeroshot_average(record, ref.tasks)}
 
 
-def _protocol_note(record: dict, ref: Reference) -> str | None:
+def _protocol_note(record: RunRecord, ref: Reference) -> str | None:
     """Say so when our perplexity was not measured like the paper's (full test set, 2048 tokens)."""
-    p = (record.get("evaluation") or {}).get("ppl") or {}
-    if not p or not (set(record.get("metrics", {}).get("ppl", {})) & {"wikitext2", "c4"}):
+    p = record.evaluation["ppl"]
+    if not set(record.ppl) & {"wikitext2", "c4"}:
         return None
-    if p.get("seqlen") != ref.ppl_seqlen or p.get("max_windows") is not None:
-        windows = f", first {p['max_windows']} windows" if p.get("max_windows") else ""
-        return f"ours: ppl at {p.get('seqlen')} tokens{windows} (paper: {ref.ppl_seqlen}, all)"
+    if p["seqlen"] != ref.ppl_seqlen or p["max_windows"] is not None:
+        windows = f", first {p['max_windows']} windows" if p["max_windows"] else ""
+        return f"ours: ppl at {p['seqlen']} tokens{windows} (paper: {ref.ppl_seqlen}, all)"
     return None
 
 
-def _ours(records: list[dict], ref: Reference) -> dict[tuple[str, str, str], dict]:
-    """Our runs on the paper's models keyed (paper model, method, bits); the latest run of a key wins."""
-    ours: dict[tuple[str, str, str], dict] = {}
-    for r in sorted(records, key=lambda r: r.get("finished_at", "")):
-        model = paper_model(r["model"], ref)
+def _ours(records: list[RunRecord], ref: Reference) -> dict[tuple[str, str, str], RunRecord]:
+    """Our runs on the paper's models keyed (paper model, method, bits); the latest run of a key wins.
+
+    Our baseline runs take the method name of the paper's FP16 column.
+    """
+    ours: dict[tuple[str, str, str], RunRecord] = {}
+    for r in sorted(records, key=lambda r: r.finished_at):
+        model = paper_model(r.model, ref)
         if model is None:
             continue
-        key = (model, r["method"], r["bits"])
+        key = (model, ref.baseline_method if r.baseline else r.method, r.bits)
         if key in ours:
             log.warning("%s %s %s: several runs (other options?); showing the latest", *key)
         ours[key] = r
     return ours
 
 
-def _bits_order(bits: str) -> tuple[int, int]:
-    spec = BitSpec.parse(bits)
-    return (-spec.w_bits, -spec.a_bits)
-
-
-def comparison_frame(records: list[dict], ref: Reference | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+def comparison_frame(records: list[RunRecord], ref: Reference | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Side-by-side frame (ours, paper, Δ per metric), a bool frame marking published-only cells,
     and the footnotes that the ``note`` column refers to as ``[1]``, ``[2]``, ..."""
     ref = ref or load_reference()
@@ -139,12 +142,12 @@ def comparison_frame(records: list[dict], ref: Reference | None = None) -> tuple
     keys = set(ours) | {k[:3] for k in published}
     keys = sorted(keys, key=lambda k: (models.index(k[0]),
                                        paper_order.index(k[1:]) if k[1:] in paper_order else len(paper_order),
-                                       _bits_order(k[2]), k[1]))
+                                       BitSpec.parse(k[2]).order_key, k[1]))
     rows, marks, footnotes = [], [], []
     for model, method, bits in keys:
         record = ours.get((model, method, bits))
         mine = _our_values(record, ref) if record else {}
-        row, mark = {"model": model, "method": method, "bits": bits}, {}
+        row, mark = {"model": model, "method": method, "bits": bits, BASELINE: method == ref.baseline_method}, {}
         for metric, label in LABELS.items():
             a, b = mine.get(metric), published.get((model, method, bits, metric))
             row[f"{label} ours"], row[f"{label} paper"] = a, b
@@ -164,30 +167,20 @@ def comparison_frame(records: list[dict], ref: Reference | None = None) -> tuple
     return frame, marked, [f"[{i}] {text}" for i, text in enumerate(footnotes, 1)]
 
 
-def quantize_hours(cost: dict) -> float | None:
-    """Device-hours of calibration + quantization (the papers' "training cost")."""
-    if "quantize_device_hours" in cost:
-        return cost["quantize_device_hours"]
-    phases = cost.get("phases_s")
-    if not phases or "quantize" not in phases:
-        return None
-    return (phases.get("calibrate", 0.0) + phases["quantize"]) * cost.get("device_count", 1) / 3600.0
-
-
-def cost_frame(records: list[dict], ref: Reference | None = None) -> pd.DataFrame:
+def cost_frame(records: list[RunRecord], ref: Reference | None = None) -> pd.DataFrame:
     ref = ref or load_reference()
     ours = _ours(records, ref)
     rows = []
     for c in ref.cost.itertuples():
         record = ours.get((c.model, c.method, c.bits))
-        hours = quantize_hours(record.get("cost", {})) if record else None
+        hours = quantize_hours(record) if record else None
         rows.append({"model": c.model, "method": c.method, "bits": c.bits, "GPU-h ours": hours, "GPU-h paper": c.gpu_hours,
                      "GPU-h Δ": hours - c.gpu_hours if hours is not None else None,
-                     "our device": record.get("cost", {}).get("device") if record else None})
+                     "our device": record.cost["device"] if record else None})
     return pd.DataFrame(rows)
 
 
-def tables(records: list[dict], ref: Reference | None = None) -> list[Table]:
+def tables(records: list[RunRecord], ref: Reference | None = None) -> list[Table]:
     """The comparison table and the training-cost table, ready for any format."""
     ref = ref or load_reference()
     frame, marked, footnotes = comparison_frame(records, ref)

@@ -16,21 +16,28 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
-from harness.bits import BitSpec
+from harness.bits import bits_order
+from harness.frame import BASELINE
 
-BASELINE = "fp"
 PANEL = (5.2, 3.4)  # inches per panel
 
 
+def _competitors(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[~frame[BASELINE].astype(bool)]
+
+
 def _bits_order(frame: pd.DataFrame) -> list[str]:
-    def key(b: str) -> tuple[int, int, int]:
-        s = BitSpec.parse(b)
-        return (-s.w_bits, -s.a_bits, s.w_group)
-    return sorted(frame.loc[frame["method"] != BASELINE, "bits"].unique(), key=key)
+    return bits_order(set(_competitors(frame)["bits"]))
 
 
 def _methods(frame: pd.DataFrame) -> list[str]:
-    return [m for m in dict.fromkeys(frame["method"]) if m != BASELINE]
+    return list(dict.fromkeys(_competitors(frame)["method"]))
+
+
+def _baseline(frame: pd.DataFrame, column: str) -> tuple[str, float] | None:
+    """(method name, value) of the reference run, for the dashed line."""
+    rows = frame[frame[BASELINE].astype(bool)].dropna(subset=[column])
+    return (rows["method"].iloc[0], float(rows[column].iloc[0])) if len(rows) else None
 
 
 def _figure(rows: int, cols: int, widen: float = 1.0) -> tuple[Figure, list[list]]:
@@ -63,9 +70,8 @@ def ppl_figure(frame: pd.DataFrame) -> Figure | None:
             for method in _methods(sub):
                 rows = sub[sub["method"] == method].set_index("bits")[column].reindex(bits)
                 ax.plot(range(len(bits)), rows.to_numpy(dtype=float), marker="o", label=method)
-            fp = sub.loc[sub["method"] == BASELINE, column].dropna()
-            if len(fp):
-                ax.axhline(float(fp.iloc[0]), color="black", linestyle="--", linewidth=1, label=f"fp ({fp.iloc[0]:.2f})")
+            if ref := _baseline(sub, column):
+                ax.axhline(ref[1], color="black", linestyle="--", linewidth=1, label=f"{ref[0]} ({ref[1]:.2f})")
             ax.set_yscale("log")
             # plain numbers (42.8), not 4.28x10^1; minor ticks labelled when the range is narrow
             ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
@@ -98,9 +104,8 @@ def zeroshot_figure(frame: pd.DataFrame, column: str = "zero-shot avg") -> Figur
     for i, model in enumerate(models):
         sub, ax = frame[frame["model"] == model], axes[i][0]
         _grouped_bars(ax, sub, column, _bits_order(sub), "bits", _methods(sub), "method")
-        fp = sub.loc[sub["method"] == BASELINE, column].dropna()
-        if len(fp):
-            ax.axhline(float(fp.iloc[0]), color="black", linestyle="--", linewidth=1, label=f"fp ({fp.iloc[0]:.2f})")
+        if ref := _baseline(sub, column):
+            ax.axhline(ref[1], color="black", linestyle="--", linewidth=1, label=f"{ref[0]} ({ref[1]:.2f})")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{model}: {column}")
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not over them
@@ -120,7 +125,7 @@ def cost_figure(frame: pd.DataFrame) -> Figure | None:
     fig, axes = _figure(len(models), len(columns))
     for i, model in enumerate(models):
         sub = frame[frame["model"] == model]
-        labels = [m if m == BASELINE else f"{m} {b}" for m, b in zip(sub["method"], sub["bits"])]
+        labels = [m if base else f"{m} {b}" for m, b, base in zip(sub["method"], sub["bits"], sub[BASELINE])]
         for j, column in enumerate(columns):
             ax = axes[i][j]
             ax.bar(range(len(sub)), sub[column].to_numpy(dtype=float), color=[colours[m] for m in sub["method"]])

@@ -53,10 +53,16 @@ class MethodRegistry:
         self._loaded = True
         try:
             package = importlib.import_module(BUILTIN_PACKAGE)
-            for module in pkgutil.iter_modules(package.__path__):
-                importlib.import_module(f"{BUILTIN_PACKAGE}.{module.name}")
         except ModuleNotFoundError:
             log.debug("no in-tree methods package")
+        else:
+            for module in pkgutil.iter_modules(package.__path__):
+                name = f"{BUILTIN_PACKAGE}.{module.name}"
+                try:
+                    importlib.import_module(name)
+                except Exception as err:  # one broken method file must not hide the others
+                    self.load_errors[name] = f"{err.__class__.__name__}: {err}"
+                    log.error("built-in method module %s failed to import: %s", name, err)
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             try:
                 obj = ep.load()  # importing the module may already have registered it via the decorator
@@ -82,6 +88,16 @@ class MethodRegistry:
     def source(self, name: str) -> str:
         self._load()
         return self._sources[name]
+
+    def default_baseline(self) -> type[Method]:
+        """The baseline a sweep gets when it lists none: the built-in one (``is_baseline``), else the only one."""
+        self._load()
+        baselines = [cls for name, cls in self._methods.items() if cls.is_baseline]
+        builtin = [cls for cls in baselines if self._sources[cls.name] == "builtin"]
+        if builtin or len(baselines) == 1:
+            return (builtin or baselines)[0]
+        found = ", ".join(c.name for c in baselines) or "none"
+        raise UnknownNameError(f"methods: no default baseline method is registered (baselines: {found}); list one in the sweep")
 
 
 REGISTRY = MethodRegistry()

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from harness.record import RecordError, RunRecord
+
 
 def run_key(identity: dict[str, Any]) -> str:
     blob = json.dumps(identity, sort_keys=True, separators=(",", ":"))
@@ -62,9 +64,9 @@ class ResultStore:
     def has(self, key: str) -> bool:
         return (self.runs / f"{key}.json").is_file()
 
-    def write(self, key: str, record: dict) -> Path:
+    def write(self, key: str, record: RunRecord) -> Path:
         path = self.runs / f"{key}.json"
-        write_json_atomic(path, record)
+        write_json_atomic(path, record.to_dict())
         (self.failed / f"{key}.json").unlink(missing_ok=True)
         return path
 
@@ -73,10 +75,17 @@ class ResultStore:
         write_json_atomic(path, record)
         return path
 
-    def records(self) -> Iterator[dict]:
+    def read(self, path: Path) -> RunRecord:
+        """One stored result, checked (``RecordError`` naming the file when it cannot be trusted)."""
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RecordError(f"{path}: unreadable result ({err.__class__.__name__}: {err})") from None
+        return RunRecord.from_dict(data, where=str(path))
+
+    def records(self) -> Iterator[RunRecord]:
         for path in sorted(self.runs.glob("*.json")):
-            with path.open() as f:
-                yield json.load(f)
+            yield self.read(path)
 
     def failures(self) -> Iterator[dict]:
         for path in sorted(self.failed.glob("*.json")):

@@ -7,8 +7,8 @@ a dash, never 0 or NaN: ``–`` in Markdown, HTML and CSV (read it back with
 ``pd.read_csv(path, na_values="–")``), ``--`` in LaTeX (which typesets as an en dash).
 
 "Best" is decided per column by ``best_mask``: within each group of rows that compete (same
-model and bit spec), among quantized methods only (the FP baseline is the reference, not a
-competitor), the lowest or highest value as the column's direction says; ties are all bold,
+model and bit spec), among quantized methods only (rows whose ``baseline`` column is true are the
+reference, not competitors; the column itself is never displayed), the lowest or highest value as the column's direction says; ties are all bold,
 and nothing is bold where fewer than two methods have a value (a lone entry beats no one).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pandas as pd
 
 MISSING = "–"
 MARK = "†"
-BASELINE = "fp"
+BASELINE = "baseline"  # bool column: the reference rows (Method.is_baseline), hidden from display
 GROUP = ("model", "bits")
 
 
@@ -34,6 +34,10 @@ class Table:
     marked: pd.DataFrame | None = None  # bool, same shape: cells that get MARK
     notes: list[str] = field(default_factory=list)
     mark_label: str = "marked"  # CSV has no dagger: a column of this name lists each row's marked columns
+
+    def __post_init__(self) -> None:
+        if BASELINE in self.frame.columns:  # it decided bold (best_mask); readers see the method name
+            self.frame = self.frame.drop(columns=[BASELINE])
 
 
 def is_missing(value: object) -> bool:
@@ -66,7 +70,7 @@ def best_mask(frame: pd.DataFrame, directions: Mapping[str, str], group: Sequenc
     if frame.empty:
         return mask
     keys = [g for g in group if g in frame.columns]
-    competitors = frame[frame["method"] != BASELINE] if "method" in frame.columns else frame
+    competitors = frame[~frame[BASELINE].astype(bool)] if BASELINE in frame.columns else frame
     for column, direction in directions.items():
         if column not in frame.columns or direction not in ("min", "max"):
             continue

@@ -3,7 +3,6 @@
 The model is handed to lm-eval as an object (``HFLM(pretrained=model, tokenizer=...)``) and scored
 with ``simple_evaluate``, so prompts, normalisation and metrics are lm-eval's own::
 
-    from harness.config import ZeroShotConfig
     zeroshot(model, tokenizer, ZeroShotConfig(tasks=("brown_cloze",), limit=100), device=device)
 
 Task names are any lm-eval task (``piqa``, ``arc_easy``, ``arc_challenge``, ``hellaswag``,
@@ -20,7 +19,8 @@ import os
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,14 +29,40 @@ from harness.errors import ConfigError, did_you_mean
 from harness.paths import cache_home
 from harness.zeroshot_tasks import BROWN_TASKS, brown_task_dir, write_task_data_yamls
 
-if TYPE_CHECKING:
-    from harness.config import ZeroShotConfig
-
 # The metric compared with the papers' tables (README, "Zero-shot accuracy"): their old lm-eval fork
 # reported both; their FP16 rows match acc_norm for HellaSwag and acc for PIQA and ARC-c. The
 # HellaSwag-like Brown task follows HellaSwag.
 HEADLINE_METRIC = {"hellaswag": "acc_norm", "brown_nextsent": "acc_norm"}
 FIND_TASKS = "see `lm-eval ls tasks` for lm-eval's task names"
+
+
+@dataclass(frozen=True)
+class ZeroShotConfig:
+    """Args:
+    tasks: lm-eval task names (piqa, arc_easy, arc_challenge, hellaswag, winogrande, ...) and the
+        offline brown_nextsent, brown_cloze; empty = no zero-shot evaluation.
+    limit: score only the first N examples of each task (null = all); recorded with every result.
+    batch_size: lm-eval requests per forward pass.
+    num_fewshot: in-context examples (the papers: 0).
+    task_data: folder with local copies of the standard tasks' data, <task>/<split>.jsonl or .parquet
+        in the hub's column schema (null = the hub or the HF cache).
+    """
+
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+    batch_size: int = 8
+    num_fewshot: int = 0
+    task_data: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"tasks: {list(self.tasks)} lists a task twice; list each task once")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit: {self.limit} is not allowed; use a positive integer or null")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: {self.batch_size} is not allowed; use a positive integer")
+        if self.num_fewshot < 0:
+            raise ConfigError(f"num_fewshot: {self.num_fewshot} is not allowed; use an integer >= 0")
 
 
 def headline_metric(task: str) -> str:

@@ -14,7 +14,7 @@ class FPConfig(MethodConfig):
 @register_method
 class FP(Method):
     name = "fp"
-    description = "Full-precision baseline (no quantization); always part of a sweep"
+    description = "Full-precision baseline (no quantization); the reference of every sweep that lists no other baseline"
     config_class = FPConfig
     needs_calibration = False
     is_baseline = True

@@ -42,6 +42,7 @@ from torch.nn.utils import parametrize
 from harness import BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, QuantLinear, get_adapter, quantize_block, quantize_weight, register_method
 from harness.adapter import LlamaAdapter
 from harness.blockwise import BlockJob, mean_squared_error, run_blockwise, train
+from harness.calibration_stats import smoothing_scales
 from harness.quantizer import group_view
 
 log = logging.getLogger(__name__)
@@ -194,31 +195,6 @@ class BlockState:
         return groups
 
 
-@torch.no_grad()
-def input_abs_max(job: BlockJob, names: tuple[str, ...]) -> list[dict[str, torch.Tensor]]:
-    """Per block of ``job``: per-channel max|X| of the inputs of the named linears on the FP inputs."""
-    stats: list[dict[str, torch.Tensor]] = [{} for _ in job.layers]
-    hooks = []
-    for i, layer in enumerate(job.layers):
-        for name in names:
-            def hook(module, args, output, i=i, name=name):
-                m = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
-                stats[i][name] = torch.maximum(stats[i][name], m) if name in stats[i] else m
-            hooks.append(layer.get_submodule(name).register_forward_hook(hook))
-    try:
-        job.forward_all(job.fp_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return stats
-
-
-def smooth_scale(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """SmoothQuant's s = max|X|^alpha / max|W|^(1-alpha) per input channel (max over all consumers)."""
-    w_max = torch.stack([w.detach().abs().amax(dim=0) for w in weights]).amax(dim=0).float()
-    return (act_max.clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
-
-
 def attach(layer: nn.Module, spec: BitSpec, adapter: LlamaAdapter, geometry: tuple[int, int, int],
            act_max: dict[str, torch.Tensor] | None, config: OmniQuantConfig) -> BlockState:
     """Swap the block's linears for ``QuantLinear`` and put LWC / LET on them (not yet folded)."""
@@ -251,15 +227,15 @@ def _init_scales(scales: LETScales, layer: nn.Module, adapter: LlamaAdapter, act
     def weights(pair):
         return [layer.get_submodule(c).weight for c in pair.consumers]
 
-    scales.qkv.copy_(smooth_scale(act_max[adapter.attn_in.consumers[0]], weights(adapter.attn_in), alpha))
-    scales.fc1.copy_(smooth_scale(act_max[adapter.mlp_in.consumers[0]], weights(adapter.mlp_in), alpha))
+    scales.qkv.copy_(smoothing_scales(act_max[adapter.attn_in.consumers[0]], weights(adapter.attn_in), alpha))
+    scales.fc1.copy_(smoothing_scales(act_max[adapter.mlp_in.consumers[0]], weights(adapter.mlp_in), alpha))
     # o_proj's input columns come per query head; the scale lives per KV-head channel, so take the
     # max over the query heads that share a KV head (both for X and for W).
     group = scales.heads // scales.kv_heads
     o_act = act_max[adapter.attn_out.consumers[0]].view(scales.kv_heads, group, scales.head_dim).amax(dim=1)
     o_w = layer.get_submodule(adapter.attn_out.consumers[0]).weight.detach().abs()
     o_w = o_w.view(o_w.shape[0], scales.kv_heads, group, scales.head_dim).amax(dim=2).reshape(o_w.shape[0], -1)
-    scales.out.copy_(smooth_scale(o_act.reshape(-1), [o_w], alpha))
+    scales.out.copy_(smoothing_scales(o_act.reshape(-1), [o_w], alpha))
 
 
 @torch.no_grad()
@@ -296,7 +272,7 @@ class OmniQuant(Method):
 
         def process(job: BlockJob) -> dict:
             t0 = time.perf_counter()
-            act = input_abs_max(job, pair_inputs) if cfg.let else [None] * len(job.layers)
+            act = [rec.abs_max for rec in job.inputs] if cfg.let else [None] * len(job.layers)
             states = [attach(layer, spec, job.adapter, job.attention_geometry(), a, cfg) for layer, a in zip(job.layers, act)]
             groups = [g for s in states for g in s.parameter_groups(cfg)]
             # the loss at the initialisation (SmoothQuant scales, clip 0.982); skipped when nothing is trained
@@ -314,7 +290,8 @@ class OmniQuant(Method):
                     **({"loss": history[-1]} if history else {})}
 
         t0 = time.perf_counter()
-        blocks = run_blockwise(model, calibration, process, device=context.device, desc="omniquant", progress=context.progress)
+        blocks = run_blockwise(model, calibration, process, device=context.device, record=pair_inputs if cfg.let else (),
+                               desc="omniquant", progress=context.progress)
         for b in blocks:
             b.pop("loss", None)
         return QuantizeResult(model, {"blocks": blocks, "wall_s": round(time.perf_counter() - t0, 3),

@@ -39,13 +39,9 @@ from harness import (
     BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, ScalePair, freeze, get_adapter, quantize_linears,
     register_method,
 )
-from harness.calibration_stats import input_abs_max, max_over_median
+from harness.calibration_stats import input_abs_max, max_over_median, smoothing_scales
 
 log = logging.getLogger(__name__)
-
-# The official code clamps the weight maxima and the final scales to this floor.
-CLAMP_MIN = 1e-5
-
 
 @dataclass(frozen=True)
 class SmoothQuantConfig(MethodConfig):
@@ -59,14 +55,6 @@ class SmoothQuantConfig(MethodConfig):
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha: {self.alpha} is not allowed; use a number in [0, 1]")
-
-
-def smoothing_scales(act_max: torch.Tensor, linears: list[nn.Module], alpha: float) -> torch.Tensor:
-    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha), float32, with the weight max over all ``linears``."""
-    weight_max = torch.stack([lin.weight.detach().abs().amax(dim=0).float() for lin in linears]).amax(dim=0)
-    weight_max = weight_max.clamp(min=CLAMP_MIN)
-    act_max = act_max.to(weight_max.device, torch.float32)
-    return (act_max.pow(alpha) / weight_max.pow(1 - alpha)).clamp(min=CLAMP_MIN)
 
 
 @torch.no_grad()
@@ -97,7 +85,7 @@ def smooth(model: nn.Module, calibration: torch.Tensor, alpha: float, context: Q
     for i, layer in enumerate(layers):
         for pair in pairs:
             x_max = act_max[names[i, pair.name]]
-            scales = smoothing_scales(x_max, [layer.get_submodule(c) for c in pair.consumers], alpha)
+            scales = smoothing_scales(x_max, [layer.get_submodule(c).weight for c in pair.consumers], alpha)
             smooth_pair(layer, pair, scales)
             ratios[pair.name]["before"].append(max_over_median(x_max))
             ratios[pair.name]["after"].append(max_over_median(x_max / scales.cpu()))

@@ -17,10 +17,11 @@ def command(options: bool) -> None:
     for name in names:
         cls = REGISTRY.get(name)
         source = REGISTRY.source(name)
-        click.echo(f"{name:<{width}}  {cls.description}" + ("" if source == "builtin" else f"  [{source}]"))
+        tags = [t for t in ("baseline" if cls.is_baseline else "", "" if source == "builtin" else source) if t]
+        click.echo(f"{name:<{width}}  {cls.description}" + (f"  [{'; '.join(tags)}]" if tags else ""))
         if options:
             for f in dataclasses.fields(cls.config_class):
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
                 click.echo(f"{'':<{width}}    {f.name} = {default!r}")
     for name, error in REGISTRY.load_errors.items():
-        click.echo(f"{name:<{width}}  (plugin failed to load: {error})", err=True)
+        click.echo(f"{name:<{width}}  (failed to load: {error})", err=True)

@@ -9,7 +9,8 @@ import click
 
 from harness.config import SweepConfig, load_config, with_task_data
 from harness.errors import ConfigError
-from harness.runner import plan, run_sweep
+from harness.execute import plan
+from harness.sweep import run_sweep
 
 log = logging.getLogger(__name__)
 

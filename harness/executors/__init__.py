@@ -5,7 +5,7 @@
 - ``slurm``: each run is a Slurm job submitted with submitit.
 
 Whatever the kind, results come back to the driver, which stores each one the moment it arrives
-(``harness.runner.run_sweep``). Ray and submitit are optional extras, imported only when chosen.
+(``harness.sweep.run_sweep``). Ray and submitit are optional extras, imported only when chosen.
 """
 from __future__ import annotations
 

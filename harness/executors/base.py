@@ -2,7 +2,7 @@
 
 An executor only knows how to start one attempt of a run (``submit``) and how to wait until some
 attempt has finished (``wait``). ``Executor.run`` does the rest the same way everywhere: a progress
-bar over runs, each result handed to the driver's callback as soon as it arrives (the runner
+bar over runs, each result handed to the driver's callback as soon as it arrives (the driver
 stores it atomically right then, so a killed driver loses no finished run), failures reported with
 their error and retried up to ``max_retries`` times, then handed to the failure callback.
 """
@@ -16,14 +16,15 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from tqdm.auto import tqdm
 
 from harness.config import ExecutorConfig
 from harness.errors import PtqbenchError, ResourceUnavailableError
+from harness.execute import RunSpec, execute
 from harness.provenance import provenance
-from harness.runner import DataCache, RunSpec, execute
+from harness.record import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 class Outcome:
     """One finished attempt: a result record, or the error that stopped it."""
 
-    record: dict[str, Any] | None = None
+    record: RunRecord | None = None
     error: str | None = None
     traceback: str | None = None
 
@@ -42,24 +43,24 @@ class Outcome:
                    traceback="".join(traceback.format_exception(err)))
 
 
-def run_task(run: RunSpec, progress: bool = False, cache: DataCache | None = None) -> Outcome:
+def run_task(run: RunSpec, progress: bool = False) -> Outcome:
     """Execute one run where it lands (this process, a Ray worker, a Slurm job).
 
     Errors are caught here and returned, so a backend only ever raises for lost workers or jobs.
     Provenance is taken here because the hardware that matters is the worker's.
     """
     try:
-        record = execute(run, cache, progress)
+        record = execute(run, progress)
     except Exception as err:  # one failing run must not stop the sweep; the driver keeps the error on disk
         if not isinstance(err, PtqbenchError):
             log.debug("run %s:\n%s", run.label, traceback.format_exc())
         return Outcome.from_exception(err)
-    record["provenance"] = provenance()
+    record.provenance = provenance()
     return Outcome(record=record)
 
 
 Task = Callable[..., Outcome]
-OnDone = Callable[[RunSpec, dict], None]
+OnDone = Callable[[RunSpec, RunRecord], None]
 OnFailed = Callable[[RunSpec, Outcome], None]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import harness
 from harness.errors import ResourceUnavailableError
 from harness.executors.base import Executor, Outcome, require
-from harness.runner import RunSpec
+from harness.execute import RunSpec
 
 log = logging.getLogger(__name__)
 

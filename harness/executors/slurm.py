@@ -18,7 +18,7 @@ from typing import Any
 from harness.errors import ResourceUnavailableError
 from harness.executors.base import Executor, Outcome, require
 from harness.results import write_json_atomic
-from harness.runner import RunSpec
+from harness.execute import RunSpec
 
 log = logging.getLogger(__name__)
 

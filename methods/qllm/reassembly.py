@@ -62,12 +62,6 @@ class Plan:
         return w.new_zeros(w.shape[0], self.width).index_add_(1, self.group, expanded)
 
 
-def channel_max(x: torch.Tensor) -> torch.Tensor:
-    """max(|min|, |max|) per channel (last dim) over every other dimension."""
-    flat = x.reshape(-1, x.shape[-1])
-    return torch.maximum(flat.amin(0).abs(), flat.amax(0))
-
-
 def split_counts(x_max: torch.Tensor, theta: float) -> torch.Tensor:
     """T = max(1, ceil(x_max / theta)) as integers."""
     return torch.ceil(x_max / theta).clamp(min=1).long()

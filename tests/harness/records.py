@@ -1,7 +1,8 @@
-"""Hand-written result records shaped like ``harness.runner.execute``'s, for report tests (no model)."""
+"""Hand-written result records (``harness.record.RunRecord``, as ``harness.execute.execute`` makes), for report tests."""
 from __future__ import annotations
 
 from harness.bits import BitSpec
+from harness.record import RunRecord
 from harness.results import ResultStore, run_key
 
 PAPER_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
@@ -9,34 +10,37 @@ PAPER_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
 
 def record(model: str, method: str, bits: str, *, ppl: dict | None = None, zeroshot: dict | None = None,
            phases: dict | None = None, peak_bytes: int | None = 2**30, device: str = "CPU test (2 threads)",
-           seqlen: int = 2048, max_windows: int | None = None, finished_at: str = "2026-01-01T00:00:00+00:00") -> dict:
+           seqlen: int = 2048, max_windows: int | None = None, finished_at: str = "2026-01-01T00:00:00+00:00",
+           baseline: bool | None = None) -> RunRecord:
+    """A record; ``baseline`` defaults to whether the method is the built-in baseline ``fp``."""
     phases = {"load": 1.0, "quantize": 2.0, "evaluate": 3.0} if phases is None else phases
     wall = sum(phases.values())
     metrics: dict = {"ppl": dict(ppl or {})}
     if zeroshot is not None:
         metrics["zeroshot"] = dict(zeroshot)
     identity = {"model": model, "method": method, "bits": bits, "seqlen": seqlen}
+    quantize_s = phases.get("calibrate", 0.0) + phases.get("quantize", 0.0)
     cost = {"wall_s": wall, "phases_s": phases, "device": device, "device_type": "cpu", "device_count": 1,
-            "device_hours": wall / 3600.0, "peak_memory_kind": "cpu_peak_rss"}
-    if peak_bytes is not None:
-        cost["peak_memory_bytes"] = peak_bytes
-    return {
-        "key": run_key(identity), "status": "ok", "model": model, "model_source": "test", "method": method,
-        "options": {}, "bits": bits, "bit_spec": BitSpec.parse(bits).to_dict(), "calibration": None,
-        "evaluation": {"ppl": {"datasets": sorted(ppl or {}), "seqlen": seqlen, "max_windows": max_windows, "batch_size": 1}},
-        "seed": 0, "metrics": metrics, "stats": {}, "cost": cost,
-        "started_at": finished_at, "finished_at": finished_at,
-    }
+            "device_hours": wall / 3600.0, "quantize_device_hours": quantize_s / 3600.0,
+            "peak_memory_kind": "cpu_peak_rss", "peak_memory_bytes": peak_bytes}
+    return RunRecord(
+        key=run_key(identity), model=model, model_source="test", method=method,
+        baseline=method == "fp" if baseline is None else baseline,
+        options={}, bits=bits, bit_spec=BitSpec.parse(bits).to_dict(), calibration=None,
+        evaluation={"ppl": {"datasets": sorted(ppl or {}), "seqlen": seqlen, "max_windows": max_windows, "batch_size": 1}},
+        seed=0, metrics=metrics, cost=cost, started_at=finished_at, finished_at=finished_at,
+    )
 
 
 def zeroshot(acc: float, tasks: tuple[str, ...] = PAPER_TASKS) -> dict:
-    return {t: {"acc": acc} for t in tasks}
+    """``metrics["zeroshot"]`` as harness.zeroshot writes it, every task at ``acc`` (its compared metric)."""
+    return {"tasks": {t: {"acc": acc, "metric": "acc"} for t in tasks}, "average": acc}
 
 
 def store(tmp_path, records: list[dict]):
     s = ResultStore(tmp_path / "results")
     for r in records:
-        s.write(r["key"], r)
+        s.write(r.key, r)
     return s.root
 
 

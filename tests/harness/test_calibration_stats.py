@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness.calibration_stats import input_abs_max, max_over_median, recording_input_abs_max
+from harness.calibration_stats import input_abs_max, max_over_median, recording_inputs, smoothing_scales
 
 
 def _inputs_of(model: nn.Module, name: str, tokens: torch.Tensor) -> torch.Tensor:
@@ -40,13 +40,13 @@ def test_running_max_does_not_depend_on_batching(tiny_model, tiny_tokens):
 
 def test_hooks_are_removed(tiny_model, tiny_tokens):
     name = "model.layers.0.self_attn.q_proj"
-    with recording_input_abs_max(tiny_model, [name]) as stats:
+    with recording_inputs(tiny_model, [name]) as record:
         with torch.no_grad():
             tiny_model(tiny_tokens[:1], use_cache=False)
-    first = stats[name].clone()
+    first = record.abs_max[name].clone()
     with torch.no_grad():
         tiny_model(tiny_tokens[1:] * 0 + 7, use_cache=False)  # would change the max if still hooked
-    torch.testing.assert_close(stats[name], first)
+    torch.testing.assert_close(record.abs_max[name], first)
     assert not tiny_model.get_submodule(name)._forward_pre_hooks
 
 
@@ -59,3 +59,24 @@ def test_module_that_never_runs_is_an_error(tiny_model, tiny_tokens):
 def test_max_over_median():
     assert max_over_median(torch.tensor([1.0, 2.0, 2.0, 2.0, 50.0])) == pytest.approx(25.0)
     assert max_over_median(torch.ones(8)) == pytest.approx(1.0)
+
+
+def test_recording_keeps_the_first_samples(tiny_model, tiny_tokens):
+    name = "model.layers.0.mlp.down_proj"
+    with recording_inputs(tiny_model, [name], keep_samples=3) as record, torch.no_grad():
+        for row in tiny_tokens:  # one sample per forward: the record must stop at three
+            tiny_model(row[None], use_cache=False)
+    kept = record.first_samples(name)
+    expected = _inputs_of(tiny_model, name, tiny_tokens[:3]).view(3, tiny_tokens.shape[1], -1)
+    assert kept.shape == expected.shape
+    torch.testing.assert_close(kept, expected)
+
+
+def test_smoothing_scales_formula_and_official_clamps():
+    act = torch.tensor([4.0, 0.0, 9.0])
+    w1 = torch.tensor([[1.0, 0.0, -3.0]])
+    w2 = torch.tensor([[-2.0, 0.0, 1.0]])  # max|W| over both consumers: [2, 0 -> 1e-5, 3]
+    s = smoothing_scales(act, [w1, w2], alpha=0.5)
+    expected = torch.tensor([4.0**0.5 / 2.0**0.5, 1e-5, 9.0**0.5 / 3.0**0.5])  # the zero channel is clamped to 1e-5
+    torch.testing.assert_close(s, expected)
+    assert smoothing_scales(act, [w1, w2], alpha=1.0)[0].item() == pytest.approx(4.0)  # alpha 1: all range to the weights

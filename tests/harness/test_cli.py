@@ -36,7 +36,7 @@ def snapshot(out: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("change, needle", [
-    ({"bits": ["W4Q4"]}, "bits: 'W4Q4' is not a bit spec"),
+    ({"bits": ["W4Q4"]}, "bits[0]: 'W4Q4' is not a bit spec"),
     ({"methods": ["smoothquantt"]}, "methods[0].name: method 'smoothquantt': unknown"),
     ({"models": ["/no/such/model"]}, "models[0]: model '/no/such/model'"),
     ({"models": ["smollm2-153m"]}, "did you mean 'smollm2-135m'"),

@@ -29,7 +29,8 @@ def with_(path: str, value):
 
 def test_good_config_parses_and_round_trips():
     config = parse_config(GOOD)
-    assert config.methods[1].options == {"clip_ratio": 0.8} and config.methods[1].bits == ("W4A16",)
+    entry = config.methods[1]
+    assert entry.config.clip_ratio == 0.8 and [b.name for b in entry.bits] == ["W4A16"]  # typed, parsed once
     assert parse_config(config.to_dict()) == config
     assert parse_config(yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config  # what runs store as config.yaml
 

@@ -8,7 +8,7 @@ import pytest
 from matplotlib.image import imread
 
 from harness import plots
-from harness.report import ZS_AVG, results_frame
+from harness.frame import ZS_AVG, results_frame
 from tests.harness.records import record, zeroshot
 
 

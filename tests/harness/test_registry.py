@@ -62,3 +62,24 @@ def test_every_method_config_round_trips(name):
     again = cls.config_class.from_dict(config.to_dict())
     assert again == config
     assert cls.description and cls.name == name
+
+
+def test_a_broken_builtin_module_is_reported_and_the_others_still_load(tmp_path, monkeypatch):
+    package = tmp_path / "fake_methods"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "good.py").write_text(
+        "from harness import Method, MethodConfig, register_method\n"
+        "from harness.registry import REGISTRY\n"
+        "class Good(Method):\n"
+        "    name = 'good'\n    description = 'fine'\n"
+        "    def quantize(self, model, spec, calibration, context):\n        return None\n")
+    (package / "broken.py").write_text("raise ImportError('a dependency is missing')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("harness.registry.BUILTIN_PACKAGE", "fake_methods")
+    reg = MethodRegistry()
+    import fake_methods.good  # noqa: F401  (the decorator of a real built-in would register it; here we do)
+
+    reg.register(fake_methods.good.Good)
+    assert "good" in reg.names()  # loading went on past the broken module
+    assert "fake_methods.broken" in reg.load_errors and "a dependency is missing" in reg.load_errors["fake_methods.broken"]

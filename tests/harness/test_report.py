@@ -10,8 +10,9 @@ from click.testing import CliRunner
 
 from harness.cli import main
 from harness.errors import ConfigError
-from harness.report import FORMATS, ZS_AVG, report, results_frame, zeroshot_average
-from tests.harness.records import PAPER_TASKS, bold, grid, record, store, zeroshot
+from harness.frame import ZS_AVG, results_frame
+from harness.report import FORMATS, report
+from tests.harness.records import bold, grid, record, store, zeroshot
 
 GiB = 2**30
 
@@ -31,15 +32,6 @@ def sweep() -> list[dict]:
 def rows_by(rows: list[dict], method: str, bits: str) -> dict:
     [row] = [r for r in rows if r["method"] == method and r["bits"] == bits]
     return row
-
-
-def test_zeroshot_average_is_percent_and_needs_every_task():
-    metrics = {"zeroshot": {"piqa": 0.8, "arc_easy": {"acc": 0.6, "acc_norm": 0.9}}}
-    assert zeroshot_average(metrics) == pytest.approx(70.0)
-    assert zeroshot_average(metrics, ["piqa"]) == pytest.approx(80.0)
-    assert zeroshot_average(metrics, PAPER_TASKS) is None  # a partial average is never shown as the five-task one
-    assert zeroshot_average({"zeroshot": {"piqa": 81.0, "arc_easy": 61.0}}) == pytest.approx(71.0)  # already percent
-    assert zeroshot_average({}) is None
 
 
 def test_results_frame_rows_columns_and_costs():

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from harness.results import ResultStore, run_key, write_json_atomic
+from tests.harness.records import record
 
 
 def test_key_is_order_independent_and_sensitive():
@@ -30,8 +31,9 @@ def test_store_success_clears_failure(tmp_path):
     store = ResultStore(tmp_path)
     store.write_failure("k", {"error": "x"})
     assert list(store.failures())
-    store.write("k", {"ok": True})
-    assert store.has("k") and not list(store.failures()) and list(store.records()) == [{"ok": True}]
+    rec = record("m", "rtn", "W4A4", ppl={"brown": 3.0})
+    store.write("k", rec)
+    assert store.has("k") and not list(store.failures()) and list(store.records()) == [rec]
 
 
 def test_atomic_files_get_ordinary_permissions(tmp_path):

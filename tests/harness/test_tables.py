@@ -12,12 +12,12 @@ from harness.tables import MISSING, Table, best_mask, format_value, tex_escape, 
 
 
 def brute_best(rows: list[dict], column: str, direction: str) -> set[int]:
-    """Indices of the best cells, by the rule written out longhand: same model and bits, fp excluded, >= 2 values."""
+    """Indices of the best cells, by the rule written out longhand: same model and bits, baselines excluded, >= 2 values."""
     best = set()
     for i, row in enumerate(rows):
-        if row["method"] == "fp" or row[column] is None:
+        if row["baseline"] or row[column] is None:
             continue
-        rivals = [r[column] for r in rows if r["method"] != "fp" and r[column] is not None
+        rivals = [r[column] for r in rows if not r["baseline"] and r[column] is not None
                   and (r["model"], r["bits"]) == (row["model"], row["bits"])]
         if len(rivals) >= 2 and row[column] == (min(rivals) if direction == "min" else max(rivals)):
             best.add(i)
@@ -32,12 +32,15 @@ def test_best_mask_matches_brute_force(seed):
         if rng.random() < 0.2:
             continue
         pick = lambda: None if rng.random() < 0.25 else float(rng.choice([1, 2, 3, 4]))  # noqa: E731  (ties happen)
-        rows.append({"model": model, "method": method, "bits": bits, "ppl": pick(), "acc": pick(), "other": pick()})
+        # the baseline is whichever method the sweep flags (a plugin's, say), not a name: here "x"
+        rows.append({"model": model, "method": method, "bits": bits, "baseline": method == "x",
+                     "ppl": pick(), "acc": pick(), "other": pick()})
     frame = pd.DataFrame(rows)
     mask = best_mask(frame, {"ppl": "min", "acc": "max"})
     for column, direction in (("ppl", "min"), ("acc", "max")):
         assert set(frame.index[mask[column]]) == brute_best(rows, column, direction)
     assert not mask["other"].any() and not mask["model"].any()
+    assert "baseline" not in Table(frame, "t", best=mask).frame.columns  # it decides bold, it is not shown
 
 
 def test_missing_values_never_render_as_zero_or_nan():

@@ -116,7 +116,7 @@ def test_bad_options_name_their_field(options, field):
 
 
 def test_runs_without_zeroshot_keep_their_keys():
-    from harness.runner import plan
+    from harness.execute import plan
 
     plain = plan(parse_config(_sweep()))
     with_tasks = plan(parse_config(_sweep(tasks=["brown_cloze"])))
@@ -154,13 +154,12 @@ def test_w3a3_rtn_scores_lower_than_fp(_smollm2_loaded, brown_cfg, fp_result):
 
 
 def test_report_shows_each_task_and_the_average_in_percent():
-    from harness.report import results_frame
+    from harness.frame import results_frame
+    from tests.harness.records import record
 
-    record = {"model": "m", "method": "fp", "bits": "W16A16", "bit_spec": {"w_bits": 16, "a_bits": 16},
-              "metrics": {"ppl": {"brown": 20.0}, "zeroshot": {"average": 0.5, "tasks": {
-                  "hellaswag": {"acc": 0.3, "acc_norm": 0.4, "metric": "acc_norm"},
-                  "piqa": {"acc": 0.6, "acc_norm": 0.7, "metric": "acc"}}}}}
-    row = results_frame([record]).iloc[0]
+    zs = {"average": 0.5, "tasks": {"hellaswag": {"acc": 0.3, "acc_norm": 0.4, "metric": "acc_norm"},
+                                    "piqa": {"acc": 0.6, "acc_norm": 0.7, "metric": "acc"}}}
+    row = results_frame([record("m", "fp", "W16A16", ppl={"brown": 20.0}, zeroshot=zs)]).iloc[0]
     assert row["hellaswag acc_norm"] == pytest.approx(40.0)
     assert row["piqa acc"] == pytest.approx(60.0)
     assert row["zero-shot avg"] == pytest.approx(50.0)

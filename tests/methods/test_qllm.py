@@ -1,4 +1,4 @@
-"""The qllm method (methods/qllm/__init__.py): config, an end-to-end tiny run, and smollm2 vs RTN."""
+"""The qllm method (methods/qllm/method.py): config, an end-to-end tiny run, and smollm2 vs RTN."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from harness import BitSpec, ConfigError, LlamaAdapter, QuantContext, get_method, quant_linears
 from methods.qllm import QLLMConfig
-from methods.qllm.reassembly import channel_max
+from harness.calibration_stats import channel_abs_max as channel_max
 from tests.methods.test_qllm_reassembly import site_features, with_outliers
 
 W4A4 = BitSpec.parse("W4A4")

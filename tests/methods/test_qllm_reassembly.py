@@ -1,4 +1,4 @@
-"""Channel reassembly (methods/qllm/reassembly.py + its block surgery in methods/qllm/__init__.py)."""
+"""Channel reassembly (methods/qllm/reassembly.py + its block surgery in methods/qllm/method.py)."""
 from __future__ import annotations
 
 import copy
@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from harness import BitSpec, LlamaAdapter, quantize_block
-from methods.qllm import SITES, QLLMConfig, apply_plan, reassemble_site, site_function
-from methods.qllm.reassembly import channel_max, make_plan, search, site_error, theta_grid
+from methods.qllm.method import SITES, QLLMConfig, apply_plan, reassemble_site, site_function
+from harness.calibration_stats import channel_abs_max as channel_max
+from methods.qllm.reassembly import make_plan, search, site_error, theta_grid
 
 W4A4 = BitSpec.parse("W4A4")
 

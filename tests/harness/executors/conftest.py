@@ -36,7 +36,7 @@ def stored(out: Path) -> dict[str, dict]:
 @pytest.fixture(scope="session")
 def local_reference(tmp_path_factory) -> dict[str, dict]:
     """The tiny sweep run by the local executor: what every other executor must reproduce."""
-    from harness.runner import run_sweep
+    from harness.sweep import run_sweep
 
     out = tmp_path_factory.mktemp("local")
     summary = run_sweep(tiny_sweep(), out, progress=False)

@@ -12,7 +12,7 @@ from harness.cli.run import with_executor
 from harness.config import ExecutorConfig
 from harness.errors import ConfigError, ResourceUnavailableError
 from harness.executors import make_executor
-from harness.runner import plan
+from harness.execute import plan
 from tests.harness.executors.conftest import tiny_raw, tiny_sweep
 
 

@@ -12,7 +12,7 @@ import yaml
 
 from harness.executors import make_executor
 from harness.executors.base import Outcome
-from harness.runner import plan
+from harness.execute import plan
 from tests.harness.executors.conftest import tiny_raw, tiny_sweep
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -22,7 +22,7 @@ def test_runs_in_order_and_each_is_stored_before_the_next_starts(tmp_path):
     runs = plan(tiny_sweep(bits=["W8A8", "W4A4"]))
     events = []
 
-    def task(run, progress=False, cache=None):
+    def task(run, progress=False):
         events.append(("start", run.key))
         return Outcome(record={"key": run.key}) if run is not runs[1] else Outcome(error="RuntimeError: boom")
 

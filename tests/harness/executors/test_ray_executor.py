@@ -10,7 +10,8 @@ import ray
 
 from harness.executors import make_executor
 from harness.executors.base import Outcome
-from harness.runner import plan, run_sweep
+from harness.execute import plan
+from harness.sweep import run_sweep
 from tests.harness.executors.conftest import stored, tiny_sweep
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -70,7 +71,7 @@ def test_dead_workers_and_raising_tasks_are_retried_then_recorded(ray_cluster, t
     marks = tmp_path / "attempts"
     marks.mkdir()
 
-    def task(run, progress=False, cache=None):  # shipped by value to the workers (a closure)
+    def task(run, progress=False):  # shipped by value to the workers (a closure)
         n = len(list(marks.glob(f"{run.key}.*")))
         (marks / f"{run.key}.{n}").touch()
         if run.key == dies_once.key and n == 0:

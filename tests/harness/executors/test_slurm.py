@@ -8,7 +8,7 @@ import pytest
 
 from harness.errors import ResourceUnavailableError
 from harness.executors import make_executor
-from harness.runner import run_sweep
+from harness.sweep import run_sweep
 from tests.harness.executors.conftest import stored, tiny_sweep
 
 

@@ -1,4 +1,9 @@
-"""Example plugin: RTN whose weight range is shrunk by a fixed ratio before rounding."""
+"""Example plugin: RTN whose weight range is shrunk by a fixed ratio, and a baseline of its own.
+
+- ``clipped-rtn``: RTN whose weight range is shrunk by a fixed ratio before rounding;
+- ``fp32-reference``: a baseline (``is_baseline``): the unquantized model computed in float32 whatever
+  the sweep's dtype. A sweep that lists it uses it as its reference instead of the built-in ``fp``.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,3 +47,19 @@ class ClippedRTN(Method):
             qlinear.weight_quant = _ClippedQuantizer(spec, self.config.clip_ratio)
         freeze(model)
         return QuantizeResult(model, {"clip_ratio": self.config.clip_ratio})
+
+
+@dataclass(frozen=True)
+class FP32ReferenceConfig(MethodConfig):
+    """No options."""
+
+
+class FP32Reference(Method):
+    name = "fp32-reference"
+    description = "Example plugin baseline: the unquantized model in float32"
+    config_class = FP32ReferenceConfig
+    needs_calibration = False
+    is_baseline = True
+
+    def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
+        return QuantizeResult(model.float(), {"dtype": "float32"})

@@ -1,4 +1,4 @@
-"""End to end on the tiny random LLaMA: plan, run, resume, failures."""
+"""The sweep driver end to end on the tiny random LLaMA: run, resume, failures, a plugin baseline."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,8 @@ import pytest
 from harness.config import parse_config
 from harness.errors import ConfigError
 from harness.results import ResultStore
-from harness.runner import plan, run_sweep
+from harness.execute import plan
+from harness.sweep import run_sweep
 
 TINY = {
     "name": "tiny", "models": ["tiny-random-llama"], "methods": ["rtn", {"name": "clipped-rtn", "clip_ratio": 0.9}],
@@ -18,41 +19,23 @@ TINY = {
 }
 
 
-def test_plan_always_has_the_baseline_once_per_model():
-    runs = plan(parse_config({**TINY, "methods": ["rtn", "fp", "rtn"]}))
-    labels = [r.label for r in runs]
-    assert labels == ["tiny-random-llama fp W16A16", "tiny-random-llama rtn W8A8", "tiny-random-llama rtn W4A4"]
-    assert len({r.key for r in runs}) == len(runs)
-
-
-def test_key_depends_on_what_decides_the_result():
-    base = plan(parse_config(TINY))[1]
-    other_seed = plan(parse_config({**TINY, "seed": 1}))[1]
-    other_eval = plan(parse_config({**TINY, "evaluation": {"ppl": {"datasets": ["brown"], "seqlen": 32, "max_windows": 3}}}))[1]
-    other_calib = plan(parse_config({**TINY, "calibration": {"dataset": "brown", "samples": 3, "seqlen": 32}}))[1]
-    assert len({base.key, other_seed.key, other_eval.key}) == 3
-    assert other_calib.key == base.key  # RTN uses no calibration data, so its result does not depend on it
-    explicit = plan(parse_config({**TINY, "methods": [{"name": "clipped-rtn", "clip_ratio": 0.9}]}))[1]
-    default = plan(parse_config({**TINY, "methods": ["clipped-rtn"]}))[1]
-    assert explicit.key == default.key  # defaults are made explicit before hashing
-
-
 def test_sweep_records_results_and_resumes(tmp_path):
     config = parse_config(TINY)
     summary = run_sweep(config, tmp_path, progress=False)
     assert len(summary.done) == 5 and not summary.failed
     store = ResultStore(tmp_path)
-    records = {(r["method"], r["bits"]): r for r in store.records()}
+    records = {(r.method, r.bits): r for r in store.records()}
     fp = records[("fp", "W16A16")]
+    assert [r.baseline for r in records.values()].count(True) == 1 and fp.baseline
     for r in records.values():
-        assert math.isfinite(r["metrics"]["ppl"]["brown"]) and r["metrics"]["ppl_windows"]["brown"] == 2
-        assert set(r["cost"]["phases_s"]) >= {"load", "quantize", "evaluate"}
-        assert r["cost"]["peak_memory_bytes"] > 0 and r["cost"]["device_hours"] > 0
-        prov = r["provenance"]
+        assert math.isfinite(r.ppl["brown"]) and r.metrics["ppl_windows"]["brown"] == 2
+        assert set(r.cost["phases_s"]) >= {"load", "quantize", "evaluate"}
+        assert r.cost["peak_memory_bytes"] > 0 and r.cost["device_hours"] > 0
+        prov = r.provenance
         assert prov["packages"]["torch"] and prov["config"]["name"] == "tiny" and "cpu" in prov["hardware"]
-        assert "revision" in prov["git"] and r["seed"] == 0
-    assert records[("rtn", "W8A8")]["metrics"]["ppl"]["brown"] != fp["metrics"]["ppl"]["brown"]
-    assert records[("clipped-rtn", "W8A8")]["calibration"] is None  # no data used, none recorded
+        assert "revision" in prov["git"] and r.seed == 0
+    assert records[("rtn", "W8A8")].ppl["brown"] != fp.ppl["brown"]
+    assert records[("clipped-rtn", "W8A8")].calibration is None  # no data used, none recorded
 
     mtimes = {p: p.stat().st_mtime_ns for p in store.runs.glob("*.json")}
     again = run_sweep(config, tmp_path, progress=False)
@@ -79,3 +62,22 @@ def test_invalid_config_runs_nothing(tmp_path):
     with pytest.raises(ConfigError):
         run_sweep(parse_config({**TINY, "bits": ["W4A4", "bad"]}), tmp_path)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_plugin_baseline_replaces_fp_everywhere(tmp_path):
+    """tests/plugin_example registers `fp32-reference` (is_baseline) through its entry point."""
+    from harness.report import report
+    from tests.harness.records import grid
+
+    config = parse_config({**TINY, "methods": ["fp32-reference", "rtn", {"name": "clipped-rtn", "clip_ratio": 0.9}],
+                           "bits": ["W4A4"]})
+    runs = plan(config)
+    assert [(r.method, r.bits.name) for r in runs] == [("fp32-reference", "W16A16"), ("rtn", "W4A4"), ("clipped-rtn", "W4A4")]
+    assert not run_sweep(config, tmp_path, progress=False).failed
+    records = {r.method: r for r in ResultStore(tmp_path).records()}
+    assert records["fp32-reference"].baseline and not records["rtn"].baseline and "fp" not in records
+    rows = grid(report(tmp_path, "md"), "md")
+    assert rows[0]["method"] == "fp32-reference"  # the baseline row comes first
+    # its perplexity is the lowest, yet it is the reference, not a competitor: never bold
+    assert not rows[0]["ppl brown"].startswith("**")
+    assert sum(r["ppl brown"].startswith("**") for r in rows[1:]) >= 1

@@ -1,0 +1,75 @@
+"""Run a sweep: plan its runs, skip those already stored, hand the rest to an executor, store each result.
+
+``run_sweep`` is the driver. The unit of work it hands out (``RunSpec``, ``execute``) lives in
+``harness.execute``, so executors import that and this module imports the executors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from harness.config import SweepConfig
+from harness.execute import RunSpec, plan
+from harness.executors import make_executor
+from harness.executors.base import Executor, Outcome
+from harness.record import RunRecord
+from harness.results import ResultStore, write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepSummary:
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, progress: bool = True,
+              executor: Executor | None = None) -> SweepSummary:
+    """Execute every planned run not already stored in ``out_dir`` (all of them with ``force``).
+
+    ``config.executor`` decides where runs execute (``executor`` overrides it with a ready
+    ``harness.executors`` instance); every result comes back here and is stored as it arrives.
+    """
+    store = ResultStore(out_dir)
+    summary = SweepSummary()
+    ex = executor or make_executor(config.executor, store.root, progress=progress)
+    with ex:
+        if config.device == "auto" and (device := ex.auto_device()):
+            # A run's key names the device it executes on: a GPU worker's, not a CPU-only driver's.
+            config = dataclasses.replace(config, device=device)
+        runs = plan(config)
+        write_json_atomic(store.root / "plan.json", [{"key": r.key, "label": r.label} for r in runs])
+        write_text_atomic(store.root / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        todo = []
+        for run in runs:
+            if store.has(run.key) and not force:
+                log.info("skip %s (done: runs/%s.json)", run.label, run.key)
+                summary.skipped.append(run.key)
+            else:
+                todo.append(run)
+
+        def done(run: RunSpec, record: RunRecord) -> None:
+            record.provenance = {**record.provenance, "argv": sys.argv, "config": config.to_dict(),
+                                 "seed": run.seed, "executor": ex.kind}
+            store.write(run.key, record)
+            summary.done.append(run.key)
+
+        def failed(run: RunSpec, outcome: Outcome) -> None:
+            log.error("run %s failed: %s", run.label, outcome.error)
+            store.write_failure(run.key, {"key": run.key, "label": run.label, "error": outcome.error,
+                                          "traceback": outcome.traceback, "run": run.identity()})
+            summary.failed[run.key] = outcome.error or "failed"
+
+        if todo:
+            ex.run(todo, done, failed, desc=f"sweep {config.name}")
+    return summary
+
+
+__all__ = ["SweepSummary", "run_sweep"]

@@ -1,0 +1,272 @@
+"""The QLLM method (Liu et al., arXiv 2310.08041): adaptive channel reassembly + efficient error correction.
+
+Per group of decoder blocks (the shared block-wise engine, ``harness.blockwise``):
+
+1. the engine's teacher pass (FP blocks on FP inputs) records, at the inputs of q/k/v (after
+   input_layernorm), gate/up (after post_attention_layernorm) and down_proj, the per-channel
+   outlier statistic max|X| and the features of the first ``search_samples`` calibration samples;
+2. channel reassembly (``reassembly.py``) picks theta per site and rewrites the consumers' weights;
+   a small index/scale module applies the same rewrite to the activation at inference;
+3. error correction (``correction.py``) trains low-rank corrections of every quantized linear
+   (and the RMSNorm weights), then merges them into the weights before they are frozen;
+4. after the last block the final RMSNorm (weight + bias) is tuned on the last block's outputs.
+
+Run:  python -m harness.cli run configs/ablation-qllm.yaml   (see README, section QLLM)
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness import BitSpec, ConfigError, LlamaAdapter, Method, MethodConfig, QuantContext, QuantizeResult, freeze, get_adapter, \
+    quant_linears, quantize_block, quantizers_disabled, register_method
+from harness.blockwise import BlockJob, run_blockwise, train
+from methods.qllm.correction import NormWithBias, add_lowrank, fold_bias_into_head, merge_lowrank
+from methods.qllm.reassembly import Plan, Reassembled, Reassembly, SiteFn, attention_fn, gated_fn, linear_fn, make_plan, ratio_theta, \
+    search, site_error, theta_grid
+
+log = logging.getLogger(__name__)
+
+SITES = ("attn_in", "mlp_in", "mlp_out")  # q/k/v input, gate/up input, down_proj input (not o_proj)
+
+
+def site_input(site: str, adapter: LlamaAdapter) -> str:
+    """The linear whose input is the site's input (q/k/v and gate/up share one; the first stands for them)."""
+    return getattr(adapter, site).consumers[0]
+
+
+@dataclass(frozen=True)
+class QLLMConfig(MethodConfig):
+    """Args:
+    disassembly: split outlier channels (CD).
+    assembly: merge as many similar channel pairs as disassembly added (CA); needs disassembly.
+    theta: "adaptive" (per-site MSE grid search, official), "ratio" (the lowest grid theta that adds
+        at most channel_ratio * width channels, the official non-adaptive CD) or "fixed" (theta_value).
+    theta_value: the threshold for theta="fixed".
+    channel_ratio: most channels disassembly may add, as a fraction of the width (official scripts: 0.2).
+    grid_steps: theta grid resolution; 0 = official max(100, int(max_stat / 0.5)).
+    search_samples: calibration samples whose features score theta and the matching (official: 1).
+    error_correction: train low-rank corrections (EC).
+    rank: rank r of the corrections (official 4).
+    alpha: scaling numerator, s = alpha / rank (official 1).
+    blocks_per_job: decoder blocks trained jointly (official scripts: 4).
+    epochs: passes over the calibration samples per job (official 10).
+    lr: AdamW learning rate, decayed linearly to 0 per job (official 5e-4).
+    batch_size: calibration samples per optimizer step (official 1).
+    train_norms: also train the blocks' RMSNorm weights (official: yes).
+    final_norm: tune the final RMSNorm after the last block: "weight_bias" (official), "weight", "off".
+    """
+
+    disassembly: bool = True
+    assembly: bool = True
+    theta: Literal["adaptive", "ratio", "fixed"] = "adaptive"
+    theta_value: float | None = None
+    channel_ratio: float = 0.2
+    grid_steps: int = 0
+    search_samples: int = 1
+    error_correction: bool = True
+    rank: int = 4
+    alpha: float = 1.0
+    blocks_per_job: int = 4
+    epochs: int = 10
+    lr: float = 5e-4
+    batch_size: int = 1
+    train_norms: bool = True
+    final_norm: Literal["weight_bias", "weight", "off"] = "weight_bias"
+
+    def __post_init__(self) -> None:
+        if self.assembly and not self.disassembly:
+            raise ConfigError("assembly: true needs disassembly: true (assembly only removes the channels disassembly adds)")
+        if self.theta == "fixed" and (self.theta_value is None or self.theta_value <= 0):
+            raise ConfigError(f"theta_value: {self.theta_value!r} is not allowed with theta: fixed; use a positive number")
+        if self.theta != "fixed" and self.theta_value is not None:
+            raise ConfigError("theta_value: only allowed with theta: fixed")
+        if not 0 < self.channel_ratio <= 1:
+            raise ConfigError(f"channel_ratio: {self.channel_ratio!r} is not allowed; use a number in (0, 1]")
+        for name in ("search_samples", "rank", "blocks_per_job", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} is not allowed; use a positive integer")
+        for name in ("grid_steps", "epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} is not allowed; use an integer >= 0")
+        if self.lr <= 0 or self.alpha <= 0:
+            raise ConfigError(f"lr/alpha: {self.lr!r}/{self.alpha!r} is not allowed; use positive numbers")
+
+
+# --- block surgery -------------------------------------------------------------------------------
+
+
+def site_function(layer: nn.Module, site: str, position_embeddings, adapter: LlamaAdapter = LlamaAdapter()) -> tuple[tuple[str, ...], SiteFn]:
+    """The consumer linears of ``site`` and the function of their outputs QLLM scores theta by."""
+    consumers = getattr(adapter, site).consumers
+    linears = [layer.get_submodule(c) for c in consumers]
+    if site == "attn_in":
+        attn_path = consumers[0].rpartition(".")[0]
+        strip = len(attn_path) + 1
+        out_name = adapter.attn_out.consumers[0][strip:]
+        fn = attention_fn(layer.get_submodule(attn_path), [c[strip:] for c in consumers], out_name, position_embeddings)
+    elif site == "mlp_in":
+        act = layer.get_submodule(consumers[0].rpartition(".")[0]).act_fn
+        fn = gated_fn(act, [lin.bias for lin in linears])
+    else:
+        fn = linear_fn(linears[0].bias)
+    return consumers, fn
+
+
+def apply_plan(layer: nn.Module, site: str, plan: Plan, adapter: LlamaAdapter = LlamaAdapter()) -> None:
+    """Rewrite the site's consumer weights and insert the matching activation rewrite (exact in FP)."""
+    pair = getattr(adapter, site)
+    for path in pair.consumers:
+        linear = layer.get_submodule(path)
+        linear.weight.data = plan.apply_weight(linear.weight.data)
+        linear.in_features = linear.weight.shape[1]
+    reassembly = Reassembly(plan).to(plan.src.device)
+    if site == "mlp_out":  # the input of down_proj is a product, not a norm output: rewrite it in front
+        target, after = pair.consumers[0], False
+    else:
+        target, after = pair.producer, True
+    parent_path, _, attr = target.rpartition(".")
+    parent = layer.get_submodule(parent_path) if parent_path else layer
+    setattr(parent, attr, Reassembled(getattr(parent, attr), reassembly, after))
+
+
+def reassemble_site(layer: nn.Module, site: str, x_max: torch.Tensor, feats: torch.Tensor, spec: BitSpec,
+                    config: QLLMConfig, position_embeddings, adapter: LlamaAdapter = LlamaAdapter()) -> dict:
+    """Choose and apply the site's reassembly; return what was done (for the run's stats)."""
+    consumers, fn = site_function(layer, site, position_embeddings, adapter)
+    weights = [layer.get_submodule(c).weight.detach() for c in consumers]
+    tokens = feats.reshape(-1, feats.shape[-1])
+    with quantizers_disabled(layer):
+        if config.theta == "adaptive":
+            result = search(fn, feats, x_max, weights, spec, thetas=theta_grid(x_max, config.channel_ratio, config.grid_steps)[1:],
+                            assemble=config.assembly)
+            plan, before, after, candidates = result.plan, result.error_before, result.error_after, result.candidates
+        else:
+            theta = config.theta_value if config.theta == "fixed" else ratio_theta(x_max, config.channel_ratio, config.grid_steps)
+            plan = make_plan(x_max, theta, tokens, torch.cat(weights), config.assembly)
+            reference = fn(feats, weights)
+            before = site_error(fn, feats, weights, reference, None, spec)
+            after = site_error(fn, feats, weights, reference, plan, spec) if plan is not None else before
+            candidates = 1
+    if plan is not None and plan.added > 0:
+        apply_plan(layer, site, plan, adapter)
+    return {"site": site, "max_stat": float(x_max.max()), "theta": plan.theta if plan else float(x_max.max()),
+            "disassembled": plan.disassembled if plan else 0, "added": plan.added if plan else 0,
+            "merged": plan.merged if plan else 0, "error_before": before, "error_after": after, "candidates": candidates}
+
+
+# --- the method ------------------------------------------------------------------------------------
+
+
+@register_method
+class QLLM(Method):
+    name = "qllm"
+    description = "QLLM: adaptive channel reassembly + low-rank error correction (Liu et al. 2023)"
+    config_class = QLLMConfig
+
+    def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
+        calibration = self.require_calibration(calibration)
+        cfg: QLLMConfig = self.config
+        adapter = get_adapter(model)
+        last_block = len(adapter.layers(model)) - 1
+        final: dict[str, torch.Tensor] = {}
+
+        def process(job: BlockJob) -> dict:
+            sites, started = [], time.time()
+            for layer in job.layers:
+                quantize_block(layer, spec, adapter)
+            if cfg.disassembly:
+                for offset, layer in enumerate(job.layers):
+                    recorded = job.inputs[offset]  # the FP pass, before quantizing
+                    for site in SITES:
+                        name = site_input(site, adapter)
+                        x_max, feats = recorded.abs_max[name], recorded.first_samples(name)
+                        stats = reassemble_site(layer, site, x_max, feats, spec, cfg, job.position_embeddings, adapter)
+                        sites.append({"layer": job.index + offset, **stats})
+            losses = correct_errors(job, cfg, context) if cfg.error_correction else []
+            for layer in job.layers:
+                freeze(layer)
+            if cfg.final_norm != "off" and job.index + len(job.layers) - 1 == last_block:
+                final["q"], final["fp"] = job.forward_all(job.q_inputs).cpu(), job.targets.cpu()
+            added = sum(s["added"] for s in sites)
+            log.info("%s: %d sites reassembled (+%d channels), loss %s, %.1fs", job.label,
+                     sum(1 for s in sites if s["added"]), added, f"{losses[-1]:.4g}" if losses else "-", time.time() - started)
+            out = {"sites": sites}
+            if losses:
+                out.update(loss_first=losses[0], loss=losses[-1])
+            return out
+
+        record = tuple(site_input(site, adapter) for site in SITES) if cfg.disassembly else ()
+        jobs = run_blockwise(model, calibration, process, device=context.device, blocks_per_job=cfg.blocks_per_job,
+                             record=record, keep_samples=cfg.search_samples, desc="qllm", progress=context.progress)
+        stats: dict = {"jobs": jobs, "quantized_linears": sum(1 for _ in quant_linears(model))}
+        if final:
+            stats["final_norm_loss"] = tune_final_norm(model, final["q"], final["fp"], cfg, context)
+        sites = [s for j in jobs for s in j["sites"]]
+        if sites:
+            stats["reassembled_sites"] = sum(1 for s in sites if s["added"] > 0)
+            stats["added_channels"] = sum(s["added"] for s in sites)
+        return QuantizeResult(model, stats)
+
+
+def correct_errors(job: BlockJob, cfg: QLLMConfig, context: QuantContext) -> list[float]:
+    """Train low-rank corrections (+ norm weights) of the job's blocks, then merge them; return epoch losses."""
+    generator = torch.Generator().manual_seed(context.seed * 1000 + job.index)
+    params: list[nn.Parameter] = []
+    linears = []
+    for layer in job.layers:
+        for p in layer.parameters():
+            p.requires_grad_(False)
+        for _, linear in quant_linears(layer):
+            lowrank = add_lowrank(linear, cfg.rank, cfg.alpha, generator)
+            params += [lowrank.lora_A, lowrank.lora_B]
+            linears.append(linear)
+        if cfg.train_norms:
+            for pair in (job.adapter.attn_in, job.adapter.mlp_in):
+                norm = layer.get_submodule(pair.producer)
+                norm = norm.module if isinstance(norm, Reassembled) else norm
+                norm.weight.requires_grad_(True)
+                params.append(norm.weight)
+
+    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(job.forward(job.q_inputs[idx]), job.targets[idx])
+
+    losses = train([{"params": params, "lr": cfg.lr}], loss_fn, len(job.q_inputs), epochs=cfg.epochs,
+                   batch_size=cfg.batch_size, linear_decay=True, seed=context.seed + job.index, label=job.label,
+                   device=job.device, progress=context.progress)
+    for p in params:
+        p.requires_grad_(False)
+    for linear in linears:
+        merge_lowrank(linear)
+    return losses
+
+
+def tune_final_norm(model: nn.Module, q_out: torch.Tensor, fp_out: torch.Tensor, cfg: QLLMConfig, context: QuantContext) -> float:
+    """Fit the final RMSNorm (and a bias folded into lm_head) to map quantized to FP last-block outputs."""
+    adapter = get_adapter(model)
+    norm, head = adapter.final_norm(model), adapter.lm_head(model)
+    device, dtype, home = context.device, norm.weight.dtype, norm.weight.device
+    norm.to(device=device, dtype=torch.float32)
+    q_out, fp_out = q_out.to(device), fp_out.to(device)
+    with torch.no_grad():
+        target = torch.cat([norm(fp_out[i : i + 1]) for i in range(len(fp_out))])
+    student = NormWithBias(norm) if cfg.final_norm == "weight_bias" else norm
+    params = [p for p in student.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    losses = train([{"params": params, "lr": cfg.lr}], lambda idx: F.mse_loss(student(q_out[idx]), target[idx]),
+                   len(q_out), epochs=cfg.epochs, batch_size=cfg.batch_size, linear_decay=True, seed=context.seed,
+                   label="final norm", device=device, progress=context.progress)
+    for p in params:
+        p.requires_grad_(False)
+    norm.to(device=home, dtype=dtype)
+    if isinstance(student, NormWithBias):
+        head_device = head.weight.device
+        fold_bias_into_head(head, student.bias.detach().to(head_device))
+    return losses[-1] if losses else float("nan")
