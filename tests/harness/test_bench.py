@@ -1,12 +1,32 @@
-"""The throughput benchmark runs and measures both models (its ratio is printed by `ptqbench bench`)."""
+"""The throughput benchmark measures both models on the same windows (its ratio is printed by `ptqbench bench`).
+
+No timing thresholds: the fields must agree with each other and with an independent evaluation.
+"""
 from __future__ import annotations
 
 import math
 
+import pytest
+import torch
+
+from harness import BitSpec, freeze, quantize_linears
 from harness.bench import throughput_ratio
+from harness.data import eval_windows
+from harness.evaluate import perplexity
+from harness.models import load_model
 
 
-def test_bench_measures_both_models():
+def test_bench_fields_agree_with_an_independent_evaluation():
     r = throughput_ratio("tiny-random-llama", "W4A4", windows=2, seqlen=32, repeats=1, device="cpu")
-    assert r.tokens == 64 and r.fp_tokens_per_s > 0 and r.quant_tokens_per_s > 0
-    assert math.isfinite(r.ratio) and r.quant_ppl != r.fp_ppl
+    assert r.spec == "W4A4" and r.tokens == 2 * 32
+    assert r.fp_tokens_per_s > 0 and r.quant_tokens_per_s > 0 and math.isfinite(r.ratio)
+    assert r.ratio == pytest.approx(r.quant_tokens_per_s / r.fp_tokens_per_s, rel=1e-12)
+    # the perplexities are those of the FP model and of RTN W4A4 on the same windows, recomputed here
+    loaded = load_model("tiny-random-llama", device="cpu")
+    data = eval_windows("brown", loaded.tokenizer, 32, 2)
+    cpu = torch.device("cpu")
+    assert r.fp_ppl == pytest.approx(perplexity(loaded.model, data, device=cpu, progress=False), rel=1e-5)
+    quantize_linears(loaded.model, BitSpec.parse("W4A4"))
+    freeze(loaded.model)
+    assert r.quant_ppl == pytest.approx(perplexity(loaded.model, data, device=cpu, progress=False), rel=1e-5)
+    assert r.quant_ppl != pytest.approx(r.fp_ppl, rel=1e-4)  # the quantized model is a different model

@@ -33,8 +33,10 @@ def test_load_by_local_path(tmp_path, smollm2_tokenizer):
     smollm2_tokenizer.save_pretrained(tmp_path / "m")
     loaded = load_model(str(tmp_path / "m"), dtype="float32")
     assert loaded.source.startswith("local:")
-    for (name, a), b in zip(model.state_dict().items(), loaded.model.state_dict().values()):
-        torch.testing.assert_close(a, b, msg=name)
+    saved, got = model.state_dict(), loaded.model.state_dict()
+    assert set(got) == set(saved)  # by name: no tensor missing, renamed or extra
+    for name, tensor in saved.items():
+        torch.testing.assert_close(got[name], tensor, msg=name)
 
 
 def test_tiny_random_is_seeded():

@@ -1,6 +1,8 @@
 """The results report: known numbers render as expected cells, bold is the true best, missing is a dash."""
 from __future__ import annotations
 
+import csv
+import io
 import math
 import re
 
@@ -29,6 +31,23 @@ def sweep() -> list[dict]:
     ]
 
 
+def assert_is_format(text: str, fmt: str) -> None:
+    """The text is the named format and no other: each format's own marker, checked independently."""
+    first = text.splitlines()[0]
+    if fmt == "md":
+        assert text.startswith("# ") and "| model |" in text and "\\begin{" not in text and "<table" not in text
+    elif fmt == "csv":
+        header = next(csv.reader(io.StringIO(text)))
+        assert header[:3] == ["model", "method", "bits"] and "|" not in text and "<" not in first
+        assert not text.startswith("#") and "\\begin{" not in text
+    elif fmt == "tex":
+        assert text.startswith("\\begin{table}") and all(r in text for r in ("\\toprule", "\\midrule", "\\bottomrule"))
+        assert "| model |" not in text and "<table" not in text
+    else:
+        assert text.lower().startswith("<!doctype html>") and "<table" in text and "</html>" in text
+        assert "| model |" not in text and "\\begin{table}" not in text
+
+
 def rows_by(rows: list[dict], method: str, bits: str) -> dict:
     [row] = [r for r in rows if r["method"] == method and r["bits"] == bits]
     return row
@@ -48,6 +67,7 @@ def test_results_frame_rows_columns_and_costs():
 @pytest.mark.parametrize("fmt", ["md", "csv", "tex", "html"])
 def test_every_format_shows_known_cells_best_and_dashes(tmp_path, fmt):
     text = report(store(tmp_path, sweep()), fmt)
+    assert_is_format(text, fmt)
     visible = re.sub(r"data:image/[a-z]+;base64,[A-Za-z0-9+/=]+", "", text)  # base64 may spell anything
     assert not re.search(r"\bnan\b", visible, re.IGNORECASE)
     rows = grid(text, fmt)
@@ -57,7 +77,7 @@ def test_every_format_shows_known_cells_best_and_dashes(tmp_path, fmt):
     assert rtn4["ppl c4"] == dash and rtn8["peak mem GiB"] == dash and rtn8["calib s"] == dash
     if fmt == "csv":  # full precision numbers, no markup
         assert float(sq["ppl wikitext2"]) == 15.0 and float(sq["device-h"]) == pytest.approx(91.0 / 3600)
-        frame = pd.read_csv(__import__("io").StringIO(text), na_values="–")
+        frame = pd.read_csv(io.StringIO(text), na_values="–")
         assert frame["ppl c4"].isna().sum() == 1
         return
     # W4A4 competitors: smoothquant has the lower wikitext2 ppl, rtn the higher accuracy and less time
@@ -86,7 +106,12 @@ def test_cli_report_writes_each_format_by_suffix(tmp_path):
         out = tmp_path / f"r.{suffix}"
         result = CliRunner().invoke(main, ["report", str(root), "-o", str(out)])
         assert result.exit_code == 0, result.output
-        assert "smoothquant" in out.read_text()
+        text = out.read_text()
+        assert_is_format(text, suffix)
+        assert "smoothquant" in text
+    other = tmp_path / "r.txt"  # an unknown suffix means Markdown
+    assert CliRunner().invoke(main, ["report", str(root), "-o", str(other)]).exit_code == 0
+    assert_is_format(other.read_text(), "md")
     assert set(FORMATS) == {"md", "csv", "tex", "html"}
 
 

@@ -13,18 +13,29 @@ def test_key_is_order_independent_and_sensitive():
     assert run_key({"a": 1}) != run_key({"a": 2})
 
 
-def test_atomic_write_never_leaves_partial_files(tmp_path):
+@pytest.mark.parametrize("fails", ["fsync", "replace"])
+def test_atomic_write_never_leaves_partial_files(tmp_path, monkeypatch, fails):
+    """A crash inside the write (after the temp file holds the new text) keeps the old file and no temp."""
+    import harness.results as results
+
     path = tmp_path / "r.json"
     write_json_atomic(path, {"x": 1})
+    before = path.read_bytes()
+    called = []
 
-    class Boom:
-        def __str__(self):
-            raise RuntimeError("serialisation failed half way")
+    def boom(*args):
+        called.append(args)
+        raise OSError("disk full")
 
-    with pytest.raises(RuntimeError):
-        write_json_atomic(path, {"x": 2, "y": Boom()})
-    assert json.loads(path.read_text()) == {"x": 1}  # the old result survives
-    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left behind
+    monkeypatch.setattr(results.os, fails, boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_json_atomic(path, {"x": 2, "y": "a new result"})
+    monkeypatch.undo()
+    assert called  # the failure happened inside the write, not before it
+    assert path.read_bytes() == before  # the old result survives byte for byte
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no .r.json.*.tmp left behind
+    write_json_atomic(path, {"x": 2})  # and the store still writes afterwards
+    assert json.loads(path.read_text()) == {"x": 2}
 
 
 def test_store_success_clears_failure(tmp_path):
