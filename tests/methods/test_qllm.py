@@ -1,12 +1,18 @@
-"""The qllm method (methods/qllm/method.py): config, an end-to-end tiny run, and smollm2 vs RTN."""
+"""The qllm method (methods/qllm/method.py): config, end-to-end tiny runs (every ablation option), smollm2 vs RTN."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
 from harness import BitSpec, ConfigError, LlamaAdapter, QuantContext, get_method, quant_linears
-from methods.qllm import QLLMConfig
 from harness.calibration_stats import channel_abs_max as channel_max
+from harness.quantizer import quantize_weight
+from methods.qllm import QLLMConfig
+from methods.qllm.method import site_function
+from methods.qllm.reassembly import make_plan, site_error, theta_grid
+from tests.methods.quantized import assert_quantized
 from tests.methods.test_qllm_reassembly import site_features, with_outliers
 
 W4A4 = BitSpec.parse("W4A4")
@@ -33,25 +39,186 @@ def test_config_round_trips():
     assert QLLMConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def test_tiny_end_to_end(tiny_model, tiny_tokens):
+BASE = {"epochs": 2, "blocks_per_job": 2, "rank": 2, "grid_steps": 10}
+
+
+def run_qllm(tiny_model, tokens, spec: BitSpec = W4A4, **options):
+    """(FP copy, quantized model, result) of the tiny model with LLaMA-like outliers."""
     model = with_outliers(tiny_model)
-    widths = {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    with torch.no_grad():  # the FP outlier statistics of block 0, computed independently
-        hidden = model.model.embed_tokens(tiny_tokens)
-        feats = site_features(model.model.layers[0], hidden, LlamaAdapter().position_embeddings(model, hidden))
-    method = get_method("qllm").from_options({"epochs": 2, "blocks_per_job": 2, "rank": 2, "grid_steps": 10})
-    result = method.quantize(model, W4A4, tiny_tokens, QuantContext(progress=False))
-    linears = dict(quant_linears(model))
-    assert len(linears) == 14 and all(m.frozen for m in linears.values())
-    for name, linear in linears.items():
+    original = copy.deepcopy(model)
+    result = get_method("qllm").from_options({**BASE, **options}).quantize(model, spec, tokens, QuantContext(progress=False))
+    return original, model, result
+
+
+def block0_features(original, tokens):
+    """FP features of block 0's sites and the position embeddings, computed with the tests' own hooks."""
+    with torch.no_grad():
+        hidden = original.model.embed_tokens(tokens)
+    pe = LlamaAdapter().position_embeddings(original, hidden)
+    return site_features(original.model.layers[0], hidden, pe), pe
+
+
+def recompute_block0(original, tokens, sites, spec, samples=1, assembly=True):
+    """Per block-0 site: (error with nothing reassembled, error of the recorded theta's plan, best error on the grid).
+
+    The errors are recomputed on the FP block from the recorded theta with ``make_plan`` and
+    ``site_error``; the statistic uses every calibration sample, the scoring the first ``samples``.
+    """
+    feats, pe = block0_features(original, tokens)
+    layer = original.model.layers[0]
+    out = []
+    with torch.no_grad():
+        for s in sites[:3]:
+            x_max = channel_max(feats[s["site"]])
+            x = feats[s["site"]][:samples]
+            tokens2d = x.reshape(-1, x.shape[-1])
+            consumers, fn = site_function(layer, s["site"], pe)
+            weights = [layer.get_submodule(c).weight for c in consumers]
+            reference = fn(x, weights)
+            before = site_error(fn, x, weights, reference, None, spec)
+            plan = make_plan(x_max, s["theta"], tokens2d, torch.cat(weights), assembly) if s["added"] else None
+            after = site_error(fn, x, weights, reference, plan, spec) if plan is not None else before
+            grid = [make_plan(x_max, t, tokens2d, torch.cat(weights), assembly) for t in theta_grid(x_max, 0.2, BASE["grid_steps"])[1:]]
+            best = min([before] + [site_error(fn, x, weights, reference, p, spec) for p in grid if p is not None and p.added])
+            out.append((before, after, best))
+    return out
+
+
+def norm_weight(layer, path: str) -> torch.Tensor:
+    norm = layer.get_submodule(path)
+    return getattr(norm, "module", norm).weight  # a reassembled site wraps its norm
+
+
+def norms_changed(original, model) -> list[bool]:
+    return [not torch.equal(norm_weight(a, p), norm_weight(b, p)) for a, b in zip(original.model.layers, model.model.layers)
+            for p in ("input_layernorm", "post_attention_layernorm")]
+
+
+def linear_weights(model) -> dict[str, torch.Tensor]:
+    return {n.replace(".module", ""): m.weight for n, m in quant_linears(model)}
+
+
+def test_tiny_end_to_end(tiny_model, tiny_tokens):
+    original, model, result = run_qllm(tiny_model, tiny_tokens)
+    widths = {n: m.in_features for n, m in original.named_modules() if isinstance(m, torch.nn.Linear)}
+    feats, _ = block0_features(original, tiny_tokens)
+    assert_quantized(model, W4A4, 14)
+    for name, linear in quant_linears(model):
         assert linear.in_features == linear.weight.shape[1] == widths[name.replace(".module", "")]
     sites = result.stats["jobs"][0]["sites"]
-    assert len(sites) == 6 and all(s["error_after"] <= s["error_before"] for s in sites)
+    assert len(sites) == 6 and all(s["candidates"] > 0 for s in sites)
     for s in sites[:3]:  # block 0: the statistic comes from the FP pass, not the quantized one
         assert s["layer"] == 0 and s["max_stat"] == pytest.approx(channel_max(feats[s["site"]]).max().item(), rel=1e-5)
+    for s, (before, after, best) in zip(sites, recompute_block0(original, tiny_tokens, sites, W4A4)):
+        # the recorded errors are those of the recorded theta's plan, and it is the grid's best
+        assert s["error_before"] == pytest.approx(before, rel=1e-4) and s["error_after"] == pytest.approx(after, rel=1e-4)
+        assert s["error_after"] == pytest.approx(best, rel=1e-4)
+    # a plan is applied only when it lowers the site's error
+    assert all(s["error_after"] < s["error_before"] if s["added"] else s["error_after"] == s["error_before"] for s in sites)
     assert result.stats["reassembled_sites"] > 0  # the planted outliers get reassembled
+    assert "loss" in result.stats["jobs"][0] and "final_norm_loss" in result.stats
     assert model.lm_head.bias is not None  # the tuned final-norm bias, folded into the FP head
+    assert not torch.equal(model.model.norm.weight, original.model.norm.weight)
+    assert all(norms_changed(original, model))  # train_norms: the blocks' RMSNorm weights are trained
+    # error correction moved the weights off plain RTN (o_proj is never reassembled, so compare it directly)
+    o_proj = "model.layers.0.self_attn.o_proj"
+    assert not torch.equal(linear_weights(model)[o_proj], quantize_weight(original.get_submodule(o_proj).weight, W4A4))
     assert not any("lora" in name for name, _ in model.named_parameters())  # merged: no extra parameters
+    with torch.no_grad():
+        assert torch.isfinite(model(tiny_tokens).logits).all()
+
+
+@pytest.mark.parametrize("text", ["W8A8", "W4A16", "W4A4sym"])
+def test_quantizers_follow_the_spec(tiny_model, tiny_tokens, text):
+    spec = BitSpec.parse("W4A4", a_symmetric=True, w_symmetric=True) if text == "W4A4sym" else BitSpec.parse(text)
+    _, model, _ = run_qllm(tiny_model, tiny_tokens, spec, epochs=1)
+    assert_quantized(model, spec, 14)
+
+
+# --- ablations: each option does what it says, checked by what it must change or leave alone ---------
+
+
+def check_theta_ratio(original, model, result, tokens):
+    feats, _ = block0_features(original, tokens)
+    sites = result.stats["jobs"][0]["sites"]
+    assert all(s["candidates"] == 1 for s in sites)  # no search: one theta per site
+    for s in sites[:3]:
+        x_max = channel_max(feats[s["site"]])
+        width, budget = x_max.numel(), int(x_max.numel() * 0.2)
+        hi, lo = float(x_max.max()), float(x_max.min())
+        downward = [hi - k * (hi - lo) / BASE["grid_steps"] for k in range(BASE["grid_steps"])]
+        added = [int(torch.ceil(x_max / t).clamp(min=1).sum()) - width for t in downward]
+        # the official non-adaptive choice: the most channels the budget allows on the downward grid
+        assert s["added"] == max(a for a in added if a <= budget)
+    assert result.stats["reassembled_sites"] > 0
+
+
+def check_no_assembly(original, model, result, tokens):
+    widths = {n: m.in_features for n, m in original.named_modules() if isinstance(m, torch.nn.Linear)}
+    adapter, grown = LlamaAdapter(), 0
+    for s in (s for j in result.stats["jobs"] for s in j["sites"]):
+        assert s["merged"] == 0
+        for path in getattr(adapter, s["site"]).consumers:
+            name = f"model.layers.{s['layer']}.{path}"
+            assert linear_weights(model)[name].shape[1] == widths[name] + s["added"]
+            grown += s["added"] > 0
+    assert grown > 0  # disassembly alone widens the consumers of a reassembled site
+
+
+def check_no_error_correction(original, model, result, tokens):
+    assert not any("loss" in j or "loss_first" in j for j in result.stats["jobs"])
+    assert not any(norms_changed(original, model))  # nothing trains the norms either
+    reassembled = {f"model.layers.{s['layer']}.{c}" for j in result.stats["jobs"] for s in j["sites"] if s["added"]
+                   for c in getattr(LlamaAdapter(), s["site"]).consumers}
+    plain = {n: w for n, w in linear_weights(model).items() if n not in reassembled}
+    assert len(plain) >= 2 * 2  # at least o_proj of each block and one more site
+    for name, weight in plain.items():  # without correction a linear is plain RTN of its FP weight
+        assert torch.equal(weight, quantize_weight(original.get_submodule(name).weight, W4A4)), name
+
+
+def check_final_norm_off(original, model, result, tokens):
+    assert model.lm_head.bias is None and "final_norm_loss" not in result.stats
+    assert torch.equal(model.model.norm.weight, original.model.norm.weight)
+    assert torch.equal(model.lm_head.weight, original.lm_head.weight)
+
+
+def check_final_norm_weight(original, model, result, tokens):
+    assert model.lm_head.bias is None and "final_norm_loss" in result.stats
+    assert not torch.equal(model.model.norm.weight, original.model.norm.weight)
+
+
+def check_frozen_norms(original, model, result, tokens):
+    assert "loss" in result.stats["jobs"][0]  # error correction still ran ...
+    assert not any(norms_changed(original, model))  # ... without touching the blocks' norms
+
+
+def check_two_search_samples(original, model, result, tokens):
+    sites = result.stats["jobs"][0]["sites"]
+    two = recompute_block0(original, tokens, sites, W4A4, samples=2)
+    one = recompute_block0(original, tokens, sites, W4A4, samples=1)
+    for s, (before, after, _), (before1, _, _) in zip(sites, two, one):
+        # the recorded errors are scored on two samples' features, which differ from one sample's
+        assert s["error_before"] == pytest.approx(before, rel=1e-4) and s["error_after"] == pytest.approx(after, rel=1e-4)
+        assert s["error_before"] != pytest.approx(before1, rel=1e-3)
+
+
+ABLATIONS = {
+    "theta_ratio": ({"theta": "ratio"}, check_theta_ratio),
+    "no_assembly": ({"assembly": False}, check_no_assembly),
+    "no_error_correction": ({"error_correction": False}, check_no_error_correction),
+    "final_norm_off": ({"final_norm": "off"}, check_final_norm_off),
+    "final_norm_weight": ({"final_norm": "weight"}, check_final_norm_weight),
+    "frozen_norms": ({"train_norms": False}, check_frozen_norms),
+    "two_search_samples": ({"search_samples": 2}, check_two_search_samples),
+}
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_ablation_option(tiny_model, tiny_tokens, ablation):
+    options, check = ABLATIONS[ablation]
+    original, model, result = run_qllm(tiny_model, tiny_tokens, **options)
+    assert_quantized(model, W4A4, 14)
+    check(original, model, result, tiny_tokens)
     with torch.no_grad():
         assert torch.isfinite(model(tiny_tokens).logits).all()
 
