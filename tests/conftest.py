@@ -2,8 +2,13 @@
 
 - ``tiny_model``: a fresh 2-layer random LLaMA (GQA) per test, built in code.
 - ``smollm2``: the real smollm2-135m (loaded once per session; tests get a deep copy to mutate).
+- ``smollm2_tokenizer``: smollm2's tokenizer alone (without the model's weights).
 - ``brown_calib`` / ``brown_eval``: real Brown token windows for smollm2 tests, small sizes.
 - ``device``: CUDA when present, else CPU (tests run the same code on both).
+
+A test that uses the real model (``SMOLLM2_FIXTURES``, directly or through another fixture) must
+carry the ``smollm2`` marker, so ``-m "not smollm2"`` really skips the slow tests; collection
+fails with the list of tests that do not.
 """
 from __future__ import annotations
 
@@ -16,6 +21,17 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+SMOLLM2_FIXTURES = frozenset({"_smollm2_loaded", "smollm2", "brown_calib", "brown_eval", "fp_ppl", "w4a4_ppl"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: an unmarked test would otherwise run in the fast suite
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = [item.nodeid for item in items
+                if SMOLLM2_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("smollm2") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that use the real smollm2 model need @pytest.mark.smollm2: " + ", ".join(unmarked))
 
 
 @pytest.fixture(scope="session")
@@ -50,8 +66,11 @@ def smollm2(_smollm2_loaded):
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer(_smollm2_loaded):
-    return _smollm2_loaded.tokenizer
+def smollm2_tokenizer():
+    """smollm2's tokenizer, loaded with the tiny random model (same vocabulary) so no smollm2 weights are read."""
+    from harness.models import load_model
+
+    return load_model("tiny-random-llama", dtype="float32", device="cpu").tokenizer
 
 
 @pytest.fixture(scope="session")

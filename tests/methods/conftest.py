@@ -1,9 +1,11 @@
-"""W4A4 perplexity of each method on smollm2, computed at most once per test session.
+"""Perplexities on smollm2 shared by the method tests, each computed at most once per test session.
 
-Several tests compare methods at W4A4 on the real model (each method against RTN, and the
-paper's ordering across all of them). Quantizing with a block-wise method costs minutes on CPU,
-so every method runs once here, with the demo's method options (``configs/demo.yaml``) on the
-same calibration and evaluation windows, and the tests read the cached perplexity.
+``fp_ppl``: the FP model's Brown perplexity. ``w4a4_ppl(method)``: the method's W4A4 perplexity.
+Several tests compare against FP and RTN, or methods at W4A4 (each against RTN, and the paper's
+ordering across all of them). Quantizing with a block-wise method costs minutes on CPU, so every
+method runs once here, with the demo's method options (``configs/demo.yaml``) on the same
+calibration and evaluation windows (the conftest's ``brown_calib`` / ``brown_eval``), and the tests
+read the cached numbers.
 """
 from __future__ import annotations
 
@@ -24,6 +26,11 @@ DEMO_OPTIONS = {
     "omniquant": {"epochs": 1, "max_samples": 4},
     "qllm": {"grid_steps": 10, "epochs": 1},
 }
+
+
+@pytest.fixture(scope="session")
+def fp_ppl(_smollm2_loaded, brown_eval) -> float:
+    return perplexity(_smollm2_loaded.model, brown_eval, device=torch.device("cpu"), progress=False)
 
 
 @pytest.fixture(scope="session")
