@@ -21,7 +21,7 @@ from harness import brown, schema
 from harness.bits import FP, BitSpec
 from harness.config import CalibrationConfig, EvaluationConfig, SweepConfig
 from harness.costs import CostMeter
-from harness.data import calibration_windows, eval_windows
+from harness.data import CORPORA, calibration_windows, eval_windows
 from harness.errors import NonFiniteMetricError
 from harness.fingerprint import fingerprint, hub_commit
 from harness.evaluate import perplexity
@@ -90,7 +90,8 @@ def _baseline(config: SweepConfig) -> tuple[str, MethodConfig]:
 def local_inputs(model: str, calibration: CalibrationConfig | None, evaluation: EvaluationConfig) -> tuple[tuple[str, str], ...]:
     """(path, fingerprint) of each local file or folder a run reads (cached: each is hashed once per sweep)."""
     names = [model, *([calibration.dataset] if calibration else []), *evaluation.ppl.datasets]
-    prints = {n: fp for n in dict.fromkeys(names) if n not in ZOO and (fp := fingerprint(n)) is not None}
+    named = (n for n in dict.fromkeys(names) if n not in ZOO and n not in CORPORA)  # names win over same-named paths
+    prints = {n: fp for n in named if (fp := fingerprint(n)) is not None}
     return tuple(sorted(prints.items()))
 
 

@@ -21,7 +21,7 @@ from harness.models import model_config
 
 def model_widths(cfg: dict) -> dict[str, int]:
     """The input widths of the linears a weight group runs along: q/k/v/gate/up, down, o."""
-    heads, _, head_dim = LlamaAdapter().attention_geometry(SimpleNamespace(head_dim=None, num_key_value_heads=None, **cfg))
+    heads, _, head_dim = LlamaAdapter().attention_geometry(SimpleNamespace(**{"head_dim": None, "num_key_value_heads": None, **cfg}))
     return {"hidden_size": cfg["hidden_size"], "intermediate_size": cfg["intermediate_size"], "attention output": heads * head_dim}
 
 

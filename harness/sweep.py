@@ -75,13 +75,13 @@ def _claim(runs: list[RunSpec], store: ResultStore, summary: SweepSummary, locks
             log.warning("skip %s: held by another process (pid %s)", run.label, pid)
             summary.held[run.key] = pid
             continue
+        locks.append(lock)  # before anything that can raise, so the caller releases it
         # Checked under the lock: the other process may have finished this run a moment ago.
         if store.has(run.key) and not force:
             lock.release()
             log.info("skip %s (done: runs/%s.json)", run.label, run.key)
             summary.skipped.append(run.key)
             continue
-        locks.append(lock)
         todo.append(run)
     return todo
 

@@ -196,3 +196,19 @@ def test_overlapping_calibration_windows_warn_naming_the_field(tmp_path, caplog)
     assert windows.shape == (20, 100)
     [warning] = caplog.records
     assert "calibration.samples" in warning.getMessage() and "2000 tokens" in warning.getMessage() and "900" in warning.getMessage()
+
+
+def test_widths_come_from_the_config_including_an_explicit_head_dim():
+    from harness.preflight import model_widths
+
+    assert model_widths({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}) == \
+        {"hidden_size": 64, "intermediate_size": 128, "attention output": 64}
+    # head_dim given (and not hidden / heads): o_proj's input is heads x head_dim
+    assert model_widths({"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "head_dim": 32})["attention output"] == 128
+
+
+def test_a_group_size_dividing_every_width_is_accepted(tmp_path):
+    config = tmp_path / "ok.yaml"
+    config.write_text(yaml.safe_dump({**BASE, "bits": ["W4A16g32", "W4A4g64"]}))
+    code, lines = run_cli(["run", str(config), "--dry-run"])
+    assert code == 0 and any("rtn W4A16g32" in line for line in lines), lines

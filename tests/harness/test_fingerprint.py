@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -18,11 +20,19 @@ def safetensors_bytes(values: bytes, name: str = "w") -> bytes:
     return struct.pack("<Q", len(header)) + header + values
 
 
+def rewrite(path: Path, data: bytes) -> None:
+    """Write ``data`` as a later edit would: prints are cached per (path, mtime, size), and two writes in
+    the same clock tick can share an mtime, so move it on explicitly."""
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_bytes(data)
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+
+
 def test_a_file_print_is_its_sha256_and_follows_its_content(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("one")
     assert fp.fingerprint(str(path)) == "sha256:" + hashlib.sha256(b"one").hexdigest()
-    path.write_text("two")
+    rewrite(path, b"two")
     assert fp.fingerprint(str(path)) == "sha256:" + hashlib.sha256(b"two").hexdigest()
     assert fp.fingerprint("brown") is None and fp.fingerprint("tiny-random-llama") is None
 
@@ -31,9 +41,9 @@ def test_a_folder_print_follows_config_and_weights(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     (tmp_path / "model.safetensors").write_bytes(safetensors_bytes(b"abcd"))
     first = fp.fingerprint(str(tmp_path))
-    (tmp_path / "model.safetensors").write_bytes(safetensors_bytes(b"abce"))  # same header, one weight changed
+    rewrite(tmp_path / "model.safetensors", safetensors_bytes(b"abce"))  # same header, one weight changed
     second = fp.fingerprint(str(tmp_path))
-    (tmp_path / "config.json").write_text('{"model_type": "llama", "rope_theta": 1}')
+    rewrite(tmp_path / "config.json", b'{"model_type": "llama", "rope_theta": 1}')
     third = fp.fingerprint(str(tmp_path))
     assert len({first, second, third}) == 3
 
@@ -42,9 +52,9 @@ def test_large_weights_are_printed_by_header_and_size(tmp_path, monkeypatch):
     monkeypatch.setattr(fp, "FULL_HASH_BYTES", 10)  # every file counts as large here
     (tmp_path / "model.safetensors").write_bytes(safetensors_bytes(b"abcd" * 10))
     first = fp.fingerprint(str(tmp_path))
-    (tmp_path / "model.safetensors").write_bytes(safetensors_bytes(b"abce" * 10))
+    rewrite(tmp_path / "model.safetensors", safetensors_bytes(b"abce" * 10))
     assert fp.fingerprint(str(tmp_path)) == first  # the documented blind spot: same shapes, same size
-    (tmp_path / "model.safetensors").write_bytes(safetensors_bytes(b"abce" * 10, name="v"))
+    rewrite(tmp_path / "model.safetensors", safetensors_bytes(b"abce" * 10, name="v"))
     assert fp.fingerprint(str(tmp_path)) != first
 
 
@@ -87,6 +97,6 @@ def test_keys_follow_local_files_and_stay_put_for_named_inputs(tmp_path):
     local = {**SWEEP, "evaluation": {"ppl": {"datasets": [str(data)], "seqlen": 32}}}
     first = plan(parse_config(local))
     assert all(r.identity()["inputs"] == {str(data): fp.fingerprint(str(data))} for r in first)
-    data.write_text("other text " * 50)
+    rewrite(data, b"other text " * 50)
     second = plan(parse_config(local))
     assert {r.key for r in first}.isdisjoint({r.key for r in second})
