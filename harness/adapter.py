@@ -81,6 +81,7 @@ class LlamaAdapter:
 
 # model_type values whose blocks have exactly the LLaMA layout above.
 _LLAMA_LIKE = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = _LLAMA_LIKE  # checked against a model's config.json before any work (harness.preflight)
 
 
 def get_adapter(model: nn.Module) -> LlamaAdapter:

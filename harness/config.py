@@ -28,6 +28,7 @@ from harness.data import check_dataset_name
 from harness.errors import ConfigError, PtqbenchError
 from harness.method import Method, MethodConfig
 from harness.models import check_model_name
+from harness.preflight import check_model
 from harness.registry import get_method
 from harness.zeroshot import ZeroShotConfig, check_tasks
 
@@ -81,6 +82,11 @@ class PerplexityConfig:
 class EvaluationConfig:
     ppl: PerplexityConfig = field(default_factory=PerplexityConfig)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+
+    def __post_init__(self) -> None:
+        if not self.ppl.datasets and not self.zeroshot.tasks:
+            raise ConfigError("evaluation: measures nothing (ppl.datasets and zeroshot.tasks are both empty); "
+                              "list a perplexity dataset or a zero-shot task")
 
 
 @dataclass(frozen=True)
@@ -211,6 +217,7 @@ class SweepConfig:
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def __post_init__(self) -> None:
+        check_name(self.name)
         if self.device not in DEVICES:
             raise ConfigError(f"device: {self.device!r} is not allowed; use one of {DEVICES}")
         if self.dtype not in DTYPES:
@@ -224,6 +231,12 @@ class SweepConfig:
         data["methods"] = [m.to_dict() for m in self.methods]
         data["bits"] = [b.name for b in self.bits]
         return data
+
+
+def check_name(name: str) -> None:
+    """A sweep name becomes a folder name (runs/<name>): one plain path component, never a way out of runs/."""
+    if not name or name in (".", "..") or any(c in name for c in ("/", "\\", "\0")) or name.startswith("."):
+        raise ConfigError(f"name: {name!r} is not allowed; use a plain name without path separators or a leading dot, e.g. demo")
 
 
 def _bit_specs(raw: Any, quant: QuantSchemeConfig, where: str) -> tuple[BitSpec, ...]:
@@ -274,7 +287,24 @@ def parse_config(raw: Any, source: str = "config") -> SweepConfig:
     for i, name in enumerate(config.evaluation.ppl.datasets):
         _get(lambda n=name: check_dataset_name(n), f"evaluation.ppl.datasets[{i}]")
     check_tasks(config.evaluation.zeroshot)
+    _check_against_models(config)
     return config
+
+
+def _check_against_models(config: SweepConfig) -> None:
+    """Each model's config.json against the bit specs and window lengths it will see (``harness.preflight``)."""
+    specs = [(f"bits[{i}]", s) for i, s in enumerate(config.bits)]
+    specs += [(f"methods[{j}].bits[{i}]", s) for j, m in enumerate(config.methods) for i, s in enumerate(m.bits or ())]
+    seqlens = [("evaluation.ppl.seqlen", config.evaluation.ppl.seqlen)] if config.evaluation.ppl.datasets else []
+    if any(m.method_class.needs_calibration for m in config.methods):
+        seqlens.append(("calibration.seqlen", config.calibration.seqlen))
+    for i, name in enumerate(config.models):
+        try:
+            check_model(name, f"models[{i}]", specs, seqlens)
+        except ConfigError:
+            raise  # already names its field (bits[0], evaluation.ppl.seqlen, ...)
+        except PtqbenchError as err:
+            raise ConfigError(f"models[{i}]: {err}") from None
 
 
 def with_task_data(config: SweepConfig, task_data: str) -> SweepConfig:
@@ -296,7 +326,24 @@ def load_config(path: str | Path) -> SweepConfig:
     if not path.is_file():
         raise ConfigError(f"config: file {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config: {path} cannot be read as text ({err.__class__.__name__})") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"config: {path} is not valid YAML ({yaml_problem(err, text)})") from None
     return parse_config(raw, source=str(path))
+
+
+def yaml_problem(err: yaml.YAMLError, text: str) -> str:
+    """Where and what: ``line 3, column 1: found character '\\t' ...; tabs are not allowed ...``."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if mark is None:
+        return problem
+    lines = text.splitlines()
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    # PyYAML words a tab problem many ways (or blames the next line); say it plainly.
+    hint = "; tabs are not allowed in YAML, indent with spaces" if "\t" in line or "\\t" in problem else ""
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}{hint}"

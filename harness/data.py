@@ -75,13 +75,40 @@ CORPORA: dict[str, Corpus] = {
 }
 
 
+SNIFF_BYTES = 64 * 1024
+
+
+def check_text_file(path: Path) -> None:
+    """Refuse a file that is not UTF-8 text (NUL bytes or invalid UTF-8 in its first 64 KiB)."""
+    with path.open("rb") as f:
+        head = f.read(SNIFF_BYTES)
+    nul = head.find(b"\0")
+    if nul >= 0:
+        raise ResourceUnavailableError(f"dataset {str(path)!r}: not a text file (NUL byte at offset {nul}); use a UTF-8 text file")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 3 or len(head) < SNIFF_BYTES:  # not just a character cut at the sniff boundary
+            raise ResourceUnavailableError(f"dataset {str(path)!r}: not a UTF-8 text file (invalid byte at offset {err.start})") from None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ResourceUnavailableError(f"dataset {str(path)!r}: not a UTF-8 text file (invalid byte at offset {err.start})") from None
+
+
 def resolve_corpus(name: str) -> Corpus:
-    """A corpus by name, or a local text file (used whole for either role)."""
+    """A corpus by name, or a local UTF-8 text file (used whole for either role)."""
     if name in CORPORA:
         return CORPORA[name]
     path = Path(name).expanduser()
+    if path.is_dir():
+        raise ResourceUnavailableError(f"dataset {name!r}: is a directory, not a text file")
     if path.is_file():
-        read = lambda: path.read_text(encoding="utf-8", errors="replace")  # noqa: E731
+        check_text_file(path)
+        read = lambda: _read_text(path)  # noqa: E731
         return Corpus(str(path), read, read, f"local file {path}")
     if name.startswith((".", "/", "~")) or "/" in name or name.endswith(".txt"):
         raise ResourceUnavailableError(f"dataset {name!r}: file does not exist")
@@ -156,6 +183,10 @@ def calibration_windows(name: str, tokenizer: object, samples: int, seqlen: int,
     ids = token_stream(name, "train", tokenizer)
     if ids.numel() <= seqlen:
         raise ResourceUnavailableError(f"dataset {name!r}: train text has {ids.numel()} tokens, fewer than seqlen {seqlen}")
+    if samples * seqlen > ids.numel():
+        # Counted in tokens of the text just tokenized (not estimated): the windows must overlap.
+        log.warning("calibration.samples: %d windows of %d tokens need %d tokens, but dataset %r has %d train tokens; "
+                    "the windows overlap (use fewer samples or a shorter seqlen)", samples, seqlen, samples * seqlen, name, ids.numel())
     rng = random.Random(seed)
     starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(samples)]
     return torch.stack([ids[s : s + seqlen] for s in starts])

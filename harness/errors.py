@@ -24,6 +24,14 @@ class ResourceUnavailableError(PtqbenchError):
     """A model or data set that cannot be reached (no hub, missing path, missing tool)."""
 
 
+class StorageError(PtqbenchError):
+    """Writing results or a report failed (read-only folder, disk full); the message says what and where."""
+
+
+class NonFiniteMetricError(PtqbenchError):
+    """A run measured NaN or inf: a failure, never a result."""
+
+
 class TrainingDivergedError(PtqbenchError):
     """An optimisation produced a NaN or inf loss."""
 

@@ -3,24 +3,30 @@ how a run executes (``execute``: model -> calibration -> method -> evaluation ->
 
 ``execute`` is a pure function of its ``RunSpec`` (it loads its own model and data), so an executor
 can ship it to a Ray worker or a Slurm job; the sweep driver (``harness.sweep``) stores what comes back.
+A run whose metrics include NaN or inf raises ``NonFiniteMetricError``: a failure, never a result.
+Local inputs (data files, model folders) are fingerprinted once when the sweep is planned
+(``harness.fingerprint``) and their prints are part of the run key, so a changed file is a new run.
 """
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from harness import schema
+from harness import brown, schema
 from harness.bits import FP, BitSpec
 from harness.config import CalibrationConfig, EvaluationConfig, SweepConfig
 from harness.costs import CostMeter
-from harness.data import calibration_windows, eval_windows
+from harness.data import CORPORA, calibration_windows, eval_windows
+from harness.errors import NonFiniteMetricError
+from harness.fingerprint import fingerprint, hub_commit
 from harness.evaluate import perplexity
 from harness.method import Method, MethodConfig, QuantContext
-from harness.models import load_model, resolve_device
+from harness.models import ZOO, load_model, resolve_device, resolve_dtype
 from harness.record import RunRecord
 from harness.registry import REGISTRY, get_method
 from harness.results import run_key
@@ -43,6 +49,7 @@ class RunSpec:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    inputs: tuple[tuple[str, str], ...] = ()  # (local file or folder, fingerprint), from local_inputs()
 
     @property
     def method_class(self) -> type[Method]:
@@ -58,6 +65,8 @@ class RunSpec:
         }
         if not self.evaluation.zeroshot.tasks:  # runs without zero-shot keep the keys they had before it existed
             ident["evaluation"].pop("zeroshot")
+        if self.inputs:  # only runs reading local files: zoo models and named corpora keep their keys
+            ident["inputs"] = dict(self.inputs)
         return ident
 
     @property
@@ -78,6 +87,14 @@ def _baseline(config: SweepConfig) -> tuple[str, MethodConfig]:
     return cls.name, cls.config_class()
 
 
+def local_inputs(model: str, calibration: CalibrationConfig | None, evaluation: EvaluationConfig) -> tuple[tuple[str, str], ...]:
+    """(path, fingerprint) of each local file or folder a run reads (cached: each is hashed once per sweep)."""
+    names = [model, *([calibration.dataset] if calibration else []), *evaluation.ppl.datasets]
+    named = (n for n in dict.fromkeys(names) if n not in ZOO and n not in CORPORA)  # names win over same-named paths
+    prints = {n: fp for n in named if (fp := fingerprint(n)) is not None}
+    return tuple(sorted(prints.items()))
+
+
 def plan(config: SweepConfig) -> list[RunSpec]:
     """Every run of the sweep: per model the baseline once (at W16A16), then each method at each of its bit specs."""
     runs: list[RunSpec] = []
@@ -85,14 +102,16 @@ def plan(config: SweepConfig) -> list[RunSpec]:
                   trust_remote_code=config.trust_remote_code)
     baseline, baseline_config = _baseline(config)
     for model in config.models:
-        runs.append(RunSpec(model, baseline, baseline_config, FP, None, **common))
+        inputs = local_inputs(model, None, config.evaluation)
+        runs.append(RunSpec(model, baseline, baseline_config, FP, None, **common, inputs=inputs))
         for entry in config.methods:
             cls = entry.method_class
             if cls.is_baseline:
                 continue
             calibration = config.calibration if cls.needs_calibration else None
+            inputs = local_inputs(model, calibration, config.evaluation)
             for spec in entry.bits or config.bits:
-                runs.append(RunSpec(model, entry.name, entry.config, spec, calibration, **common))
+                runs.append(RunSpec(model, entry.name, entry.config, spec, calibration, **common, inputs=inputs))
     unique = {r.key: r for r in runs}  # a method listed twice with the same options runs once
     return list(unique.values())
 
@@ -125,10 +144,33 @@ def execute(run: RunSpec, progress: bool = True) -> RunRecord:
                 metrics.setdefault("ppl_windows", {})[name] = len(windows)
             if run.evaluation.zeroshot.tasks:
                 metrics["zeroshot"] = zeroshot(model, loaded.tokenizer, run.evaluation.zeroshot, device=device)
+    check_finite(metrics)
     return RunRecord(
         key=run.key, model=run.model, model_source=loaded.source, method=run.method, baseline=cls.is_baseline,
         options=run.config.to_dict(), bits=run.bits.name, bit_spec=run.bits.to_dict(),
         calibration=schema.to_dict(run.calibration), evaluation=schema.to_dict(run.evaluation), seed=run.seed,
         metrics=metrics, stats=result.stats, cost=meter.summary(),
         started_at=started.isoformat(), finished_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+        provenance=_inputs_provenance(run, device),
     )
+
+
+def _inputs_provenance(run: RunSpec, device: torch.device) -> dict[str, Any]:
+    """What the run read, beyond its key: input prints, the hub commit, the resolved dtype, the corpus package."""
+    hub_id = ZOO[run.model].hub_id if run.model in ZOO else (None if run.model in dict(run.inputs) else run.model)
+    datasets = {*run.evaluation.ppl.datasets, *([run.calibration.dataset] if run.calibration else [])}
+    return {"inputs": dict(run.inputs), "model_commit": hub_commit(hub_id) if hub_id else None,
+            "dtype": str(resolve_dtype(run.dtype, device)).removeprefix("torch."),
+            "corpus_packages": {"brown": brown.NPM_PACKAGE} if "brown" in datasets else {}}
+
+
+def check_finite(metrics: dict[str, Any]) -> None:
+    """Refuse NaN or inf in any perplexity or zero-shot accuracy (JSON cannot hold them; a report would hide them)."""
+    found = [(f"ppl on dataset {name!r}", v) for name, v in metrics.get("ppl", {}).items()]
+    zs = metrics.get("zeroshot") or {}
+    found += [(f"{m} on task {task!r}", e[m]) for task, e in (zs.get("tasks") or {}).items() for m in ("acc", "acc_norm") if m in e]
+    if zs.get("average") is not None:
+        found.append(("zero-shot average", zs["average"]))
+    for what, value in found:
+        if not math.isfinite(value):
+            raise NonFiniteMetricError(f"metric {what} is {value}: the model computes NaN or inf (check its weights and dtype); not stored as a result")

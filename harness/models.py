@@ -12,6 +12,7 @@ into a safetensors folder under the cache; later loads read that folder.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -135,7 +136,23 @@ def _load_pretrained(path: str, *, dtype: torch.dtype, trust_remote_code: bool, 
         )
     except OSError as err:
         raise ResourceUnavailableError(f"model {what}: could not be loaded ({err.__class__.__name__}: {str(err).splitlines()[0]})") from err
+    except Exception as err:
+        if err.__class__.__name__ != "SafetensorError":  # safetensors' Rust error, not importable as a stable name
+            raise
+        raise ResourceUnavailableError(f"model {what}: {_bad_weights(path) or 'a weight file'} is not a valid safetensors file ({err})") from err
     return model.eval(), tokenizer
+
+
+def _bad_weights(path: str) -> str | None:
+    """The first ``*.safetensors`` file of a local folder that fails the header check, to name it."""
+    from harness.fingerprint import safetensors_header
+
+    for file in sorted(Path(path).glob("*.safetensors")):
+        try:
+            safetensors_header(file)
+        except ResourceUnavailableError:
+            return repr(str(file))
+    return None
 
 
 def check_model_name(name: str) -> None:
@@ -152,6 +169,35 @@ def check_model_name(name: str) -> None:
             f"model {name!r}: not a zoo name, an existing folder or a hub id (org/name){did_you_mean(name, list(ZOO))}; "
             f"zoo: {', '.join(ZOO)}"
         )
+
+
+def model_config(name: str) -> dict | None:
+    """A model's ``config.json`` as a dict, read without loading weights; None when not on this machine yet.
+
+    Zoo random models answer from their code config; converted zoo models and hub ids from the
+    local cache when it has them (no network).
+    """
+    entry = ZOO.get(name)
+    if entry is not None and entry.random_config is not None:
+        return {"model_type": "llama", **entry.random_config}
+    if entry is not None and entry.gguf_package is not None:
+        path = cache_home() / "models" / name / "config.json"
+    elif entry is None and Path(name).expanduser().is_dir():
+        path = Path(name).expanduser() / "config.json"
+    else:
+        from harness.fingerprint import hub_config_path
+
+        cached = hub_config_path(entry.hub_id if entry is not None else name)
+        path = Path(cached) if cached else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ResourceUnavailableError(f"model {name!r}: {path} is not a readable config.json ({err.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ResourceUnavailableError(f"model {name!r}: {path} is not a JSON object")
+    return data
 
 
 def load_model(name: str, *, dtype: str = "auto", device: str = "auto", seed: int = 0, trust_remote_code: bool = False) -> LoadedModel:

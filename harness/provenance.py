@@ -1,4 +1,8 @@
-"""Provenance recorded with every result: versions, git revision, hardware."""
+"""Provenance recorded with every result: versions, git revision, hardware.
+
+``harness.execute`` adds what the run read: input fingerprints, the hub commit, the resolved dtype
+and the corpus package.
+"""
 from __future__ import annotations
 
 import functools
@@ -67,4 +71,6 @@ def hardware() -> dict:
 
 
 def provenance() -> dict:
-    return {"packages": package_versions(), "git": git_revision(), "hardware": hardware(), "argv": sys.argv}
+    packages = package_versions()
+    return {"packages": packages, "code_version": packages.get("ptqbench"), "git": git_revision(),
+            "hardware": hardware(), "argv": sys.argv}

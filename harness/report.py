@@ -28,12 +28,13 @@ REFERENCES = ("paper",)
 __all__ = ["FORMATS", "REFERENCES", "results_table", "report"]
 
 
-def results_table(frame: pd.DataFrame, title: str, compact: bool = True) -> Table:
-    """The results as a ``Table``; ``compact`` moves a device shared by all runs into a note."""
+def results_table(frame: pd.DataFrame, title: str, compact: bool = True, failed: int = 0) -> Table:
+    """The results as a ``Table``; ``compact`` moves a device shared by all runs into a note; ``failed`` runs are counted."""
+    failed_note = [f"{failed} failed run(s) are not shown; their errors are in failed/."] if failed else []
     if frame.empty:
         return Table(pd.DataFrame(columns=["model", "method", "bits"]), title,
-                     notes=["No finished runs in this directory (failed runs, if any, are in failed/)."])
-    notes = []
+                     notes=["No finished runs in this directory.", *failed_note])
+    notes = failed_note
     if compact and frame["device"].nunique(dropna=False) == 1 and frame["device"].notna().all():
         notes.append(f"All runs on {frame['device'].iloc[0]}; device-h = wall time x devices.")
         frame = frame.drop(columns=["device"])  # the same long name on every row only widens the table
@@ -49,12 +50,14 @@ def report(results_dir: str | Path, fmt: str = "md", title: str | None = None, r
     if reference is not None and reference not in REFERENCES:
         raise ConfigError(f"--reference: {reference!r} is not allowed; use one of {REFERENCES}")
     store = ResultStore(results_dir)
-    if not store.runs.is_dir():
-        raise ConfigError(f"DIR: {str(results_dir)!r} holds no results (no runs/ folder)")
+    # One rule: a folder a sweep wrote into (runs/ or failed/, even empty) reports, anything else is a mistake.
+    if not store.runs.is_dir() and not store.failed.is_dir():
+        raise ConfigError(f"DIR: {str(results_dir)!r} holds no results (no runs/ or failed/ folder)")
     records = list(store.records())
     title = title or f"ptqbench results: {Path(results_dir).name}"
     frame = results_frame(records)
-    tables = [results_table(frame, "Results", compact=fmt != "csv")]
+    failed = len(list(store.failed.glob("*.json")))
+    tables = [results_table(frame, "Results", compact=fmt != "csv", failed=failed)]
     if reference == "paper":
         tables += paper.tables(records)
         if fmt == "csv":  # one CSV holds one table: the side-by-side comparison

@@ -1,5 +1,9 @@
 """Run a sweep: plan its runs, skip those already stored, hand the rest to an executor, store each result.
 
+Each run to do is locked first (``locks/<key>.lock``), so a second sweep on the same folder skips
+the runs this one holds and says so; a failure to write (read-only folder, disk full) stops the
+sweep with a ``StorageError`` and leaves every stored result as it was.
+
 ``run_sweep`` is the driver. The unit of work it hands out (``RunSpec``, ``execute``) lives in
 ``harness.execute``, so executors import that and this module imports the executors.
 """
@@ -18,7 +22,8 @@ from harness.execute import RunSpec, plan
 from harness.executors import make_executor
 from harness.executors.base import Executor, Outcome
 from harness.record import RunRecord
-from harness.results import ResultStore, write_json_atomic, write_text_atomic
+from harness.preflight import check_device
+from harness.results import ResultStore, RunLock, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +33,7 @@ class SweepSummary:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    held: dict[str, str] = field(default_factory=dict)  # key -> pid of the other process running it
 
 
 def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, progress: bool = True,
@@ -37,39 +43,65 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
     ``config.executor`` decides where runs execute (``executor`` overrides it with a ready
     ``harness.executors`` instance); every result comes back here and is stored as it arrives.
     """
+    check_device(config.device, config.executor.kind)
     store = ResultStore(out_dir)
     summary = SweepSummary()
+    locks: list[RunLock] = []
     ex = executor or make_executor(config.executor, store.root, progress=progress)
     with ex:
         if config.device == "auto" and (device := ex.auto_device()):
             # A run's key names the device it executes on: a GPU worker's, not a CPU-only driver's.
             config = dataclasses.replace(config, device=device)
         runs = plan(config)
-        write_json_atomic(store.root / "plan.json", [{"key": r.key, "label": r.label} for r in runs])
-        write_text_atomic(store.root / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-        todo = []
-        for run in runs:
-            if store.has(run.key) and not force:
-                log.info("skip %s (done: runs/%s.json)", run.label, run.key)
-                summary.skipped.append(run.key)
-            else:
-                todo.append(run)
-
-        def done(run: RunSpec, record: RunRecord) -> None:
-            record.provenance = {**record.provenance, "argv": sys.argv, "config": config.to_dict(),
-                                 "seed": run.seed, "executor": ex.kind}
-            store.write(run.key, record)
-            summary.done.append(run.key)
-
-        def failed(run: RunSpec, outcome: Outcome) -> None:
-            log.error("run %s failed: %s", run.label, outcome.error)
-            store.write_failure(run.key, {"key": run.key, "label": run.label, "error": outcome.error,
-                                          "traceback": outcome.traceback, "run": run.identity()})
-            summary.failed[run.key] = outcome.error or "failed"
-
-        if todo:
-            ex.run(todo, done, failed, desc=f"sweep {config.name}")
+        store.clean_temp()
+        write_json_atomic(store.root / "plan.json", [{"key": r.key, "label": r.label} for r in runs], "plan")
+        write_text_atomic(store.root / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False), "config copy")
+        try:
+            todo = _claim(runs, store, summary, locks, force)
+            _execute(todo, config, store, summary, ex)
+        finally:
+            for lock in locks:
+                lock.release()
     return summary
+
+
+def _claim(runs: list[RunSpec], store: ResultStore, summary: SweepSummary, locks: list[RunLock], force: bool) -> list[RunSpec]:
+    """The runs this sweep will execute, each locked; done ones and those another process holds are skipped."""
+    todo = []
+    for run in runs:
+        lock = store.lock(run.key)
+        if not lock.acquire():
+            pid = lock.holder()
+            log.warning("skip %s: held by another process (pid %s)", run.label, pid)
+            summary.held[run.key] = pid
+            continue
+        locks.append(lock)  # before anything that can raise, so the caller releases it
+        # Checked under the lock: the other process may have finished this run a moment ago.
+        if store.has(run.key) and not force:
+            lock.release()
+            log.info("skip %s (done: runs/%s.json)", run.label, run.key)
+            summary.skipped.append(run.key)
+            continue
+        todo.append(run)
+    return todo
+
+
+def _execute(todo: list[RunSpec], config: SweepConfig, store: ResultStore, summary: SweepSummary, ex: Executor) -> None:
+    """Hand ``todo`` to the executor and store each result or failure the moment it settles."""
+    def done(run: RunSpec, record: RunRecord) -> None:
+        record.provenance = {**record.provenance, "argv": sys.argv, "config": config.to_dict(),
+                             "seed": run.seed, "executor": ex.kind}
+        store.write(run.key, record)
+        summary.done.append(run.key)
+
+    def failed(run: RunSpec, outcome: Outcome) -> None:
+        log.error("run %s failed: %s", run.label, outcome.error)
+        store.write_failure(run.key, {"key": run.key, "label": run.label, "error": outcome.error,
+                                      "traceback": outcome.traceback, "run": run.identity()})
+        summary.failed[run.key] = outcome.error or "failed"
+
+    if todo:
+        ex.run(todo, done, failed, desc=f"sweep {config.name}")
 
 
 __all__ = ["SweepSummary", "run_sweep"]

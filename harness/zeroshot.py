@@ -15,6 +15,7 @@ requested task is local, so users with hub access still get the standard tasks.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from functools import lru_cache
@@ -166,7 +167,8 @@ def _task_entry(task: str, results: dict[str, Any]) -> dict[str, Any]:
         if f"{metric},none" in row:
             entry[metric] = row[f"{metric},none"]
             stderr = row.get(f"{metric}_stderr,none")
-            entry[f"{metric}_stderr"] = stderr if isinstance(stderr, (int, float)) else None
+            # lm-eval reports NaN stderr for a single example; JSON has no NaN, and None says "undefined".
+            entry[f"{metric}_stderr"] = stderr if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None
     entry["metric"] = headline_metric(task) if headline_metric(task) in entry else "acc"
     entry["version"] = results["versions"].get(task)
     entry["samples"] = results.get("n-samples", {}).get(task, {}).get("effective")

@@ -5,10 +5,11 @@ from pathlib import Path
 
 import click
 
+from harness.errors import ConfigError
 from harness.report import FORMATS, REFERENCES, report
 from harness.results import write_text_atomic
 
-# -o FILE picks the format from its suffix; anything else means Markdown.
+# -o FILE picks the format from its suffix; an unknown suffix is refused (rep.docx must not silently be Markdown).
 _SUFFIX_FORMATS = {**{f: f for f in FORMATS}, "markdown": "md", "htm": "html", "latex": "tex"}
 
 
@@ -26,10 +27,22 @@ def command(results_dir: Path, fmt: str | None, output: Path | None, title: str 
     (as CSV: that comparison alone). HTML is one self-contained page with plots.
     """
     if fmt is None:
-        fmt = _SUFFIX_FORMATS.get(output.suffix.lstrip(".") if output else "", "md")
+        fmt = format_of(output)
     text = report(results_dir, fmt, title, reference)
     if output is None:
         click.echo(text, nl=False)
         return
-    write_text_atomic(output, text)
+    write_text_atomic(output, text, "report")
     click.echo(f"wrote {output}")
+
+
+def format_of(output: Path | None) -> str:
+    """The format ``-o`` asks for by its suffix (Markdown on stdout); ``ConfigError`` for a suffix we do not write."""
+    if output is None:
+        return "md"
+    suffix = output.suffix.lstrip(".").lower()
+    if suffix not in _SUFFIX_FORMATS:
+        allowed = ", ".join(f".{s}" for s in _SUFFIX_FORMATS)
+        raise ConfigError(f"-o: suffix {output.suffix or '(none)'!r} of {str(output)!r} is not a report format; "
+                          f"use one of {allowed}, or name the format with --format")
+    return _SUFFIX_FORMATS[suffix]

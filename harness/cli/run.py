@@ -10,6 +10,7 @@ import click
 from harness.config import SweepConfig, load_config, with_task_data
 from harness.errors import ConfigError
 from harness.execute import plan
+from harness.preflight import check_device
 from harness.sweep import run_sweep
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ def command(config_path: Path, out_dir: Path | None, force: bool, dry_run: bool,
     config = with_executor(config, executor, ray_address)
     if task_data is not None:
         config = with_task_data(config, str(task_data))
+    check_device(config.device, config.executor.kind)
     out_dir = out_dir or Path("runs") / config.name
     runs = plan(config)
     if dry_run:
@@ -48,7 +50,8 @@ def command(config_path: Path, out_dir: Path | None, force: bool, dry_run: bool,
         return
     log.info("%d runs planned; results in %s", len(runs), out_dir)
     summary = run_sweep(config, out_dir, force=force, progress=progress)
-    click.echo(f"{len(summary.done)} run, {len(summary.skipped)} already done, {len(summary.failed)} failed; results in {out_dir}")
+    held = f", {len(summary.held)} held by another process" if summary.held else ""
+    click.echo(f"{len(summary.done)} run, {len(summary.skipped)} already done{held}, {len(summary.failed)} failed; results in {out_dir}")
     for key, error in summary.failed.items():
         click.echo(f"failed {key}: {error} (details: {out_dir / 'failed' / (key + '.json')})", err=True)
     if summary.failed:

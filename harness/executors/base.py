@@ -55,7 +55,7 @@ def run_task(run: RunSpec, progress: bool = False) -> Outcome:
         if not isinstance(err, PtqbenchError):
             log.debug("run %s:\n%s", run.label, traceback.format_exc())
         return Outcome.from_exception(err)
-    record.provenance = provenance()
+    record.provenance = {**provenance(), **record.provenance}  # execute's own (inputs, dtype) beside the worker's
     return Outcome(record=record)
 
 

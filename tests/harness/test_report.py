@@ -121,3 +121,31 @@ def test_a_directory_without_finished_runs_says_so(tmp_path, fmt):
     text = report(tmp_path, fmt)
     assert grid(text, fmt) == []
     assert fmt == "csv" or "No finished runs" in text
+
+
+def test_empty_runs_and_only_failures_follow_one_rule(tmp_path):
+    """An empty runs/, a failed/ alone, or both: the same header and sentence; failures are counted."""
+    empty, failed_only = tmp_path / "empty", tmp_path / "failed_only"
+    (empty / "runs").mkdir(parents=True)
+    (failed_only / "failed").mkdir(parents=True)
+    (failed_only / "failed" / "k.json").write_text('{"key": "k", "error": "boom"}')
+    a, b = report(empty, "md", title="t"), report(failed_only, "md", title="t")
+    assert a.startswith("# t") and "No finished runs in this directory." in a and "failed run" not in a
+    extra = [line for line in b.splitlines() if line not in a.splitlines()]
+    assert len(extra) == 1 and "1 failed run(s) are not shown; their errors are in failed/." in extra[0]
+    assert [line for line in b.splitlines() if line != extra[0]] == a.splitlines()
+
+
+def test_report_skips_a_corrupt_result(tmp_path, caplog):
+    root = store(tmp_path, sweep())
+    (root / "runs" / "corrupt.json").write_text("{}")
+    with caplog.at_level("WARNING"):
+        text = report(root, "md")
+    assert "smoothquant" in text
+    assert any("corrupt.json" in r.getMessage() for r in caplog.records)
+
+
+def test_cli_report_refuses_an_unknown_suffix(tmp_path):
+    root = store(tmp_path, sweep())
+    result = CliRunner().invoke(main, ["report", str(root), "-o", str(tmp_path / "r.docx")])
+    assert result.exit_code == 2 and result.output.startswith("Error: -o: suffix '.docx'") and not (tmp_path / "r.docx").exists()

@@ -1,10 +1,17 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
-from harness.results import ResultStore, run_key, write_json_atomic
+from harness.errors import StorageError
+from harness.results import ResultStore, run_key, write_json_atomic, write_text_atomic
 from tests.harness.records import record
 
 
@@ -43,8 +50,10 @@ def test_store_success_clears_failure(tmp_path):
     store.write_failure("k", {"error": "x"})
     assert list(store.failures())
     rec = record("m", "rtn", "W4A4", ppl={"brown": 3.0})
-    store.write("k", rec)
-    assert store.has("k") and not list(store.failures()) and list(store.records()) == [rec]
+    store.write_failure(rec.key, {"error": "x"})
+    store.write(rec.key, rec)
+    assert store.has(rec.key) and list(store.failures()) == [{"error": "x"}]  # only its own failure is cleared
+    assert list(store.records()) == [rec]
 
 
 def test_atomic_files_get_ordinary_permissions(tmp_path):
@@ -55,3 +64,81 @@ def test_atomic_files_get_ordinary_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_nan_is_never_written_as_json(tmp_path):
+    path = tmp_path / "r.json"
+    write_json_atomic(path, {"ppl": 1.0})
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ValueError):
+            write_json_atomic(path, {"ppl": bad})
+    assert json.loads(path.read_text()) == {"ppl": 1.0} and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+@pytest.mark.parametrize("content", ["", "{}", '{"key": "x", "schema_version": 2', "[1, 2]", "OTHER_KEY"], ids=["empty", "empty-object", "truncated", "list", "other-key"])
+def test_resume_sets_an_untrustworthy_result_aside(tmp_path, caplog, content):
+    store = ResultStore(tmp_path)
+    good = record("m", "rtn", "W4A4", ppl={"brown": 3.0})
+    store.write(good.key, good)
+    other = record("m", "rtn", "W8A8", ppl={"brown": 2.0})
+    bad = store.runs / "0123456789abcdef.json"
+    if content == "OTHER_KEY":  # a complete record stored under the wrong name (a copy, a rename)
+        content = json.dumps(other.to_dict())
+    bad.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="harness.results"):
+        assert not store.has("0123456789abcdef")
+    [moved] = store.invalid.glob("0123456789abcdef.*.json")
+    assert moved.read_text() == content and not bad.exists()
+    assert any(str(bad) in r.getMessage() and str(moved) in r.getMessage() for r in caplog.records)
+    assert store.has(good.key)  # the trustworthy one stays
+
+
+def test_records_skip_a_corrupt_file_with_a_warning_naming_it(tmp_path, caplog):
+    store = ResultStore(tmp_path)
+    good = record("m", "rtn", "W4A4", ppl={"brown": 3.0})
+    store.write(good.key, good)
+    (store.runs / "bad.json").write_text('{"truncated": ')
+    with caplog.at_level(logging.WARNING, logger="harness.results"):
+        assert list(store.records()) == [good]
+    assert any("bad.json" in r.getMessage() for r in caplog.records)
+
+
+def test_clean_temp_removes_only_old_temp_files(tmp_path):
+    store = ResultStore(tmp_path)
+    store.runs.mkdir()
+    old, fresh, result = store.runs / ".a.json.x1.tmp", tmp_path / ".plan.json.x2.tmp", store.runs / "a.json"
+    for p in (old, fresh, result):
+        p.write_text("x")
+    past = time.time() - 120
+    os.utime(old, (past, past))
+    assert store.clean_temp() == [old]
+    assert not old.exists() and fresh.exists() and result.exists()
+
+
+def test_a_write_that_fails_is_one_storage_error_naming_the_file(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "r.json"
+    write_text_atomic(path, "old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(StorageError, match=r"^result '.*r\.json': could not write \(No space left on device\)"):
+        write_text_atomic(path, "new", "result")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_a_lock_is_exclusive_across_processes_and_names_its_holder(tmp_path):
+    store = ResultStore(tmp_path)
+    lock = store.lock("k")
+    assert lock.acquire()
+    probe = ("import sys; from harness.results import ResultStore; "
+             "l = ResultStore(sys.argv[1]).lock('k'); print(l.acquire(), l.holder())")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    held = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, env=env, check=True)
+    assert held.stdout.split() == ["False", str(os.getpid())]
+    lock.release()
+    free = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, env=env, check=True)
+    assert free.stdout.split()[0] == "True"
