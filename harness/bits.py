@@ -28,6 +28,9 @@ class BitSpec:
         w_granularity: "channel" (per output channel, or per group) or "tensor" (one scale).
         w_symmetric: symmetric weight quantization (zero point 0) instead of asymmetric.
         a_symmetric: symmetric per-token activation quantization instead of asymmetric.
+        attention: also quantize the attention inputs (Q and K after RoPE, V; per token and head)
+            at ``a_bits`` with ``a_symmetric`` (see harness/attention.py). The sweep's
+            ``quant.attention: auto`` sets it whenever activations are quantized.
     """
 
     w_bits: int = 16
@@ -36,6 +39,7 @@ class BitSpec:
     w_granularity: str = "channel"
     w_symmetric: bool = False
     a_symmetric: bool = False
+    attention: bool = False
 
     def __post_init__(self) -> None:
         for field in ("w_bits", "a_bits"):
@@ -46,6 +50,8 @@ class BitSpec:
             raise ConfigError(f"bits.w_group: {self.w_group!r} is not allowed; use 0 (per channel) or a positive group size")
         if self.w_granularity not in WEIGHT_GRANULARITIES:
             raise ConfigError(f"quant.weight_granularity: {self.w_granularity!r} is not allowed; use one of {WEIGHT_GRANULARITIES}")
+        if not isinstance(self.attention, bool):
+            raise ConfigError(f"quant.attention: {self.attention!r} is not allowed; use true or false")
         if self.w_group and self.w_granularity == "tensor":
             raise ConfigError("quant.weight_granularity: 'tensor' cannot be combined with a group size (g...)")
 
@@ -76,6 +82,10 @@ class BitSpec:
         return self.a_bits < 16
 
     @property
+    def quantizes_attention(self) -> bool:
+        return self.attention and self.quantizes_activations
+
+    @property
     def order_key(self) -> tuple[int, int, int]:
         """Sort key for tables and plots: most bits first (weights, then activations), then coarser groups.
 
@@ -84,7 +94,11 @@ class BitSpec:
         return (-self.w_bits, -self.a_bits, self.w_group)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields; ``attention`` only when set, so runs without it keep the keys they had before it existed."""
+        data = asdict(self)
+        if not self.attention:
+            data.pop("attention")
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> BitSpec:

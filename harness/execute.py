@@ -79,7 +79,11 @@ def _baseline(config: SweepConfig) -> tuple[str, MethodConfig]:
 
 
 def plan(config: SweepConfig) -> list[RunSpec]:
-    """Every run of the sweep: per model the baseline once (at W16A16), then each method at each of its bit specs."""
+    """Every run of the sweep: per model the baseline once (at W16A16), then each method at each of its bit specs.
+
+    A run's options are its method entry's, with the sweep's matching ``overrides`` applied, so
+    the key and the recorded options carry them.
+    """
     runs: list[RunSpec] = []
     common = dict(evaluation=config.evaluation, seed=config.seed, device=config.device, dtype=config.dtype,
                   trust_remote_code=config.trust_remote_code)
@@ -92,7 +96,8 @@ def plan(config: SweepConfig) -> list[RunSpec]:
                 continue
             calibration = config.calibration if cls.needs_calibration else None
             for spec in entry.bits or config.bits:
-                runs.append(RunSpec(model, entry.name, entry.config, spec, calibration, **common))
+                options = config.method_config(entry, model, spec)  # the sweep's per-model/bits overrides
+                runs.append(RunSpec(model, entry.name, options, spec, calibration, **common))
     unique = {r.key: r for r in runs}  # a method listed twice with the same options runs once
     return list(unique.values())
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness import attention
 from harness.adapter import LlamaAdapter, get_adapter
 from harness.bits import BitSpec
 from harness.quantizer import ActQuantizer, WeightQuantizer
@@ -57,8 +58,14 @@ def quantize_block(
     include: Callable[[str, nn.Linear], bool] | None = None,
     prefix: str = "",
 ) -> dict[str, QuantLinear]:
-    """Swap one decoder block's linears for ``QuantLinear`` in place; return them by name."""
+    """Swap one decoder block's linears for ``QuantLinear`` in place; return them by name.
+
+    With ``spec.quantizes_attention`` the block's attention also gets its Q/K/V quantizer
+    (``harness.attention``), installed here so every method quantizes exactly the same tensors.
+    """
     adapter = adapter or LlamaAdapter()
+    if spec.quantizes_attention and not hasattr(layer.get_submodule(adapter.attention_path), attention.ATTRIBUTE):
+        attention.install(layer.get_submodule(adapter.attention_path), spec.a_bits, spec.a_symmetric)
     swapped: dict[str, QuantLinear] = {}
     for name in adapter.linear_names:
         parent_name, _, attr = name.rpartition(".")
@@ -103,13 +110,13 @@ def freeze(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def quantizers_disabled(model: nn.Module) -> Iterator[None]:
-    """Run the model with every activation and (unfrozen) weight quantizer turned off."""
+    """Run the model with every activation, attention-input and (unfrozen) weight quantizer turned off."""
     saved = []
-    for _, module in quant_linears(model):
-        for q in (module.act_quant, module.weight_quant):
-            if hasattr(q, "enabled"):
-                saved.append((q, q.enabled))
-                q.enabled = False
+    quantizers = [q for _, module in quant_linears(model) for q in (module.act_quant, module.weight_quant)]
+    for q in quantizers + attention.attention_quantizers(model):
+        if hasattr(q, "enabled"):
+            saved.append((q, q.enabled))
+            q.enabled = False
     try:
         yield
     finally:
