@@ -15,6 +15,7 @@ from harness.errors import ConfigError
 _SPEC_RE = re.compile(r"^W(\d+)A(\d+)(?:G(\d+))?$")
 MIN_BITS, MAX_BITS = 2, 16
 WEIGHT_GRANULARITIES = ("channel", "tensor")
+ATTENTION_SCOPES = ("head", "projection")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class BitSpec:
         attention: also quantize the attention inputs (Q and K after RoPE, V; per token and head)
             at ``a_bits`` with ``a_symmetric`` (see harness/attention.py). The sweep's
             ``quant.attention: auto`` sets it whenever activations are quantized.
+        attention_scope: "head" = Q/K after RoPE and V, one range per token and head (QLLM /
+            OmniQuant); "projection" = the q/k/v projection outputs, one range per token over all
+            heads, before RoPE (SmoothQuant's official ``quantize_bmm_input``).
     """
 
     w_bits: int = 16
@@ -40,6 +44,7 @@ class BitSpec:
     w_symmetric: bool = False
     a_symmetric: bool = False
     attention: bool = False
+    attention_scope: str = "head"
 
     def __post_init__(self) -> None:
         for field in ("w_bits", "a_bits"):
@@ -52,6 +57,8 @@ class BitSpec:
             raise ConfigError(f"quant.weight_granularity: {self.w_granularity!r} is not allowed; use one of {WEIGHT_GRANULARITIES}")
         if not isinstance(self.attention, bool):
             raise ConfigError(f"quant.attention: {self.attention!r} is not allowed; use true or false")
+        if self.attention_scope not in ATTENTION_SCOPES:
+            raise ConfigError(f"quant.attention_scope: {self.attention_scope!r} is not allowed; use one of {ATTENTION_SCOPES}")
         if self.w_group and self.w_granularity == "tensor":
             raise ConfigError("quant.weight_granularity: 'tensor' cannot be combined with a group size (g...)")
 
@@ -94,10 +101,12 @@ class BitSpec:
         return (-self.w_bits, -self.a_bits, self.w_group)
 
     def to_dict(self) -> dict:
-        """The fields; ``attention`` only when set, so runs without it keep the keys they had before it existed."""
+        """The fields; the attention ones only when set, so runs without them keep the keys they had before they existed."""
         data = asdict(self)
         if not self.attention:
             data.pop("attention")
+        if self.attention_scope == "head":
+            data.pop("attention_scope")
         return data
 
     @classmethod

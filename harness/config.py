@@ -94,12 +94,16 @@ class QuantSchemeConfig:
         activation bits; harness/attention.py). auto = whenever activations are quantized below
         16 bits, the protocol of the QLLM and OmniQuant papers and codes; false = the linears'
         inputs only (ptqbench before this setting existed); true = always set (a no-op at A16).
+    attention_scope: head = Q/K after RoPE and V per token and head (QLLM, OmniQuant); projection =
+        the q/k/v projection outputs per token over all heads, before RoPE (SmoothQuant's official
+        fake_quant.py with quantize_bmm_input).
     """
 
     weight_symmetric: bool = False
     act_symmetric: bool = False
     weight_granularity: str = "channel"
     attention: Literal["auto", True, False] = "auto"
+    attention_scope: str = "head"
 
     def __post_init__(self) -> None:
         self.bit_spec("W16A16")  # validates the scheme's fields
@@ -109,7 +113,7 @@ class QuantSchemeConfig:
         spec = BitSpec.parse(text, w_symmetric=self.weight_symmetric, a_symmetric=self.act_symmetric,
                              w_granularity=self.weight_granularity)
         attention = spec.quantizes_activations if self.attention == "auto" else bool(self.attention)
-        return replace(spec, attention=attention)
+        return replace(spec, attention=attention, attention_scope=self.attention_scope)
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,15 @@ class QuantLinear(nn.Module):
         self.spec = spec
         self.act_quant = ActQuantizer(spec.a_bits, spec.a_symmetric)
         self.weight_quant: nn.Module = WeightQuantizer(spec)
+        self.out_quant: ActQuantizer | None = None  # set for q/k/v with attention_scope "projection"
         self.frozen = False
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight if self.frozen else self.weight_quant(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act_quant(x), self.quantized_weight(), self.bias)
+        y = F.linear(self.act_quant(x), self.quantized_weight(), self.bias)
+        return y if self.out_quant is None else self.out_quant(y)
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -64,7 +66,8 @@ def quantize_block(
     (``harness.attention``), installed here so every method quantizes exactly the same tensors.
     """
     adapter = adapter or LlamaAdapter()
-    if spec.quantizes_attention and not hasattr(layer.get_submodule(adapter.attention_path), attention.ATTRIBUTE):
+    per_head = spec.quantizes_attention and spec.attention_scope == "head"
+    if per_head and not hasattr(layer.get_submodule(adapter.attention_path), attention.ATTRIBUTE):
         attention.install(layer.get_submodule(adapter.attention_path), spec.a_bits, spec.a_symmetric)
     swapped: dict[str, QuantLinear] = {}
     for name in adapter.linear_names:
@@ -75,6 +78,10 @@ def quantize_block(
         if isinstance(linear, QuantLinear) or (include is not None and not include(qualified, linear)):
             continue
         qlinear = QuantLinear(linear, spec)
+        if spec.quantizes_attention and spec.attention_scope == "projection" and name in adapter.attn_in.consumers:
+            # SmoothQuant's official quantize_bmm_input: q/k/v outputs per token over all heads,
+            # before RoPE (mit-han-lab/smoothquant c61476d7 fake_quant.py L89-108, L209-226)
+            qlinear.out_quant = ActQuantizer(spec.a_bits, spec.a_symmetric)
         setattr(parent, attr, qlinear)
         swapped[qualified] = qlinear
     return swapped
@@ -112,7 +119,7 @@ def freeze(model: nn.Module) -> None:
 def quantizers_disabled(model: nn.Module) -> Iterator[None]:
     """Run the model with every activation, attention-input and (unfrozen) weight quantizer turned off."""
     saved = []
-    quantizers = [q for _, module in quant_linears(model) for q in (module.act_quant, module.weight_quant)]
+    quantizers = [q for _, module in quant_linears(model) for q in (module.act_quant, module.weight_quant, module.out_quant)]
     for q in quantizers + attention.attention_quantizers(model):
         if hasattr(q, "enabled"):
             saved.append((q, q.enabled))

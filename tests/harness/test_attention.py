@@ -18,7 +18,7 @@ def numpy_per_row_asym(x: np.ndarray, bits: int) -> np.ndarray:
     """Independent asymmetric min/max fake quantization, one range per row of the last axis."""
     lo, hi = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
     qmax = 2**bits - 1
-    scale = np.clip((hi - lo) / qmax, 1e-5, 1e4)
+    scale = np.clip((hi - lo) / np.float32(qmax), np.float32(1e-5), np.float32(1e4))
     zero = np.round(-lo / scale)
     return (np.clip(np.round(x / scale) + zero, 0, qmax) - zero) * scale
 
@@ -34,7 +34,7 @@ def test_attention_output_matches_independent_per_token_per_head_computation(tin
     with torch.no_grad():
         got = attn(x, position_embeddings=(cos, sin), attention_mask=None)[0]
         # the reference: linears see 4-bit per-token inputs (W16: FP weights), then Q/K/V per (token, head)
-        xq = torch.from_numpy(numpy_per_row_asym(x.double().numpy(), 4)).float()
+        xq = torch.from_numpy(numpy_per_row_asym(x.numpy(), 4))
         heads, kv, d = 4, 2, attn.head_dim
 
         def proj(m, n):
@@ -42,12 +42,12 @@ def test_attention_output_matches_independent_per_token_per_head_computation(tin
 
         q, k, v = proj(attn.q_proj, heads), proj(attn.k_proj, kv), proj(attn.v_proj, kv)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        q, k, v = (torch.from_numpy(numpy_per_row_asym(t.double().numpy(), 4)) for t in (q, k, v))
+        q, k, v = (torch.from_numpy(numpy_per_row_asym(t.numpy(), 4)) for t in (q, k, v))
         k, v = k.repeat_interleave(heads // kv, dim=1), v.repeat_interleave(heads // kv, dim=1)
         scores = q @ k.transpose(-1, -2) / math.sqrt(d)
         scores = scores.masked_fill(torch.triu(torch.ones(9, 9, dtype=torch.bool), 1), float("-inf"))
         out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 9, heads * d)
-        xo = torch.from_numpy(numpy_per_row_asym(out.numpy(), 4)).float()
+        xo = torch.from_numpy(numpy_per_row_asym(out.numpy(), 4))
         ref = torch.nn.functional.linear(xo, attn.o_proj.weight)
     torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-3)
 
@@ -113,3 +113,21 @@ def test_every_method_quantizes_attention_inputs(tiny_model, tiny_tokens, method
     head_dim = hook_targets[0].head_dim
     assert seen and all(d == head_dim for d in seen)  # per (token, head) vectors, Q, K and V of every block
     assert len(seen) == 3 * len(hook_targets)
+
+
+def test_projection_scope_quantizes_qkv_outputs_per_token_over_all_heads(tiny_model, tiny_tokens):
+    """SmoothQuant's official variant: q/k/v projection outputs, one range per token, before RoPE."""
+    spec = QuantSchemeConfig(attention=True, attention_scope="projection", act_symmetric=True).bit_spec("W8A8")
+    assert spec.to_dict()["attention_scope"] == "projection" and "attention_scope" not in QuantSchemeConfig().bit_spec("W8A8").to_dict()
+    quantize_linears(tiny_model, spec)
+    assert not attention_quantizers(tiny_model) and tiny_model.config._attn_implementation == "sdpa"
+    attn = tiny_model.model.layers[0].self_attn
+    x = torch.randn(2, 5, tiny_model.config.hidden_size)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        linear = getattr(attn, name)
+        y = torch.nn.functional.linear(quantize_activation(x, 8, True), linear.weight_quant(linear.weight))
+        torch.testing.assert_close(linear(x), quantize_activation(y, 8, True))  # the whole output row, all heads
+    assert attn.o_proj.out_quant is None and tiny_model.model.layers[0].mlp.up_proj.out_quant is None
+    with torch.no_grad(), quantizers_disabled(tiny_model):
+        assert not attn.q_proj.out_quant.enabled
+    assert attn.q_proj.out_quant.enabled
