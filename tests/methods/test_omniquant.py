@@ -22,20 +22,23 @@ def random_scales(state, generator):
             p.copy_(torch.exp(torch.empty_like(p).uniform_(-1.2, 1.2, generator=generator)))
 
 
-def check_let_is_exact(model, tokens, atol):
+def check_let_is_exact(model, tokens, atol, config=OmniQuantConfig()):
     adapter = get_adapter(model)
     geometry = adapter.attention_geometry(model)
     with torch.no_grad():
         reference = model(tokens).logits
     g = torch.Generator().manual_seed(0)
-    states = [attach(layer, W4A4, adapter, geometry, None, OmniQuantConfig()) for layer in adapter.layers(model)]
+    states = [attach(layer, W4A4, adapter, geometry, None, config) for layer in adapter.layers(model)]
     for s in states:
         random_scales(s, g)
     with quantizers_disabled(model), torch.no_grad():
         transformed = model(tokens).logits
         # the scales really changed the weights (else the test proves nothing)
-        q = states[0].layer.self_attn.q_proj
+        q = states[0].layer.mlp.up_proj
         assert not torch.allclose(q.weight, q.parametrizations.weight.original)
+        attention_let = parametrize.is_parametrized(states[0].layer.self_attn.q_proj)
+        assert attention_let == (config.let_attention == "exact")
+        assert parametrize.is_parametrized(states[0].layer.self_attn.o_proj) == attention_let
         for s in states:
             fold(s)
         folded = model(tokens).logits
@@ -45,10 +48,24 @@ def check_let_is_exact(model, tokens, atol):
     assert type(model).__name__ == "LlamaForCausalLM"
 
 
+@pytest.mark.parametrize("let_attention", ["exact", "off"])
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
-def test_let_apply_and_fold_keep_fp_logits_tiny(tiny_tokens, kv_heads):
+def test_let_apply_and_fold_keep_fp_logits_tiny(tiny_tokens, kv_heads, let_attention):
     model = tiny_llama(seed=0, vocab_size=256, num_key_value_heads=kv_heads)
-    check_let_is_exact(model, tiny_tokens, atol=1e-4)
+    check_let_is_exact(model, tiny_tokens, atol=1e-4, config=OmniQuantConfig(let_attention=let_attention))
+
+
+def test_aug_loss_adds_the_fp_block_on_quantized_inputs(tiny_tokens):
+    """Block 0 sees the embeddings in both chains, so there the extra term equals the first: twice the loss."""
+    def first_losses(aug):
+        options = {"epochs": 1, "max_samples": 1, "aug_loss": aug}
+        model = tiny_llama(seed=0, vocab_size=256)
+        stats = get_method("omniquant").from_options(options).quantize(model, W4A4, tiny_tokens, QuantContext(progress=False)).stats
+        return [b["epoch_losses"][0] for b in stats["blocks"]]
+
+    plain, aug = first_losses(False), first_losses(True)
+    assert aug[0] == pytest.approx(2 * plain[0], rel=1e-5)
+    assert aug[1] > plain[1] and aug[1] != pytest.approx(2 * plain[1], rel=1e-3)
 
 
 def test_untied_rope_pairs_would_break_equivalence(tiny_model, tiny_tokens):
@@ -140,6 +157,7 @@ def test_export_is_plain_llama_with_frozen_quant_linears(tiny_model, tiny_tokens
 @pytest.mark.parametrize("options, field", [
     ({"epochs": -1}, "epochs"), ({"lwc_lr": 0}, "lwc_lr"), ({"let_lr": -1e-3}, "let_lr"),
     ({"alpha": 1.5}, "alpha"), ({"batch_size": 0}, "batch_size"), ({"max_samples": 0}, "max_samples"),
+    ({"let_attention": "drop"}, "let_attention"), ({"aug_loss": "yes"}, "aug_loss"),
 ])
 def test_bad_options_name_the_field(options, field):
     with pytest.raises(ConfigError, match=field):

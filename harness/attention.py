@@ -1,0 +1,66 @@
+"""Quantized attention inputs: Q and K after RoPE and V, per token and per head, at the activation bits.
+
+The official QLLM and OmniQuant LLaMA layers fake-quantize the inputs of the two attention
+matmuls, not only the inputs of the linears: Q and K after RoPE, V, each with one dynamic
+asymmetric range per (token, head) vector of length head_dim; the softmax output stays FP
+(ModelTC/QLLM 653a329e models/int_llama_layer.py L262-263 and L285-289, main.py L195-222, the
+16-bit early return in quantize/quantizer.py L102-105; OpenGVLab/OmniQuant 95fae1bd
+models/int_llama_layer.py L141-142 and L160-162, main.py L282-309).
+
+How it is wired, without copying transformers' attention: ``install(attn, quantizer)`` puts an
+``ActQuantizer`` on a block's attention module as ``attn.qkv_quant`` and switches the model config
+to the attention function registered here, which transformers calls with the module, Q/K (RoPE
+applied) and V in (batch, heads, seqlen, head_dim) layout. The function fake-quantizes them over
+the last dimension and hands them to transformers' SDPA attention. Modules without a quantizer
+(blocks not quantized yet) go straight to SDPA, so a half-quantized model is fine.
+
+Grouped-query attention: here K and V are quantized *before* ``repeat_kv`` (SDPA repeats them),
+the official layers after it. ``repeat_kv`` only copies whole heads, and the range is per
+(token, head) vector, so every copy gets the range of its source head: the results are identical
+(tests/harness/test_attention.py checks it).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+
+from harness.quantizer import ActQuantizer
+
+IMPLEMENTATION = "ptqbench_qkv_sdpa"
+ATTRIBUTE = "qkv_quant"
+
+
+def quantized_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function: fake-quantize Q, K, V (last dim = one head's vector), then SDPA."""
+    quantizer = getattr(module, ATTRIBUTE, None)
+    if quantizer is not None:
+        query, key, value = quantizer(query), quantizer(key), quantizer(value)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register() -> None:
+    # the same masks as SDPA (a name unknown to the mask interface would get no mask at all,
+    # which breaks padded batches such as lm-eval's)
+    AttentionInterface.register(IMPLEMENTATION, quantized_sdpa)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+def install(attn: nn.Module, bits: int, symmetric: bool) -> ActQuantizer:
+    """Quantize ``attn``'s Q/K/V from now on; the model config (shared by all blocks) switches to our function."""
+    _register()
+    quantizer = ActQuantizer(bits, symmetric)
+    setattr(attn, ATTRIBUTE, quantizer)
+    config = getattr(attn, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        raise TypeError(f"{type(attn).__name__} has no transformers config; cannot route its attention")
+    config._attn_implementation = IMPLEMENTATION
+    return quantizer
+
+
+def attention_quantizers(model: nn.Module) -> list[ActQuantizer]:
+    """Every attention-input quantizer installed in ``model``."""
+    return [q for m in model.modules() if isinstance(q := getattr(m, ATTRIBUTE, None), ActQuantizer)]

@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from harness.attention import IMPLEMENTATION, attention_quantizers
+from harness.bits import BitSpec
+from harness.config import QuantSchemeConfig
+from harness.qlinear import quantize_block, quantize_linears, quantizers_disabled
+from harness.quantizer import quantize_activation
+
+
+def numpy_per_row_asym(x: np.ndarray, bits: int) -> np.ndarray:
+    """Independent asymmetric min/max fake quantization, one range per row of the last axis."""
+    lo, hi = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
+    qmax = 2**bits - 1
+    scale = np.clip((hi - lo) / np.float32(qmax), np.float32(1e-5), np.float32(1e4))
+    zero = np.round(-lo / scale)
+    return (np.clip(np.round(x / scale) + zero, 0, qmax) - zero) * scale
+
+
+def test_attention_output_matches_independent_per_token_per_head_computation(tiny_model):
+    torch.manual_seed(0)
+    layer = tiny_model.model.layers[0]
+    attn = layer.self_attn
+    quantize_block(layer, BitSpec.parse("W16A4", attention=True))
+    assert attn.config._attn_implementation == IMPLEMENTATION
+    x = torch.randn(2, 9, tiny_model.config.hidden_size)
+    cos, sin = tiny_model.model.rotary_emb(x, torch.arange(9).unsqueeze(0))
+    with torch.no_grad():
+        got = attn(x, position_embeddings=(cos, sin), attention_mask=None)[0]
+        # the reference: linears see 4-bit per-token inputs (W16: FP weights), then Q/K/V per (token, head)
+        xq = torch.from_numpy(numpy_per_row_asym(x.numpy(), 4))
+        heads, kv, d = 4, 2, attn.head_dim
+
+        def proj(m, n):
+            return torch.nn.functional.linear(xq, m.weight).view(2, 9, n, d).transpose(1, 2)
+
+        q, k, v = proj(attn.q_proj, heads), proj(attn.k_proj, kv), proj(attn.v_proj, kv)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = (torch.from_numpy(numpy_per_row_asym(t.numpy(), 4)) for t in (q, k, v))
+        k, v = k.repeat_interleave(heads // kv, dim=1), v.repeat_interleave(heads // kv, dim=1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+        scores = scores.masked_fill(torch.triu(torch.ones(9, 9, dtype=torch.bool), 1), float("-inf"))
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 9, heads * d)
+        xo = torch.from_numpy(numpy_per_row_asym(out.numpy(), 4))
+        ref = torch.nn.functional.linear(xo, attn.o_proj.weight)
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-3)
+
+
+def test_quantizing_kv_heads_before_repeat_equals_after():
+    # repeat_kv copies whole heads and the range is per (token, head): same values either way
+    k = torch.randn(2, 3, 11, 16) * torch.linspace(0.1, 5, 16)
+    torch.testing.assert_close(quantize_activation(repeat_kv(k, 4), 4), repeat_kv(quantize_activation(k, 4), 4), rtol=0, atol=0)
+
+
+def test_auto_turns_attention_on_only_with_quantized_activations():
+    auto = QuantSchemeConfig()
+    assert auto.bit_spec("W4A4").quantizes_attention and auto.bit_spec("W8A8").attention
+    assert not auto.bit_spec("W4A16").attention
+    assert not QuantSchemeConfig(attention=False).bit_spec("W4A4").attention
+    assert QuantSchemeConfig(attention=True).bit_spec("W4A16").attention
+    assert not QuantSchemeConfig(attention=True).bit_spec("W4A16").quantizes_attention  # A16: nothing to quantize
+    # keys of runs without it do not change: the field is left out of to_dict
+    assert "attention" not in BitSpec.parse("W4A4").to_dict()
+    assert BitSpec.from_dict(auto.bit_spec("W4A4").to_dict()) == auto.bit_spec("W4A4")
+
+
+def test_attention_off_leaves_the_model_as_before_and_on_differs(tiny_model, tiny_tokens):
+    with torch.no_grad():
+        quantize_linears(tiny_model, BitSpec.parse("W4A4"))
+        assert tiny_model.config._attn_implementation == "sdpa" and not attention_quantizers(tiny_model)
+        linears_only = tiny_model(tiny_tokens).logits
+    from harness.models import tiny_llama
+
+    model = tiny_llama(seed=0, vocab_size=256)
+    with torch.no_grad():
+        quantize_linears(model, BitSpec.parse("W4A4", attention=True))
+        assert len(attention_quantizers(model)) == model.config.num_hidden_layers
+        full = model(tiny_tokens).logits
+        with quantizers_disabled(model):
+            fp = model(tiny_tokens).logits
+        # switching only the attention quantizers off gives back the linears-only model exactly
+        for q in attention_quantizers(model):
+            q.enabled = False
+        torch.testing.assert_close(model(tiny_tokens).logits, linears_only, rtol=0, atol=0)
+    assert not torch.allclose(full, linears_only)
+    assert not torch.allclose(full, fp)
+
+
+@pytest.mark.parametrize("method, options", [
+    ("rtn", {}), ("smoothquant", {}), ("omniquant", {"epochs": 1}),
+    ("qllm", {"epochs": 1, "blocks_per_job": 1, "final_norm": "off"}),
+])
+def test_every_method_quantizes_attention_inputs(tiny_model, tiny_tokens, method, options):
+    from harness.method import QuantContext
+    from harness.registry import get_method
+
+    spec = QuantSchemeConfig().bit_spec("W4A4")
+    seen = []
+    hook_targets = [layer.self_attn for layer in tiny_model.model.layers]
+    result = get_method(method).from_options(options).quantize(tiny_model, spec, tiny_tokens, QuantContext(progress=False))
+    quantizers = attention_quantizers(result.model)
+    assert len(quantizers) == len(hook_targets) and all(q.enabled and q.bits == 4 for q in quantizers)
+    for q in quantizers:
+        q.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[-1]))
+    with torch.no_grad():
+        result.model(tiny_tokens)
+    head_dim = hook_targets[0].head_dim
+    assert seen and all(d == head_dim for d in seen)  # per (token, head) vectors, Q, K and V of every block
+    assert len(seen) == 3 * len(hook_targets)
+
+
+def test_projection_scope_quantizes_qkv_outputs_per_token_over_all_heads(tiny_model, tiny_tokens):
+    """SmoothQuant's official variant: q/k/v projection outputs, one range per token, before RoPE."""
+    spec = QuantSchemeConfig(attention=True, attention_scope="projection", act_symmetric=True).bit_spec("W8A8")
+    assert spec.to_dict()["attention_scope"] == "projection" and "attention_scope" not in QuantSchemeConfig().bit_spec("W8A8").to_dict()
+    quantize_linears(tiny_model, spec)
+    assert not attention_quantizers(tiny_model) and tiny_model.config._attn_implementation == "sdpa"
+    attn = tiny_model.model.layers[0].self_attn
+    x = torch.randn(2, 5, tiny_model.config.hidden_size)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        linear = getattr(attn, name)
+        y = torch.nn.functional.linear(quantize_activation(x, 8, True), linear.weight_quant(linear.weight))
+        torch.testing.assert_close(linear(x), quantize_activation(y, 8, True))  # the whole output row, all heads
+    assert attn.o_proj.out_quant is None and tiny_model.model.layers[0].mlp.up_proj.out_quant is None
+    with torch.no_grad(), quantizers_disabled(tiny_model):
+        assert not attn.q_proj.out_quant.enabled
+    assert attn.q_proj.out_quant.enabled
