@@ -53,7 +53,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
                 log.info("skip %s (done: runs/%s.json)", run.label, run.key)
                 summary.skipped.append(run.key)
             else:
-                todo.append(run)
+                todo.append(dataclasses.replace(run, work_root=str(store.root.resolve() / "work")))
 
         def done(run: RunSpec, record: RunRecord) -> None:
             record.provenance = {**record.provenance, "argv": sys.argv, "config": config.to_dict(),

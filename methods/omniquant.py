@@ -279,8 +279,8 @@ class OmniQuant(Method):
             init_loss = block_loss(job, cfg.batch_size) if cfg.epochs else None
 
             def loss_fn(idx: torch.Tensor) -> torch.Tensor:
-                out = job.forward(job.q_inputs[idx])
-                return F.mse_loss(out.float(), job.targets[idx])
+                out = job.forward(job.rows(job.q_inputs, idx))
+                return F.mse_loss(out.float(), job.rows(job.targets, idx))
 
             history = train(groups, loss_fn, len(job.q_inputs), epochs=cfg.epochs, batch_size=cfg.batch_size,
                             seed=context.seed + job.index, label=job.label, device=job.device)
