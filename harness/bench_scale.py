@@ -4,8 +4,9 @@ Run it with ``ptqbench bench-scale`` (it is slow on CPU: it writes a >= 3 GB mod
 
 1. generates random LLaMAs (hidden 2048, fp16, one safetensors shard per block, smollm2's
    tokenizer) at 32 and 8 layers into ``<cache>/bench-scale/`` (once; reused afterwards),
-2. runs each method end to end (``harness.execute``: lazy load, quantize, block-wise perplexity)
-   in a fresh subprocess and reads the subprocess's peak RSS from ``wait4``,
+2. runs each method end to end (``harness.execute``: lazy load, quantize, block-wise perplexity;
+   float32 compute, since CPU fp16 matmuls are slow) in a fresh subprocess and reads the
+   subprocess's peak RSS from ``wait4``,
 3. prints per run the model's size on disk, the peak RSS, their ratio, the dry-run estimate
    (``harness.memory``), and per method the peak-RSS ratio of the deep over the shallow model.
 
@@ -98,7 +99,7 @@ def run_spec(folder: Path, method: str, samples: int, seqlen: int, windows: int,
     evaluation = EvaluationConfig(ppl=PerplexityConfig(datasets=("brown",), seqlen=seqlen, max_windows=windows))
     calibration = CalibrationConfig("brown", samples, seqlen) if cls.needs_calibration else None
     return RunSpec(str(folder), method, cls.config_class.from_dict(OPTIONS.get(method, {})), BitSpec.parse("W4A8"),
-                   calibration, evaluation, device="cpu", dtype="float16", work_root=str(work_root))
+                   calibration, evaluation, device="cpu", dtype="float32", work_root=str(work_root))
 
 
 @dataclass

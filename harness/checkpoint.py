@@ -79,7 +79,7 @@ class Checkpoint:
         name = f"state_{s.next_start:04d}.safetensors"
         tensors = {"fp_x": s.fp_x, "q_x": s.q_x, "rng": s.rng, **{f"state.{k}": v for k, v in s.state.items()}}
         tmp = self.folder / (name + ".tmp")
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
+        save_file(_unshared(tensors), tmp)
         tmp.replace(self.folder / name)
         meta = self.folder / "state.json.tmp"
         meta.write_text(json.dumps({"next_start": s.next_start, "file": name, "stats": s.stats}, default=str))
@@ -102,6 +102,18 @@ class Checkpoint:
         tensors = load_file(self.folder / info["file"])
         state = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
         return EngineState(info["next_start"], tensors["fp_x"], tensors["q_x"], info["stats"], state, tensors["rng"])
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU contiguous tensors for safetensors, which refuses two names on one storage: a method's state
+    may alias an engine buffer (QLLM keeps the last targets), so such a tensor is copied."""
+    out, seen = {}, set()
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
 
 
 def kill_point(where: str, start: int) -> None:

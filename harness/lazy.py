@@ -186,10 +186,13 @@ def map_blocks(model: nn.Module, fn: Callable[[int, nn.Module], None]) -> None:
     """Apply ``fn(index, block)`` to every decoder block in order, one block in memory at a time.
 
     ``fn`` changes the block in place (RTN swaps its linears); on a lazy model the result is the
-    block's finished version.
+    block's finished version. Unlike the block-wise engine this keeps no checkpoint.
     """
     from harness.adapter import get_adapter
 
+    store = block_store(model)
+    if store is not None:
+        store.forget_from(0)  # no checkpoint here (a pass is cheap): blocks of an earlier attempt are redone
     for i, layer in enumerate(get_adapter(model).layers(model)):
         with materialized(model, i, [layer], finish=True):
             fn(i, layer)

@@ -168,6 +168,19 @@ def _load_lazy(folder: Path, *, dtype: torch.dtype, trust_remote_code: bool, wha
     return model.eval(), tokenizer
 
 
+def hub_folder(repo_id: str, download: bool = False) -> Path | None:
+    """The local snapshot folder of a hub model with safetensors weights (downloaded when ``download``), or None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=not download,
+                                        allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+    except Exception as err:  # noqa: BLE001  (offline, not cached, gated: the eager loader reports it)
+        log.debug("no local snapshot of %s: %s", repo_id, err)
+        return None
+    return folder if has_safetensors(folder) else None
+
+
 def has_safetensors(folder: Path) -> bool:
     return (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
 
@@ -192,9 +205,9 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", seed: in
                lazy: bool = False) -> LoadedModel:
     """Load a zoo name, local folder or hub id onto CPU (methods move blocks to the device they need).
 
-    ``lazy``: a model with a safetensors folder (a local folder, smollm2's cache folder) is loaded
-    as a skeleton whose decoder blocks stay on disk until used (``harness.lazy``); models without one
-    (the tiny random model, hub ids) load eagerly. The tokenizer of ``tiny-random-llama`` is smollm2's
+    ``lazy``: a model with a safetensors folder (a local folder, smollm2's cache folder, a hub
+    model's snapshot in the local HF cache) is loaded as a skeleton whose decoder blocks stay on disk
+    until used (``harness.lazy``); models without one (the tiny random model) load eagerly. The tokenizer of ``tiny-random-llama`` is smollm2's
     (the vocabularies match).
     """
     torch_dtype = resolve_dtype(dtype, resolve_device(device))
@@ -212,6 +225,10 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", seed: in
                 return LoadedModel(name, model, tokenizer, f"{entry.gguf_package}:{entry.gguf_file}")
             model, tokenizer = _load_pretrained(str(folder), dtype=torch_dtype, trust_remote_code=False, what=repr(name))
             return LoadedModel(name, model, tokenizer, f"{entry.gguf_package}:{entry.gguf_file}")
+        folder = hub_folder(entry.hub_id) if lazy else None
+        if folder is not None:
+            model, tokenizer = _load_lazy(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, what=repr(name))
+            return LoadedModel(name, model, tokenizer, f"hub:{entry.hub_id}")
         model, tokenizer = _load_pretrained(entry.hub_id, dtype=torch_dtype, trust_remote_code=trust_remote_code, what=f"{name!r} ({entry.hub_id})")
         return LoadedModel(name, model, tokenizer, f"hub:{entry.hub_id}")
     check_model_name(name)
@@ -222,5 +239,9 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", seed: in
             return LoadedModel(name, model, tokenizer, f"local:{path.resolve()}")
         model, tokenizer = _load_pretrained(str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code, what=repr(name))
         return LoadedModel(name, model, tokenizer, f"local:{path.resolve()}")
+    folder = hub_folder(name) if lazy else None
+    if folder is not None:
+        model, tokenizer = _load_lazy(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, what=f"{name!r} (hub)")
+        return LoadedModel(name, model, tokenizer, f"hub:{name}")
     model, tokenizer = _load_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code, what=f"{name!r} (hub)")
     return LoadedModel(name, model, tokenizer, f"hub:{name}")
