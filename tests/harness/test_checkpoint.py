@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, smollm2_tokenizer) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "model"
-    tiny_llama(0, vocab_size=256, num_hidden_layers=4, tie_word_embeddings=False).save_pretrained(path, max_shard_size="100KB")
+    tiny_llama(0, num_hidden_layers=4, tie_word_embeddings=False).save_pretrained(path, max_shard_size="2MB")
     smollm2_tokenizer.save_pretrained(path)
     return path
 
