@@ -5,8 +5,8 @@ Run it with ``ptqbench bench-scale`` (it is slow on CPU: it writes a >= 3 GB mod
 1. generates random LLaMAs (hidden 2048, fp16, one safetensors shard per block, smollm2's
    tokenizer) at 32 and 8 layers into ``<cache>/bench-scale/`` (once; reused afterwards),
 2. runs each method end to end (``harness.execute``: lazy load, quantize, block-wise perplexity;
-   float32 compute, since CPU fp16 matmuls are slow) in a fresh subprocess and reads the
-   subprocess's peak RSS from ``wait4``,
+   float32 compute, since CPU fp16 matmuls are slow) in a fresh subprocess, which reports its
+   peak RSS (``VmHWM``),
 3. prints per run the model's size on disk, the peak RSS, their ratio, the dry-run estimate
    (``harness.memory``), and per method the peak-RSS ratio of the deep over the shallow model.
 
@@ -114,19 +114,19 @@ class Measured:
 
 
 def measure(folder: Path, method: str, samples: int, seqlen: int, windows: int) -> Measured:
-    """Run one method on ``folder`` in a fresh process; its peak RSS comes from the kernel (wait4)."""
+    """Run one method on ``folder`` in a fresh process, which reports its own peak RSS (VmHWM)."""
     work = folder.parent / "work"
     spec = run_spec(folder, method, samples, seqlen, windows, work)
     args = json.dumps({"folder": str(folder), "method": method, "samples": samples, "seqlen": seqlen, "windows": windows})
     proc = subprocess.Popen([sys.executable, "-m", "harness.bench_scale", args], stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    status = proc.wait()
     if status != 0:
         raise RuntimeError(f"bench-scale child for {method} on {folder.name} failed (status {status})")
     result = json.loads(out.strip().splitlines()[-1])
     config = json.loads((folder / "config.json").read_text())
     est = estimate(spec)
-    return Measured(config["num_hidden_layers"], method, disk_size(folder), usage.ru_maxrss * 1024,
+    return Measured(config["num_hidden_layers"], method, disk_size(folder), result["peak_rss"],
                     est.host_bytes if est else 0, result["quantize_s"], result["ppl"])
 
 
@@ -156,7 +156,22 @@ def child(args: dict) -> None:
     spec = run_spec(Path(args["folder"]), args["method"], args["samples"], args["seqlen"], args["windows"],
                     Path(args["folder"]).parent / "work")
     record = execute(spec, progress=False)
-    print(json.dumps({"ppl": record.metrics["ppl"]["brown"], "quantize_s": record.cost["phases_s"]["quantize"]}))
+    peak = vm_hwm()
+    print(f"bench-scale child {args['method']} {Path(args['folder']).name}: VmHWM {peak / GB:.2f} GB", file=sys.stderr)
+    print(json.dumps({"ppl": record.metrics["ppl"]["brown"], "quantize_s": record.cost["phases_s"]["quantize"],
+                      "peak_rss": peak}))
+
+
+def vm_hwm() -> int:
+    """This process's peak RSS (``VmHWM``) in bytes.
+
+    Not ``ru_maxrss``: Linux carries the parent's RSS high-water mark over fork+exec into the
+    child's ``ru_maxrss``, so a parent that generated a 3 GB model would inflate every child's.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def bench_root() -> Path:

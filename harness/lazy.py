@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from harness.costs import release_freed_memory
+
 log = logging.getLogger(__name__)
 
 STORE_ATTR = "ptqbench_blocks"
@@ -148,8 +150,14 @@ class BlockStore:
 
     @staticmethod
     def release(layer: nn.Module) -> None:
-        """Drop the block's tensors (back to the meta device; the module structure stays)."""
+        """Drop the block's tensors (back to the meta device; the module structure stays).
+
+        The collection matters: safetensors maps each shard whole and the mapping lives until its
+        Python owner is collected, so without it the pages of every block read so far stay in the
+        process's RSS (measured: peak RSS grew by one fp16 block per block, 4.2 GB at 32 layers).
+        """
         layer.to("meta")
+        release_freed_memory()
 
 
 def block_store(model: nn.Module) -> BlockStore | None:
