@@ -57,7 +57,7 @@ def _measure(layers: int, hidden: int, samples: int, seqlen: int, device: str) -
             linears = quantize_block(layer, spec, job.adapter)
             norms = [p.requires_grad_(True) for n, p in layer.named_parameters() if "norm" in n]
             train([{"params": norms, "lr": 1e-3}],
-                  lambda idx: F.mse_loss(job.forward(job.q_inputs[idx]), job.targets[idx]),
+                  lambda idx: F.mse_loss(job.forward(job.rows(job.q_inputs, idx)), job.rows(job.targets, idx)),
                   len(job.q_inputs), epochs=1, device=job.device)
             for q in linears.values():
                 q.freeze()

@@ -3,7 +3,8 @@
 Protocol (OmniQuant / QLLM official code): embed the calibration tokens to get the inputs of
 decoder block 0, then go through the blocks in order. For each block (or group of blocks):
 
-1. move it to the compute device (float32; everything else stays on CPU),
+1. load it (lazy models, ``harness.lazy``) and move it to the compute device (float32; everything
+   else stays on CPU),
 2. teacher targets = FP block on the FP inputs; during this pass the engine records what the method
    asked for (``record=``: per-channel max|X| and the first samples of named linears' inputs), so
    no method needs an FP pass of its own,
@@ -11,10 +12,12 @@ decoder block 0, then go through the blocks in order. For each block (or group o
    against the targets, starting from the inputs the *quantized* model produced so far,
 4. the quantized block's outputs on the quantized inputs become the next block's student inputs,
    and the targets become the next block's FP inputs,
-5. the block goes back to CPU in its original dtype.
+5. the block goes back to CPU in its original dtype (a lazy model's is written to the work
+   directory and released).
 
-So at any moment one block, its parameters and three (samples, seqlen, hidden) activation tensors
-live on the device: peak memory does not grow with depth.
+So at any moment one block, its parameters and three preallocated (samples, seqlen, hidden)
+activation buffers in the model's dtype live on the device (or the buffers in pinned host memory
+when they do not fit, streamed a batch at a time): peak memory does not grow with depth.
 
 ``train()`` is the shared optimisation loop: AdamW, per-block epochs, seeded sample order,
 optional linear learning-rate decay, bf16 autocast on CUDA, and a NaN/inf loss stops the run with
@@ -37,6 +40,8 @@ from tqdm.auto import tqdm
 from harness.adapter import LlamaAdapter, get_adapter
 from harness.calibration_stats import InputRecord, recording_inputs
 from harness.errors import TrainingDivergedError
+from harness.checkpoint import Checkpoint, EngineState, kill_point
+from harness.lazy import BlockStore, block_store, materialized
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +50,9 @@ log = logging.getLogger(__name__)
 class BlockJob:
     """One step of the engine: the blocks being quantized and their calibration activations.
 
-    Tensors are (samples, seqlen, hidden) float32 on ``device``.
+    Activations are (samples, seqlen, hidden) buffers in the model's dtype, on ``device`` or, when
+    they would not fit there, in (pinned) host memory; :meth:`rows` hands a batch of them to the
+    blocks as float32 on ``device``.
     """
 
     index: int  # index of the first block of this job
@@ -70,6 +77,10 @@ class BlockJob:
         """(num_heads, num_kv_heads, head_dim) of these blocks, from the model config."""
         return self.adapter.attention_geometry(self.model_config)
 
+    def rows(self, t: torch.Tensor, idx: torch.Tensor | slice) -> torch.Tensor:
+        """Samples ``idx`` of an activation buffer as float32 on the compute device."""
+        return t[idx].to(self.device, torch.float32, non_blocking=True)
+
     def forward(self, x: torch.Tensor, layers: Iterable[nn.Module] | None = None) -> torch.Tensor:
         """Run ``x`` (batch, seqlen, hidden) through ``layers`` (default: all of this job's)."""
         for layer in self.layers if layers is None else layers:
@@ -77,10 +88,18 @@ class BlockJob:
         return x
 
     @torch.no_grad()
-    def forward_all(self, x: torch.Tensor, layers: Iterable[nn.Module] | None = None, batch_size: int = 1) -> torch.Tensor:
-        """``forward`` over every sample in mini-batches, without gradients."""
+    def forward_all(self, x: torch.Tensor, layers: Iterable[nn.Module] | None = None, batch_size: int = 1,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward`` over every sample in mini-batches, without gradients, written into ``out``.
+
+        ``out`` (default: a new buffer like ``x``) may be ``x`` itself: samples are independent, so
+        each batch is read before its rows are overwritten.
+        """
         layers = list(self.layers if layers is None else layers)
-        return torch.cat([self.forward(x[i : i + batch_size], layers) for i in range(0, len(x), batch_size)])
+        out = torch.empty_like(x) if out is None else out
+        for i in range(0, len(x), batch_size):
+            out[i : i + batch_size] = self.forward(self.rows(x, slice(i, i + batch_size)), layers).to(out.dtype)
+        return out
 
 
 def autocast(device: torch.device) -> torch.autocast:
@@ -88,15 +107,37 @@ def autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def activation_home(device: torch.device, nbytes: int, buffers: int = 3) -> torch.device:
+    """Where the engine keeps its activation buffers: the device when ``buffers`` of ``nbytes`` fit in
+    half its free memory, else host memory (streamed to the device a batch at a time)."""
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if buffers * nbytes <= free // 2 else torch.device("cpu")
+
+
+def activation_buffer(shape: tuple[int, ...], dtype: torch.dtype, home: torch.device, device: torch.device) -> torch.Tensor:
+    """An uninitialised activation buffer; pinned when on the host of a CUDA run (fast async copies)."""
+    return torch.empty(shape, dtype=dtype, device=home, pin_memory=home.type == "cpu" and device.type == "cuda")
+
+
 @torch.no_grad()
-def embed_calibration(model: nn.Module, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Inputs of decoder block 0 for the calibration tokens, float32 on ``device``."""
+def embed_calibration(model: nn.Module, tokens: torch.Tensor, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inputs of decoder block 0 for the calibration tokens (default: float32 on ``device``), written into ``out``."""
     embed = get_adapter(model).embed(model)
     original = next(embed.parameters()).device
     embed.to(device)
-    hidden = torch.cat([embed(tokens[i : i + 1].to(device)).float() for i in range(len(tokens))])
+    if out is None:
+        out = torch.empty((*tokens.shape, embed.embedding_dim), dtype=torch.float32, device=device)
+    for i in range(len(tokens)):
+        out[i : i + 1] = embed(tokens[i : i + 1].to(device)).to(out.dtype)
     embed.to(original)
-    return hidden
+    return out
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's weights (its embedding's: blocks of a lazy model are not loaded)."""
+    return get_adapter(model).embed(model).weight.dtype
 
 
 def run_blockwise(
@@ -110,6 +151,7 @@ def run_blockwise(
     keep_samples: int = 0,
     desc: str = "blocks",
     progress: bool = True,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> list[dict]:
     """Quantize ``model`` block by block with ``process``; return each job's stats (with its index).
 
@@ -120,37 +162,59 @@ def run_blockwise(
     ``QuantLinear``s); the engine then computes the student inputs of the next job from them.
     Every job's stats also get ``output_mse``: the mean squared error between the quantized
     blocks' outputs on the quantized inputs and the FP targets (what the next job starts from).
+
+    On a lazy model (``harness.lazy``) each group is loaded before its job and written to the work
+    directory and released after it, and the engine checkpoints after every group
+    (``harness.checkpoint``): a killed run continues where it stopped. ``state`` is the method's
+    own tensors that must survive with it (QLLM's last-block outputs), saved and restored in place.
     """
     if blocks_per_job < 1:
         raise ValueError("blocks_per_job must be >= 1")
     adapter = get_adapter(model)
     layers = adapter.layers(model)
-    fp_x = embed_calibration(model, tokens, device)
-    q_x = fp_x.clone()
-    position_embeddings = adapter.position_embeddings(model, fp_x[:1])
+    dtype = model_dtype(model)
+    hidden = adapter.embed(model).embedding_dim
+    shape = (*tokens.shape, hidden)
+    home = activation_home(device, math.prod(shape) * dtype.itemsize)
+    # three buffers for the whole run: FP inputs, student inputs (overwritten in place by the next
+    # job's student inputs) and targets (which become the next FP inputs by swapping names)
+    fp_x = embed_calibration(model, tokens, device, out=activation_buffer(shape, dtype, home, device))
+    q_x = activation_buffer(shape, dtype, home, device)
+    q_x.copy_(fp_x)
+    targets = activation_buffer(shape, dtype, home, device)
+    position_embeddings = adapter.position_embeddings(model, fp_x[:1].float().cpu())
     position_embeddings = tuple(t.to(device).float() for t in position_embeddings)
-    all_stats: list[dict] = []
-    bar = tqdm(range(0, len(layers), blocks_per_job), desc=desc, disable=not progress, unit="job")
+    state = {} if state is None else state
+    store = block_store(model)
+    ckpt = Checkpoint(store.work.parent / "engine", store.work) if store is not None and store.work is not None else None
+    all_stats, first = _resume(ckpt, store, layers, fp_x, q_x, state)
+    bar = tqdm(range(first, len(layers), blocks_per_job), desc=desc, disable=not progress, unit="job")
     for start in bar:
-        group = list(layers[start : start + blocks_per_job])
-        dtypes = [next(layer.parameters()).dtype for layer in group]
-        for layer in group:
-            layer.to(device=device, dtype=torch.float32)
-        job = BlockJob(start, group, fp_x, q_x, torch.empty(0), position_embeddings, adapter, device, model.config)
-        with contextlib.ExitStack() as stack:
-            job.inputs = [stack.enter_context(recording_inputs(layer, record, keep_samples)) for layer in group]
-            job.targets = job.forward_all(fp_x)
-        stats = process(job) or {}
-        next_q = job.forward_all(q_x)
-        stats.setdefault("output_mse", mean_squared_error(next_q, job.targets))
-        for layer, dtype in zip(group, dtypes):
-            # gradients a method's training left on the block's own weights would otherwise stay
-            # in CPU memory for every block already done, so memory would grow with depth
-            for p in layer.parameters():
-                p.grad = None
-            layer.to(device="cpu", dtype=dtype)
-        fp_x, q_x = job.targets, next_q
+        with materialized(model, start, list(layers[start : start + blocks_per_job]), finish=True) as group:
+            dtypes = [next(layer.parameters()).dtype for layer in group]
+            for layer in group:
+                layer.to(device=device, dtype=torch.float32)
+            job = BlockJob(start, group, fp_x, q_x, targets, position_embeddings, adapter, device, model.config)
+            with contextlib.ExitStack() as stack:
+                job.inputs = [stack.enter_context(recording_inputs(layer, record, keep_samples)) for layer in group]
+                job.forward_all(fp_x, out=targets)
+            stats = process(job) or {}
+            job.forward_all(q_x, out=q_x)
+            stats.setdefault("output_mse", mean_squared_error(q_x, targets))
+            kill_point("mid", start)
+            for layer, layer_dtype in zip(group, dtypes):
+                # gradients a method's training left on the block's own weights would otherwise stay
+                # in CPU memory for every block already done, so memory would grow with depth
+                for p in layer.parameters():
+                    p.grad = None
+                layer.to(device="cpu", dtype=layer_dtype)
+        fp_x, targets = targets, fp_x
         all_stats.append({"block": start, **stats})
+        if ckpt is not None:
+            for offset, layer in enumerate(group):
+                ckpt.save_structure(start + offset, layer)
+            ckpt.save(EngineState(start + len(group), fp_x, q_x, all_stats, state, torch.get_rng_state()))
+            kill_point("block", start)
         if "loss" in stats:
             bar.set_postfix(loss=f"{stats['loss']:.3g}")
         del job
@@ -159,10 +223,29 @@ def run_blockwise(
     return all_stats
 
 
+def _resume(ckpt: Checkpoint | None, store: BlockStore | None, layers: nn.ModuleList, fp_x: torch.Tensor,
+            q_x: torch.Tensor, state: dict[str, torch.Tensor]) -> tuple[list[dict], int]:
+    """Restore a killed run's engine state from its checkpoint; return (finished jobs' stats, next block)."""
+    saved = ckpt.load() if ckpt is not None else None
+    first = saved.next_start if saved is not None else 0
+    if store is not None:
+        store.forget_from(first)  # blocks written after the last checkpoint are not trusted
+    if saved is None:
+        return [], 0
+    fp_x.copy_(saved.fp_x)
+    q_x.copy_(saved.q_x)
+    state.update(saved.state)
+    torch.set_rng_state(saved.rng)
+    for i in range(first):
+        layers[i] = ckpt.load_structure(i)
+    log.info("resuming from the checkpoint: blocks 0-%d are done", first - 1)
+    return saved.stats, first
+
+
 @torch.no_grad()
 def mean_squared_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """MSE of two (samples, seqlen, hidden) tensors, one sample at a time (no full-size temporary)."""
-    total = sum(F.mse_loss(x.float(), y.float(), reduction="sum").item() for x, y in zip(a, b))
+    total = sum(F.mse_loss(x.float(), y.to(x.device).float(), reduction="sum").item() for x, y in zip(a, b))
     return total / a.numel()
 
 

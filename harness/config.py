@@ -241,6 +241,7 @@ class SweepConfig:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    keep_work: bool = False  # keep each run's work directory (<out>/work/<key>: finished blocks) after it finished
     models: tuple[str, ...] = ()
     methods: tuple[MethodEntry, ...] = ()  # parsed by parse_config, not by the schema
     bits: tuple[BitSpec, ...] = ()

@@ -1,4 +1,8 @@
-"""Perplexity evaluation on pre-cut token windows (see ``harness.data`` for the protocol)."""
+"""Perplexity evaluation on pre-cut token windows (see ``harness.data`` for the protocol).
+
+``perplexity`` runs the plain forward of the whole model; ``perplexity_blockwise`` gives the same
+number one decoder block at a time (lazy models, models larger than the device).
+"""
 from __future__ import annotations
 
 import math
@@ -7,6 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from harness.adapter import get_adapter
+from harness.blockwise import embed_calibration, model_dtype
+from harness.lazy import materialized
 
 
 @torch.no_grad()
@@ -25,4 +33,43 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, device: torch.device,
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
         total_nll += nll.item()
         total_tokens += batch[:, 1:].numel()
+    return math.exp(total_nll / total_tokens)
+
+
+@torch.no_grad()
+def perplexity_blockwise(model: nn.Module, windows: torch.Tensor, *, device: torch.device, batch_size: int = 1,
+                         desc: str = "perplexity", progress: bool = True) -> float:
+    """:func:`perplexity` computed block by block: all windows through block i, then block i+1.
+
+    Only one decoder block is on ``device`` (and, for a lazy model, in host memory) at a time,
+    plus the windows' hidden states (windows x seqlen x hidden, in the model's dtype). Blocks run
+    in their own dtype, as in the plain forward, so the two agree to rounding.
+    """
+    model.eval()
+    adapter = get_adapter(model)
+    dtype = model_dtype(model)
+    embed = adapter.embed(model)
+    hidden = torch.empty((*windows.shape, embed.embedding_dim), dtype=dtype, device=device)
+    embed_calibration(model, windows, device, out=hidden)
+    cos, sin = adapter.position_embeddings(model, torch.empty(1, windows.shape[1], 1, dtype=dtype))
+    position_embeddings = (cos.to(device), sin.to(device))
+    layers = adapter.layers(model)
+    for i in tqdm(range(len(layers)), desc=desc, disable=not progress, leave=False, unit="block"):
+        with materialized(model, i, [layers[i]]) as (layer,):
+            layer.to(device)
+            for start in range(0, len(windows), batch_size):
+                rows = slice(start, start + batch_size)
+                hidden[rows] = adapter.run_layer(layer, hidden[rows], position_embeddings)
+            layer.to("cpu")
+    norm, head = adapter.final_norm(model), adapter.lm_head(model)
+    homes = [next(m.parameters()).device for m in (norm, head)]
+    norm.to(device), head.to(device)
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size].to(device)
+        logits = head(norm(hidden[start : start + batch_size]))[:, :-1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total_nll += nll.item()
+        total_tokens += batch[:, 1:].numel()
+    norm.to(homes[0]), head.to(homes[1])
     return math.exp(total_nll / total_tokens)

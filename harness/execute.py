@@ -12,7 +12,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,10 +25,13 @@ from harness.config import CalibrationConfig, EvaluationConfig, SweepConfig
 from harness.costs import CostMeter
 from harness.data import CORPORA, calibration_windows, eval_windows
 from harness.errors import NonFiniteMetricError
+from harness.evaluate import perplexity_blockwise
 from harness.fingerprint import fingerprint, hub_commit
-from harness.evaluate import perplexity
+from harness.lazy import block_store, dispatch
+from harness.memory import check_fits
 from harness.method import Method, MethodConfig, QuantContext
 from harness.models import ZOO, load_model, resolve_device, resolve_dtype
+from harness.paths import cache_home
 from harness.record import RunRecord
 from harness.registry import REGISTRY, get_method
 from harness.results import run_key
@@ -50,6 +55,9 @@ class RunSpec:
     dtype: str = "auto"
     trust_remote_code: bool = False
     inputs: tuple[tuple[str, str], ...] = ()  # (local file or folder, fingerprint), from local_inputs()
+    # Where the run keeps its finished blocks while it runs (``<out>/work``; not part of the key).
+    work_root: str | None = None
+    keep_work: bool = False  # keep <work_root>/<key> after the run finished (else it is deleted)
 
     @property
     def method_class(self) -> type[Method]:
@@ -103,7 +111,7 @@ def plan(config: SweepConfig) -> list[RunSpec]:
     """
     runs: list[RunSpec] = []
     common = dict(evaluation=config.evaluation, seed=config.seed, device=config.device, dtype=config.dtype,
-                  trust_remote_code=config.trust_remote_code)
+                  trust_remote_code=config.trust_remote_code, keep_work=config.keep_work)
     baseline, baseline_config = _baseline(config)
     for model in config.models:
         inputs = local_inputs(model, None, config.evaluation)
@@ -121,16 +129,36 @@ def plan(config: SweepConfig) -> list[RunSpec]:
     return list(unique.values())
 
 
+def work_dir(run: RunSpec) -> Path:
+    """The run's work directory: ``<work_root>/<key>``, or one under the cache for runs outside a sweep."""
+    return Path(run.work_root) / run.key if run.work_root else cache_home() / "work" / run.key
+
+
 def execute(run: RunSpec, progress: bool = True) -> RunRecord:
-    """Run one quantize-and-evaluate job and return its record (token streams are cached by ``harness.data``)."""
+    """Run one quantize-and-evaluate job and return its record (token streams are cached by ``harness.data``).
+
+    Models with a safetensors folder load lazily (``harness.lazy``): each decoder block is read when
+    the method reaches it and its finished version is written to the run's work directory, which is
+    deleted when the run is done (unless ``keep_work``). Perplexity goes block by block, so neither
+    the host nor the device ever holds the whole model.
+    """
     device = resolve_device(run.device)
     cls = run.method_class
     method = cls(run.config)
     started = dt.datetime.now(dt.timezone.utc)
     torch.manual_seed(run.seed)
+    work = work_dir(run)
+    estimate = check_fits(run)  # refuse now, not after hours, when the machine cannot hold the run
+    if estimate is not None:
+        log.info("%s: estimated peak %s", run.label, estimate.describe())
     with CostMeter(device) as meter:
         with meter.phase("load"):
-            loaded = load_model(run.model, dtype=run.dtype, device=run.device, seed=run.seed, trust_remote_code=run.trust_remote_code)
+            loaded = load_model(run.model, dtype=run.dtype, device=run.device, seed=run.seed,
+                                trust_remote_code=run.trust_remote_code, lazy=True)
+            store = block_store(loaded.model)
+            if store is not None:
+                # a killed attempt of this same run (same key) left its checkpoint here: the engine continues from it
+                store.set_work_dir(work / "blocks")
         calib = None
         if run.calibration is not None:
             c = run.calibration
@@ -138,18 +166,25 @@ def execute(run: RunSpec, progress: bool = True) -> RunRecord:
                 calib = calibration_windows(c.dataset, loaded.tokenizer, c.samples, c.seqlen, run.seed)
         with meter.phase("quantize"):
             result = method.quantize(loaded.model, run.bits, calib, QuantContext(device=device, seed=run.seed, progress=progress))
-        model = result.model.to(device)
+        model = result.model
+        if store is not None:
+            size = sum(f.stat().st_size for f in store.work.glob("*.safetensors"))
+            log.info("%s: %d finished blocks in %s (%.1f MB)", run.label, len(store.finished), store.work, size / 2**20)
         metrics: dict[str, Any] = {"ppl": {}}
         with meter.phase("evaluate"):
             p = run.evaluation.ppl
             for name in p.datasets:
                 windows = eval_windows(name, loaded.tokenizer, p.seqlen, p.max_windows)
-                metrics["ppl"][name] = perplexity(model, windows, device=device, batch_size=p.batch_size,
-                                                  desc=f"ppl {name} ({run.label})", progress=progress)
+                metrics["ppl"][name] = perplexity_blockwise(model, windows, device=device, batch_size=p.batch_size,
+                                                            desc=f"ppl {name} ({run.label})", progress=progress)
                 metrics.setdefault("ppl_windows", {})[name] = len(windows)
             if run.evaluation.zeroshot.tasks:
+                # lm-eval needs the whole model: spread over the GPUs and host memory (harness.lazy.dispatch)
+                model = dispatch(model, device)
                 metrics["zeroshot"] = zeroshot(model, loaded.tokenizer, run.evaluation.zeroshot, device=device)
     check_finite(metrics)
+    if store is not None and not run.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
     return RunRecord(
         key=run.key, model=run.model, model_source=loaded.source, method=run.method, baseline=cls.is_baseline,
         options=run.config.to_dict(), bits=run.bits.name, bit_spec=run.bits.to_dict(),

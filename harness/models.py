@@ -155,6 +155,55 @@ def _bad_weights(path: str) -> str | None:
     return None
 
 
+def _load_lazy(folder: Path, *, dtype: torch.dtype, trust_remote_code: bool, what: str) -> tuple[nn.Module, object]:
+    """The model skeleton on the meta device with its embedding, final norm and head loaded (see harness.lazy)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from harness.adapter import get_adapter
+    from harness.lazy import STORE_ATTR, BlockStore, assign_tensors, read_tensors
+
+    if bad := _bad_weights(str(folder)):  # one line naming the file, not safetensors' own error later
+        raise ResourceUnavailableError(f"model {what}: {bad} is not a valid safetensors file")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        # buffers (RoPE's inv_freq) are computed, not stored, so they stay real: only parameters go to meta
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     attn_implementation="sdpa")
+        adapter = get_adapter(model)
+        store = BlockStore(folder, dtype, adapter.layers_path)
+    except (OSError, ValueError) as err:
+        raise ResourceUnavailableError(f"model {what}: could not be loaded ({err.__class__.__name__}: {str(err).splitlines()[0]})") from err
+    eager = [n for n in store.files if not n.startswith(adapter.layers_path + ".")]
+    assign_tensors(model, read_tensors(folder, eager, store.files, dtype))
+    if getattr(config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(adapter.layers_path + ".")]
+    if missing:
+        raise ResourceUnavailableError(f"model {what}: weights missing from the safetensors files: {missing[:3]}")
+    setattr(model, STORE_ATTR, store)
+    return model.eval(), tokenizer
+
+
+def hub_folder(repo_id: str, download: bool = False) -> Path | None:
+    """The local snapshot folder of a hub model with safetensors weights (downloaded when ``download``), or None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=not download,
+                                        allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+    except Exception as err:  # noqa: BLE001  (offline, not cached, gated: the eager loader reports it)
+        log.debug("no local snapshot of %s: %s", repo_id, err)
+        return None
+    return folder if has_safetensors(folder) else None
+
+
+def has_safetensors(folder: Path) -> bool:
+    return (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
+
+
 def check_model_name(name: str) -> None:
     """Validate a model name without loading: a zoo name, an existing HF folder, or an ``org/name`` hub id."""
     path = Path(name).expanduser()
@@ -200,10 +249,14 @@ def model_config(name: str) -> dict | None:
     return data
 
 
-def load_model(name: str, *, dtype: str = "auto", device: str = "auto", seed: int = 0, trust_remote_code: bool = False) -> LoadedModel:
+def load_model(name: str, *, dtype: str = "auto", device: str = "auto", seed: int = 0, trust_remote_code: bool = False,
+               lazy: bool = False) -> LoadedModel:
     """Load a zoo name, local folder or hub id onto CPU (methods move blocks to the device they need).
 
-    The tokenizer of ``tiny-random-llama`` is smollm2's (the vocabularies match).
+    ``lazy``: a model with a safetensors folder (a local folder, smollm2's cache folder, a hub
+    model's snapshot in the local HF cache) is loaded as a skeleton whose decoder blocks stay on disk
+    until used (``harness.lazy``); models without one (the tiny random model) load eagerly. The tokenizer of ``tiny-random-llama`` is smollm2's
+    (the vocabularies match).
     """
     torch_dtype = resolve_dtype(dtype, resolve_device(device))
     if name in ZOO:
@@ -215,14 +268,28 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", seed: in
             return LoadedModel(name, tiny_llama(seed).to(torch_dtype), tokenizer, "random init (seed %d)" % seed)
         if entry.gguf_package is not None:
             folder = _gguf_folder(name, entry)
+            if lazy:
+                model, tokenizer = _load_lazy(folder, dtype=torch_dtype, trust_remote_code=False, what=repr(name))
+                return LoadedModel(name, model, tokenizer, f"{entry.gguf_package}:{entry.gguf_file}")
             model, tokenizer = _load_pretrained(str(folder), dtype=torch_dtype, trust_remote_code=False, what=repr(name))
             return LoadedModel(name, model, tokenizer, f"{entry.gguf_package}:{entry.gguf_file}")
+        folder = hub_folder(entry.hub_id) if lazy else None
+        if folder is not None:
+            model, tokenizer = _load_lazy(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, what=repr(name))
+            return LoadedModel(name, model, tokenizer, f"hub:{entry.hub_id}")
         model, tokenizer = _load_pretrained(entry.hub_id, dtype=torch_dtype, trust_remote_code=trust_remote_code, what=f"{name!r} ({entry.hub_id})")
         return LoadedModel(name, model, tokenizer, f"hub:{entry.hub_id}")
     check_model_name(name)
     path = Path(name).expanduser()
     if path.exists():
+        if lazy and has_safetensors(path):
+            model, tokenizer = _load_lazy(path, dtype=torch_dtype, trust_remote_code=trust_remote_code, what=repr(name))
+            return LoadedModel(name, model, tokenizer, f"local:{path.resolve()}")
         model, tokenizer = _load_pretrained(str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code, what=repr(name))
         return LoadedModel(name, model, tokenizer, f"local:{path.resolve()}")
+    folder = hub_folder(name) if lazy else None
+    if folder is not None:
+        model, tokenizer = _load_lazy(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, what=f"{name!r} (hub)")
+        return LoadedModel(name, model, tokenizer, f"hub:{name}")
     model, tokenizer = _load_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code, what=f"{name!r} (hub)")
     return LoadedModel(name, model, tokenizer, f"hub:{name}")

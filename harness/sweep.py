@@ -57,7 +57,9 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
         write_json_atomic(store.root / "plan.json", [{"key": r.key, "label": r.label} for r in runs], "plan")
         write_text_atomic(store.root / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False), "config copy")
         try:
-            todo = _claim(runs, store, summary, locks, force)
+            # each run keeps its block checkpoints in <out>/work/<key> (resumed after a crash, deleted when done)
+            work_root = str(store.root.resolve() / "work")
+            todo = [dataclasses.replace(run, work_root=work_root) for run in _claim(runs, store, summary, locks, force)]
             _execute(todo, config, store, summary, ex)
         finally:
             for lock in locks:

@@ -309,10 +309,10 @@ class OmniQuant(Method):
             init_loss = block_loss(job, cfg.batch_size) if cfg.epochs else None
 
             def loss_fn(idx: torch.Tensor) -> torch.Tensor:
-                out = job.forward(job.q_inputs[idx]).float()
-                loss = F.mse_loss(out, job.targets[idx])
+                out = job.forward(job.rows(job.q_inputs, idx)).float()
+                loss = F.mse_loss(out, job.rows(job.targets, idx))
                 if fp_on_q is not None:  # both terms weight 1 (OmniQuant quantize/omniquant.py L259-262)
-                    loss = loss + F.mse_loss(out, fp_on_q[idx])
+                    loss = loss + F.mse_loss(out, job.rows(fp_on_q, idx))
                 return loss
 
             history = train(groups, loss_fn, len(job.q_inputs), epochs=cfg.epochs, batch_size=cfg.batch_size,

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness import BitSpec, Method, MethodConfig, QuantContext, QuantizeResult, freeze, quantize_linears, register_method
+from harness import BitSpec, Method, MethodConfig, QuantContext, QuantizeResult, freeze, get_adapter, quantize_block, register_method
+from harness.lazy import map_blocks
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,11 @@ class RTN(Method):
     needs_calibration = False
 
     def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
-        swapped = quantize_linears(model, spec)
-        freeze(model)
+        adapter, swapped = get_adapter(model), {}
+
+        def quantize(i, layer) -> None:  # one block at a time: a lazy model holds one in memory
+            swapped.update(quantize_block(layer, spec, adapter, prefix=f"{adapter.layers_path}.{i}."))
+            freeze(layer)
+
+        map_blocks(model, quantize)
         return QuantizeResult(model, {"quantized_linears": len(swapped)})

@@ -14,7 +14,8 @@ As in the official code (mit-han-lab/smoothquant, ``smooth_lm`` / ``smooth_ln_fc
 for LLaMA-like blocks:
 
 - max|X_j| is the running max over all calibration tokens of the input of q_proj (shared by k, v)
-  and of gate_proj (shared by up), gathered with forward hooks in one pass before any change;
+  and of gate_proj (shared by up) in the FP model, gathered with forward hooks (here during the
+  block-wise engine's teacher pass, one block on the device at a time);
 - max|W_j| is taken over the concatenated linears of a pair (q, k, v or gate, up), clamped to
   >= 1e-5, and s is clamped to >= 1e-5, both as the official code does;
 - 1/s is folded into the RMSNorm weight that produces the input (input_layernorm,
@@ -36,10 +37,12 @@ import torch
 from torch import nn
 
 from harness import (
-    BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, ScalePair, freeze, get_adapter, quantize_linears,
+    BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, ScalePair, freeze, get_adapter, quantize_block,
     register_method,
 )
-from harness.calibration_stats import input_abs_max, max_over_median, smoothing_scales
+from harness.blockwise import BlockJob, run_blockwise
+from harness.calibration_stats import max_over_median, smoothing_scales
+from harness.qlinear import quant_linears
 
 log = logging.getLogger(__name__)
 
@@ -68,27 +71,39 @@ def smooth_pair(layer: nn.Module, pair: ScalePair, scales: torch.Tensor) -> None
 
 
 @torch.no_grad()
-def smooth(model: nn.Module, calibration: torch.Tensor, alpha: float, context: QuantContext) -> dict:
-    """Smooth every norm-fed pair of every block in place (no quantization); return outlier stats.
+def smooth(model: nn.Module, calibration: torch.Tensor, alpha: float, context: QuantContext, spec: BitSpec | None = None) -> dict:
+    """Smooth every norm-fed pair of every block in place (and quantize it for ``spec``); return outlier stats.
+
+    The statistics come from the block-wise engine's teacher pass (FP blocks on the FP model's
+    hidden states: exactly the official one-pass hooks over the FP model), one block on the device
+    at a time, so the whole model never needs to be there.
 
     The stats compare max|X| over channels / median at each smoothed input before and after; after
     smoothing the per-channel max is exactly max|X_j| / s_j since the norm output is divided by s.
     """
     adapter = get_adapter(model)
-    layers = adapter.layers(model)
     pairs = (adapter.attn_in, adapter.mlp_in)
-    # The pair's linears share one input; its first consumer's hook sees it.
-    names = {(i, p.name): f"{adapter.layers_path}.{i}.{p.consumers[0]}" for i in range(len(layers)) for p in pairs}
-    act_max = input_abs_max(model, calibration, names.values(), device=context.device, progress=context.progress,
-                            desc="smoothquant act scales")
-    ratios: dict[str, dict[str, list[float]]] = {p.name: {"before": [], "after": []} for p in pairs}
-    for i, layer in enumerate(layers):
-        for pair in pairs:
-            x_max = act_max[names[i, pair.name]]
-            scales = smoothing_scales(x_max, [layer.get_submodule(c).weight for c in pair.consumers], alpha)
-            smooth_pair(layer, pair, scales)
-            ratios[pair.name]["before"].append(max_over_median(x_max))
-            ratios[pair.name]["after"].append(max_over_median(x_max / scales.cpu()))
+
+    def process(job: BlockJob) -> dict:
+        # returned per block (not kept in a closure) so that a run resumed from a checkpoint has them all
+        ratios: dict[str, dict[str, list[float]]] = {p.name: {"before": [], "after": []} for p in pairs}
+        for layer, record in zip(job.layers, job.inputs):
+            for pair in pairs:
+                # The pair's linears share one input; its first consumer's hook saw it.
+                x_max = record.abs_max[pair.consumers[0]]
+                scales = smoothing_scales(x_max, [layer.get_submodule(c).weight for c in pair.consumers], alpha)
+                smooth_pair(layer, pair, scales)
+                ratios[pair.name]["before"].append(max_over_median(x_max))
+                ratios[pair.name]["after"].append(max_over_median(x_max / scales))
+            if spec is not None:
+                quantize_block(layer, spec, adapter)
+                freeze(layer)
+        return {"ratios": ratios}
+
+    jobs = run_blockwise(model, calibration, process, device=context.device, record=tuple(p.consumers[0] for p in pairs),
+                         desc="smoothquant", progress=context.progress)
+    ratios = {p.name: {when: [r for job in jobs for r in job["ratios"][p.name][when]] for when in ("before", "after")}
+              for p in pairs}
     summary = {name: {when: statistics.fmean(v) for when, v in r.items()} for name, r in ratios.items()}
     for name, r in summary.items():
         log.info("smoothquant %s: act max/median (mean over layers) %.1f -> %.1f", name, r["before"], r["after"])
@@ -103,7 +118,6 @@ class SmoothQuant(Method):
 
     def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
         calibration = self.require_calibration(calibration)
-        stats = smooth(model, calibration, self.config.alpha, context)
-        swapped = quantize_linears(model, spec)
-        freeze(model)
-        return QuantizeResult(model, {"alpha": self.config.alpha, "quantized_linears": len(swapped), **stats})
+        stats = smooth(model, calibration, self.config.alpha, context, spec)
+        swapped = sum(1 for _ in quant_linears(model))
+        return QuantizeResult(model, {"alpha": self.config.alpha, "quantized_linears": swapped, **stats})

@@ -30,9 +30,9 @@ def main(verbose: int) -> None:
 
 
 def _register() -> None:
-    from harness.cli import bench, bench_engine, methods, prepare, report, run
+    from harness.cli import bench, bench_engine, bench_scale, methods, prepare, report, run
 
-    for module in (methods, run, report, prepare, bench, bench_engine):
+    for module in (methods, run, report, prepare, bench, bench_engine, bench_scale):
         main.add_command(module.command)
 
 

@@ -10,6 +10,7 @@ import click
 from harness.config import SweepConfig, load_config, with_task_data
 from harness.errors import ConfigError
 from harness.execute import plan
+from harness.memory import estimate
 from harness.preflight import check_device
 from harness.sweep import run_sweep
 
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Results directory (default: runs/<config name>).")
 @click.option("--force", is_flag=True, help="Redo runs whose results already exist.")
-@click.option("--dry-run", is_flag=True, help="Validate and list the planned runs, run nothing.")
+@click.option("--dry-run", is_flag=True, help="Validate and list the planned runs with their estimated peak memory, run nothing.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Overrides the YAML's device.")
 @click.option("--seed", type=int, default=None, help="Overrides the YAML's seed.")
 @click.option("--executor", type=click.Choice(["local", "ray", "slurm"]), default=None,
@@ -46,7 +47,8 @@ def command(config_path: Path, out_dir: Path | None, force: bool, dry_run: bool,
     runs = plan(config)
     if dry_run:
         for r in runs:
-            click.echo(f"{r.key}  {r.label}")
+            est = estimate(r)
+            click.echo(f"{r.key}  {r.label}  {est.describe() if est else 'memory: unknown (model config not available)'}")
         return
     log.info("%d runs planned; results in %s", len(runs), out_dir)
     summary = run_sweep(config, out_dir, force=force, progress=progress)

@@ -193,7 +193,7 @@ class QLLM(Method):
             for layer in job.layers:
                 freeze(layer)
             if cfg.final_norm != "off" and job.index + len(job.layers) - 1 == last_block:
-                final["q"], final["fp"] = job.forward_all(job.q_inputs).cpu(), job.targets.cpu()
+                final["q"], final["fp"] = job.forward_all(job.q_inputs).float().cpu(), job.targets.float().cpu()
             added = sum(s["added"] for s in sites)
             log.info("%s: %d sites reassembled (+%d channels), loss %s, %.1fs", job.label,
                      sum(1 for s in sites if s["added"]), added, f"{losses[-1]:.4g}" if losses else "-", time.time() - started)
@@ -204,7 +204,8 @@ class QLLM(Method):
 
         record = tuple(site_input(site, adapter) for site in SITES) if cfg.disassembly else ()
         jobs = run_blockwise(model, calibration, process, device=context.device, blocks_per_job=cfg.blocks_per_job,
-                             record=record, keep_samples=cfg.search_samples, desc="qllm", progress=context.progress)
+                             record=record, keep_samples=cfg.search_samples, desc="qllm", progress=context.progress,
+                             state=final)
         stats: dict = {"jobs": jobs, "quantized_linears": sum(1 for _ in quant_linears(model))}
         if final:
             stats["final_norm_loss"] = tune_final_norm(model, final["q"], final["fp"], cfg, context)
@@ -235,7 +236,7 @@ def correct_errors(job: BlockJob, cfg: QLLMConfig, context: QuantContext) -> lis
                 params.append(norm.weight)
 
     def loss_fn(idx: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(job.forward(job.q_inputs[idx]), job.targets[idx])
+        return F.mse_loss(job.forward(job.rows(job.q_inputs, idx)), job.rows(job.targets, idx))
 
     losses = train([{"params": params, "lr": cfg.lr}], loss_fn, len(job.q_inputs), epochs=cfg.epochs,
                    batch_size=cfg.batch_size, linear_decay=True, seed=context.seed + job.index, label=job.label,

@@ -129,3 +129,19 @@ def test_gradients_on_block_weights_are_released(tiny_model, tiny_tokens):
 
     run_blockwise(tiny_model, tiny_tokens, process, device=torch.device("cpu"), progress=False)
     assert all(p.grad is None for p in tiny_model.parameters())
+
+
+def test_activations_are_preallocated_buffers_in_the_model_dtype(tiny_model, tiny_tokens):
+    """Three buffers for the whole run, reused in place (no per-block copies), in the model's dtype."""
+    model = tiny_model.to(torch.bfloat16)
+    seen = []
+
+    def process(job: BlockJob) -> dict:
+        seen.append({t.data_ptr() for t in (job.fp_inputs, job.q_inputs, job.targets)})
+        assert {job.fp_inputs.dtype, job.q_inputs.dtype, job.targets.dtype} == {torch.bfloat16}
+        assert job.rows(job.q_inputs, slice(0, 2)).dtype == torch.float32  # what the float32 blocks get
+        return rtn_process(job)
+
+    run_blockwise(model, tiny_tokens, process, device=torch.device("cpu"), progress=False)
+    assert len(seen) == 2 and seen[0] == seen[1] and len(seen[0]) == 3
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # blocks went back to the model's dtype

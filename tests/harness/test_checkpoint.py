@@ -1,0 +1,85 @@
+"""Durable runs: a real ``ptqbench run`` killed with SIGKILL resumes from its block checkpoint and ends
+with the same result as a run that was never interrupted (bit for bit on CPU, same seed)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.checkpoint import KILL_ENV
+from harness.models import tiny_llama
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, smollm2_tokenizer) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    tiny_llama(0, num_hidden_layers=4, tie_word_embeddings=False).save_pretrained(path, max_shard_size="2MB")
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+def sweep(tmp: Path, folder: Path, method: dict) -> Path:
+    config = {"name": "durable", "models": [str(folder)], "methods": [method], "bits": ["W4A8"], "device": "cpu",
+              "dtype": "float32", "calibration": {"dataset": "brown", "samples": 4, "seqlen": 32},
+              "evaluation": {"ppl": {"datasets": ["brown"], "seqlen": 32, "max_windows": 2}}}
+    path = tmp / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run(config: Path, out: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != KILL_ENV}
+    if kill_at:
+        env[KILL_ENV] = kill_at
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-m", "harness.cli", "run", str(config), "--out", str(out), "--no-progress"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def result(out: Path, method: str) -> dict:
+    records = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    (record,) = [r for r in records if r["method"] == method]
+    return record
+
+
+def without_timings(stats: object) -> object:
+    """The stats with wall-clock fields dropped (they differ between any two runs)."""
+    if isinstance(stats, dict):
+        return {k: without_timings(v) for k, v in stats.items() if k not in ("seconds", "wall_s")}
+    if isinstance(stats, list):
+        return [without_timings(v) for v in stats]
+    return stats
+
+
+@pytest.mark.parametrize("method,kill_at", [({"name": "omniquant", "epochs": 1}, "block:1"),
+                                            ({"name": "qllm", "epochs": 1, "grid_steps": 4}, "mid:2")])
+def test_killed_run_resumes_and_equals_an_uninterrupted_run(folder, tmp_path, method, kill_at):
+    config = sweep(tmp_path, folder, method)
+    reference = run(config, tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    assert not list((tmp_path / "reference" / "work").glob("*/blocks"))  # finished runs clean up
+
+    killed = run(config, tmp_path / "resumed", kill_at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (work,) = [p for p in (tmp_path / "resumed" / "work").iterdir() if (p / "engine" / "state.json").exists()]
+    done = json.loads((work / "engine" / "state.json").read_text())["next_start"]
+    assert done == 2  # block:1 died after checkpointing blocks 0-1; mid:2 inside block 2, before writing it
+    stored = [json.loads(p.read_text())["method"] for p in (tmp_path / "resumed" / "runs").glob("*.json")]
+    assert method["name"] not in stored
+
+    resumed = run(config, tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from the checkpoint" in resumed.stderr
+    a, b = result(tmp_path / "reference", method["name"]), result(tmp_path / "resumed", method["name"])
+    assert a["key"] == b["key"]
+    assert a["metrics"] == b["metrics"]  # perplexities equal exactly, not approximately
+    assert without_timings(a["stats"]) == without_timings(b["stats"])
+    assert not work.exists()

@@ -1,0 +1,59 @@
+"""harness.memory: the dry-run estimate's invariants and the up-front refusal."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from click.testing import CliRunner
+from transformers import LlamaConfig
+
+from harness import BitSpec
+from harness.cli import main
+from harness.config import CalibrationConfig, EvaluationConfig, PerplexityConfig
+from harness.errors import ResourceUnavailableError
+from harness.execute import RunSpec
+from harness.memory import RUNTIME_BYTES, check_fits, estimate
+from methods.omniquant import OmniQuantConfig
+
+CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=8,
+              tie_word_embeddings=False)
+
+
+def spec(samples: int = 16, seqlen: int = 256, device: str = "cpu") -> RunSpec:
+    evaluation = EvaluationConfig(ppl=PerplexityConfig(datasets=("brown",), seqlen=seqlen, max_windows=2))
+    return RunSpec("tiny-random-llama", "omniquant", OmniQuantConfig(), BitSpec.parse("W4A4"),
+                   CalibrationConfig("brown", samples, seqlen), evaluation, device=device, dtype="float16")
+
+
+def test_estimate_does_not_grow_with_depth():
+    shallow = estimate(spec(), LlamaConfig(num_hidden_layers=8, **CONFIG))
+    deep = estimate(spec(), LlamaConfig(num_hidden_layers=80, **CONFIG))
+    assert shallow == deep
+
+
+def test_estimate_counts_the_calibration_buffers_and_the_eager_modules():
+    config = LlamaConfig(num_hidden_layers=8, **CONFIG)
+    small, big = estimate(spec(samples=16), config), estimate(spec(samples=64), config)
+    # three fp16 (samples, seqlen, hidden) buffers per extra sample
+    assert big.host_bytes - small.host_bytes == 3 * 48 * 256 * 1024 * 2
+    # at least the runtime, an untied embedding + head in fp16, and one fp16 block
+    block = 4 * 1024 * 1024 + 3 * 1024 * 2816
+    assert small.host_bytes > RUNTIME_BYTES + 2 * 32000 * 1024 * 2 + block * 2
+    assert small.device_bytes == 0  # a CPU run: the device is the host
+
+
+def test_run_that_does_not_fit_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr("harness.memory.available", lambda device: (10 * 2**20, None))
+    with pytest.raises(ResourceUnavailableError, match=r"needs about .* GB of host memory, 0\.0 GB available") as err:
+        check_fits(spec())
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr("harness.memory.available", lambda device: (2**50, None))
+    assert check_fits(dataclasses.replace(spec())) is not None
+
+
+def test_dry_run_prints_the_estimate(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("models: [tiny-random-llama]\nmethods: [rtn]\nbits: [W4A4]\ndevice: cpu\n")
+    result = CliRunner().invoke(main, ["run", str(path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("host ") == 2 and " GB" in result.output
