@@ -35,6 +35,14 @@ def test_good_config_parses_and_round_trips():
     assert parse_config(yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config  # what runs store as config.yaml
 
 
+def test_overrides_parse_typed_and_round_trip():
+    config = parse_config({**GOOD, "overrides": [{"bits": ["W4A16"], "methods": {"clipped-rtn": {"clip_ratio": 0.5}}}]})
+    (override,) = config.overrides
+    assert [b.name for b in override.bits] == ["W4A16"] and override.methods == {"clipped-rtn": {"clip_ratio": 0.5}}
+    assert parse_config(config.to_dict()) == config
+    assert parse_config(yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config
+
+
 @pytest.mark.parametrize("path, value, field", [
     ("bits", ["W4Z4"], "bits"),
     ("bits.0", "W1A1", "bits"),
@@ -60,14 +68,6 @@ def test_good_config_parses_and_round_trips():
     ("overrides", [{"methods": {"clipped-rtn": {"clip_ratio": 2.0}}}], "overrides[0].methods.clipped-rtn.clip_ratio"),
     ("overrides", [{"method": {"rtn": {}}}], "overrides[0].method"),
 ])
-def test_overrides_parse_typed_and_round_trip():
-    config = parse_config({**GOOD, "overrides": [{"bits": ["W4A16"], "methods": {"clipped-rtn": {"clip_ratio": 0.5}}}]})
-    (override,) = config.overrides
-    assert [b.name for b in override.bits] == ["W4A16"] and override.methods == {"clipped-rtn": {"clip_ratio": 0.5}}
-    assert parse_config(config.to_dict()) == config
-    assert parse_config(yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config
-
-
 def test_each_bad_field_is_one_line_naming_it(path, value, field):
     with pytest.raises(ConfigError) as err:
         parse_config(with_(path, value))
