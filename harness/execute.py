@@ -79,20 +79,21 @@ def _baseline(config: SweepConfig) -> tuple[str, MethodConfig]:
 
 
 def plan(config: SweepConfig) -> list[RunSpec]:
-    """Every run of the sweep: per model the baseline once (at W16A16), then each method at each of its bit specs."""
+    """Every run of the sweep: per seed and model the baseline once (at W16A16), then each method at each of its bit specs."""
     runs: list[RunSpec] = []
-    common = dict(evaluation=config.evaluation, seed=config.seed, device=config.device, dtype=config.dtype,
-                  trust_remote_code=config.trust_remote_code)
     baseline, baseline_config = _baseline(config)
-    for model in config.models:
-        runs.append(RunSpec(model, baseline, baseline_config, FP, None, **common))
-        for entry in config.methods:
-            cls = entry.method_class
-            if cls.is_baseline:
-                continue
-            calibration = config.calibration if cls.needs_calibration else None
-            for spec in entry.bits or config.bits:
-                runs.append(RunSpec(model, entry.name, entry.config, spec, calibration, **common))
+    for seed in config.run_seeds:  # seed-major: an interrupted sweep has whole seeds, not a ragged mix
+        common = dict(evaluation=config.evaluation, seed=seed, device=config.device, dtype=config.dtype,
+                      trust_remote_code=config.trust_remote_code)
+        for model in config.models:
+            runs.append(RunSpec(model, baseline, baseline_config, FP, None, **common))
+            for entry in config.methods:
+                cls = entry.method_class
+                if cls.is_baseline:
+                    continue
+                calibration = config.calibration if cls.needs_calibration else None
+                for spec in entry.bits or config.bits:
+                    runs.append(RunSpec(model, entry.name, entry.config, spec, calibration, **common))
     unique = {r.key: r for r in runs}  # a method listed twice with the same options runs once
     return list(unique.values())
 

@@ -1,4 +1,4 @@
-"""Provenance recorded with every result: versions, git revision, hardware."""
+"""Provenance recorded with every result: versions, git revision, hardware, determinism settings."""
 from __future__ import annotations
 
 import functools
@@ -66,5 +66,14 @@ def hardware() -> dict:
     }
 
 
+def determinism() -> dict:
+    """Whether this process asked torch for deterministic kernels (CUDA results depend on it; CPU runs
+    are bit-identical for a seed either way, tests/harness/test_determinism.py)."""
+    return {"torch_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
+
+
 def provenance() -> dict:
-    return {"packages": package_versions(), "git": git_revision(), "hardware": hardware(), "argv": sys.argv}
+    return {"packages": package_versions(), "git": git_revision(), "hardware": hardware(), "determinism": determinism(),
+            "argv": sys.argv}
