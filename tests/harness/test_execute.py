@@ -1,8 +1,11 @@
 """harness.execute: a sweep's plan and each run's key (what decides a result)."""
 from __future__ import annotations
 
+import pytest
+import torch
+
 from harness.config import parse_config
-from harness.execute import plan
+from harness.execute import execute, plan
 from tests.harness.test_sweep import TINY
 
 
@@ -23,3 +26,25 @@ def test_key_depends_on_what_decides_the_result():
     explicit = plan(parse_config({**TINY, "methods": [{"name": "clipped-rtn", "clip_ratio": 0.9}]}))[1]
     default = plan(parse_config({**TINY, "methods": ["clipped-rtn"]}))[1]
     assert explicit.key == default.key  # defaults are made explicit before hashing
+
+
+def test_seeds_multiply_the_plan_and_one_seed_keeps_todays_keys():
+    one = plan(parse_config(TINY))
+    assert plan(parse_config({**TINY, "seeds": [0]})) == one  # seeds: [0] is the sweep seed: 0 always was
+    three = plan(parse_config({**TINY, "seeds": [0, 1, 2]}))
+    assert len(three) == 3 * len(one) and [r.seed for r in three] == [s for s in (0, 1, 2) for _ in one]
+    assert [r.key for r in three[: len(one)]] == [r.key for r in one]
+    assert len({r.key for r in three}) == len(three)  # the seed is part of every key
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "rtn"}, {"name": "smoothquant"}, {"name": "omniquant", "epochs": 1}, {"name": "qllm", "epochs": 1, "grid_steps": 5},
+], ids=lambda m: m["name"])
+def test_same_seed_gives_bit_identical_metrics_on_cpu(method):
+    """Determinism per method: the calibration draw, the training order and the initialisations all follow the seed."""
+    config = parse_config({**TINY, "methods": [method], "bits": ["W4A4"], "seed": 1, "device": "cpu"})
+    [run] = [r for r in plan(config) if r.method == method["name"]]
+    first, second = execute(run, progress=False), execute(run, progress=False)
+    assert first.metrics == second.metrics  # exact float equality, not approx
+    assert first.stats == second.stats and first.key == second.key
+    assert torch.are_deterministic_algorithms_enabled() is False  # bit-identical without asking torch for it
