@@ -156,7 +156,7 @@ def test_seeds_give_mean_std_within_and_a_reproduced_count(tmp_path):
     assert pd.isna(frame.at[q, "C4 within"])  # no C4 run: undecided, not counted
     assert paper.reproduced_summary(frame).startswith("Reproduced: 1 of 2 cells")
     text = report(store(tmp_path, runs), "md", reference="paper")
-    row = next(r for r in grid(text, "md", table=2) if (r["model"], r["method"]) == ("LLaMA-2-7B", "qllm"))
+    row = next(r for r in grid(text, "md", table=2) if (r["model"], r["method"], r["bits"]) == ("LLaMA-2-7B", "qllm", "W4A4"))
     # bold: QLLM's 12 ± 1 beats OmniQuant's 15.5 ± 0.5 by more than either std
     assert bold(row["WikiText-2 ours"], "md") == "12.00 ± 1.00" and row["n"] == "3" and row["WikiText-2 within"] == "yes"
     assert "Reproduced: 1 of 2 cells" in text
