@@ -6,7 +6,7 @@ config, including each method's options and every dataset name, is validated bef
 Precedence: CLI flags > YAML > these defaults.
 
     name: demo
-    seed: 0
+    seed: 0                 # or seeds: [0, 1, 2]: every run once per seed (reports show mean ± std)
     models: [smollm2-135m]
     methods: [rtn, {name: smoothquant, alpha: 0.5}]
     bits: [W8A8, W4A4]
@@ -236,8 +236,15 @@ class Override:
 
 @dataclass(frozen=True)
 class SweepConfig:
+    """Args (the sections have their own docstrings):
+    seed: the seed of a one-seed sweep (calibration windows, the method's randomness).
+    seeds: several seeds, each a full set of runs (calibration draw and method randomness per seed);
+        empty = just ``seed``. ``seeds: [0]`` is the same sweep (same run keys) as ``seed: 0``.
+    """
+
     name: str = "sweep"
     seed: int = 0
+    seeds: tuple[int, ...] = ()
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
@@ -259,6 +266,13 @@ class SweepConfig:
             raise ConfigError(f"dtype: {self.dtype!r} is not allowed; use one of {DTYPES}")
         if not self.models:
             raise ConfigError("models: empty; list at least one model (zoo name, HF id or local folder)")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: {list(self.seeds)} repeats a seed; list each seed once")
+
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        """The seeds every run is repeated over: ``seeds``, or the single ``seed``."""
+        return self.seeds or (self.seed,)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as YAML would write it: ``parse_config(config.to_dict()) == config``."""

@@ -104,27 +104,28 @@ def local_inputs(model: str, calibration: CalibrationConfig | None, evaluation: 
 
 
 def plan(config: SweepConfig) -> list[RunSpec]:
-    """Every run of the sweep: per model the baseline once (at W16A16), then each method at each of its bit specs.
+    """Every run of the sweep: per seed and model the baseline once (at W16A16), then each method at each of its bit specs.
 
     A run's options are its method entry's, with the sweep's matching ``overrides`` applied, so
     the key and the recorded options carry them.
     """
     runs: list[RunSpec] = []
-    common = dict(evaluation=config.evaluation, seed=config.seed, device=config.device, dtype=config.dtype,
-                  trust_remote_code=config.trust_remote_code, keep_work=config.keep_work)
     baseline, baseline_config = _baseline(config)
-    for model in config.models:
-        inputs = local_inputs(model, None, config.evaluation)
-        runs.append(RunSpec(model, baseline, baseline_config, FP, None, **common, inputs=inputs))
-        for entry in config.methods:
-            cls = entry.method_class
-            if cls.is_baseline:
-                continue
-            calibration = config.calibration if cls.needs_calibration else None
-            inputs = local_inputs(model, calibration, config.evaluation)
-            for spec in entry.bits or config.bits:
-                options = config.method_config(entry, model, spec)  # the sweep's per-model/bits overrides
-                runs.append(RunSpec(model, entry.name, options, spec, calibration, **common, inputs=inputs))
+    for seed in config.run_seeds:  # seed-major: an interrupted sweep has whole seeds, not a ragged mix
+        common = dict(evaluation=config.evaluation, seed=seed, device=config.device, dtype=config.dtype,
+                      trust_remote_code=config.trust_remote_code, keep_work=config.keep_work)
+        for model in config.models:
+            inputs = local_inputs(model, None, config.evaluation)
+            runs.append(RunSpec(model, baseline, baseline_config, FP, None, **common, inputs=inputs))
+            for entry in config.methods:
+                cls = entry.method_class
+                if cls.is_baseline:
+                    continue
+                calibration = config.calibration if cls.needs_calibration else None
+                inputs = local_inputs(model, calibration, config.evaluation)
+                for spec in entry.bits or config.bits:
+                    options = config.method_config(entry, model, spec)  # the sweep's per-model/bits overrides
+                    runs.append(RunSpec(model, entry.name, options, spec, calibration, **common, inputs=inputs))
     unique = {r.key: r for r in runs}  # a method listed twice with the same options runs once
     return list(unique.values())
 

@@ -1,27 +1,47 @@
-"""Results as a pandas frame: one row per run, numeric columns, best-direction per column.
+"""Results as pandas frames: the tidy per-run frame, and its aggregate over seeds.
 
-The data layer under every report, plot and paper table (``harness.report`` composes them)::
+The data layer under every report, plot, paper table and export (``harness.report`` composes them)::
 
-    frame = results_frame(ResultStore("runs/demo").records())
+    runs = tidy_frame(ResultStore("runs/demo").records())   # one row per run
+    cells = aggregate(runs)                                  # one row per model x method x variant x bits
 
-Columns: ``model``, ``method``, ``bits``, ``baseline`` (the run's method is the sweep's reference,
-``Method.is_baseline``: never a competitor for bold), perplexity per dataset (``ppl <name>``), each
-zero-shot task's compared metric in % and their average, then cost (wall and phase seconds,
-device-hours, peak memory, the device). Rows: model, the baseline first, methods by name, bit
-specs from most to fewest bits (``BitSpec.order_key``).
+``tidy_frame`` columns (snake_case, units in the names, NaN where not measured): ``run_key``,
+``model``, ``method``, ``variant`` (the options that differ from the method's defaults, e.g.
+``theta=ratio, assembly=false``; empty for defaults), ``bits``, ``seed``, ``baseline`` (the run's
+method is the sweep's reference, ``Method.is_baseline``: never a competitor for bold), ``ppl_<dataset>``,
+each zero-shot task's compared metric ``<task>_<acc|acc_norm>_pct`` and ``zeroshot_avg_pct``, then
+cost: ``wall_s``, ``load_s``, ``calibrate_s``, ``quantize_s``, ``evaluate_s``, ``device_hours``,
+``quantize_device_hours``, ``peak_memory_gib``, ``device``. Rows: model, the baseline first, methods
+by name, variants, bit specs from most to fewest bits (``BitSpec.order_key``), seeds.
+
+``aggregate`` groups runs that differ only in their seed: ``n`` (runs), ``seeds``, and per metric
+``<metric>_mean`` and ``<metric>_std`` (sample standard deviation, ddof 1; NaN when n = 1: one run
+has no spread).
 """
 from __future__ import annotations
 
+import json
+import logging
+import re
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from harness.bits import BitSpec
+from harness.errors import ConfigError, PtqbenchError
 from harness.record import RunRecord
+from harness.registry import get_method
+from harness.results import ResultStore
 
-ZS_AVG = "zero-shot avg"
-PHASES = {"load": "load s", "calibrate": "calib s", "quantize": "quant s", "evaluate": "eval s"}
+log = logging.getLogger(__name__)
+
+ZS_AVG = "zeroshot_avg_pct"
+PHASES = {"load": "load_s", "calibrate": "calibrate_s", "quantize": "quantize_s", "evaluate": "evaluate_s"}
 BASELINE = "baseline"  # the frame's bool column
+KEYS = ("model", "method", "variant", "bits")  # what a row of the aggregate is; runs within one differ by seed
+LABELS = ("run_key", *KEYS, "seed", BASELINE, "device")  # the non-metric columns of the tidy frame
 
 
 def _scores(tasks: dict[str, dict]) -> dict[str, float]:
@@ -52,43 +72,141 @@ def quantize_hours(record: RunRecord) -> float | None:
     return record.cost.get("quantize_device_hours")
 
 
-def results_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
-    """Flatten records into one row per run (numeric columns stay numeric; missing = NaN)."""
-    rows = []
-    for r in records:
-        row = {"model": r.model, "method": r.method, "bits": r.bits, BASELINE: r.baseline}
-        for name, value in r.ppl.items():
-            row[f"ppl {name}"] = value
-        for task, entry in r.zeroshot_tasks.items():
-            if task in (scores := _scores({task: entry})):
-                row[f"{task} {entry['metric']}"] = 100 * scores[task]
-        row[ZS_AVG] = zeroshot_average(r)
-        cost = r.cost
-        row["wall s"] = cost["wall_s"]
-        for phase, column in PHASES.items():
-            row[column] = cost["phases_s"].get(phase)
-        row["device-h"] = cost["device_hours"]
-        peak = cost.get("peak_memory_bytes")
-        row["peak mem GiB"] = peak / 2**30 if peak is not None else None
-        row["device"] = cost["device"]  # last: long names (and device-hours are per device)
-        rows.append(row)
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        return frame
-    if frame[ZS_AVG].isna().all():  # no zero-shot evaluation in this sweep: no empty column
-        frame = frame.drop(columns=[ZS_AVG])
+def _option_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)  # YAML-like: true, null, 0.5, [1, 2]
+
+
+def variant_label(method: str, options: dict[str, Any]) -> str:
+    """The options that differ from ``method``'s defaults, in the config's field order (``""`` for defaults).
+
+    A method that is not installed any more has unknown defaults: then every option is listed, so
+    runs with different options still never fall into one row.
+    """
+    try:
+        defaults = get_method(method).config_class().to_dict()
+    except PtqbenchError:
+        defaults = {}
+    order = list(defaults) + sorted(k for k in options if k not in defaults)
+    return ", ".join(f"{k}={_option_text(options[k])}" for k in order if k in options and options[k] != defaults.get(k, object()))
+
+
+def _snake(name: str) -> str:
+    """A dataset or task name as part of a column name (paths and dashes become underscores)."""
+    return re.sub(r"\W+", "_", name).strip("_").lower()
+
+
+def _row(r: RunRecord) -> dict[str, Any]:
+    row: dict[str, Any] = {"run_key": r.key, "model": r.model, "method": r.method, "variant": variant_label(r.method, r.options),
+                           "bits": r.bits, "seed": r.seed, BASELINE: r.baseline}
+    for name, value in r.ppl.items():
+        row[f"ppl_{_snake(name)}"] = value
+    for task, entry in r.zeroshot_tasks.items():
+        if task in (scores := _scores({task: entry})):
+            row[f"{_snake(task)}_{entry['metric']}_pct"] = 100 * scores[task]
+    row[ZS_AVG] = zeroshot_average(r)
+    cost = r.cost
+    row["wall_s"] = cost["wall_s"]
+    for phase, column in PHASES.items():
+        row[column] = cost["phases_s"].get(phase)
+    row["device_hours"] = cost["device_hours"]
+    row["quantize_device_hours"] = cost.get("quantize_device_hours")
+    peak = cost.get("peak_memory_bytes")
+    row["peak_memory_gib"] = peak / 2**30 if peak is not None else None
+    row["device"] = cost["device"]  # last: long names (and device-hours are per device)
+    return row
+
+
+def _sorted(frame: pd.DataFrame, by_seed: bool) -> pd.DataFrame:
     order = frame["bits"].map(lambda b: BitSpec.parse(b).order_key)
     frame = frame.assign(_competitor=~frame[BASELINE].astype(bool), _order=order)
-    frame = frame.sort_values(["model", "_competitor", "method", "_order"], kind="stable")
-    return frame.drop(columns=["_competitor", "_order"]).reset_index(drop=True)
+    keys = ["model", "_competitor", "method", "variant", "_order"] + (["seed"] if by_seed else [])
+    return frame.sort_values(keys, kind="stable").drop(columns=["_competitor", "_order"]).reset_index(drop=True)
+
+
+def tidy_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
+    """One row per run (numeric columns stay numeric; missing = NaN); see the module docstring."""
+    frame = pd.DataFrame([_row(r) for r in records])
+    if frame.empty:
+        return pd.DataFrame(columns=list(LABELS))
+    if frame[ZS_AVG].isna().all():  # no zero-shot evaluation in this sweep: no empty column
+        frame = frame.drop(columns=[ZS_AVG])
+    frame = frame[[c for c in frame.columns if c != "device"] + ["device"]]
+    for column in metric_columns(frame):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
+    return _sorted(frame, by_seed=True)
+
+
+def load_records(results_dir: str | Path) -> list[RunRecord]:
+    """The finished runs of a results directory (``ConfigError`` when it is not one).
+
+    One rule: a folder a sweep wrote into (runs/ or failed/, even empty) is a results directory;
+    a corrupt result in it is skipped with a warning naming the file (``ResultStore.records``).
+    """
+    store = ResultStore(results_dir)
+    if not store.runs.is_dir() and not store.failed.is_dir():
+        raise ConfigError(f"DIR: {str(results_dir)!r} holds no results (no runs/ or failed/ folder)")
+    return list(store.records())
+
+
+def load_frame(results_dir: str | Path) -> pd.DataFrame:
+    """``tidy_frame`` of a results directory's finished runs: what ``load_results`` gives a notebook."""
+    return tidy_frame(load_records(results_dir))
+
+
+def metric_columns(frame: pd.DataFrame) -> list[str]:
+    """The measured columns of a tidy frame (everything but the labels), in frame order."""
+    return [c for c in frame.columns if c not in LABELS]
+
+
+def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mean, sample std (ddof 1) and ``n`` over the seeds of each model x method x variant x bits.
+
+    Columns: ``model``, ``method``, ``variant``, ``bits``, ``baseline``, ``n``, ``seeds`` ("0,1,2"),
+    ``<metric>_mean`` and ``<metric>_std`` per metric column, ``device`` (the devices, "; "-joined).
+    A metric missing in some runs is averaged over the runs that have it; NaN where none has it.
+    """
+    metrics = metric_columns(frame)
+    columns = [*KEYS, BASELINE, "n", "seeds", *(f"{m}_{s}" for m in metrics for s in ("mean", "std")), "device"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for keys, group in frame.groupby(list(KEYS), sort=False, dropna=False):
+        row = dict(zip(KEYS, keys))
+        row[BASELINE] = bool(group[BASELINE].astype(bool).any())
+        row["n"] = len(group)
+        if group["seed"].duplicated().any():  # same seed twice: runs differing in calibration or evaluation settings
+            log.warning("%s: %d runs but seeds %s; they differ in settings other than the options (calibration, "
+                        "evaluation) and are averaged together", " ".join(str(k) for k in keys if k), len(group),
+                        sorted(group["seed"]))
+        row["seeds"] = ",".join(str(s) for s in sorted(group["seed"]))
+        for m in metrics:
+            values = group[m].astype(float)
+            row[f"{m}_mean"] = values.mean()  # NaN-skipping
+            row[f"{m}_std"] = values.std(ddof=1)  # NaN for a single value: no spread
+        row["device"] = "; ".join(dict.fromkeys(str(d) for d in group["device"] if isinstance(d, str)))
+        rows.append(row)
+    return _sorted(pd.DataFrame(rows, columns=columns), by_seed=False)
+
+
+def means_and_spreads(agg: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split an ``aggregate`` into a frame of means under the metric names and the matching frame of stds."""
+    metrics = [c.removesuffix("_mean") for c in agg.columns if c.endswith("_mean")]
+    labels = [c for c in agg.columns if not c.endswith(("_mean", "_std"))]
+    means = agg[labels].copy()
+    spreads = pd.DataFrame(float("nan"), index=agg.index, columns=labels)
+    for m in metrics:
+        means[m] = agg[f"{m}_mean"]
+        spreads[m] = agg[f"{m}_std"]
+    order = [c for c in labels if c != "device"] + metrics + (["device"] if "device" in labels else [])
+    return means[order], spreads[order]
 
 
 def directions(columns: Iterable[str]) -> dict[str, str]:
     """Which way is better for each column of a results frame (columns not named are never bold)."""
     out = {}
     for c in columns:
-        if c.startswith("ppl ") or c in ("device-h", "peak mem GiB"):
+        if c.startswith("ppl_") or c in ("device_hours", "peak_memory_gib"):
             out[c] = "min"
-        elif c == ZS_AVG or c.endswith((" acc", " acc_norm")):
+        elif c.endswith("_pct"):
             out[c] = "max"
     return out

@@ -9,8 +9,10 @@ import base64
 import datetime as dt
 import html
 
+import pandas as pd
+
 from harness import plots
-from harness.frame import results_frame
+from harness.frame import aggregate, tidy_frame
 from harness.record import RunRecord
 from harness.tables import Table, to_html
 
@@ -38,15 +40,16 @@ def figure_html(png: bytes | None, caption: str, absent: str) -> str:
             f"src=\"data:image/png;base64,{data}\"></figure>\n")
 
 
-def plots_html(records: list[RunRecord]) -> str:
-    frame = results_frame(records)
+def plots_html(frame: pd.DataFrame) -> str:
+    """The figures of a tidy per-run frame, drawn from its aggregate over seeds (error bars: std)."""
+    agg = aggregate(frame)
     parts = []
     for make, caption, absent in (
         (plots.ppl_figure, "Perplexity vs bit spec per method (log scale)", "No perplexity results to plot."),
         (plots.zeroshot_figure, "Zero-shot average accuracy per method and bit spec", "No zero-shot results in this directory."),
         (plots.cost_figure, "Cost per method: device-hours and peak memory", "No cost records to plot."),
     ):
-        fig = make(frame)
+        fig = make(agg)
         parts.append(figure_html(plots.to_png(fig) if fig is not None else None, caption, absent))
     return "".join(parts)
 
@@ -60,12 +63,13 @@ def _summary(records: list[RunRecord]) -> str:
     return f'<p class="note">{html.escape(text)}. Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by ptqbench.</p>\n'
 
 
-def page(title: str, tables: list[Table], records: list[RunRecord] | None = None) -> str:
+def page(title: str, tables: list[Table], records: list[RunRecord] | None = None, frame: pd.DataFrame | None = None) -> str:
+    """The page; ``records`` add the summary line and the plots (of ``frame``, else ``tidy_frame(records)``)."""
     body = [f"<h1>{html.escape(title)}</h1>\n"]
     if records is not None:
         body.append(_summary(records))
     body += [to_html(t) for t in tables]
     if records:
-        body.append(plots_html(records))
+        body.append(plots_html(frame if frame is not None else tidy_frame(records)))
     return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body>\n" + "".join(body) + "</body></html>\n")

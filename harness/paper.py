@@ -4,14 +4,17 @@ The published numbers are package data, ``harness/reference/qllm.yaml``. Our run
 paper's cells by (model, method, bit spec, metric): the paper's FP16 column is our baseline run
 (whatever method the sweep used as its baseline, ``Method.is_baseline``), its rows
 are our zoo names (hub ids of the zoo map too), and its WikiText-2 / C4 / Avg columns are our
-``ppl wikitext2`` / ``ppl c4`` / zero-shot accuracy averaged over exactly the paper's five tasks.
+``ppl_wikitext2`` / ``ppl_c4`` / zero-shot accuracy averaged over exactly the paper's five tasks.
 Every cell both have shows ours, published and the difference (ours - published); a published
-cell we have not run shows the published value with a dagger. Used by
+cell we have not run shows the published value with a dagger. With several seeds, ours is the mean
+± std over the seeds, and ``within`` says whether the published number lies in that interval
+(|mean - published| <= std); a summary line counts the cells that reproduce. Used by
 ``ptqbench report DIR --reference paper``.
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -22,10 +25,10 @@ import yaml
 
 from harness.bits import BitSpec
 from harness.errors import ConfigError
-from harness.frame import quantize_hours, zeroshot_average
+from harness.frame import quantize_hours, variant_label, zeroshot_average
 from harness.models import ZOO
 from harness.record import RunRecord
-from harness.tables import BASELINE, MISSING, Table, best_mask
+from harness.tables import BASELINE, MISSING, Table, best_mask, bold_note
 
 log = logging.getLogger(__name__)
 
@@ -114,26 +117,52 @@ def _protocol_note(record: RunRecord, ref: Reference) -> str | None:
     return None
 
 
-def _ours(records: list[RunRecord], ref: Reference) -> dict[tuple[str, str, str], RunRecord]:
-    """Our runs on the paper's models keyed (paper model, method, bits); the latest run of a key wins.
+def _ours(records: list[RunRecord], ref: Reference) -> dict[tuple[str, str, str], list[RunRecord]]:
+    """Our runs on the paper's models keyed (paper model, method, bits): one run per seed (the latest of a
+    seed), of one option set (the variant of the latest run, when several were run).
 
     Our baseline runs take the method name of the paper's FP16 column.
     """
-    ours: dict[tuple[str, str, str], RunRecord] = {}
+    runs: dict[tuple[str, str, str], dict[str, dict[int, RunRecord]]] = {}
+    latest: dict[tuple[str, str, str], str] = {}
     for r in sorted(records, key=lambda r: r.finished_at):
         model = paper_model(r.model, ref)
         if model is None:
             continue
         key = (model, ref.baseline_method if r.baseline else r.method, r.bits)
-        if key in ours:
-            log.warning("%s %s %s: several runs (other options?); showing the latest", *key)
-        ours[key] = r
-    return ours
+        variant = variant_label(r.method, r.options)
+        runs.setdefault(key, {}).setdefault(variant, {})[r.seed] = r
+        latest[key] = variant
+    for key, variants in runs.items():
+        if len(variants) > 1:
+            log.warning("%s %s %s: runs with %d option sets; showing the latest (%s)", *key, len(variants), latest[key] or "defaults")
+    return {key: list(variants[latest[key]].values()) for key, variants in runs.items()}
 
 
-def comparison_frame(records: list[RunRecord], ref: Reference | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """Side-by-side frame (ours, paper, Δ per metric), a bool frame marking published-only cells,
-    and the footnotes that the ``note`` column refers to as ``[1]``, ``[2]``, ..."""
+def within_spread(mean: float | None, std: float | None, published: float | None) -> bool | None:
+    """Whether the published number lies within our mean ± std (one sample std over seeds, ddof 1).
+
+    ``None`` (undecided) without a published number, without ours, or without a spread (one run).
+    One std, not two: a published value outside the interval the table prints is not called reproduced.
+    """
+    if mean is None or published is None or std is None or math.isnan(std):
+        return None
+    return abs(mean - published) <= std
+
+
+def _stats(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample std (None when no value; NaN std for a single value)."""
+    if not values:
+        return None, None
+    series = pd.Series(values, dtype=float)
+    return float(series.mean()), float(series.std(ddof=1))
+
+
+def comparison_frame(records: list[RunRecord], ref: Reference | None = None
+                     ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, list[str]]:
+    """Side-by-side frame (n, then per metric: ours (the mean over seeds), paper, Δ, within), a bool frame
+    marking published-only cells, a frame of our stds (same shape; NaN where one run or none), and the
+    footnotes that the ``note`` column refers to as ``[1]``, ``[2]``, ..."""
     ref = ref or load_reference()
     ours = _ours(records, ref)
     published = {(c.model, c.method, c.bits, c.metric): c.value for c in ref.cells.itertuples()}
@@ -143,28 +172,48 @@ def comparison_frame(records: list[RunRecord], ref: Reference | None = None) -> 
     keys = sorted(keys, key=lambda k: (models.index(k[0]),
                                        paper_order.index(k[1:]) if k[1:] in paper_order else len(paper_order),
                                        BitSpec.parse(k[2]).order_key, k[1]))
-    rows, marks, footnotes = [], [], []
+    rows, marks, spreads, footnotes = [], [], [], []
     for model, method, bits in keys:
-        record = ours.get((model, method, bits))
-        mine = _our_values(record, ref) if record else {}
-        row, mark = {"model": model, "method": method, "bits": bits, BASELINE: method == ref.baseline_method}, {}
+        runs = ours.get((model, method, bits), [])
+        mine = [_our_values(r, ref) for r in runs]
+        row = {"model": model, "method": method, "bits": bits, BASELINE: method == ref.baseline_method, "n": len(runs) or None}
+        mark, spread = {}, {}
         for metric, label in LABELS.items():
-            a, b = mine.get(metric), published.get((model, method, bits, metric))
+            a, std = _stats([v[metric] for v in mine if v[metric] is not None])
+            b = published.get((model, method, bits, metric))
             row[f"{label} ours"], row[f"{label} paper"] = a, b
             row[f"{label} Δ"] = a - b if a is not None and b is not None else None
+            inside = within_spread(a, std, b)
+            row[f"{label} within"] = None if inside is None else ("yes" if inside else "no")
             mark[f"{label} paper"] = a is None and b is not None
+            spread[f"{label} ours"] = std
         notes = [n["text"] for n in ref.notes
                  if all(n.get(k) in (None, v) for k, v in (("model", model), ("method", method), ("bits", bits)))]
-        if record and (p := _protocol_note(record, ref)):
+        if runs and (p := _protocol_note(runs[-1], ref)):
             notes.append(p)
         for text in notes:
             footnotes += [text] if text not in footnotes else []
         row["note"] = " ".join(f"[{footnotes.index(t) + 1}]" for t in notes) or None
         rows.append(row)
         marks.append(mark)
+        spreads.append(spread)
     frame = pd.DataFrame(rows)
+    if not frame["n"].notna().any() or (frame["n"].fillna(1) <= 1).all():  # one seed: no n and no within columns
+        frame = frame.drop(columns=["n", *(f"{label} within" for label in LABELS.values())])
     marked = pd.DataFrame(marks, index=frame.index).reindex(columns=frame.columns, fill_value=False).fillna(False).astype(bool)
-    return frame, marked, [f"[{i}] {text}" for i, text in enumerate(footnotes, 1)]
+    spread = pd.DataFrame(spreads, index=frame.index, dtype=float).reindex(columns=frame.columns)
+    return frame, marked, spread, [f"[{i}] {text}" for i, text in enumerate(footnotes, 1)]
+
+
+def reproduced_summary(frame: pd.DataFrame) -> str | None:
+    """``k of m cells reproduce``: published values within our mean ± std, over the cells with a spread."""
+    columns = [c for c in frame.columns if c.endswith(" within")]
+    if not columns:
+        return None
+    verdicts = frame[columns].stack()
+    yes, decided = int((verdicts == "yes").sum()), int(verdicts.isin(["yes", "no"]).sum())
+    return (f"Reproduced: {yes} of {decided} cells with several seeds have the published value within our mean ± std "
+            "(within: |mean − published| <= std, sample std over seeds); cells of one run are not counted.")
 
 
 def cost_frame(records: list[RunRecord], ref: Reference | None = None) -> pd.DataFrame:
@@ -172,29 +221,33 @@ def cost_frame(records: list[RunRecord], ref: Reference | None = None) -> pd.Dat
     ours = _ours(records, ref)
     rows = []
     for c in ref.cost.itertuples():
-        record = ours.get((c.model, c.method, c.bits))
-        hours = quantize_hours(record) if record else None
+        runs = ours.get((c.model, c.method, c.bits), [])
+        hours, _ = _stats([h for r in runs if (h := quantize_hours(r)) is not None])
         rows.append({"model": c.model, "method": c.method, "bits": c.bits, "GPU-h ours": hours, "GPU-h paper": c.gpu_hours,
                      "GPU-h Δ": hours - c.gpu_hours if hours is not None else None,
-                     "our device": record.cost["device"] if record else None})
+                     "our device": runs[-1].cost["device"] if runs else None})
     return pd.DataFrame(rows)
 
 
 def tables(records: list[RunRecord], ref: Reference | None = None) -> list[Table]:
     """The comparison table and the training-cost table, ready for any format."""
     ref = ref or load_reference()
-    frame, marked, footnotes = comparison_frame(records, ref)
+    frame, marked, spread, footnotes = comparison_frame(records, ref)
+    has_spread = bool(spread.notna().to_numpy().any())
     dirs = {f"{LABELS[m]} {side}": d for m, d in DIRECTION.items() for side in ("ours", "paper")}
     notes = [f"Published: {ref.source}, {ref.table}. Δ = ours − published. {MISSING}: not measured / not reported.",
              "† published value; we have not run this cell.",
-             "Bold: best per column among quantized methods of the same model and bit spec (FP16 excluded): "
-             "lowest perplexity, highest average accuracy.",
-             f"Avg: mean accuracy (%) over {', '.join(ref.tasks)}.", *footnotes]
+             bold_note(has_spread, criteria="FP16 excluded; lowest perplexity, highest average accuracy"),
+             f"Avg: mean accuracy (%) over {', '.join(ref.tasks)}."]
+    if has_spread:
+        notes.insert(1, "ours: mean ± std over seeds (n runs); within: the published value lies in ours ± std.")
+        notes.append(reproduced_summary(frame))
     comparison = Table(frame, f"Ours vs published ({ref.table} of arXiv 2310.08041)",
-                       best=best_mask(frame, dirs), marked=marked, notes=notes, mark_label="published only")
+                       best=best_mask(frame, dirs, spread=spread if has_spread else None), marked=marked,
+                       notes=[*notes, *footnotes], mark_label="published only", spread=spread if has_spread else None)
     cost = cost_frame(records, ref)
     cost_notes = [f"Published: {ref.cost_table}, on {ref.cost_device}. Ours: device-hours of the calibrate + quantize "
-                  "phases of the run, on the device named (hours on different hardware are not directly comparable).",
+                  "phases of the run (mean over seeds), on the device named (hours on different hardware are not directly comparable).",
                   "Bold: fewest hours per model."]
     cost_table = Table(cost, "Training cost vs published", best=best_mask(cost, {"GPU-h ours": "min", "GPU-h paper": "min"}),
                        notes=cost_notes)

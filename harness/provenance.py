@@ -1,4 +1,4 @@
-"""Provenance recorded with every result: versions, git revision, hardware.
+"""Provenance recorded with every result: versions, git revision, hardware, determinism settings.
 
 ``harness.execute`` adds what the run read: input fingerprints, the hub commit, the resolved dtype
 and the corpus package.
@@ -70,7 +70,15 @@ def hardware() -> dict:
     }
 
 
+def determinism() -> dict:
+    """Whether this process asked torch for deterministic kernels (CUDA results depend on it; CPU runs
+    are bit-identical for a seed either way, tests/harness/test_determinism.py)."""
+    return {"torch_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
+
+
 def provenance() -> dict:
     packages = package_versions()
     return {"packages": packages, "code_version": packages.get("ptqbench"), "git": git_revision(),
-            "hardware": hardware(), "argv": sys.argv}
+            "hardware": hardware(), "determinism": determinism(), "argv": sys.argv}

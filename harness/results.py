@@ -61,13 +61,18 @@ def write_text_atomic(path: Path, text: str, what: str = "file") -> None:
 
     An ``OSError`` (read-only folder, disk full) becomes a ``StorageError`` naming ``what`` and ``path``.
     """
+    write_bytes_atomic(path, text.encode(), what)
+
+
+def write_bytes_atomic(path: Path, data: bytes, what: str = "file") -> None:
+    """``write_text_atomic`` for binary files (Parquet)."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results and reports are ordinary files
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -6,10 +6,16 @@ what the renderers need to know: which cells are best (bold), which are marked w
 a dash, never 0 or NaN: ``–`` in Markdown, HTML and CSV (read it back with
 ``pd.read_csv(path, na_values="–")``), ``--`` in LaTeX (which typesets as an en dash).
 
+A cell may carry a spread (``Table.spread``, the std over seeds): it renders as ``12.30 ± 0.45``
+(``$12.30 \\pm 0.45$`` in LaTeX); NaN spread (one run) renders the value alone.
+
 "Best" is decided per column by ``best_mask``: within each group of rows that compete (same
 model and bit spec), among quantized methods only (rows whose ``baseline`` column is true are the
-reference, not competitors; the column itself is never displayed), the lowest or highest value as the column's direction says; ties are all bold,
-and nothing is bold where fewer than two methods have a value (a lone entry beats no one).
+reference, not competitors; the column itself is never displayed), the lowest or highest value as
+the column's direction says, and nothing is bold where fewer than two methods have a value (a lone
+entry beats no one). Without spreads (every cell one run) ties are all bold. Where the group has
+spreads, a cell is bold only when it is better than every other competitor's value by more than
+``max(its std, the other's std)`` (a missing std counts as 0): a lead inside the noise is no lead.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ class Table:
     marked: pd.DataFrame | None = None  # bool, same shape: cells that get MARK
     notes: list[str] = field(default_factory=list)
     mark_label: str = "marked"  # CSV has no dagger: a column of this name lists each row's marked columns
+    spread: pd.DataFrame | None = None  # float, same shape: the std shown as "± std" (NaN: none)
 
     def __post_init__(self) -> None:
         if BASELINE in self.frame.columns:  # it decided bold (best_mask); readers see the method name
@@ -50,22 +57,55 @@ def format_value(value: object, column: str) -> str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
+    if isinstance(value, int):  # counts (n runs) stay counts
+        return str(value)
     v = float(value)
     if column.endswith("Δ"):
         return f"{v:+.3g}" if abs(v) >= 1e5 else f"{v:+.2f}"
     if abs(v) >= 1e5:
         return f"{v:.3g}"
-    if column.endswith(" s"):  # phase times: a tenth of a second is plenty
+    if column.endswith(("_s", " s")):  # phase times: a tenth of a second is plenty
         return f"{v:.1f}"
-    if ("device-h" in column or "GPU-h" in column) and 0 < abs(v) < 1:  # seconds on a CPU: 3 digits, not 0.00
+    if ("device_hours" in column or "GPU-h" in column) and 0 < abs(v) < 1:  # seconds on a CPU: 3 digits, not 0.00
         return f"{v:#.3g}"
     if v == 0 or abs(v) >= 1:
         return f"{v:.2f}"
     return f"{v:.3g}"  # device-hours of small runs: keep three significant digits, not 0.00
 
 
-def best_mask(frame: pd.DataFrame, directions: Mapping[str, str], group: Sequence[str] = GROUP) -> pd.DataFrame:
-    """True where a cell is the best of its column within its group (see the module docstring)."""
+def format_spread(value: object, column: str) -> str | None:
+    """Display text of a std next to its mean (``None`` when there is none): the mean's precision,
+    except that a small non-zero spread keeps two significant digits instead of rounding to 0.00."""
+    if is_missing(value):
+        return None
+    v = abs(float(value))
+    if column.endswith(("_s", " s")):
+        return f"{v:.1f}"
+    if "device_hours" in column and 0 < v < 1:
+        return f"{v:.2g}"
+    if v == 0 or v >= 0.005:
+        return f"{v:.2f}"
+    return f"{v:.2g}"
+
+
+def _ahead(a: float, b: float, margin: float, direction: str) -> bool:
+    return a < b - margin if direction == "min" else a > b + margin
+
+
+def _best_of(vals: pd.Series, spreads: pd.Series | None, direction: str) -> list:
+    """Index labels of the bold cells of one group (values without NaN, at least two)."""
+    target = vals.min() if direction == "min" else vals.max()
+    if spreads is None or spreads.reindex(vals.index).isna().all():  # one run per cell: today's rule, ties all bold
+        return list(vals.index[vals == target])
+    std = spreads.reindex(vals.index).fillna(0.0).abs()
+    return [i for i in vals.index[vals == target]
+            if all(_ahead(vals[i], vals[j], max(std[i], std[j]), direction) for j in vals.index if j != i)]
+
+
+def best_mask(frame: pd.DataFrame, directions: Mapping[str, str], group: Sequence[str] = GROUP,
+              spread: pd.DataFrame | None = None) -> pd.DataFrame:
+    """True where a cell is the best of its column within its group (see the module docstring);
+    ``spread`` (stds, same shape as ``frame``) switches on the rule for repeated runs."""
     mask = pd.DataFrame(False, index=frame.index, columns=frame.columns)
     if frame.empty:
         return mask
@@ -76,16 +116,27 @@ def best_mask(frame: pd.DataFrame, directions: Mapping[str, str], group: Sequenc
             continue
         values = pd.to_numeric(competitors[column], errors="coerce")
         groups = values.groupby([competitors[k] for k in keys]) if keys else [(None, values)]
+        spreads = pd.to_numeric(spread[column], errors="coerce") if spread is not None and column in spread else None
         for _, vals in groups:
             vals = vals.dropna()
             if len(vals) < 2:
                 continue
-            target = vals.min() if direction == "min" else vals.max()
-            mask.loc[vals.index[vals == target], column] = True
+            mask.loc[_best_of(vals, spreads, direction), column] = True
     return mask
 
 
-def _cells(table: Table, missing: str, bold: str, mark: str, escape) -> list[list[str]]:
+def bold_note(spread: bool, what: str = "model and bit spec",
+              criteria: str = "lowest perplexity, device-hours and peak memory; highest accuracy") -> str:
+    """The legend of bold (``best_mask``): which cells compete, what is best and, with seeds, the spread rule."""
+    text = f"Bold: best per column among quantized methods of the same {what} ({criteria})"
+    if spread:
+        text += ("; with several seeds, only where the best mean beats every other method's mean by more than "
+                 "the larger of the two stds (a lead inside the spread is not bold)")
+    return text + "."
+
+
+def _cells(table: Table, missing: str, bold: str, mark: str, escape, pm: str = "{} ± {}") -> list[list[str]]:
+    """Rendered cell texts; ``pm`` formats a mean with its spread (already markup, not escaped)."""
     rows = []
     for i, (idx, row) in enumerate(table.frame.iterrows()):
         cells = []
@@ -94,7 +145,10 @@ def _cells(table: Table, missing: str, bold: str, mark: str, escape) -> list[lis
             if text is None:
                 cells.append(missing)
                 continue
-            text = escape(text)
+            spread = None
+            if table.spread is not None and column in table.spread.columns:
+                spread = format_spread(table.spread.at[idx, column], column)
+            text = pm.format(text, spread) if spread is not None else escape(text)
             if table.best is not None and bool(table.best.at[idx, column]):
                 text = bold.format(text)
             if table.marked is not None and bool(table.marked.at[idx, column]):
@@ -123,8 +177,16 @@ def to_markdown(table: Table, level: int = 2) -> str:
 
 
 def to_csv(table: Table) -> str:
-    """Numbers at full precision (no bold); missing cells are ``–``; marks become one column."""
+    """Numbers at full precision (no bold); missing cells are ``–``; marks become one column, and each
+    column with spreads gets a ``<column> std`` column after it."""
     frame = table.frame
+    if table.spread is not None:
+        columns = {}
+        for c in frame.columns:
+            columns[c] = frame[c]
+            if c in table.spread.columns and table.spread[c].notna().any():
+                columns[f"{c} std"] = table.spread[c]
+        frame = pd.DataFrame(columns, index=frame.index)
     if table.marked is not None and table.marked.to_numpy().any():
         names = [";".join(c for c in frame.columns if table.marked.at[i, c]) or None for i in frame.index]
         frame = frame.assign(**{table.mark_label: names})
@@ -150,7 +212,7 @@ def to_latex(table: Table) -> str:
     lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{tex_escape(table.title)}}}",
              rf"\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(tex_escape(c) for c in cols) + r" \\", r"\midrule"]
     models = list(table.frame["model"]) if "model" in cols else [None] * len(table.frame)
-    for i, cells in enumerate(_cells(table, "--", r"\textbf{{{}}}", r"$^\dagger$", tex_escape)):
+    for i, cells in enumerate(_cells(table, "--", r"\textbf{{{}}}", r"$^\dagger$", tex_escape, pm=r"${} \pm {}$")):
         if i and models[i] != models[i - 1]:
             lines.append(r"\midrule")
         lines.append(" & ".join(cells) + r" \\")

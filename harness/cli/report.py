@@ -6,11 +6,11 @@ from pathlib import Path
 import click
 
 from harness.errors import ConfigError
-from harness.report import FORMATS, REFERENCES, report
-from harness.results import write_text_atomic
+from harness.report import FORMATS, REFERENCES, report, report_bytes
+from harness.results import write_bytes_atomic, write_text_atomic
 
 # -o FILE picks the format from its suffix; an unknown suffix is refused (rep.docx must not silently be Markdown).
-_SUFFIX_FORMATS = {**{f: f for f in FORMATS}, "markdown": "md", "htm": "html", "latex": "tex"}
+_SUFFIX_FORMATS = {**{f: f for f in FORMATS}, "markdown": "md", "htm": "html", "latex": "tex", "pq": "parquet"}
 
 
 @click.command("report")
@@ -21,13 +21,20 @@ _SUFFIX_FORMATS = {**{f: f for f in FORMATS}, "markdown": "md", "htm": "html", "
 @click.option("--reference", type=click.Choice(REFERENCES), default=None,
               help="Put published numbers beside ours (paper: QLLM Table 1 and its training cost).")
 def command(results_dir: Path, fmt: str | None, output: Path | None, title: str | None, reference: str | None) -> None:
-    """Render a comparison table (rows: model x method x bits; columns: metrics and cost).
+    """Render a comparison report (pivot tables per metric, then rows model x method x variant x bits;
+    cells mean ± std over seeds).
 
-    With --reference paper, also our numbers beside the published ones with the difference
-    (as CSV: that comparison alone). HTML is one self-contained page with plots.
+    CSV and Parquet hold the tidy per-run frame (Parquet needs -o). With --reference paper, also our
+    numbers beside the published ones (as CSV: that comparison alone). HTML is one self-contained page with plots.
     """
     if fmt is None:
         fmt = format_of(output)
+    if fmt == "parquet":
+        if output is None or reference is not None:
+            raise ConfigError("--format parquet: write the per-run frame to a file with -o FILE.parquet (no --reference)")
+        write_bytes_atomic(output, report_bytes(results_dir))
+        click.echo(f"wrote {output}")
+        return
     text = report(results_dir, fmt, title, reference)
     if output is None:
         click.echo(text, nl=False)

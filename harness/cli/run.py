@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 @click.option("--force", is_flag=True, help="Redo runs whose results already exist.")
 @click.option("--dry-run", is_flag=True, help="Validate and list the planned runs with their estimated peak memory, run nothing.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Overrides the YAML's device.")
-@click.option("--seed", type=int, default=None, help="Overrides the YAML's seed.")
+@click.option("--seed", type=int, default=None, help="Overrides the YAML's seed (and seeds): one seed.")
+@click.option("--seeds", "seeds_text", default=None, metavar="0,1,2",
+              help="Overrides the YAML's seeds: every run once per seed (comma-separated integers).")
 @click.option("--executor", type=click.Choice(["local", "ray", "slurm"]), default=None,
               help="Where runs execute; overrides the YAML's executor.kind (default local).")
 @click.option("--ray-address", default=None, help="Join this Ray cluster ('auto', 'ray://head:10001'); implies --executor ray.")
@@ -32,12 +34,16 @@ log = logging.getLogger(__name__)
               help="Local copies of the zero-shot tasks' data (<task>/<split>.jsonl); overrides the YAML's.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars.")
 def command(config_path: Path, out_dir: Path | None, force: bool, dry_run: bool, device: str | None,
-            seed: int | None, executor: str | None, ray_address: str | None, task_data: Path | None, progress: bool) -> None:
+            seed: int | None, seeds_text: str | None, executor: str | None, ray_address: str | None, task_data: Path | None, progress: bool) -> None:
     """Run the sweep described by CONFIG (models x methods x bit specs)."""
     import dataclasses
 
     config = load_config(config_path)
     overrides = {k: v for k, v in (("device", device), ("seed", seed)) if v is not None}
+    if seed is not None:
+        overrides["seeds"] = ()  # --seed means exactly that one seed
+    if seeds_text is not None:
+        overrides["seeds"] = parse_seeds(seeds_text)
     config = dataclasses.replace(config, **overrides) if overrides else config
     config = with_executor(config, executor, ray_address)
     if task_data is not None:
@@ -48,7 +54,7 @@ def command(config_path: Path, out_dir: Path | None, force: bool, dry_run: bool,
     if dry_run:
         for r in runs:
             est = estimate(r)
-            click.echo(f"{r.key}  {r.label}  {est.describe() if est else 'memory: unknown (model config not available)'}")
+            click.echo(f"{r.key}  {r.label} seed {r.seed}  {est.describe() if est else 'memory: unknown (model config not available)'}")
         return
     log.info("%d runs planned; results in %s", len(runs), out_dir)
     summary = run_sweep(config, out_dir, force=force, progress=progress)
@@ -58,6 +64,17 @@ def command(config_path: Path, out_dir: Path | None, force: bool, dry_run: bool,
         click.echo(f"failed {key}: {error} (details: {out_dir / 'failed' / (key + '.json')})", err=True)
     if summary.failed:
         sys.exit(1)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds 0,1,2`` as a tuple of integers; a bad item is a one-line ``ConfigError``."""
+    try:
+        seeds = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"--seeds: {text!r} is not allowed; use comma-separated integers such as 0,1,2") from None
+    if not seeds:
+        raise ConfigError("--seeds: empty; use comma-separated integers such as 0,1,2")
+    return seeds
 
 
 def with_executor(config: SweepConfig, kind: str | None, ray_address: str | None) -> SweepConfig:

@@ -11,7 +11,7 @@ PAPER_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
 def record(model: str, method: str, bits: str, *, ppl: dict | None = None, zeroshot: dict | None = None,
            phases: dict | None = None, peak_bytes: int | None = 2**30, device: str = "CPU test (2 threads)",
            seqlen: int = 2048, max_windows: int | None = None, finished_at: str = "2026-01-01T00:00:00+00:00",
-           baseline: bool | None = None) -> RunRecord:
+           baseline: bool | None = None, seed: int = 0, options: dict | None = None) -> RunRecord:
     """A record; ``baseline`` defaults to whether the method is the built-in baseline ``fp``."""
     phases = {"load": 1.0, "quantize": 2.0, "evaluate": 3.0} if phases is None else phases
     wall = sum(phases.values())
@@ -19,6 +19,8 @@ def record(model: str, method: str, bits: str, *, ppl: dict | None = None, zeros
     if zeroshot is not None:
         metrics["zeroshot"] = dict(zeroshot)
     identity = {"model": model, "method": method, "bits": bits, "seqlen": seqlen}
+    if seed or options:  # records made before seeds and options existed here keep their keys
+        identity.update(seed=seed, options=options or {})
     quantize_s = phases.get("calibrate", 0.0) + phases.get("quantize", 0.0)
     cost = {"wall_s": wall, "phases_s": phases, "device": device, "device_type": "cpu", "device_count": 1,
             "device_hours": wall / 3600.0, "quantize_device_hours": quantize_s / 3600.0,
@@ -26,9 +28,9 @@ def record(model: str, method: str, bits: str, *, ppl: dict | None = None, zeros
     return RunRecord(
         key=run_key(identity), model=model, model_source="test", method=method,
         baseline=method == "fp" if baseline is None else baseline,
-        options={}, bits=bits, bit_spec=BitSpec.parse(bits).to_dict(), calibration=None,
+        options=dict(options or {}), bits=bits, bit_spec=BitSpec.parse(bits).to_dict(), calibration=None,
         evaluation={"ppl": {"datasets": sorted(ppl or {}), "seqlen": seqlen, "max_windows": max_windows, "batch_size": 1}},
-        seed=0, metrics=metrics, cost=cost, started_at=finished_at, finished_at=finished_at,
+        seed=seed, metrics=metrics, cost=cost, started_at=finished_at, finished_at=finished_at,
     )
 
 

@@ -76,3 +76,14 @@ def test_dry_run_lists_runs(tmp_path):
 def test_methods_lists_builtins():
     result = CliRunner().invoke(main, ["methods", "--options"])
     assert result.exit_code == 0 and "rtn" in result.output and "clip_ratio = 0.9" in result.output
+
+
+def test_seeds_option_overrides_the_yaml(tmp_path):
+    path = write(tmp_path, "ok.yaml", TINY)
+    result = CliRunner().invoke(main, ["run", path, "--dry-run", "--seeds", "0,1"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 2 * len(CliRunner().invoke(main, ["run", path, "--dry-run"]).output.splitlines())
+    assert sum(line.endswith("seed 1") for line in lines) == len(lines) // 2
+    bad = CliRunner().invoke(main, ["run", path, "--dry-run", "--seeds", "0,x"])
+    assert bad.exit_code == 2 and bad.output.startswith("Error: --seeds")

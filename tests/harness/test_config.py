@@ -103,3 +103,14 @@ def test_shipped_configs_are_valid():
     assert paths
     for path in paths:
         load_config(path)  # validation loads no model, so hub-only sweeps validate offline too
+
+
+def test_seeds_list_and_single_seed():
+    assert parse_config(GOOD).run_seeds == (0,)
+    assert parse_config({**GOOD, "seed": 3}).run_seeds == (3,)
+    config = parse_config({**GOOD, "seeds": [0, 1, 2]})
+    assert config.run_seeds == (0, 1, 2) and parse_config(config.to_dict()) == config
+    with pytest.raises(ConfigError, match=r"^seeds: .*repeats"):
+        parse_config({**GOOD, "seeds": [0, 1, 0]})
+    with pytest.raises(ConfigError, match=r"^seeds\[1\]"):
+        parse_config({**GOOD, "seeds": [0, "one"]})

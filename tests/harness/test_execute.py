@@ -1,8 +1,11 @@
 """harness.execute: a sweep's plan and each run's key (what decides a result)."""
 from __future__ import annotations
 
+import pytest
+import torch
+
 from harness.config import parse_config
-from harness.execute import plan
+from harness.execute import execute, plan
 from tests.harness.test_sweep import TINY
 
 
@@ -50,3 +53,34 @@ def test_attention_setting_is_part_of_the_key_and_off_keeps_old_keys():
     assert a["W4A4"].key != o["W4A4"].key
     assert "attention" not in o["W4A4"].identity()["bits"]  # off: the identity of runs from before the setting
     assert a["W16A16"].key == o["W16A16"].key  # the FP baseline is the same run either way
+
+
+def test_seeds_multiply_the_plan_and_one_seed_keeps_todays_keys():
+    one = plan(parse_config(TINY))
+    assert plan(parse_config({**TINY, "seeds": [0]})) == one  # seeds: [0] is the sweep seed: 0 always was
+    three = plan(parse_config({**TINY, "seeds": [0, 1, 2]}))
+    assert len(three) == 3 * len(one) and [r.seed for r in three] == [s for s in (0, 1, 2) for _ in one]
+    assert [r.key for r in three[: len(one)]] == [r.key for r in one]
+    assert len({r.key for r in three}) == len(three)  # the seed is part of every key
+
+
+def untimed(stats):
+    """``stats`` without wall-clock entries (``seconds``, ``*_s``): those differ between any two runs."""
+    if isinstance(stats, dict):
+        return {k: untimed(v) for k, v in stats.items() if k != "seconds" and not k.endswith("_s")}
+    if isinstance(stats, list):
+        return [untimed(v) for v in stats]
+    return stats
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "rtn"}, {"name": "smoothquant"}, {"name": "omniquant", "epochs": 1}, {"name": "qllm", "epochs": 1, "grid_steps": 5},
+], ids=lambda m: m["name"])
+def test_same_seed_gives_bit_identical_metrics_on_cpu(method):
+    """Determinism per method: the calibration draw, the training order and the initialisations all follow the seed."""
+    config = parse_config({**TINY, "methods": [method], "bits": ["W4A4"], "seed": 1, "device": "cpu"})
+    [run] = [r for r in plan(config) if r.method == method["name"]]
+    first, second = execute(run, progress=False), execute(run, progress=False)
+    assert first.metrics == second.metrics  # exact float equality, not approx
+    assert untimed(first.stats) == untimed(second.stats) and first.key == second.key  # losses, thresholds, ...
+    assert torch.are_deterministic_algorithms_enabled() is False  # bit-identical without asking torch for it

@@ -57,7 +57,8 @@ def ours() -> list[dict]:
 
 
 def test_comparison_frame_cells_deltas_and_marks():
-    frame, marked, notes = paper.comparison_frame(ours())
+    frame, marked, spread, notes = paper.comparison_frame(ours())
+    assert "n" not in frame.columns and "C4 within" not in frame.columns and spread.isna().all().all()  # one seed
     assert len(frame) == 7 * 10 + 1  # the paper's 70 rows and our rtn row
     assert "smollm2-135m" not in set(frame["model"])
     key = {(r.model, r.method, r.bits): i for i, r in enumerate(frame.itertuples())}
@@ -93,12 +94,15 @@ def test_training_cost_uses_calibrate_plus_quantize_hours():
     assert frame["GPU-h ours"].isna().sum() == 4  # 13B and 70B not run
 
 
+COMPARISON = 4  # after three pivot tables (ppl_wikitext2, ppl_c4, zeroshot_avg_pct) and the results table
+
+
 @pytest.mark.parametrize("fmt", ["md", "tex", "html"])
 def test_side_by_side_in_every_format(tmp_path, fmt):
     text = report(store(tmp_path, ours()), fmt, reference="paper")
     visible = re.sub(r"data:image/[a-z]+;base64,[A-Za-z0-9+/=]+", "", text)
     assert not re.search(r"\bnan\b", visible, re.IGNORECASE)
-    rows = grid(text, fmt, table=1)
+    rows = grid(text, fmt, table=COMPARISON)
     dash, dagger = ("--", r"$^\dagger$") if fmt == "tex" else ("–", "†")
     pick = lambda m, me, b: next(r for r in rows if (r["model"], r["method"], r["bits"]) == (m, me, b))  # noqa: E731
     fp = pick("LLaMA-2-7B", "fp", "W16A16")
@@ -110,7 +114,7 @@ def test_side_by_side_in_every_format(tmp_path, fmt):
     assert bold(q["WikiText-2 paper"], fmt) == "11.75" and bold(q["WikiText-2 ours"], fmt) == "12.00"
     assert bold(pick("LLaMA-2-7B", "omniquant", "W4A4")["WikiText-2 ours"], fmt) is None
     assert bold(fp["WikiText-2 paper"], fmt) is None  # FP16 is the reference, not a competitor
-    cost = grid(text, fmt, table=2)
+    cost = grid(text, fmt, table=COMPARISON + 1)
     row = next(r for r in cost if (r["model"], r["method"]) == ("LLaMA-2-7B", "qllm"))
     assert row["GPU-h ours"] == "1.00" and bold(row["GPU-h paper"], fmt) == "1.05"  # fewest published hours on 7B
     assert row["GPU-h Δ"] in ("-0.05", "$-$0.05")
@@ -128,3 +132,31 @@ def test_csv_is_the_comparison_with_dashes(tmp_path):
     assert "nan" not in result.output.lower()
     bad = CliRunner().invoke(main, ["report", str(tmp_path), "--reference", "arxiv"])
     assert bad.exit_code == 2 and "--reference" in bad.output
+
+
+def test_within_spread_rule():
+    assert paper.within_spread(12.0, 0.5, 12.5) is True  # |12.0 - 12.5| <= 0.5: on the edge counts
+    assert paper.within_spread(12.0, 0.5, 11.4) is False
+    assert paper.within_spread(12.0, float("nan"), 12.0) is None  # one run: no spread, undecided
+    assert paper.within_spread(None, 0.5, 12.0) is None and paper.within_spread(12.0, 0.5, None) is None
+
+
+def test_seeds_give_mean_std_within_and_a_reproduced_count(tmp_path):
+    # LLaMA-2-7B W4A4 WikiText-2, published: QLLM 11.75, OmniQuant 14.26
+    runs = [record("llama-2-7b", "qllm", "W4A4", ppl={"wikitext2": p}, seed=s) for s, p in enumerate((11.0, 12.0, 13.0))]
+    runs += [record("llama-2-7b", "omniquant", "W4A4", ppl={"wikitext2": p}, seed=s) for s, p in enumerate((15.0, 15.5, 16.0))]
+    runs.append(record("llama-2-7b", "qllm", "W4A4", ppl={"wikitext2": 99.0}, options={"epochs": 1},
+                       finished_at="2025-01-01T00:00:00+00:00"))  # an older other option set: not mixed into the seeds
+    frame, _, spread, _ = paper.comparison_frame(runs)
+    key = {(r.method, r.bits): i for i, r in enumerate(frame.itertuples()) if r.model == "LLaMA-2-7B"}
+    q, o = key["qllm", "W4A4"], key["omniquant", "W4A4"]
+    assert frame.at[q, "WikiText-2 ours"] == pytest.approx(12.0) and spread.at[q, "WikiText-2 ours"] == pytest.approx(1.0)
+    assert frame.at[q, "n"] == 3 and frame.at[q, "WikiText-2 within"] == "yes"  # 11.75 in 12 ± 1
+    assert spread.at[o, "WikiText-2 ours"] == pytest.approx(0.5) and frame.at[o, "WikiText-2 within"] == "no"  # 14.26 not in 15.5 ± 0.5
+    assert pd.isna(frame.at[q, "C4 within"])  # no C4 run: undecided, not counted
+    assert paper.reproduced_summary(frame).startswith("Reproduced: 1 of 2 cells")
+    text = report(store(tmp_path, runs), "md", reference="paper")
+    row = next(r for r in grid(text, "md", table=2) if (r["model"], r["method"], r["bits"]) == ("LLaMA-2-7B", "qllm", "W4A4"))
+    # bold: QLLM's 12 ± 1 beats OmniQuant's 15.5 ± 0.5 by more than either std
+    assert bold(row["WikiText-2 ours"], "md") == "12.00 ± 1.00" and row["n"] == "3" and row["WikiText-2 within"] == "yes"
+    assert "Reproduced: 1 of 2 cells" in text

@@ -161,12 +161,12 @@ def test_w3a3_rtn_scores_lower_than_fp(_smollm2_loaded, brown_cfg, fp_result):
 
 
 def test_report_shows_each_task_and_the_average_in_percent():
-    from harness.frame import results_frame
+    from harness.frame import tidy_frame
     from tests.harness.records import record
 
     zs = {"average": 0.5, "tasks": {"hellaswag": {"acc": 0.3, "acc_norm": 0.4, "metric": "acc_norm"},
                                     "piqa": {"acc": 0.6, "acc_norm": 0.7, "metric": "acc"}}}
-    row = results_frame([record("m", "fp", "W16A16", ppl={"brown": 20.0}, zeroshot=zs)]).iloc[0]
-    assert row["hellaswag acc_norm"] == pytest.approx(40.0)
-    assert row["piqa acc"] == pytest.approx(60.0)
-    assert row["zero-shot avg"] == pytest.approx(50.0)
+    row = tidy_frame([record("m", "fp", "W16A16", ppl={"brown": 20.0}, zeroshot=zs)]).iloc[0]
+    assert row["hellaswag_acc_norm_pct"] == pytest.approx(40.0)
+    assert row["piqa_acc_pct"] == pytest.approx(60.0)
+    assert row["zeroshot_avg_pct"] == pytest.approx(50.0)
