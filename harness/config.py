@@ -209,6 +209,7 @@ class SweepConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    export: bool = False  # also write every quantized run's model to <out>/export/<key>/ (harness.export_run)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

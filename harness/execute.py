@@ -17,14 +17,13 @@ from harness import schema
 from harness.bits import FP, BitSpec
 from harness.config import CalibrationConfig, EvaluationConfig, SweepConfig
 from harness.costs import CostMeter
-from harness.data import calibration_windows, eval_windows
-from harness.evaluate import perplexity
+from harness.data import calibration_windows
+from harness.evaluate import evaluate_model
 from harness.method import Method, MethodConfig, QuantContext
 from harness.models import load_model, resolve_device
 from harness.record import RunRecord
 from harness.registry import REGISTRY, get_method
 from harness.results import run_key
-from harness.zeroshot import zeroshot
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +57,8 @@ class RunSpec:
         }
         if not self.evaluation.zeroshot.tasks:  # runs without zero-shot keep the keys they had before it existed
             ident["evaluation"].pop("zeroshot")
+        else:  # logging lm-eval's samples changes no number
+            ident["evaluation"]["zeroshot"].pop("log_samples")
         return ident
 
     @property
@@ -115,20 +116,13 @@ def execute(run: RunSpec, progress: bool = True) -> RunRecord:
         with meter.phase("quantize"):
             result = method.quantize(loaded.model, run.bits, calib, QuantContext(device=device, seed=run.seed, progress=progress))
         model = result.model.to(device)
-        metrics: dict[str, Any] = {"ppl": {}}
         with meter.phase("evaluate"):
-            p = run.evaluation.ppl
-            for name in p.datasets:
-                windows = eval_windows(name, loaded.tokenizer, p.seqlen, p.max_windows)
-                metrics["ppl"][name] = perplexity(model, windows, device=device, batch_size=p.batch_size,
-                                                  desc=f"ppl {name} ({run.label})", progress=progress)
-                metrics.setdefault("ppl_windows", {})[name] = len(windows)
-            if run.evaluation.zeroshot.tasks:
-                metrics["zeroshot"] = zeroshot(model, loaded.tokenizer, run.evaluation.zeroshot, device=device)
+            metrics = evaluate_model(model, loaded.tokenizer, run.evaluation, device=device, label=run.label, progress=progress)
+        samples = metrics.get("zeroshot", {}).pop("samples", {})
     return RunRecord(
         key=run.key, model=run.model, model_source=loaded.source, method=run.method, baseline=cls.is_baseline,
         options=run.config.to_dict(), bits=run.bits.name, bit_spec=run.bits.to_dict(),
         calibration=schema.to_dict(run.calibration), evaluation=schema.to_dict(run.evaluation), seed=run.seed,
         metrics=metrics, stats=result.stats, cost=meter.summary(),
-        started_at=started.isoformat(), finished_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+        started_at=started.isoformat(), finished_at=dt.datetime.now(dt.timezone.utc).isoformat(), samples=samples,
     )

@@ -4,6 +4,7 @@ Layout of a sweep's output directory::
 
     runs/<key>.json      finished runs (the report reads these)
     failed/<key>.json    the last error of runs that raised (retried on the next invocation)
+    samples/<key>/<task>.jsonl   lm-eval's per-sample logs (evaluation.zeroshot.log_samples)
     config.yaml          the sweep config as last run
 
 A run's key hashes model, method and options, bit spec, calibration, evaluation settings and
@@ -60,12 +61,16 @@ class ResultStore:
         self.root = Path(root)
         self.runs = self.root / "runs"
         self.failed = self.root / "failed"
+        self.samples = self.root / "samples"
 
     def has(self, key: str) -> bool:
         return (self.runs / f"{key}.json").is_file()
 
     def write(self, key: str, record: RunRecord) -> Path:
         path = self.runs / f"{key}.json"
+        for task, rows in record.samples.items():  # before the result, so a stored result has its samples
+            lines = "".join(json.dumps(row, default=str) + "\n" for row in rows)
+            write_text_atomic(self.samples / key / f"{task}.jsonl", lines)
         write_json_atomic(path, record.to_dict())
         (self.failed / f"{key}.json").unlink(missing_ok=True)
         return path

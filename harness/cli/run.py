@@ -10,6 +10,7 @@ import click
 from harness.config import SweepConfig, load_config, with_task_data
 from harness.errors import ConfigError
 from harness.execute import plan
+from harness.quiet import quiet_requested
 from harness.sweep import run_sweep
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,15 @@ def command(config_path: Path, out_dir: Path | None, force: bool, dry_run: bool,
             click.echo(f"{r.key}  {r.label}")
         return
     log.info("%d runs planned; results in %s", len(runs), out_dir)
-    summary = run_sweep(config, out_dir, force=force, progress=progress)
+    summary = run_sweep(config, out_dir, force=force, progress=progress and not quiet_requested())
     click.echo(f"{len(summary.done)} run, {len(summary.skipped)} already done, {len(summary.failed)} failed; results in {out_dir}")
     for key, error in summary.failed.items():
         click.echo(f"failed {key}: {error} (details: {out_dir / 'failed' / (key + '.json')})", err=True)
-    if summary.failed:
+    if config.export:
+        click.echo(f"{len(summary.exported)} exported to {out_dir / 'export'}, {len(summary.export_failed)} failed")
+    for key, error in summary.export_failed.items():
+        click.echo(f"export failed {key}: {error}", err=True)
+    if summary.failed or summary.export_failed:
         sys.exit(1)
 
 

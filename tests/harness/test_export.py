@@ -1,0 +1,150 @@
+"""Exports: compressed-tensors folders transformers loads without ptqbench, and ptqbench's own format.
+
+Numbers are checked against independent computations: the integer weights are unpacked and
+dequantized by hand from the safetensors file, the fresh process computes perplexity with its own
+three lines, and reloaded ptqbench-format models must give bit-identical logits.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harness import BitSpec, QuantContext, get_method, quant_linears
+from harness.evaluate import perplexity
+from harness.export import CT_INT, CT_PACKED, MANIFEST, PTQBENCH, ExportError, export_model, load_quantized
+from harness.reassembly import Reassembled
+
+CPU = QuantContext(device=torch.device("cpu"), seed=0, progress=False)
+
+# Runs in a fresh interpreter: transformers (with compressed-tensors) only, never ptqbench.
+FRESH = r"""
+import json, math, sys, torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+tokens = torch.tensor(json.loads(open(sys.argv[2]).read()))
+with torch.no_grad():
+    logits = model(tokens).logits[:, :-1]
+nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+ours = [m for m in sys.modules if m.split(".")[0] in ("harness", "methods", "ptqbench")]
+print(json.dumps({"ppl": math.exp(nll.item()), "imported": ours}))
+"""
+
+
+def fresh_ppl(folder: Path, tokens: torch.Tensor, tmp_path: Path) -> float:
+    (tmp_path / "tokens.json").write_text(json.dumps(tokens.tolist()))
+    (tmp_path / "fresh.py").write_text(FRESH)
+    out = subprocess.run([sys.executable, str(tmp_path / "fresh.py"), str(folder), str(tmp_path / "tokens.json")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["imported"] == []
+    return result["ppl"]
+
+
+def unpack(packed: torch.Tensor, bits: int, shape: tuple[int, int], packed_dim: int = 1) -> torch.Tensor:
+    """Dense little-endian bit unpacking (compressed-tensors' layout), written independently."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    if packed_dim == 0:
+        return unpack(words.T.contiguous(), bits, (shape[1], shape[0])).T
+    bit = torch.arange(32, dtype=torch.int64)
+    stream = ((words.unsqueeze(-1) >> bit) & 1).reshape(words.shape[0], -1)[:, : shape[1] * bits]
+    values = (stream.reshape(shape[0], shape[1], bits) << torch.arange(bits, dtype=torch.int64)).sum(-1)
+    return values - (values >= 2 ** (bits - 1)).long() * 2**bits  # two's complement -> signed
+
+
+def quantized(tiny_model, method: str, bits: str, options: dict | None = None, calib: torch.Tensor | None = None, **scheme):
+    spec = BitSpec.parse(bits, **scheme)
+    return get_method(method).from_options(options or {}).quantize(tiny_model, spec, calib, CPU).model
+
+
+@pytest.mark.parametrize("bits, scheme, fmt", [
+    ("W4A16", {}, CT_PACKED), ("W4A16g32", {}, CT_PACKED), ("W3A16", {"w_symmetric": True}, CT_PACKED),
+    ("W8A8", {}, CT_INT), ("W4A8", {}, CT_PACKED),
+])
+def test_compressed_tensors_export_loads_without_ptqbench_and_matches(tiny_model, tiny_tokens, tmp_path, bits, scheme, fmt):
+    model = quantized(tiny_model, "rtn", bits, **scheme)
+    result = export_model(model, None, tmp_path / "out")
+    assert result.format == fmt and result.reason == ""
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    group = config["config_groups"]["group_0"]
+    spec = BitSpec.parse(bits, **scheme)
+    assert config["quant_method"] == "compressed-tensors" and group["weights"]["num_bits"] == spec.w_bits
+    assert group["weights"]["symmetric"] == spec.w_symmetric
+    if spec.quantizes_activations:
+        acts = group["input_activations"]
+        assert (acts["num_bits"], acts["strategy"], acts["dynamic"]) == (8, "token", True)
+    else:
+        assert group["input_activations"] is None
+
+    # the stored integers, unpacked and dequantized by hand, are ptqbench's weights bit for bit
+    tensors = load_file(str(tmp_path / "out" / "model.safetensors"))
+    offset = 0 if spec.w_symmetric else 2 ** (spec.w_bits - 1)
+    for name, q in quant_linears(model):
+        shape = tuple(q.weight.shape)
+        if fmt == CT_PACKED:
+            ints = unpack(tensors[f"{name}.weight_packed"], spec.w_bits, shape)
+        else:
+            ints = tensors[f"{name}.weight"].long()
+        scale = tensors[f"{name}.weight_scale"]
+        zero = torch.zeros_like(scale, dtype=torch.long)
+        if not spec.w_symmetric:
+            z = tensors[f"{name}.weight_zero_point"]
+            zero = unpack(z, spec.w_bits, tuple(scale.shape), packed_dim=0) if fmt == CT_PACKED else z.long()
+        ints, zero = ints + offset, zero + offset  # back to ptqbench's 0..2^b-1 grid
+        assert 0 <= ints.min() and ints.max() <= 2**spec.w_bits - 1
+        groups = scale.shape[1]
+        deq = ((ints.reshape(shape[0], groups, -1) - zero.unsqueeze(-1)).float() * scale.unsqueeze(-1)).reshape(shape)
+        assert torch.equal(deq, q.weight.detach()), name
+
+    ours = perplexity(model, tiny_tokens, device=torch.device("cpu"), progress=False)
+    theirs = fresh_ppl(tmp_path / "out", tiny_tokens, tmp_path)
+    assert abs(theirs - ours) / ours < 1e-3, (ours, theirs)
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.mark.parametrize("method, options", [
+    ("rtn", {}),
+    ("smoothquant", {}),
+    ("omniquant", {"epochs": 1, "max_samples": 2}),
+    ("qllm", {"theta": "fixed", "theta_value": 0.5, "epochs": 1, "blocks_per_job": 1, "rank": 2}),
+])
+def test_ptqbench_format_reloads_to_identical_logits(tiny_model, tiny_tokens, tmp_path, method, options):
+    model = quantized(tiny_model, method, "W4A4", options, calib=tiny_tokens)
+    if method == "qllm":  # what the format exists for: reassembly modules and the folded final-norm bias
+        assert any(isinstance(m, Reassembled) for m in model.modules())
+        assert model.lm_head.bias is not None
+    result = export_model(model, None, tmp_path / "out")
+    assert result.format == PTQBENCH and ("4-bit activations" in result.reason or "reassembly" in result.reason)
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert len(manifest["linears"]) == len(list(quant_linears(model)))
+    reloaded = load_quantized(tmp_path / "out")
+    assert type(reloaded).__name__ == type(model).__name__
+    assert torch.equal(logits(reloaded, tiny_tokens), logits(model, tiny_tokens))
+
+
+def test_fp_model_exports_plain_and_a_full_folder_is_not_overwritten(tiny_model, tiny_tokens, tmp_path):
+    result = export_model(tiny_model, None, tmp_path / "out")
+    assert result.format == "dense" and result.size_bytes > 0
+    assert torch.equal(logits(load_quantized(tmp_path / "out"), tiny_tokens), logits(tiny_model, tiny_tokens))
+    with pytest.raises(ExportError, match="exists and is not empty"):
+        export_model(tiny_model, None, tmp_path / "out")
+
+
+def test_packed_4bit_folder_is_smaller_than_fp(tiny_model, tmp_path):
+    import copy
+
+    fp = export_model(copy.deepcopy(tiny_model), None, tmp_path / "fp")
+    w4 = export_model(quantized(tiny_model, "rtn", "W4A16"), None, tmp_path / "w4")
+    assert w4.size_bytes < fp.size_bytes
