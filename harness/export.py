@@ -89,9 +89,7 @@ def export_model(model: nn.Module, tokenizer: Any, out: str | Path, *, source: d
     The folder is written beside ``out`` and renamed into place, so a failed export leaves nothing
     half-written; an existing non-empty ``out`` is refused unless ``overwrite``.
     """
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"--out: {out} exists and is not empty; choose another folder or overwrite it (--force)")
+    out = check_target(out, overwrite)
     freeze(model)
     linears = dict(quant_linears(model))
     blocker = compressed_tensors_blocker(model, linears) if linears else None
@@ -120,6 +118,14 @@ def export_model(model: nn.Module, tokenizer: Any, out: str | Path, *, source: d
     size = folder_size(out)
     log.info("exported %s (%s, %s)%s", out, fmt, human_size(size), f"; ptqbench format because {blocker}" if blocker else "")
     return ExportResult(out, fmt, size, blocker or "")
+
+
+def check_target(out: str | Path, overwrite: bool = False) -> Path:
+    """``out`` as a Path; an existing non-empty folder is refused unless ``overwrite`` (never lose an earlier export)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ExportError(f"--out: {out} exists and is not empty; choose another folder or overwrite it (--force)")
+    return out
 
 
 def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -317,5 +323,5 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
     return model.to(device).eval()
 
 
-__all__ = ["CT_INT", "CT_PACKED", "DENSE", "PTQBENCH", "ExportError", "ExportResult", "export_info", "export_model",
+__all__ = ["CT_INT", "CT_PACKED", "DENSE", "PTQBENCH", "ExportError", "ExportResult", "check_target", "export_info", "export_model",
            "folder_size", "human_size", "is_ptqbench_folder", "load_quantized"]

@@ -24,7 +24,7 @@ from harness.config import CalibrationConfig, EvaluationConfig
 from harness.data import calibration_windows
 from harness.errors import PtqbenchError
 from harness.execute import RunSpec
-from harness.export import ExportResult, export_model
+from harness.export import ExportResult, check_target, export_model
 from harness.method import QuantContext
 from harness.models import load_model, resolve_device
 from harness.record import RunRecord
@@ -72,6 +72,7 @@ def source_of(record: RunRecord) -> dict[str, Any]:
 def export_run(record: RunRecord, out: str | Path, *, device: str | None = None, progress: bool = True,
                overwrite: bool = False) -> ExportResult:
     """Quantize ``record``'s run again and export the model to ``out``."""
+    check_target(out, overwrite)  # before minutes of quantization, not after
     run = spec_from_record(record, device)
     if run.key != record.key:
         log.warning("the rebuilt run's key %s differs from the stored %s (another device, or defaults changed since); "

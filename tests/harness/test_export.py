@@ -50,14 +50,15 @@ def fresh_ppl(folder: Path, tokens: torch.Tensor, tmp_path: Path) -> float:
 
 
 def unpack(packed: torch.Tensor, bits: int, shape: tuple[int, int], packed_dim: int = 1) -> torch.Tensor:
-    """Dense little-endian bit unpacking (compressed-tensors' layout), written independently."""
+    """Dense little-endian bit unpacking (compressed-tensors' layout: value i at bit i * bits of the row,
+    stored with +2^(bits-1) so the bits are unsigned), written independently; returns the signed values."""
     words = packed.to(torch.int64) & 0xFFFFFFFF
     if packed_dim == 0:
         return unpack(words.T.contiguous(), bits, (shape[1], shape[0])).T
     bit = torch.arange(32, dtype=torch.int64)
     stream = ((words.unsqueeze(-1) >> bit) & 1).reshape(words.shape[0], -1)[:, : shape[1] * bits]
     values = (stream.reshape(shape[0], shape[1], bits) << torch.arange(bits, dtype=torch.int64)).sum(-1)
-    return values - (values >= 2 ** (bits - 1)).long() * 2**bits  # two's complement -> signed
+    return values - 2 ** (bits - 1)
 
 
 def quantized(tiny_model, method: str, bits: str, options: dict | None = None, calib: torch.Tensor | None = None, **scheme):
@@ -98,8 +99,9 @@ def test_compressed_tensors_export_loads_without_ptqbench_and_matches(tiny_model
         if not spec.w_symmetric:
             z = tensors[f"{name}.weight_zero_point"]
             zero = unpack(z, spec.w_bits, tuple(scale.shape), packed_dim=0) if fmt == CT_PACKED else z.long()
-        ints, zero = ints + offset, zero + offset  # back to ptqbench's 0..2^b-1 grid
-        assert 0 <= ints.min() and ints.max() <= 2**spec.w_bits - 1
+        grid = ints + offset  # ptqbench's integers: 0..2^b-1 asymmetric, -(2^(b-1)-1)..2^(b-1)-1 symmetric
+        lo, hi = (0, 2**spec.w_bits - 1) if offset else (-(2 ** (spec.w_bits - 1) - 1), 2 ** (spec.w_bits - 1) - 1)
+        assert lo <= grid.min() and grid.max() <= hi
         groups = scale.shape[1]
         deq = ((ints.reshape(shape[0], groups, -1) - zero.unsqueeze(-1)).float() * scale.unsqueeze(-1)).reshape(shape)
         assert torch.equal(deq, q.weight.detach()), name

@@ -73,11 +73,13 @@ class PidMethod(Method):
         return QuantizeResult(model, {"pid": os.getpid()})
 
 
-def test_each_run_executes_in_its_own_process(tmp_path):
+def test_each_run_executes_in_its_own_process(tmp_path, monkeypatch):
     from harness.registry import REGISTRY
     from harness.sweep import run_sweep
 
-    REGISTRY.register(PidMethod, source=__name__)
+    REGISTRY.names()  # load the built-ins first, then add the probe for this test only
+    monkeypatch.setitem(REGISTRY._methods, PidMethod.name, PidMethod)
+    monkeypatch.setitem(REGISTRY._sources, PidMethod.name, __name__)
     raw = {**tiny_raw(bits=["W8A8", "W4A4"]), "methods": ["pid-probe"]}
     summary = run_sweep(parse_config(raw), tmp_path, progress=False)
     assert len(summary.done) == 3 and not summary.failed
