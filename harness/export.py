@@ -8,9 +8,10 @@ Two formats; the model decides which:
 - **compressed-tensors** (what llm-compressor writes and transformers / vLLM load) when every
   quantized linear shares one bit spec with weights of 2..8 bits per output channel or per group,
   activations unquantized or 8-bit (declared as dynamic per-token int8, symmetric or not, as ptqbench
-  computes them), and nothing else is changed structurally. Weights are stored as integers (4-bit and
-  below packed eight to an int32, ``pack-quantized``; 5..8 bits as int8, ``int-quantized``) with the
-  scale and zero point each ``QuantLinear`` recorded when it froze, so the checkpoint dequantizes to
+  computes them), and nothing else is changed structurally. Weights are stored as integers (symmetric
+  4-bit and below packed into int32s, ``pack-quantized``; the rest one per int8, ``int-quantized``) with the
+  scale and zero point each ``QuantLinear`` recorded when it froze (asymmetric weights, ptqbench's default,
+  as int8 even at 4 bits: see ``_write_compressed_tensors``), so the checkpoint dequantizes to
   exactly ptqbench's fake-quantized weights (checked with compressed-tensors' own decompressor before
   writing). ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` loads it, no ptqbench needed.
 - **ptqbench** for what that format cannot say: activations below 8 bits (W4A4, W6A6), QLLM's channel
@@ -204,7 +205,10 @@ def _write_compressed_tensors(model: nn.Module, linears: dict[str, QuantLinear],
 
     spec = next(iter(linears.values())).spec
     scheme = _ct_scheme(spec, ["Linear"])
-    packed = spec.w_bits <= 4
+    # Packed zero points do not load: transformers 5.23 with compressed-tensors 0.20 allocates an asymmetric
+    # pack-quantized layer's zero point unpacked, (out, groups) int8, and refuses the packed int32 tensor the
+    # compressor writes. So only symmetric weights are packed; asymmetric ones keep one int8 per weight.
+    packed = spec.w_bits <= 4 and spec.w_symmetric
     compressor, fmt = (PackedQuantizationCompressor, CT_PACKED) if packed else (IntQuantizationCompressor, CT_INT)
     # ptqbench's asymmetric integers are 0..2^b-1; compressed-tensors' are signed, -2^(b-1)..2^(b-1)-1
     offset = 0 if spec.w_symmetric else 2 ** (spec.w_bits - 1)
