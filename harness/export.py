@@ -96,6 +96,9 @@ def export_model(model: nn.Module, tokenizer: Any, out: str | Path, *, source: d
     blocker = compressed_tensors_blocker(model, linears) if linears else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; an export is an ordinary folder
     try:
         if not linears:
             fmt = DENSE
@@ -175,6 +178,11 @@ def compressed_tensors_blocker(model: nn.Module, linears: dict[str, QuantLinear]
         return f"{spec.name}: compressed-tensors integer weights need 2..8 bits"
     if spec.a_bits not in (8, 16):
         return f"{spec.name}: {spec.a_bits}-bit activations (compressed-tensors models serve int8 or unquantized activations)"
+    if not spec.w_symmetric and spec.w_bits < 8 and not spec.quantizes_activations:
+        # transformers 5.23 + compressed-tensors 0.20 load weight-only int<8 layers as pack-quantized whatever the
+        # folder declares, and allocate their zero points unpacked, refusing the packed ones the compressor writes
+        return (f"{spec.name} with asymmetric weights: transformers cannot load compressed-tensors' packed zero points "
+                "(use quant: {weight_symmetric: true} for a compressed-tensors folder)")
     if spec.w_granularity == "tensor":
         return "per-tensor weights (exported per channel or per group only)"
     missing = [n for n, q in linears.items() if not hasattr(q, "weight_scale")]
@@ -205,9 +213,8 @@ def _write_compressed_tensors(model: nn.Module, linears: dict[str, QuantLinear],
 
     spec = next(iter(linears.values())).spec
     scheme = _ct_scheme(spec, ["Linear"])
-    # Packed zero points do not load: transformers 5.23 with compressed-tensors 0.20 allocates an asymmetric
-    # pack-quantized layer's zero point unpacked, (out, groups) int8, and refuses the packed int32 tensor the
-    # compressor writes. So only symmetric weights are packed; asymmetric ones keep one int8 per weight.
+    # Asymmetric weight-only specs never get here (compressed_tensors_blocker); asymmetric 4-bit weights with
+    # 8-bit activations load as int-quantized, one int8 per weight.
     packed = spec.w_bits <= 4 and spec.w_symmetric
     compressor, fmt = (PackedQuantizationCompressor, CT_PACKED) if packed else (IntQuantizationCompressor, CT_INT)
     # ptqbench's asymmetric integers are 0..2^b-1; compressed-tensors' are signed, -2^(b-1)..2^(b-1)-1
