@@ -257,6 +257,7 @@ class SweepConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     overrides: tuple[Override, ...] = ()  # parsed by parse_config, not by the schema
+    export: bool = False  # also write every quantized run's model to <out>/export/<key>/ (harness.export_run)
 
     def __post_init__(self) -> None:
         check_name(self.name)

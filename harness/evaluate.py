@@ -1,4 +1,6 @@
-"""Perplexity evaluation on pre-cut token windows (see ``harness.data`` for the protocol).
+"""Evaluation of a model: perplexity on pre-cut token windows (see ``harness.data`` for the protocol),
+and ``evaluate_model``, everything a run's ``evaluation:`` section asks for (a sweep's runs and
+``ptqbench eval`` both go through it, so their metrics mean the same thing).
 
 ``perplexity`` runs the plain forward of the whole model; ``perplexity_blockwise`` gives the same
 number one decoder block at a time (lazy models, models larger than the device).
@@ -6,6 +8,7 @@ number one decoder block at a time (lazy models, models larger than the device).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +17,9 @@ from tqdm.auto import tqdm
 
 from harness.adapter import get_adapter
 from harness.blockwise import embed_calibration, model_dtype
-from harness.lazy import materialized
+from harness.lazy import dispatch, materialized
+if TYPE_CHECKING:
+    from harness.config import EvaluationConfig
 
 
 @torch.no_grad()
@@ -73,3 +78,22 @@ def perplexity_blockwise(model: nn.Module, windows: torch.Tensor, *, device: tor
         total_tokens += batch[:, 1:].numel()
     norm.to(homes[0]), head.to(homes[1])
     return math.exp(total_nll / total_tokens)
+
+
+def evaluate_model(model: nn.Module, tokenizer: Any, evaluation: EvaluationConfig, *, device: torch.device,
+                   label: str = "", progress: bool = True) -> dict[str, Any]:
+    """``metrics`` of a run: perplexity per dataset (+ windows scored) and, when tasks are listed, lm-eval zero-shot."""
+    from harness.data import eval_windows
+    from harness.zeroshot import zeroshot
+
+    metrics: dict[str, Any] = {"ppl": {}}
+    p = evaluation.ppl
+    for name in p.datasets:
+        windows = eval_windows(name, tokenizer, p.seqlen, p.max_windows)
+        metrics["ppl"][name] = perplexity_blockwise(model, windows, device=device, batch_size=p.batch_size,
+                                                    desc=f"ppl {name} ({label})", progress=progress)
+        metrics.setdefault("ppl_windows", {})[name] = len(windows)
+    if evaluation.zeroshot.tasks:
+        # lm-eval needs the whole model: spread over the GPUs and host memory (harness.lazy.dispatch)
+        metrics["zeroshot"] = zeroshot(dispatch(model, device), tokenizer, evaluation.zeroshot, device=device)
+    return metrics

@@ -23,11 +23,11 @@ from harness import brown, schema
 from harness.bits import FP, BitSpec
 from harness.config import CalibrationConfig, EvaluationConfig, SweepConfig
 from harness.costs import CostMeter
-from harness.data import CORPORA, calibration_windows, eval_windows
+from harness.data import CORPORA, calibration_windows
 from harness.errors import NonFiniteMetricError
-from harness.evaluate import perplexity_blockwise
+from harness.evaluate import evaluate_model
 from harness.fingerprint import fingerprint, hub_commit
-from harness.lazy import block_store, dispatch
+from harness.lazy import block_store
 from harness.memory import check_fits
 from harness.method import Method, MethodConfig, QuantContext
 from harness.models import ZOO, load_model, resolve_device, resolve_dtype
@@ -35,7 +35,6 @@ from harness.paths import cache_home
 from harness.record import RunRecord
 from harness.registry import REGISTRY, get_method
 from harness.results import run_key
-from harness.zeroshot import zeroshot
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +72,8 @@ class RunSpec:
         }
         if not self.evaluation.zeroshot.tasks:  # runs without zero-shot keep the keys they had before it existed
             ident["evaluation"].pop("zeroshot")
+        else:  # logging lm-eval's samples changes no number
+            ident["evaluation"]["zeroshot"].pop("log_samples")
         if self.inputs:  # only runs reading local files: zoo models and named corpora keep their keys
             ident["inputs"] = dict(self.inputs)
         return ident
@@ -171,18 +172,9 @@ def execute(run: RunSpec, progress: bool = True) -> RunRecord:
         if store is not None:
             size = sum(f.stat().st_size for f in store.work.glob("*.safetensors"))
             log.info("%s: %d finished blocks in %s (%.1f MB)", run.label, len(store.finished), store.work, size / 2**20)
-        metrics: dict[str, Any] = {"ppl": {}}
         with meter.phase("evaluate"):
-            p = run.evaluation.ppl
-            for name in p.datasets:
-                windows = eval_windows(name, loaded.tokenizer, p.seqlen, p.max_windows)
-                metrics["ppl"][name] = perplexity_blockwise(model, windows, device=device, batch_size=p.batch_size,
-                                                            desc=f"ppl {name} ({run.label})", progress=progress)
-                metrics.setdefault("ppl_windows", {})[name] = len(windows)
-            if run.evaluation.zeroshot.tasks:
-                # lm-eval needs the whole model: spread over the GPUs and host memory (harness.lazy.dispatch)
-                model = dispatch(model, device)
-                metrics["zeroshot"] = zeroshot(model, loaded.tokenizer, run.evaluation.zeroshot, device=device)
+            metrics = evaluate_model(model, loaded.tokenizer, run.evaluation, device=device, label=run.label, progress=progress)
+        samples = metrics.get("zeroshot", {}).pop("samples", {})
     check_finite(metrics)
     if store is not None and not run.keep_work:
         shutil.rmtree(work, ignore_errors=True)
@@ -191,7 +183,7 @@ def execute(run: RunSpec, progress: bool = True) -> RunRecord:
         options=run.config.to_dict(), bits=run.bits.name, bit_spec=run.bits.to_dict(),
         calibration=schema.to_dict(run.calibration), evaluation=schema.to_dict(run.evaluation), seed=run.seed,
         metrics=metrics, stats=result.stats, cost=meter.summary(),
-        started_at=started.isoformat(), finished_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+        started_at=started.isoformat(), finished_at=dt.datetime.now(dt.timezone.utc).isoformat(), samples=samples,
         provenance=_inputs_provenance(run, device),
     )
 

@@ -43,11 +43,28 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def freeze(self) -> None:
-        """Replace the weight by its fake-quantized value; the weight quantizer is not used again."""
+        """Replace the weight by its fake-quantized value; the weight quantizer is not used again.
+
+        A quantizer that can say its scale and zero point (``quant_params``) leaves them behind as
+        ``weight_scale`` / ``weight_zero`` (non-persistent buffers, per row of the grouped weight) so
+        ``harness.export`` can write integer weights that dequantize to exactly this weight.
+        """
         if not self.frozen:
+            params = getattr(self.weight_quant, "quant_params", None)
+            if params is not None and getattr(self.weight_quant, "enabled", False):
+                scale, zero = params(self.weight)
+                self.register_buffer("weight_scale", scale.detach().clone(), persistent=False)
+                self.register_buffer("weight_zero", zero.detach().clone(), persistent=False)
             self.weight.data = self.weight_quant(self.weight).to(self.weight.dtype)
             self.weight_quant = nn.Identity()
             self.frozen = True
+
+    @classmethod
+    def frozen_from(cls, linear: nn.Linear, spec: BitSpec) -> QuantLinear:
+        """A frozen layer around a linear whose weight is already quantized (a reloaded export)."""
+        layer = cls(linear, spec)
+        layer.weight_quant, layer.frozen = nn.Identity(), True
+        return layer
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, spec={self.spec.name}, frozen={self.frozen}"

@@ -25,8 +25,8 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
-def fake_quantize(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    """Quantize ``x`` to ``bits`` with the range [xmin, xmax] (broadcast against ``x``) and dequantize.
+def quant_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale and integer zero point of the range [xmin, xmax] (zero point 0 when ``symmetric``).
 
     Asymmetric: scale = (xmax - xmin) / (2^b - 1) and an integer zero point, grid [0, 2^b - 1].
     Symmetric: scale = max(|xmin|, |xmax|) / (2^(b-1) - 1), zero point 0, grid [-(2^(b-1) - 1), 2^(b-1) - 1]
@@ -35,10 +35,19 @@ def fake_quantize(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, bits:
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         scale = (torch.maximum(xmin.abs(), xmax.abs()) / qmax).clamp(SCALE_MIN, SCALE_MAX)
+        return scale, torch.zeros_like(scale)
+    scale = ((xmax - xmin) / (2**bits - 1)).clamp(SCALE_MIN, SCALE_MAX)
+    return scale, round_ste(-xmin / scale).clamp(-SCALE_MAX, SCALE_MAX)
+
+
+def fake_quantize(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Quantize ``x`` to ``bits`` with the range [xmin, xmax] (broadcast against ``x``) and dequantize
+    (scale and zero point from :func:`quant_params`)."""
+    scale, zero = quant_params(xmin, xmax, bits, symmetric)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
         return torch.clamp(round_ste(x / scale), -qmax, qmax) * scale
     qmax = 2**bits - 1
-    scale = ((xmax - xmin) / qmax).clamp(SCALE_MIN, SCALE_MAX)
-    zero = round_ste(-xmin / scale).clamp(-SCALE_MAX, SCALE_MAX)
     return (torch.clamp(round_ste(x / scale) + zero, 0, qmax) - zero) * scale
 
 
@@ -51,6 +60,18 @@ def group_view(w: torch.Tensor, spec: BitSpec) -> torch.Tensor:
             raise ValueError(f"weight input width {w.shape[-1]} is not divisible by group size {spec.w_group}")
         return w.reshape(-1, spec.w_group)
     return w
+
+
+def _weight_range(w: torch.Tensor, spec: BitSpec, clip_min: torch.Tensor | None,
+                  clip_max: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grouped = group_view(w, spec)
+    xmin = grouped.amin(dim=-1, keepdim=True)
+    xmax = grouped.amax(dim=-1, keepdim=True)
+    if clip_min is not None:
+        xmin = xmin * clip_min
+    if clip_max is not None:
+        xmax = xmax * clip_max
+    return grouped, xmin, xmax
 
 
 def quantize_weight(
@@ -66,14 +87,22 @@ def quantize_weight(
     """
     if not spec.quantizes_weights:
         return w
-    grouped = group_view(w, spec)
-    xmin = grouped.amin(dim=-1, keepdim=True)
-    xmax = grouped.amax(dim=-1, keepdim=True)
-    if clip_min is not None:
-        xmin = xmin * clip_min
-    if clip_max is not None:
-        xmax = xmax * clip_max
+    grouped, xmin, xmax = _weight_range(w, spec, clip_min, clip_max)
     return fake_quantize(grouped, xmin, xmax, spec.w_bits, spec.w_symmetric).reshape(w.shape)
+
+
+def weight_quant_params(
+    w: torch.Tensor,
+    spec: BitSpec,
+    clip_min: torch.Tensor | None = None,
+    clip_max: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (rows, 1) scale and zero point per row of the grouped view that :func:`quantize_weight` uses.
+
+    An exporter writes integer weights with them: ``(q - zero) * scale`` is bit for bit the fake-quantized weight.
+    """
+    _, xmin, xmax = _weight_range(w, spec, clip_min, clip_max)
+    return quant_params(xmin, xmax, spec.w_bits, spec.w_symmetric)
 
 
 def quantize_activation(x: torch.Tensor, bits: int, symmetric: bool = False) -> torch.Tensor:
@@ -108,6 +137,9 @@ class WeightQuantizer(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return quantize_weight(w, self.spec) if self.enabled else w
+
+    def quant_params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return weight_quant_params(w, self.spec)
 
     def extra_repr(self) -> str:
         return f"spec={self.spec.name}, granularity={self.spec.w_granularity}, symmetric={self.spec.w_symmetric}"

@@ -48,6 +48,9 @@ class RunRecord:
     provenance: dict[str, Any] = field(default_factory=dict)
     status: str = "ok"
     schema_version: int = SCHEMA_VERSION
+    # lm-eval's per-sample logs by task (``log_samples``); never in the JSON: the store writes
+    # samples/<key>/<task>.jsonl beside it, so results stay small.
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
 
     @property
     def spec(self) -> BitSpec:
@@ -63,7 +66,9 @@ class RunRecord:
         return (self.metrics.get("zeroshot") or {}).get("tasks") or {}
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data.pop("samples")
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "record") -> RunRecord:

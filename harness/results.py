@@ -6,6 +6,7 @@ Layout of a sweep's output directory::
     failed/<key>.json    the last error of runs that raised (retried on the next invocation)
     invalid/<name>.<time>.json  results that failed validation on resume, moved aside (the run is redone)
     locks/<key>.lock     per-run locks (flock), so two sweeps on one folder never run a key twice
+    samples/<key>/<task>.jsonl   lm-eval's per-sample logs (evaluation.zeroshot.log_samples)
     config.yaml          the sweep config as last run
 
 A run's key hashes model, method and options, bit spec, calibration, evaluation settings and
@@ -133,6 +134,7 @@ class ResultStore:
         self.root = Path(root)
         self.runs = self.root / "runs"
         self.failed = self.root / "failed"
+        self.samples = self.root / "samples"
 
     @property
     def invalid(self) -> Path:
@@ -186,6 +188,9 @@ class ResultStore:
 
     def write(self, key: str, record: RunRecord) -> Path:
         path = self.runs / f"{key}.json"
+        for task, rows in record.samples.items():  # before the result, so a stored result has its samples
+            lines = "".join(json.dumps(row, default=str) + "\n" for row in rows)
+            write_text_atomic(self.samples / key / f"{task}.jsonl", lines, "zero-shot samples")
         write_json_atomic(path, record.to_dict(), "result")
         (self.failed / f"{key}.json").unlink(missing_ok=True)
         return path

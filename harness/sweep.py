@@ -34,6 +34,8 @@ class SweepSummary:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     held: dict[str, str] = field(default_factory=dict)  # key -> pid of the other process running it
+    exported: list[str] = field(default_factory=list)
+    export_failed: dict[str, str] = field(default_factory=dict)
 
 
 def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, progress: bool = True,
@@ -64,6 +66,8 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
         finally:
             for lock in locks:
                 lock.release()
+    if config.export:
+        export_runs(runs, store, summary, progress=progress)
     return summary
 
 
@@ -104,6 +108,24 @@ def _execute(todo: list[RunSpec], config: SweepConfig, store: ResultStore, summa
 
     if todo:
         ex.run(todo, done, failed, desc=f"sweep {config.name}")
+
+
+def export_runs(runs: list[RunSpec], store: ResultStore, summary: SweepSummary, *, progress: bool = True) -> None:
+    """``export: true``: each stored quantized run not exported yet goes to <out>/export/<key>/ (quantized again, here)."""
+    from harness.export_run import export_run
+
+    for run in runs:
+        target = store.root / "export" / run.key
+        if run.method_class.is_baseline or not store.has(run.key) or target.exists():
+            continue
+        try:
+            result = export_run(store.read(store.runs / f"{run.key}.json"), target, progress=progress)
+        except Exception as err:  # an export that fails must not lose the sweep's results; say why and go on
+            log.error("export of %s failed: %s", run.label, err)
+            summary.export_failed[run.key] = f"{err.__class__.__name__}: {err}".splitlines()[0]
+            continue
+        log.info("exported %s to %s (%s, %d bytes)", run.label, target, result.format, result.size_bytes)
+        summary.exported.append(run.key)
 
 
 __all__ = ["SweepSummary", "run_sweep"]

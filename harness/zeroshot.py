@@ -47,6 +47,8 @@ class ZeroShotConfig:
     num_fewshot: in-context examples (the papers: 0).
     task_data: folder with local copies of the standard tasks' data, <task>/<split>.jsonl or .parquet
         in the hub's column schema (null = the hub or the HF cache).
+    log_samples: keep lm-eval's per-sample log (prompt, choices, log-likelihoods, score) of every
+        task; a sweep writes it beside the result as samples/<run key>/<task>.jsonl. Not part of the run key.
     """
 
     tasks: tuple[str, ...] = ()
@@ -54,6 +56,7 @@ class ZeroShotConfig:
     batch_size: int = 8
     num_fewshot: int = 0
     task_data: str | None = None
+    log_samples: bool = False
 
     def __post_init__(self) -> None:
         if len(set(self.tasks)) != len(self.tasks):
@@ -180,7 +183,8 @@ def _task_entry(task: str, results: dict[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()
 def zeroshot(model: nn.Module, tokenizer: Any, cfg: ZeroShotConfig, *, device: torch.device) -> dict[str, Any]:
-    """Score ``model`` on ``cfg.tasks`` with lm-eval; per-task acc/acc_norm (+ stderr), versions, average.
+    """Score ``model`` on ``cfg.tasks`` with lm-eval; per-task acc/acc_norm (+ stderr), versions, average
+    (plus ``samples``, lm-eval's per-item log by task, with ``cfg.log_samples``).
 
     ``average`` is the mean over the scored tasks of each task's headline metric (``HEADLINE_METRIC``).
     """
@@ -193,14 +197,17 @@ def zeroshot(model: nn.Module, tokenizer: Any, cfg: ZeroShotConfig, *, device: t
     with _datasets_env(offline):
         results = lm_eval.simple_evaluate(
             model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-            task_manager=manager, log_samples=False, batch_size=cfg.batch_size,
+            task_manager=manager, log_samples=cfg.log_samples, batch_size=cfg.batch_size,
         )
     tasks = {task: _task_entry(task, results) for task in results["configs"] if task in results["results"]}
     scored = [e[e["metric"]] for e in tasks.values() if e["metric"] in e]
-    return {
+    summary = {
         "tasks": tasks,
         "average": sum(scored) / len(scored) if scored else None,
         "lm_eval_version": lm_eval.__version__,
         "limit": cfg.limit,
         "num_fewshot": cfg.num_fewshot,
     }
+    if cfg.log_samples:  # per task, one JSON-able dict per scored item; the caller stores them beside the result
+        summary["samples"] = {task: rows for task, rows in results.get("samples", {}).items() if task in tasks}
+    return summary

@@ -52,7 +52,7 @@ from harness import BitSpec, ConfigError, Method, MethodConfig, QuantContext, Qu
 from harness.adapter import LlamaAdapter
 from harness.blockwise import BlockJob, mean_squared_error, run_blockwise, train
 from harness.calibration_stats import smoothing_scales
-from harness.quantizer import group_view
+from harness.quantizer import group_view, weight_quant_params
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,10 @@ class LearnableClipQuantizer(nn.Module):
         if not self.enabled:
             return w
         return quantize_weight(w, self.spec, clip_min=torch.sigmoid(self.beta), clip_max=torch.sigmoid(self.gamma))
+
+    def quant_params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clipped range's scale and zero point (what an exporter writes beside the integer weights)."""
+        return weight_quant_params(w, self.spec, clip_min=torch.sigmoid(self.beta), clip_max=torch.sigmoid(self.gamma))
 
 
 class _FloorSTE(torch.autograd.Function):

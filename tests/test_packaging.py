@@ -46,3 +46,19 @@ def test_report_reference_paper_works_from_a_plain_install(installed, tmp_path):
     out = run_installed(installed, tmp_path, "-m", "harness.cli", "report", str(results), "--reference", "paper")
     assert out.returncode == 0, out.stderr
     assert "Ours vs published" in out.stdout and "11.75" in out.stdout  # the paper's LLaMA-2-7B W4A4 QLLM WikiText-2
+
+
+def test_ptqbench_api_imports_from_a_plain_install(installed, tmp_path):
+    out = run_installed(installed, tmp_path, "-c", "import ptqbench; print(ptqbench.__file__); print(ptqbench.__version__)")
+    assert out.returncode == 0, out.stderr
+    where, version = out.stdout.split()
+    assert Path(where).is_relative_to(installed) and version == "0.1.0"
+
+
+def test_pyproject_lists_every_package_folder():
+    import tomllib
+
+    from setuptools import find_packages
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    assert listed == {*find_packages(str(ROOT), include=["harness*", "methods*"]), "ptqbench"}

@@ -6,7 +6,9 @@ import sys
 
 import click
 
+from harness import __version__
 from harness.errors import PtqbenchError
+from harness.quiet import silence_progress
 
 
 class _Group(click.Group):
@@ -21,18 +23,23 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
+@click.version_option(__version__, "--version", prog_name="ptqbench", message="%(prog)s %(version)s")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-def main(verbose: int) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (lm-eval's and Hugging Face's included), warnings only.")
+def main(verbose: int, quiet: bool) -> None:
     """ptqbench: post-training quantization methods for LLaMA models, head to head."""
     level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
+    if quiet:
+        level = logging.WARNING
+        silence_progress()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 def _register() -> None:
-    from harness.cli import bench, bench_engine, bench_scale, methods, prepare, report, run
+    from harness.cli import bench, bench_engine, bench_scale, eval as eval_, export, methods, prepare, report, run
 
-    for module in (methods, run, report, prepare, bench, bench_engine, bench_scale):
+    for module in (methods, run, report, export, eval_, prepare, bench, bench_engine, bench_scale):
         main.add_command(module.command)
 
 

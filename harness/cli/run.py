@@ -12,6 +12,7 @@ from harness.errors import ConfigError
 from harness.execute import plan
 from harness.memory import estimate
 from harness.preflight import check_device
+from harness.quiet import quiet_requested
 from harness.sweep import run_sweep
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,16 @@ def command(config_path: Path, out_dir: Path | None, force: bool, dry_run: bool,
             click.echo(f"{r.key}  {r.label} seed {r.seed}  {est.describe() if est else 'memory: unknown (model config not available)'}")
         return
     log.info("%d runs planned; results in %s", len(runs), out_dir)
-    summary = run_sweep(config, out_dir, force=force, progress=progress)
+    summary = run_sweep(config, out_dir, force=force, progress=progress and not quiet_requested())
     held = f", {len(summary.held)} held by another process" if summary.held else ""
     click.echo(f"{len(summary.done)} run, {len(summary.skipped)} already done{held}, {len(summary.failed)} failed; results in {out_dir}")
     for key, error in summary.failed.items():
         click.echo(f"failed {key}: {error} (details: {out_dir / 'failed' / (key + '.json')})", err=True)
-    if summary.failed:
+    if config.export:
+        click.echo(f"{len(summary.exported)} exported to {out_dir / 'export'}, {len(summary.export_failed)} failed")
+    for key, error in summary.export_failed.items():
+        click.echo(f"export failed {key}: {error}", err=True)
+    if summary.failed or summary.export_failed:
         sys.exit(1)
 
 

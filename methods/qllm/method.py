@@ -28,7 +28,7 @@ from harness import BitSpec, ConfigError, LlamaAdapter, Method, MethodConfig, Qu
     quant_linears, quantize_block, quantizers_disabled, register_method
 from harness.blockwise import BlockJob, run_blockwise, train
 from methods.qllm.correction import NormWithBias, add_lowrank, fold_bias_into_head, merge_lowrank
-from methods.qllm.reassembly import Plan, Reassembled, Reassembly, SiteFn, attention_fn, gated_fn, linear_fn, make_plan, ratio_theta, \
+from methods.qllm.reassembly import Plan, Reassembled, SiteFn, attention_fn, gated_fn, linear_fn, make_plan, ratio_theta, \
     search, site_error, theta_grid
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def apply_plan(layer: nn.Module, site: str, plan: Plan, adapter: LlamaAdapter = 
         linear = layer.get_submodule(path)
         linear.weight.data = plan.apply_weight(linear.weight.data)
         linear.in_features = linear.weight.shape[1]
-    reassembly = Reassembly(plan).to(plan.src.device)
+    reassembly = plan.module().to(plan.src.device)
     if site == "mlp_out":  # the input of down_proj is a product, not a norm output: rewrite it in front
         target, after = pair.consumers[0], False
     else:

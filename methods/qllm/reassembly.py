@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness import BitSpec, quantize_activation, quantize_weight
+from harness.reassembly import Reassembled, Reassembly  # noqa: F401  (re-exported: the inference modules live in harness so exports reload without methods)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class Plan:
     @property
     def width(self) -> int:
         return int(self.count.numel())
+
+    def module(self) -> Reassembly:
+        """The inference module applying this plan to an activation."""
+        return Reassembly(self.src, self.scale, self.group, self.count)
 
     def apply_weight(self, w: torch.Tensor) -> torch.Tensor:
         """(out, C) -> (out, C'): repeated columns for sub-channels, summed columns for merged ones."""
@@ -193,7 +198,7 @@ def site_error(fn: SiteFn, x: torch.Tensor, weights: Sequence[torch.Tensor], ref
                plan: Plan | None, spec: BitSpec) -> float:
     """MSE between the FP output and the output with reassembled, quantized input and weights."""
     if plan is not None:
-        x, weights = Reassembly(plan)(x), [plan.apply_weight(w) for w in weights]
+        x, weights = plan.module()(x), [plan.apply_weight(w) for w in weights]
     xq = quantize_activation(x, spec.a_bits, spec.a_symmetric)
     wq = [quantize_weight(w, spec) for w in weights]
     return F.mse_loss(fn(xq, wq), reference).item()
@@ -230,41 +235,3 @@ def search(fn: SiteFn, x: torch.Tensor, x_max: torch.Tensor, weights: Sequence[t
         if err < best_err:
             best, best_err = plan, err
     return SearchResult(best, before, best_err, evaluated)
-
-
-class Reassembly(nn.Module):
-    """Applies a :class:`Plan` to an input at inference (index / scale buffers, no parameters).
-
-    An explicit module because assembly averages two different channels, which no per-channel
-    scale of the producer (RMSNorm weight, up_proj rows) can express; disassembly alone could be
-    folded, but one mechanism for every site keeps both exact.
-    """
-
-    def __init__(self, plan: Plan) -> None:
-        super().__init__()
-        self.register_buffer("src", plan.src.clone())
-        self.register_buffer("scale", plan.scale.clone())
-        self.register_buffer("group", plan.group.clone())
-        self.register_buffer("count", plan.count.clone())
-        self.merged = plan.merged
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expanded = x.index_select(-1, self.src) * self.scale.to(x.dtype)
-        if self.merged == 0:
-            return expanded
-        out = x.new_zeros(*x.shape[:-1], self.count.numel()).index_add_(-1, self.group, expanded)
-        return out / self.count.to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"in={int(self.src.max()) + 1}, expanded={self.src.numel()}, out={self.count.numel()}, merged={self.merged}"
-
-
-class Reassembled(nn.Module):
-    """``module`` followed (``after=True``) or preceded by a :class:`Reassembly` of its output / input."""
-
-    def __init__(self, module: nn.Module, reassembly: Reassembly, after: bool) -> None:
-        super().__init__()
-        self.module, self.reassembly, self.after = module, reassembly, after
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reassembly(self.module(x)) if self.after else self.module(self.reassembly(x))

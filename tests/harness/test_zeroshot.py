@@ -170,3 +170,28 @@ def test_report_shows_each_task_and_the_average_in_percent():
     assert row["hellaswag_acc_norm_pct"] == pytest.approx(40.0)
     assert row["piqa_acc_pct"] == pytest.approx(60.0)
     assert row["zeroshot_avg_pct"] == pytest.approx(50.0)
+
+
+
+def test_log_samples_writes_one_jsonl_line_per_item_and_keeps_the_run_key(tmp_path):
+    from harness.execute import plan
+    from harness.results import ResultStore
+    from harness.sweep import run_sweep
+    from tests.harness.executors.conftest import tiny_raw
+
+    def sweep(log: bool):
+        raw = tiny_raw(bits=["W8A8"])
+        raw["evaluation"]["zeroshot"] = {"tasks": ["brown_cloze"], "limit": 3, "batch_size": 4, "log_samples": log}
+        return parse_config(raw)
+
+    assert [r.key for r in plan(sweep(True))] == [r.key for r in plan(sweep(False))]
+    summary = run_sweep(sweep(True), tmp_path, progress=False)
+    assert len(summary.done) == 2 and not summary.failed
+    for key in summary.done:
+        lines = (tmp_path / "samples" / key / "brown_cloze.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines]
+        record = ResultStore(tmp_path).read(tmp_path / "runs" / f"{key}.json")
+        assert len(rows) == 3 == record.zeroshot_tasks["brown_cloze"]["samples"]
+        # the per-item scores average to the stored accuracy
+        assert sum(r["acc"] for r in rows) / 3 == pytest.approx(record.zeroshot_tasks["brown_cloze"]["acc"])
+        assert "samples" not in json.loads((tmp_path / "runs" / f"{key}.json").read_text())

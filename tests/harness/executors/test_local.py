@@ -1,6 +1,7 @@
 """The local executor: today's loop, and a killed driver that resumes without redoing runs."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import yaml
 
+from harness.config import parse_config
 from harness.executors import make_executor
+from harness.method import Method, MethodConfig, QuantizeResult
 from harness.executors.base import Outcome
 from harness.execute import plan
 from tests.harness.executors.conftest import tiny_raw, tiny_sweep
@@ -58,3 +61,28 @@ def test_killed_driver_resumes_without_redoing_finished_runs(tmp_path):
     files = list((out / "runs").glob("*.json"))
     assert len(files) == 3
     assert {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in files if p.name in first} == first
+
+
+class PidMethod(Method):
+    """Records the process it quantized in; registered at runtime, so the run's process must register it too."""
+
+    name = "pid-probe"
+    config_class = MethodConfig
+
+    def quantize(self, model, spec, calibration, context):
+        return QuantizeResult(model, {"pid": os.getpid()})
+
+
+def test_each_run_executes_in_its_own_process(tmp_path, monkeypatch):
+    from harness.registry import REGISTRY
+    from harness.sweep import run_sweep
+
+    REGISTRY.names()  # load the built-ins first, then add the probe for this test only
+    monkeypatch.setitem(REGISTRY._methods, PidMethod.name, PidMethod)
+    monkeypatch.setitem(REGISTRY._sources, PidMethod.name, __name__)
+    raw = {**tiny_raw(bits=["W8A8", "W4A4"]), "methods": ["pid-probe"]}
+    summary = run_sweep(parse_config(raw), tmp_path, progress=False)
+    assert len(summary.done) == 3 and not summary.failed
+    pids = [json.loads((tmp_path / "runs" / f"{k}.json").read_text())["stats"].get("pid") for k in summary.done]
+    probes = [p for p in pids if p is not None]
+    assert len(probes) == 2 and len(set(probes)) == 2 and os.getpid() not in probes

@@ -1,0 +1,338 @@
+"""Quantized models that leave ptqbench: write a Hugging Face folder, and load one back.
+
+    export_model(model, tokenizer, "out/w4a16")     # -> ExportResult(path, format, size_bytes, reason)
+    model = load_quantized("out/w4a4")              # any folder this module wrote
+
+Two formats; the model decides which:
+
+- **compressed-tensors** (what llm-compressor writes and transformers / vLLM load) when every
+  quantized linear shares one bit spec with weights of 2..8 bits per output channel or per group,
+  activations unquantized or 8-bit (declared as dynamic per-token int8, symmetric or not, as ptqbench
+  computes them), and nothing else is changed structurally. Weights are stored as integers (symmetric
+  4-bit and below packed into int32s, ``pack-quantized``; the rest one per int8, ``int-quantized``) with the
+  scale and zero point each ``QuantLinear`` recorded when it froze (asymmetric weights, ptqbench's default,
+  as int8 even at 4 bits: see ``_write_compressed_tensors``), so the checkpoint dequantizes to
+  exactly ptqbench's fake-quantized weights (checked with compressed-tensors' own decompressor before
+  writing). ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` loads it, no ptqbench needed.
+- **ptqbench** for what that format cannot say: activations below 8 bits (W4A4, W6A6), QLLM's channel
+  reassembly (index/scale modules between a norm and its linears), an ``lm_head`` bias (QLLM's final
+  norm bias folded into the head), per-tensor weights. Everything that folds is folded into plain
+  weights: ``model.safetensors`` holds the architecture's own keys with the fake-quantized weights
+  (a reassembled linear's weight with its reassembled width) plus ``<module>.reassembly.{src,scale,
+  group,count}`` buffers, and ``ptqbench_quant.json`` says what to rebuild::
+
+      {"format": "ptqbench", "version": 1, "dtype": "float32",
+       "linears": {"model.layers.0.self_attn.q_proj": {"spec": {BitSpec.to_dict()}}, ...},  # act quantizers
+       "reassembly": {"model.layers.0.input_layernorm": {"after": true}, ...},          # Reassembled wrappers
+       "lm_head_bias": true}
+
+  ``load_quantized`` builds the architecture from ``config.json`` and puts those modules back; its
+  logits equal the exported model's.
+
+Every folder also gets the tokenizer and ``ptqbench_export.json`` (format, size, why ptqbench's format
+was needed, and the run it came from when known). Unquantized models are written as plain HF folders.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.bits import BitSpec
+from harness.errors import PtqbenchError, ResourceUnavailableError
+from harness.qlinear import QuantLinear, freeze, quant_linears
+from harness.reassembly import Reassembled, Reassembly
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "ptqbench_quant.json"
+INFO = "ptqbench_export.json"
+FORMAT_VERSION = 1
+CT_PACKED, CT_INT, PTQBENCH, DENSE = "compressed-tensors/pack-quantized", "compressed-tensors/int-quantized", "ptqbench", "dense"
+_BUFFERS = ("src", "scale", "group", "count")
+
+
+class ExportError(PtqbenchError):
+    """A model or folder that cannot be exported or loaded back."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    format: str
+    size_bytes: int
+    reason: str = ""  # why the ptqbench format was needed ("" otherwise)
+
+
+def folder_size(path: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def human_size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+def export_model(model: nn.Module, tokenizer: Any, out: str | Path, *, source: dict[str, Any] | None = None,
+                 overwrite: bool = False) -> ExportResult:
+    """Write ``model`` (frozen first) to ``out`` in compressed-tensors format when it can, else ptqbench's.
+
+    The folder is written beside ``out`` and renamed into place, so a failed export leaves nothing
+    half-written; an existing non-empty ``out`` is refused unless ``overwrite``.
+    """
+    out = check_target(out, overwrite)
+    freeze(model)
+    linears = dict(quant_linears(model))
+    blocker = compressed_tensors_blocker(model, linears) if linears else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; an export is an ordinary folder
+    try:
+        if not linears:
+            fmt = DENSE
+            _save_dense(model, _state_dict(model), tmp)
+        elif blocker is None:
+            fmt = _write_compressed_tensors(model, linears, tmp)
+        else:
+            fmt = PTQBENCH
+            _write_ptqbench(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        size = folder_size(tmp)
+        info = {"format": fmt, "size_bytes": size, "reason": blocker or "", "source": source or {}}
+        (tmp / INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = folder_size(out)
+    log.info("exported %s (%s, %s)%s", out, fmt, human_size(size), f"; ptqbench format because {blocker}" if blocker else "")
+    return ExportResult(out, fmt, size, blocker or "")
+
+
+def check_target(out: str | Path, overwrite: bool = False) -> Path:
+    """``out`` as a Path; an existing non-empty folder is refused unless ``overwrite`` (never lose an earlier export)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ExportError(f"--out: {out} exists and is not empty; choose another folder or overwrite it (--force)")
+    return out
+
+
+def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The persistent tensors, each once (a tied ``lm_head`` is the embedding), contiguous for safetensors."""
+    seen: set[int] = set()
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue  # a tied weight: from_pretrained / load_quantized tie it again from config.json
+        seen.add(key)
+        state[name] = tensor.detach().cpu().contiguous()
+    return state
+
+
+def _save_config(model: nn.Module, out: Path, quantization_config: dict | None = None) -> None:
+    config = copy.deepcopy(model.config)
+    config.dtype = next(model.parameters()).dtype
+    if quantization_config is not None:
+        config.quantization_config = quantization_config
+    config.save_pretrained(out)
+
+
+def _save_dense(model: nn.Module, state: dict[str, torch.Tensor], out: Path, quantization_config: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _save_config(model, out, quantization_config)
+
+
+def compressed_tensors_blocker(model: nn.Module, linears: dict[str, QuantLinear]) -> str | None:
+    """Why ``model`` cannot be written in compressed-tensors format (None: it can)."""
+    if any(isinstance(m, Reassembled) for m in model.modules()):
+        return "it has channel reassembly (QLLM) in front of its linears"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "bias", None) is not None:
+        return "its lm_head has a bias (QLLM's final-norm bias), which LLaMA's config cannot declare"
+    plain = [n for n, m in model.named_modules() if type(m) is nn.Linear and m is not head]
+    if plain:
+        return f"linear {plain[0]} is not quantized while others are"
+    specs = {q.spec for q in linears.values()}
+    if len(specs) > 1:
+        return f"its linears use {len(specs)} different bit specs"
+    spec = specs.pop()
+    if not 2 <= spec.w_bits <= 8:
+        return f"{spec.name}: compressed-tensors integer weights need 2..8 bits"
+    if spec.a_bits not in (8, 16):
+        return f"{spec.name}: {spec.a_bits}-bit activations (compressed-tensors models serve int8 or unquantized activations)"
+    if not spec.w_symmetric and spec.w_bits < 8 and not spec.quantizes_activations:
+        # transformers 5.23 + compressed-tensors 0.20 load weight-only int<8 layers as pack-quantized whatever the
+        # folder declares, and allocate their zero points unpacked, refusing the packed ones the compressor writes
+        return (f"{spec.name} with asymmetric weights: transformers cannot load compressed-tensors' packed zero points "
+                "(use quant: {weight_symmetric: true} for a compressed-tensors folder)")
+    if spec.w_granularity == "tensor":
+        return "per-tensor weights (exported per channel or per group only)"
+    missing = [n for n, q in linears.items() if not hasattr(q, "weight_scale")]
+    if missing:
+        return f"{missing[0]} froze without recording its scale (its weight quantizer has no quant_params)"
+    return None
+
+
+def _ct_scheme(spec: BitSpec, targets: list[str]) -> Any:
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    weights = QuantizationArgs(num_bits=spec.w_bits, type="int", symmetric=spec.w_symmetric,
+                               strategy="group" if spec.w_group else "channel", group_size=spec.w_group or None)
+    acts = None
+    if spec.quantizes_activations:  # ptqbench quantizes activations dynamically, one range per token
+        acts = QuantizationArgs(num_bits=spec.a_bits, type="int", symmetric=spec.a_symmetric, strategy="token", dynamic=True)
+    return QuantizationScheme(targets=targets, weights=weights, input_activations=acts)
+
+
+def _write_compressed_tensors(model: nn.Module, linears: dict[str, QuantLinear], out: Path) -> str:
+    try:
+        from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+        from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+        from compressed_tensors.quantization import QuantizationConfig
+    except ImportError:
+        raise ResourceUnavailableError("export: this model is written in compressed-tensors format, which needs the "
+                                       "'compressed-tensors' package; pip install 'ptqbench[export]'") from None
+
+    spec = next(iter(linears.values())).spec
+    scheme = _ct_scheme(spec, ["Linear"])
+    # Asymmetric weight-only specs never get here (compressed_tensors_blocker); asymmetric 4-bit weights with
+    # 8-bit activations load as int-quantized, one int8 per weight.
+    packed = spec.w_bits <= 4 and spec.w_symmetric
+    compressor, fmt = (PackedQuantizationCompressor, CT_PACKED) if packed else (IntQuantizationCompressor, CT_INT)
+    # ptqbench's asymmetric integers are 0..2^b-1; compressed-tensors' are signed, -2^(b-1)..2^(b-1)-1
+    offset = 0 if spec.w_symmetric else 2 ** (spec.w_bits - 1)
+    state = _state_dict(model)
+    for name, q in linears.items():
+        weight = state.pop(f"{name}.weight")
+        rows = weight.shape[0]
+        scale = q.weight_scale.detach().cpu().to(weight.dtype).reshape(rows, -1)
+        zero = (q.weight_zero.detach().cpu().reshape(rows, -1) - offset)
+        lo, hi = -(2 ** (spec.w_bits - 1)), 2 ** (spec.w_bits - 1) - 1
+        if zero.min() < lo or zero.max() > hi:
+            raise ExportError(f"{name}: a zero point lies outside {spec.w_bits}-bit integers (a row of one sign); "
+                              "export with symmetric weights (quant.weight_symmetric: true)")
+        module_state = {"weight": weight, "weight_scale": scale, "weight_zero_point": zero.to(torch.int8)}
+        compressed = compressor.compress(dict(module_state), scheme)
+        # The promise of this format: compressed-tensors' own decompression gives back ptqbench's weight bit for bit.
+        restored = compressor.decompress(dict(compressed), scheme)["weight"].to(weight.dtype)
+        if not torch.equal(restored, weight):
+            raise ExportError(f"{name}: the recorded scale and zero point do not reproduce the frozen weight "
+                              f"(max diff {(restored - weight).abs().max().item():.3g}); was it changed after freezing?")
+        state.update({f"{name}.{k}": v.contiguous() for k, v in compressed.items()})
+    config = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt.split("/")[1],
+                                quantization_status="compressed", ignore=["lm_head"])
+    _save_dense(model, state, out, config.model_dump(mode="json"))
+    return fmt
+
+
+def _write_ptqbench(model: nn.Module, out: Path) -> None:
+    wrapped = {n: m for n, m in model.named_modules() if isinstance(m, Reassembled)}
+    known = (QuantLinear, Reassembled, Reassembly)
+    for name, module in model.named_modules():
+        origin = type(module).__module__.split(".")[0]
+        if not isinstance(module, known) and origin not in ("torch", "transformers", "harness"):
+            raise ExportError(f"cannot export module {name} ({type(module).__name__} from {type(module).__module__}): "
+                              "ptqbench's format knows QuantLinear, Reassembled and the architecture's own modules")
+
+    def plain(name: str) -> str:  # the architecture's key of a module inside a Reassembled wrapper
+        for path in wrapped:
+            if name.startswith(path + ".module"):
+                return path + name[len(path) + len(".module"):]
+        return name
+
+    state = {plain(k): v for k, v in _state_dict(model).items()}
+    head = model.get_output_embeddings()
+    manifest = {
+        "format": PTQBENCH, "version": FORMAT_VERSION, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "linears": {plain(n): {"spec": q.spec.to_dict()} for n, q in quant_linears(model)},
+        "reassembly": {path: {"after": m.after} for path, m in wrapped.items()},
+        "lm_head_bias": head is not None and head.bias is not None,
+    }
+    _save_dense(model, state, out)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def is_ptqbench_folder(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def export_info(path: str | Path) -> dict[str, Any]:
+    """``ptqbench_export.json`` of an exported folder ({} for any other folder or model name)."""
+    info = Path(path) / INFO
+    return json.loads(info.read_text()) if info.is_file() else {}
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    owner, _, attr = key.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    current = getattr(module, attr, None)
+    if isinstance(current, torch.Tensor) and current.shape == value.shape:
+        with torch.no_grad():
+            current.copy_(value)  # in place, so weights tied to this one stay tied
+        return
+    if attr in module._buffers:
+        module._buffers[attr] = value
+        return
+    module._parameters[attr] = nn.Parameter(value, requires_grad=False)  # a new shape (reassembled width) or a new bias
+    if isinstance(module, nn.Linear) and attr == "weight":
+        module.out_features, module.in_features = value.shape
+
+
+def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model ``export_model`` wrote in ptqbench's format (others: ``from_pretrained`` loads them)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not is_ptqbench_folder(path):
+        if (path / "config.json").is_file():  # compressed-tensors or dense: transformers' own loader
+            return AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+        raise ExportError(f"{path}: not an exported model folder (no {MANIFEST} or config.json)")
+    manifest = json.loads((path / MANIFEST).read_text())
+    if manifest.get("format") != PTQBENCH or manifest.get("version") != FORMAT_VERSION:
+        raise ExportError(f"{path / MANIFEST}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
+                          f"this ptqbench reads {PTQBENCH!r} version {FORMAT_VERSION}")
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, manifest["dtype"]))
+    tensors = load_file(str(path / "model.safetensors"))
+    buffers = {k for k in tensors if any(k == f"{p}.reassembly.{b}" for p in manifest["reassembly"] for b in _BUFFERS)}
+    expected = set(model.state_dict())
+    for key, value in tensors.items():
+        if key not in buffers:
+            if key not in expected and not key.endswith(".bias"):
+                raise ExportError(f"{path}: tensor {key} has no place in a {config.model_type} model")
+            _set_tensor(model, key, value)
+    for name, entry in manifest["linears"].items():
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, attr, QuantLinear.frozen_from(getattr(owner, attr), BitSpec.from_dict(entry["spec"])))
+    for name, entry in manifest["reassembly"].items():
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        reassembly = Reassembly(*(tensors[f"{name}.reassembly.{b}"] for b in _BUFFERS))
+        setattr(owner, attr, Reassembled(getattr(owner, attr), reassembly, entry["after"]))
+    return model.to(device).eval()
+
+
+__all__ = ["CT_INT", "CT_PACKED", "DENSE", "PTQBENCH", "ExportError", "ExportResult", "check_target", "export_info", "export_model",
+           "folder_size", "human_size", "is_ptqbench_folder", "load_quantized"]

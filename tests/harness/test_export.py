@@ -1,0 +1,162 @@
+"""Exports: compressed-tensors folders transformers loads without ptqbench, and ptqbench's own format.
+
+Numbers are checked against independent computations: the integer weights are unpacked and
+dequantized by hand from the safetensors file, the fresh process computes perplexity with its own
+three lines, and reloaded ptqbench-format models must give bit-identical logits.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harness import BitSpec, QuantContext, get_method, quant_linears
+from harness.evaluate import perplexity
+from harness.export import CT_INT, CT_PACKED, MANIFEST, PTQBENCH, ExportError, export_model, load_quantized
+from harness.reassembly import Reassembled
+
+CPU = QuantContext(device=torch.device("cpu"), seed=0, progress=False)
+
+# Runs in a fresh interpreter: transformers (with compressed-tensors) only, never ptqbench.
+FRESH = r"""
+import json, math, sys, torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+tokens = torch.tensor(json.loads(open(sys.argv[2]).read()))
+with torch.no_grad():
+    logits = model(tokens).logits[:, :-1]
+nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+ours = [m for m in sys.modules if m.split(".")[0] in ("harness", "methods", "ptqbench")]
+print(json.dumps({"ppl": math.exp(nll.item()), "imported": ours}))
+"""
+
+
+def fresh_ppl(folder: Path, tokens: torch.Tensor, tmp_path: Path) -> float:
+    (tmp_path / "tokens.json").write_text(json.dumps(tokens.tolist()))
+    (tmp_path / "fresh.py").write_text(FRESH)
+    out = subprocess.run([sys.executable, str(tmp_path / "fresh.py"), str(folder), str(tmp_path / "tokens.json")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["imported"] == []
+    return result["ppl"]
+
+
+def unpack(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Dense little-endian bit unpacking (compressed-tensors' layout: value i at bit i * bits of the row,
+    stored with +2^(bits-1) so the bits are unsigned), written independently; returns the signed values."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    bit = torch.arange(32, dtype=torch.int64)
+    stream = ((words.unsqueeze(-1) >> bit) & 1).reshape(words.shape[0], -1)[:, : shape[1] * bits]
+    values = (stream.reshape(shape[0], shape[1], bits) << torch.arange(bits, dtype=torch.int64)).sum(-1)
+    return values - 2 ** (bits - 1)
+
+
+def quantized(tiny_model, method: str, bits: str, options: dict | None = None, calib: torch.Tensor | None = None, **scheme):
+    spec = BitSpec.parse(bits, **scheme)
+    return get_method(method).from_options(options or {}).quantize(tiny_model, spec, calib, CPU).model
+
+
+@pytest.mark.parametrize("bits, scheme, fmt", [
+    ("W4A16", {"w_symmetric": True}, CT_PACKED),
+    ("W3A16", {"w_symmetric": True}, CT_PACKED), ("W4A16g32", {"w_symmetric": True}, CT_PACKED),
+    ("W8A8", {}, CT_INT), ("W4A8", {}, CT_INT),
+])
+def test_compressed_tensors_export_loads_without_ptqbench_and_matches(tiny_model, tiny_tokens, tmp_path, bits, scheme, fmt):
+    model = quantized(tiny_model, "rtn", bits, **scheme)
+    result = export_model(model, None, tmp_path / "out")
+    assert result.format == fmt and result.reason == ""
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    group = config["config_groups"]["group_0"]
+    spec = BitSpec.parse(bits, **scheme)
+    assert config["quant_method"] == "compressed-tensors" and group["weights"]["num_bits"] == spec.w_bits
+    assert group["weights"]["symmetric"] == spec.w_symmetric
+    if spec.quantizes_activations:
+        acts = group["input_activations"]
+        assert (acts["num_bits"], acts["strategy"], acts["dynamic"]) == (8, "token", True)
+    else:
+        assert group["input_activations"] is None
+
+    # the stored integers, unpacked and dequantized by hand, are ptqbench's weights bit for bit
+    tensors = load_file(str(tmp_path / "out" / "model.safetensors"))
+    offset = 0 if spec.w_symmetric else 2 ** (spec.w_bits - 1)
+    for name, q in quant_linears(model):
+        shape = tuple(q.weight.shape)
+        if fmt == CT_PACKED:
+            ints = unpack(tensors[f"{name}.weight_packed"], spec.w_bits, shape)
+        else:
+            ints = tensors[f"{name}.weight"].long()
+        scale = tensors[f"{name}.weight_scale"]
+        zero = torch.zeros_like(scale, dtype=torch.long)
+        if not spec.w_symmetric:
+            z = tensors[f"{name}.weight_zero_point"]
+            zero = z.long()  # asymmetric weights are stored int-quantized: one int8 zero point per row / group
+        grid = ints + offset  # ptqbench's integers: 0..2^b-1 asymmetric, -(2^(b-1)-1)..2^(b-1)-1 symmetric
+        lo, hi = (0, 2**spec.w_bits - 1) if offset else (-(2 ** (spec.w_bits - 1) - 1), 2 ** (spec.w_bits - 1) - 1)
+        assert lo <= grid.min() and grid.max() <= hi
+        groups = scale.shape[1]
+        deq = ((ints.reshape(shape[0], groups, -1) - zero.unsqueeze(-1)).float() * scale.unsqueeze(-1)).reshape(shape)
+        assert torch.equal(deq, q.weight.detach()), name
+
+    ours = perplexity(model, tiny_tokens, device=torch.device("cpu"), progress=False)
+    theirs = fresh_ppl(tmp_path / "out", tiny_tokens, tmp_path)
+    assert abs(theirs - ours) / ours < 1e-3, (ours, theirs)
+
+
+@pytest.mark.parametrize("bits", ["W4A16", "W4A16g32"])
+def test_asymmetric_weight_only_goes_to_ptqbench_format(tiny_model, tiny_tokens, tmp_path, bits):
+    # transformers 5.23 + compressed-tensors 0.20 cannot load packed zero points; see compressed_tensors_blocker
+    model = quantized(tiny_model, "rtn", bits)
+    result = export_model(model, None, tmp_path / "out")
+    assert result.format == PTQBENCH and "asymmetric" in result.reason
+    assert torch.equal(logits(load_quantized(tmp_path / "out"), tiny_tokens), logits(model, tiny_tokens))
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.mark.parametrize("method, options", [
+    ("rtn", {}),
+    ("smoothquant", {}),
+    ("omniquant", {"epochs": 1, "max_samples": 2}),
+    ("qllm", {"epochs": 1, "blocks_per_job": 2, "rank": 2, "grid_steps": 10}),
+])
+def test_ptqbench_format_reloads_to_identical_logits(tiny_model, tiny_tokens, tmp_path, method, options):
+    from tests.methods.test_qllm_reassembly import with_outliers
+
+    model = quantized(with_outliers(tiny_model), method, "W4A4", options, calib=tiny_tokens)
+    if method == "qllm":  # what the format exists for: reassembly modules and the folded final-norm bias
+        assert any(isinstance(m, Reassembled) for m in model.modules())
+        assert model.lm_head.bias is not None
+    result = export_model(model, None, tmp_path / "out")
+    assert result.format == PTQBENCH and ("4-bit activations" in result.reason or "reassembly" in result.reason)
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert len(manifest["linears"]) == len(list(quant_linears(model)))
+    reloaded = load_quantized(tmp_path / "out")
+    assert type(reloaded).__name__ == type(model).__name__
+    assert torch.equal(logits(reloaded, tiny_tokens), logits(model, tiny_tokens))
+
+
+def test_fp_model_exports_plain_and_a_full_folder_is_not_overwritten(tiny_model, tiny_tokens, tmp_path):
+    result = export_model(tiny_model, None, tmp_path / "out")
+    assert result.format == "dense" and result.size_bytes > 0
+    assert torch.equal(logits(load_quantized(tmp_path / "out"), tiny_tokens), logits(tiny_model, tiny_tokens))
+    with pytest.raises(ExportError, match="exists and is not empty"):
+        export_model(tiny_model, None, tmp_path / "out")
+
+
+def test_packed_4bit_folder_is_smaller_than_fp(tiny_model, tmp_path):
+    import copy
+
+    fp = export_model(copy.deepcopy(tiny_model), None, tmp_path / "fp")
+    w4 = export_model(quantized(tiny_model, "rtn", "W4A16", w_symmetric=True), None, tmp_path / "w4")
+    assert w4.format == CT_PACKED and w4.size_bytes < fp.size_bytes
