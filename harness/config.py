@@ -182,13 +182,17 @@ class ExecutorConfig:
     """Where the runs execute (never part of a run's key). See harness/executors/.
 
     Args:
-    kind: local (one after another in this process), ray (a Ray task per run) or slurm (a job per run).
+    kind: local (one after another on this machine), ray (a Ray task per run) or slurm (a job per run).
     max_retries: ray and slurm: new attempts after a run fails (error or lost worker/job) before it is
         recorded under failed/. local never retries within a sweep (its failures are deterministic).
+    isolate: local: each run in a fresh process of its own, so its peak memory is its own (default);
+        false runs them in the driver process (kill -9 of the driver then stops the run itself, and
+        tokenized data is shared across runs).
     """
 
     kind: Literal["local", "ray", "slurm"] = "local"
     max_retries: int = 1
+    isolate: bool = True
     ray: RayOptions = field(default_factory=RayOptions)
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
 

@@ -57,8 +57,8 @@ def format_value(value: object, column: str) -> str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
-    if isinstance(value, int):  # counts (n runs) stay counts
-        return str(value)
+    if isinstance(value, int) or (column == "n" and float(value).is_integer()):  # counts (n runs) stay counts,
+        return str(int(value))  # also where a missing cell made pandas store the column as floats
     v = float(value)
     if column.endswith("Δ"):
         return f"{v:+.3g}" if abs(v) >= 1e5 else f"{v:+.2f}"

@@ -6,7 +6,8 @@ sampled peak RSS grew with plan order (earlier runs' allocator pools and caches 
 price is a Python start and import per run (seconds) and tokenized data cached per process only.
 
 A run whose method class cannot be pickled by reference (defined in a notebook's ``__main__``) runs
-in the driver process instead, with a warning; so do tasks swapped in by tests.
+in the driver process instead, with a warning; so do tasks swapped in by tests, and every run with
+``executor: {isolate: false}``.
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ class LocalExecutor(Executor):
         args = (run, run.method_class, self.progress, quiet_requested(), logging.getLogger().getEffectiveLevel())
         if self.task is not run_task:
             return self.task(run, self.progress)
+        if not self.config.isolate:
+            return run_task(run, self.progress)
         try:
             pickle.dumps(args)
         except (pickle.PicklingError, AttributeError, TypeError) as err:

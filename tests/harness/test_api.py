@@ -22,7 +22,7 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     scope: dict = {}
     exec(compile(readme_example(), "README.md", "exec"), scope)
     frame = scope["frame"]
-    assert list(frame["method"]) == ["fp", "rtn"] and frame["ppl brown"].notna().all()
+    assert list(frame["method"]) == ["fp", "rtn"] and frame["ppl_brown"].notna().all()
     assert scope["exported"].format == "compressed-tensors/pack-quantized"  # the example asks for symmetric weights
     assert (tmp_path / "exports" / "tiny-w4a16" / "config.json").is_file()
 

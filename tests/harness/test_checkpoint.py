@@ -27,7 +27,9 @@ def folder(tmp_path_factory, smollm2_tokenizer) -> Path:
 
 
 def sweep(tmp: Path, folder: Path, method: dict) -> Path:
+    # isolate: false, so PTQBENCH_TEST_KILL_AT kills the `ptqbench run` process itself (kill -9 of a real run)
     config = {"name": "durable", "models": [str(folder)], "methods": [method], "bits": ["W4A8"], "device": "cpu",
+              "executor": {"isolate": False},
               "dtype": "float32", "calibration": {"dataset": "brown", "samples": 4, "seqlen": 32},
               "evaluation": {"ppl": {"datasets": ["brown"], "seqlen": 32, "max_windows": 2}}}
     path = tmp / "sweep.yaml"
@@ -60,7 +62,7 @@ def without_timings(stats: object) -> object:
 
 
 @pytest.mark.parametrize("method,kill_at", [({"name": "omniquant", "epochs": 1}, "block:1"),
-                                            ({"name": "qllm", "epochs": 1, "grid_steps": 4}, "mid:2")])
+                                            ({"name": "qllm", "epochs": 1, "grid_steps": 4, "blocks_per_job": 2}, "mid:2")])
 def test_killed_run_resumes_and_equals_an_uninterrupted_run(folder, tmp_path, method, kill_at):
     config = sweep(tmp_path, folder, method)
     reference = run(config, tmp_path / "reference")

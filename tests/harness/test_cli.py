@@ -84,6 +84,6 @@ def test_seeds_option_overrides_the_yaml(tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert len(lines) == 2 * len(CliRunner().invoke(main, ["run", path, "--dry-run"]).output.splitlines())
-    assert sum(line.endswith("seed 1") for line in lines) == len(lines) // 2
+    assert sum(" seed 1 " in f"{line} " for line in lines) == len(lines) // 2
     bad = CliRunner().invoke(main, ["run", path, "--dry-run", "--seeds", "0,x"])
     assert bad.exit_code == 2 and bad.output.startswith("Error: --seeds")

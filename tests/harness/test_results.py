@@ -35,7 +35,7 @@ def test_atomic_write_never_leaves_partial_files(tmp_path, monkeypatch, fails):
         raise OSError("disk full")
 
     monkeypatch.setattr(results.os, fails, boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StorageError, match="could not write \\(disk full\\)"):  # one line: what, where, why
         write_json_atomic(path, {"x": 2, "y": "a new result"})
     monkeypatch.undo()
     assert called  # the failure happened inside the write, not before it
