@@ -90,7 +90,8 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     except ConfigError as err:
         # __post_init__ names its field without the section; add it.
         msg = str(err)
-        raise ConfigError(msg if not prefix or msg.startswith(prefix) else f"{prefix}{msg}") from None
+        named = not prefix or msg.startswith((prefix, f"{where}:"))  # the section itself may be the field
+        raise ConfigError(msg if named else f"{prefix}{msg}") from None
 
 
 def to_dict(obj: Any) -> Any:

@@ -86,7 +86,7 @@ CASES = [
     ("latin1-dataset", lambda t: _dataset(t, "caf\xe9 na\xefve ".encode("latin-1") * 10), ["evaluation.ppl.datasets[0]", "not a UTF-8 text file"]),
     ("directory-dataset", lambda t: _dataset(t, None), ["evaluation.ppl.datasets[0]", "is a directory, not a text file"]),
     ("directory-calibration", lambda t: {"methods": ["smoothquant"], "calibration": {"dataset": str(t)}}, ["calibration.dataset", "is a directory"]),
-    ("evaluation-measures-nothing", lambda t: {"evaluation": {"ppl": {"datasets": []}}}, ["evaluation: measures nothing"]),
+    ("evaluation-measures-nothing", lambda t: {"evaluation": {"ppl": {"datasets": []}}}, ["Error: evaluation: measures nothing"]),
     ("empty-safetensors", lambda t: _weights(t, b""), ["model.safetensors", "empty or truncated safetensors file (0 bytes)"]),
     ("corrupt-safetensors", lambda t: _weights(t, b"\xff" * 100), ["model.safetensors", "corrupt safetensors file"]),
     ("name-escapes-runs", lambda t: {"name": "../../x"}, ["name: '../../x' is not allowed", "path separators"]),
