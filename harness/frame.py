@@ -182,7 +182,8 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
         for m in metrics:
             values = group[m].astype(float)
             row[f"{m}_mean"] = values.mean()  # NaN-skipping
-            row[f"{m}_std"] = values.std(ddof=1)  # NaN for a single value: no spread
+            # NaN for a single value (no spread); exactly 0 for equal values (pandas' sum leaves float noise, 1e-13)
+            row[f"{m}_std"] = 0.0 if len(values) > 1 and values.nunique() == 1 else values.std(ddof=1)
         row["device"] = "; ".join(dict.fromkeys(str(d) for d in group["device"] if isinstance(d, str)))
         rows.append(row)
     return _sorted(pd.DataFrame(rows, columns=columns), by_seed=False)
