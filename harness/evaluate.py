@@ -8,6 +8,7 @@ number one decoder block at a time (lazy models, models larger than the device).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,23 +23,31 @@ if TYPE_CHECKING:
     from harness.config import EvaluationConfig
 
 
-@torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, *, device: torch.device, batch_size: int = 1,
-               desc: str = "perplexity", progress: bool = True) -> float:
-    """exp(mean next-token NLL) over all windows; every window predicts its tokens 2..seqlen.
+def _perplexity_of(logits_of: Callable[[torch.Tensor, slice], torch.Tensor], windows: torch.Tensor, device: torch.device,
+                   batch_size: int, batches: Iterable[int]) -> float:
+    """exp(mean next-token NLL) over all windows; ``logits_of(batch, rows)`` gives each batch's logits.
 
-    This equals the papers' ``exp(sum(loss_i * seqlen) / (n * seqlen))`` because every window
-    contributes the same number of predictions.
+    Every window predicts its tokens 2..seqlen, so this equals the papers'
+    ``exp(sum(loss_i * seqlen) / (n * seqlen))``: every window contributes the same number of predictions.
     """
-    model.eval()
     total_nll, total_tokens = 0.0, 0
-    for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
-        batch = windows[start : start + batch_size].to(device)
-        logits = model(batch, use_cache=False).logits[:, :-1].float()
+    for start in batches:
+        rows = slice(start, start + batch_size)
+        batch = windows[rows].to(device)
+        logits = logits_of(batch, rows)[:, :-1].float()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
         total_nll += nll.item()
         total_tokens += batch[:, 1:].numel()
     return math.exp(total_nll / total_tokens)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, *, device: torch.device, batch_size: int = 1,
+               desc: str = "perplexity", progress: bool = True) -> float:
+    """exp(mean next-token NLL) over all windows, with the plain forward of the whole model."""
+    model.eval()
+    batches = tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False)
+    return _perplexity_of(lambda batch, _rows: model(batch, use_cache=False).logits, windows, device, batch_size, batches)
 
 
 @torch.no_grad()
@@ -69,15 +78,10 @@ def perplexity_blockwise(model: nn.Module, windows: torch.Tensor, *, device: tor
     norm, head = adapter.final_norm(model), adapter.lm_head(model)
     homes = [next(m.parameters()).device for m in (norm, head)]
     norm.to(device), head.to(device)
-    total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start : start + batch_size].to(device)
-        logits = head(norm(hidden[start : start + batch_size]))[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        total_nll += nll.item()
-        total_tokens += batch[:, 1:].numel()
+    ppl = _perplexity_of(lambda _batch, rows: head(norm(hidden[rows])), windows, device, batch_size,
+                         range(0, len(windows), batch_size))
     norm.to(homes[0]), head.to(homes[1])
-    return math.exp(total_nll / total_tokens)
+    return ppl
 
 
 def evaluate_model(model: nn.Module, tokenizer: Any, evaluation: EvaluationConfig, *, device: torch.device,
