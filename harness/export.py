@@ -178,11 +178,6 @@ def compressed_tensors_blocker(model: nn.Module, linears: dict[str, QuantLinear]
         return f"{spec.name}: compressed-tensors integer weights need 2..8 bits"
     if spec.a_bits not in (8, 16):
         return f"{spec.name}: {spec.a_bits}-bit activations (compressed-tensors models serve int8 or unquantized activations)"
-    if not spec.w_symmetric and spec.w_bits < 8 and not spec.quantizes_activations:
-        # transformers 5.23 + compressed-tensors 0.20 load weight-only int<8 layers as pack-quantized whatever the
-        # folder declares, and allocate their zero points unpacked, refusing the packed ones the compressor writes
-        return (f"{spec.name} with asymmetric weights: transformers cannot load compressed-tensors' packed zero points "
-                "(use quant: {weight_symmetric: true} for a compressed-tensors folder)")
     if spec.w_granularity == "tensor":
         return "per-tensor weights (exported per channel or per group only)"
     missing = [n for n, q in linears.items() if not hasattr(q, "weight_scale")]
@@ -191,7 +186,7 @@ def compressed_tensors_blocker(model: nn.Module, linears: dict[str, QuantLinear]
     return None
 
 
-def _ct_scheme(spec: BitSpec, targets: list[str]) -> Any:
+def _ct_scheme(spec: BitSpec, targets: list[str], fmt: str) -> Any:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     weights = QuantizationArgs(num_bits=spec.w_bits, type="int", symmetric=spec.w_symmetric,
@@ -199,7 +194,9 @@ def _ct_scheme(spec: BitSpec, targets: list[str]) -> Any:
     acts = None
     if spec.quantizes_activations:  # ptqbench quantizes activations dynamically, one range per token
         acts = QuantizationArgs(num_bits=spec.a_bits, type="int", symmetric=spec.a_symmetric, strategy="token", dynamic=True)
-    return QuantizationScheme(targets=targets, weights=weights, input_activations=acts)
+    # The format is declared in the scheme itself: without it, transformers infers pack-quantized for every
+    # weight-only scheme when it loads the folder, whatever the config's top-level format says.
+    return QuantizationScheme(targets=targets, weights=weights, input_activations=acts, format=fmt.split("/")[1])
 
 
 def _write_compressed_tensors(model: nn.Module, linears: dict[str, QuantLinear], out: Path) -> str:
@@ -212,11 +209,12 @@ def _write_compressed_tensors(model: nn.Module, linears: dict[str, QuantLinear],
                                        "'compressed-tensors' package; pip install 'ptqbench[export]'") from None
 
     spec = next(iter(linears.values())).spec
-    scheme = _ct_scheme(spec, ["Linear"])
-    # Asymmetric weight-only specs never get here (compressed_tensors_blocker); asymmetric 4-bit weights with
-    # 8-bit activations load as int-quantized, one int8 per weight.
+    # Asymmetric weights are stored one int8 per weight even at 4 bits: transformers 5.23 + compressed-tensors
+    # 0.20 build a pack-quantized layer's zero point unpacked (compress_module's meta-device path skips
+    # packing it) and then refuse the packed zero point the compressor writes.
     packed = spec.w_bits <= 4 and spec.w_symmetric
     compressor, fmt = (PackedQuantizationCompressor, CT_PACKED) if packed else (IntQuantizationCompressor, CT_INT)
+    scheme = _ct_scheme(spec, ["Linear"], fmt)
     # ptqbench's asymmetric integers are 0..2^b-1; compressed-tensors' are signed, -2^(b-1)..2^(b-1)-1
     offset = 0 if spec.w_symmetric else 2 ** (spec.w_bits - 1)
     state = _state_dict(model)

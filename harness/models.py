@@ -140,7 +140,20 @@ def _load_pretrained(path: str, *, dtype: torch.dtype, trust_remote_code: bool, 
         if err.__class__.__name__ != "SafetensorError":  # safetensors' Rust error, not importable as a stable name
             raise
         raise ResourceUnavailableError(f"model {what}: {_bad_weights(path) or 'a weight file'} is not a valid safetensors file ({err})") from err
+    _decompress(model)
     return model.eval(), tokenizer
+
+
+def _decompress(model: nn.Module) -> None:
+    """Unpack a compressed-tensors model's integer weights now, not on its first forward.
+
+    compressed-tensors decompresses in a forward pre-hook on the whole model; the block-wise
+    perplexity and the engine call the decoder layers directly, so that hook would never fire and
+    the linears would multiply int8 weights. (Activation quantizers, e.g. W8A8's, stay in place.)
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if hasattr(model, "ct_decompress_hook") and quantizer is not None:
+        quantizer.compressor.decompress_model(model)
 
 
 def _bad_weights(path: str) -> str | None:
