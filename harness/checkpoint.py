@@ -14,9 +14,10 @@ run's work directory:
 
 A run started again finds ``state.json``, restores the buffers, the RNG, the stats and the
 finished blocks' structure, and continues with group ``n``: its result equals an uninterrupted
-run's bit for bit (same seed, same device). Structure files are pickles that this run wrote into
-its own work directory; they are loaded only from there (``weights_only=False`` is needed for
-module classes) and never from a model folder.
+run's bit for bit (same seed, same device). Structure files are pickles, read back with torch's
+restricted unpickler (``weights_only=True``) that admits only the classes the file names from
+torch, transformers, harness and the packages of registered methods (a plugin method's own module
+classes included); a file naming anything else is refused with the class it names.
 
 Test hook: ``PTQBENCH_TEST_KILL_AT=block:N`` makes the engine SIGKILL its own process right after
 the checkpoint of the group starting at block N, ``mid:N`` in the middle of that group (after
@@ -25,6 +26,7 @@ with it.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -35,7 +37,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from harness.errors import PtqbenchError
+
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(PtqbenchError):
+    """A checkpoint file that cannot be trusted or read."""
+
 
 KILL_ENV = "PTQBENCH_TEST_KILL_AT"
 
@@ -69,8 +78,10 @@ class Checkpoint:
         tmp.replace(path)
 
     def load_structure(self, index: int) -> nn.Module:
-        # our own pickle from this run's work directory: module classes need the full unpickler
-        return torch.load(self.structure_file(index), map_location="meta", weights_only=False)
+        path = self.structure_file(index)
+        classes = [_trusted_class(name, path) for name in torch.serialization.get_unsafe_globals_in_checkpoint(path)]
+        with torch.serialization.safe_globals(classes):
+            return torch.load(path, map_location="meta", weights_only=True)
 
     def save(self, s: EngineState) -> int:
         """Write the state for continuing at ``s.next_start``; return the checkpoint's size in bytes."""
@@ -102,6 +113,21 @@ class Checkpoint:
         tensors = load_file(self.folder / info["file"])
         state = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
         return EngineState(info["next_start"], tensors["fp_x"], tensors["q_x"], info["stats"], state, tensors["rng"])
+
+
+def _trusted_class(name: str, path: Path) -> type:
+    """The class ``name`` (``package.module.Class``) when it comes from a package ptqbench already runs."""
+    from harness.registry import REGISTRY
+
+    module, _, attr = name.rpartition(".")
+    trusted = {"torch", "transformers", "harness"} | REGISTRY.packages()
+    if module.split(".")[0] not in trusted:
+        raise CheckpointError(f"{path}: names {name}, which is not from torch, transformers, harness or a registered "
+                              f"method's package ({', '.join(sorted(trusted))}); delete the run's work directory to start over")
+    obj = getattr(importlib.import_module(module), attr, None)
+    if not isinstance(obj, type):
+        raise CheckpointError(f"{path}: names {name}, which is not a class; delete the run's work directory to start over")
+    return obj
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

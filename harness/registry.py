@@ -89,6 +89,11 @@ class MethodRegistry:
         self._load()
         return self._sources[name]
 
+    def packages(self) -> set[str]:
+        """Top-level packages of the registered methods (``methods`` and each plugin's package)."""
+        self._load()
+        return {cls.__module__.split(".")[0] for cls in self._methods.values()}
+
     def default_baseline(self) -> type[Method]:
         """The baseline a sweep gets when it lists none: the built-in one (``is_baseline``), else the only one."""
         self._load()

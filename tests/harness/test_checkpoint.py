@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from harness.checkpoint import KILL_ENV
+from harness.checkpoint import KILL_ENV, Checkpoint, CheckpointError
 from harness.models import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,3 +86,40 @@ def test_killed_run_resumes_and_equals_an_uninterrupted_run(folder, tmp_path, me
     assert a["metrics"] == b["metrics"]  # perplexities equal exactly, not approximately
     assert without_timings(a["stats"]) == without_timings(b["stats"])
     assert not work.exists()
+
+
+class Evil:
+    """Unpickling this would run a shell command: a structure file must never get that far."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+class Outsider(torch.nn.Module):
+    """A module class from a package that is neither torch, transformers, harness nor a registered method's."""
+
+
+@pytest.mark.parametrize("payload, named", [(Evil(), "system"), (Outsider(), "Outsider")])
+def test_structure_files_admit_only_trusted_classes(tmp_path, payload, named):
+    ckpt = Checkpoint(tmp_path / "engine", tmp_path / "blocks")
+    (tmp_path / "blocks").mkdir()
+    torch.save(payload, ckpt.structure_file(0))
+    with pytest.raises(CheckpointError, match=named):
+        ckpt.load_structure(0)
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+
+
+def test_structure_round_trip_of_a_quantized_block(tmp_path):
+    # an independent check of what the kill tests rely on: a QuantLinear block comes back with its spec
+    from harness import BitSpec, QuantContext, get_method
+
+    model = tiny_llama(0, vocab_size=256)
+    spec = BitSpec.parse("W4A4")
+    context = QuantContext(device=torch.device("cpu"), seed=0, progress=False)
+    layer = get_method("rtn").from_options({}).quantize(model, spec, None, context).model.model.layers[0].to("meta")
+    ckpt = Checkpoint(tmp_path / "engine", tmp_path / "blocks")
+    (tmp_path / "blocks").mkdir()
+    ckpt.save_structure(0, layer)
+    back = ckpt.load_structure(0)
+    assert type(back.self_attn.q_proj).__name__ == "QuantLinear" and back.self_attn.q_proj.spec == layer.self_attn.q_proj.spec
+    assert [n for n, _ in back.named_modules()] == [n for n, _ in layer.named_modules()]
