@@ -20,7 +20,7 @@ from typing import ClassVar
 
 from tqdm.auto import tqdm
 
-from harness.config import ExecutorConfig
+from harness.executor_config import ExecutorConfig
 from harness.errors import PtqbenchError, ResourceUnavailableError
 from harness.execute import RunSpec, execute
 from harness.provenance import provenance
