@@ -2,7 +2,9 @@
 
 Each job asks for its run's resources (``executor.resources`` over ``executor.slurm``) and is named
 ``ptqbench-<model>-<method>-<bits>-s<seed>``; with ``max_concurrent`` the driver keeps at most that
-many jobs queued or running and submits the next as one finishes. Job scripts, submitit's logs and pickled results live in ``<out>/slurm/`` (named by
+many jobs queued or running and submits the next as one finishes. A job is requeued when it is
+preempted or reaches its time limit (``RunJob.checkpoint``) and resumes from the run's block
+checkpoints. Job scripts, submitit's logs and pickled results live in ``<out>/slurm/`` (named by
 job id); ``jobs.json`` there maps each run key to its last job. A driver that was killed finds its
 jobs again on restart: a job still queued or running is waited for, and a job that finished in the
 meantime is collected from its pickle, so no finished run is redone. ``cluster: local`` uses
@@ -19,11 +21,37 @@ from collections.abc import Hashable
 from typing import Any
 
 from harness.errors import ResourceUnavailableError
-from harness.executors.base import Executor, Outcome, require
+from harness.executors.base import Executor, Outcome, Task, require
 from harness.results import write_json_atomic
 from harness.execute import RunSpec
 
 log = logging.getLogger(__name__)
+
+
+class RunJob:
+    """What a job executes: ``task(run)``, checkpointable in submitit's sense (it has ``checkpoint``).
+
+    On preemption, or when Slurm signals (USR2, 90 s ahead) that the time limit is near, submitit
+    calls ``checkpoint`` and requeues the job with what it returns: the same run, unchanged. Same
+    key and work directory, so the requeued job continues from the last finished block group
+    (``harness.checkpoint``); only the group in progress is redone. submitit requeues a job at
+    most 3 times for its time limit (preemptions are not counted); after that the job fails and
+    the driver's ``max_retries`` take over, which resume from the same checkpoints.
+    """
+
+    def __init__(self, task: Task, run: RunSpec) -> None:
+        self.task = task
+        self.run = run
+
+    def __call__(self) -> Outcome:
+        return self.task(self.run, False)  # bars in a job's stderr file would be noise; the run's log has progress lines
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        from submitit.helpers import DelayedSubmission  # in the job, where submitit is installed
+
+        log.warning("run %s: preempted or near its time limit; requeued, it resumes from its last finished block group",
+                    self.run.label)
+        return DelayedSubmission(RunJob(self.task, self.run))
 
 
 class SlurmExecutor(Executor):
@@ -90,7 +118,7 @@ class SlurmExecutor(Executor):
                 return job
         try:
             self._ex.update_parameters(**self._parameters(run))
-            job = self._ex.submit(self.task, run, False)
+            job = self._ex.submit(RunJob(self.task, run))
         except Exception as err:  # sbatch refused (bad partition, account, limits): a setup problem, stop here
             lines = [line for line in str(err).splitlines() if line.strip()] or [err.__class__.__name__]
             detail = next((line for line in lines if "error" in line.lower()), lines[-1]).strip()

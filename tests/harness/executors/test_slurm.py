@@ -1,18 +1,26 @@
 """The Slurm executor through submitit's LocalExecutor: the same code path minus sbatch."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 import pytest
+import yaml
 
+from harness.checkpoint import KILL_ENV, KILL_SIGNAL_ENV
+from harness.config import parse_config
 from harness.errors import ResourceUnavailableError
 from harness.execute import plan
 from harness.executors import make_executor
+from harness.executors.base import run_task
+from harness.executors.slurm import RunJob
 from harness.sweep import run_sweep
 from tests.harness.executors.conftest import stored, tiny_sweep
+from tests.harness.test_checkpoint import sweep as checkpoint_sweep
 
+ROOT = Path(__file__).resolve().parents[3]
 BIG = "ptqbench-no-such-org/no-such-model"  # stands in for a 70B: passes validation offline, never loaded here
 
 
@@ -100,3 +108,39 @@ def test_each_job_asks_for_its_runs_resources_and_is_named_after_it(tmp_path, mo
                                                    "mem_gb": mem, "time_min": time_min, "partition": partition}
     assert runs[3].slug == "no-such-model-rtn-W4A4-s0"  # a hub id's last part, a name sbatch accepts
     assert json.loads((tmp_path / "out" / "slurm" / "jobs.json").read_text()) == {r.key: str(100 + i) for i, r in enumerate(runs)}
+
+
+def test_the_job_is_checkpointable_and_its_checkpoint_resubmits_the_same_run(tmp_path):
+    from submitit.helpers import DelayedSubmission
+
+    run = dataclasses.replace(plan(tiny_sweep())[1], work_root=str(tmp_path / "work"), log_file=str(tmp_path / "x.log"))
+    job = RunJob(run_task, run)
+    again = job.checkpoint()  # what submitit calls on USR2 (preemption, time limit) before requeueing
+    assert isinstance(again, DelayedSubmission) and not again.args and not again.kwargs
+    again.dump(tmp_path / "requeued.pkl")  # submitit pickles it for the requeued job
+    loaded = DelayedSubmission.load(tmp_path / "requeued.pkl").function
+    assert isinstance(loaded, RunJob) and hasattr(loaded, "checkpoint") and loaded.task is run_task
+    assert loaded.run == run and loaded.run.key == run.key  # same key and work directory: the engine resumes there
+
+
+def test_a_preempted_job_is_requeued_and_resumes_from_its_block_checkpoint(lazy_folder, tmp_path, monkeypatch):
+    """A real OmniQuant job gets Slurm's preemption signal (USR2) right after checkpointing blocks 0-1:
+    submitit requeues it (same job), the job runs the same run again and continues at block 2."""
+    raw = yaml.safe_load(checkpoint_sweep(tmp_path, lazy_folder, {"name": "omniquant", "epochs": 1}).read_text())
+    raw["executor"] = {"kind": "slurm", "max_retries": 0, "slurm": {"cluster": "local", "time_min": 10, "gpus": 0, "poll_s": 0.2}}
+    config = parse_config(raw)
+    monkeypatch.setenv(KILL_ENV, "block:1")
+    monkeypatch.setenv(KILL_SIGNAL_ENV, "SIGUSR2")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the job's process unpickles harness functions by reference
+    summary = run_sweep(config, tmp_path / "out", progress=False)
+    assert len(summary.done) == 2 and not summary.failed  # fp and omniquant
+    (key,) = [r.key for r in plan(config) if r.method == "omniquant"]
+    (log_file,) = (tmp_path / "out" / "logs").glob(f"*-{key}.log")
+    text = log_file.read_text()
+    assert text.count(f"(key {key}) started on") == 2  # the requeued attempt appends to the same file
+    first, second = text.split("requeued, it resumes from its last finished block group")
+    assert "sending SIGUSR2" in first and "resuming from the checkpoint: blocks 0-1 are done" in second
+    assert "omniquant: 4/4 group (100%)" in second and "finished in" in second
+    jobs = json.loads((tmp_path / "out" / "slurm" / "jobs.json").read_text())
+    assert len(jobs) == 2  # one job per run: requeued, never submitted again
+    assert not (tmp_path / "out" / "work" / key).exists()  # finished: its checkpoints are gone
