@@ -42,6 +42,7 @@ from harness.calibration_stats import InputRecord, recording_inputs
 from harness.errors import TrainingDivergedError
 from harness.checkpoint import Checkpoint, EngineState, kill_point
 from harness.lazy import BlockStore, block_store, materialized
+from harness.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,8 @@ def run_blockwise(
     store = block_store(model)
     ckpt = Checkpoint(store.work.parent / "engine", store.work) if store is not None and store.work is not None else None
     all_stats, first = _resume(ckpt, store, layers, fp_x, q_x, state)
-    bar = tqdm(range(first, len(layers), blocks_per_job), desc=desc, disable=not progress, unit="job")
+    bar = Progress(range(first, len(layers), blocks_per_job), desc=desc, enabled=progress, unit="group",
+                   initial=len(range(0, first, blocks_per_job)))  # groups a killed attempt finished
     for start in bar:
         with materialized(model, start, list(layers[start : start + blocks_per_job]), finish=True) as group:
             dtypes = [next(layer.parameters()).dtype for layer in group]

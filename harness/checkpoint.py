@@ -22,7 +22,8 @@ classes included); a file naming anything else is refused with the class it name
 Test hook: ``PTQBENCH_TEST_KILL_AT=block:N`` makes the engine SIGKILL its own process right after
 the checkpoint of the group starting at block N, ``mid:N`` in the middle of that group (after
 the method processed it, before anything of it is written): the durability tests kill real runs
-with it.
+with it. ``PTQBENCH_TEST_KILL_SIGNAL=SIGUSR2`` sends that signal instead, the one Slurm (through
+submitit) uses to preempt a job or warn it of its time limit: the requeue test preempts a real run.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ class CheckpointError(PtqbenchError):
 
 
 KILL_ENV = "PTQBENCH_TEST_KILL_AT"
+KILL_SIGNAL_ENV = "PTQBENCH_TEST_KILL_SIGNAL"
 
 
 @dataclass
@@ -143,7 +145,8 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def kill_point(where: str, start: int) -> None:
-    """The test hook: SIGKILL this process when ``PTQBENCH_TEST_KILL_AT`` names this point."""
+    """The test hook: SIGKILL (or ``PTQBENCH_TEST_KILL_SIGNAL``) this process when ``PTQBENCH_TEST_KILL_AT`` names this point."""
     if os.environ.get(KILL_ENV) == f"{where}:{start}":
-        log.warning("%s=%s: killing this process", KILL_ENV, os.environ[KILL_ENV])
-        os.kill(os.getpid(), signal.SIGKILL)
+        sig = signal.Signals[os.environ.get(KILL_SIGNAL_ENV, "SIGKILL")]
+        log.warning("%s=%s: sending %s to this process", KILL_ENV, os.environ[KILL_ENV], sig.name)
+        os.kill(os.getpid(), sig)

@@ -23,9 +23,10 @@ from typing import Any, Literal
 import yaml
 
 from harness import schema
-from harness.bits import BitSpec
+from harness.bits import FP, BitSpec
 from harness.data import check_dataset_name
 from harness.errors import ConfigError, PtqbenchError
+from harness.executor_config import ExecutorConfig, check_resources
 from harness.method import Method, MethodConfig
 from harness.models import check_model_name
 from harness.preflight import check_model
@@ -120,85 +121,6 @@ class QuantSchemeConfig:
                              w_granularity=self.weight_granularity)
         attention = spec.quantizes_activations if self.attention == "auto" else bool(self.attention)
         return replace(spec, attention=attention, attention_scope=self.attention_scope)
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    """Args:
-    address: an existing cluster ("auto", "ray://head:10001"); null starts a local one.
-    num_gpus: GPUs per run; null = 1 when the cluster has GPUs, else 0.
-    num_cpus: CPUs per run.
-    local_num_cpus: CPUs of the local cluster started when address is null.
-    runtime_env: passed to ray.init (e.g. {working_dir: ., pip: [...]}) for clusters without ptqbench installed.
-    """
-
-    address: str | None = None
-    num_gpus: float | None = None
-    num_cpus: float = 1.0
-    local_num_cpus: int = 2
-    runtime_env: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.num_gpus is not None and self.num_gpus < 0:
-            raise ConfigError(f"num_gpus: {self.num_gpus} is not allowed; use a number >= 0 or null")
-        if self.num_cpus <= 0:
-            raise ConfigError(f"num_cpus: {self.num_cpus} is not allowed; use a positive number")
-        if self.local_num_cpus < 1:
-            raise ConfigError(f"local_num_cpus: {self.local_num_cpus} is not allowed; use a positive integer")
-
-
-@dataclass(frozen=True)
-class SlurmOptions:
-    """Args (submitit ``AutoExecutor`` parameters, one job per run):
-    cluster: slurm (sbatch) or local (submitit's LocalExecutor: same code path minus sbatch).
-    partition: Slurm partition (null = the cluster's default).
-    time_min: job time limit in minutes.
-    gpus: GPUs per job; cpus: CPUs per job; mem_gb: memory per job.
-    extra: more sbatch options (slurm_additional_parameters), e.g. {account: proj, qos: high}.
-    poll_s: seconds between checks on running jobs.
-    """
-
-    cluster: Literal["slurm", "local"] = "slurm"
-    partition: str | None = None
-    time_min: int = 24 * 60
-    gpus: int = 1
-    cpus: int = 8
-    mem_gb: int = 64
-    extra: dict[str, Any] = field(default_factory=dict)
-    poll_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        for name in ("time_min", "cpus", "mem_gb"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: {getattr(self, name)} is not allowed; use a positive integer")
-        if self.gpus < 0:
-            raise ConfigError(f"gpus: {self.gpus} is not allowed; use an integer >= 0")
-        if self.poll_s <= 0:
-            raise ConfigError(f"poll_s: {self.poll_s} is not allowed; use a positive number")
-
-
-@dataclass(frozen=True)
-class ExecutorConfig:
-    """Where the runs execute (never part of a run's key). See harness/executors/.
-
-    Args:
-    kind: local (one after another on this machine), ray (a Ray task per run) or slurm (a job per run).
-    max_retries: ray and slurm: new attempts after a run fails (error or lost worker/job) before it is
-        recorded under failed/. local never retries within a sweep (its failures are deterministic).
-    isolate: local: each run in a fresh process of its own, so its peak memory is its own (default);
-        false runs them in the driver process (kill -9 of the driver then stops the run itself, and
-        tokenized data is shared across runs).
-    """
-
-    kind: Literal["local", "ray", "slurm"] = "local"
-    max_retries: int = 1
-    isolate: bool = True
-    ray: RayOptions = field(default_factory=RayOptions)
-    slurm: SlurmOptions = field(default_factory=SlurmOptions)
-
-    def __post_init__(self) -> None:
-        if self.max_retries < 0:
-            raise ConfigError(f"max_retries: {self.max_retries} is not allowed; use an integer >= 0")
 
 
 @dataclass(frozen=True)
@@ -327,13 +249,18 @@ def _method_entry(item: Any, quant: QuantSchemeConfig, where: str) -> MethodEntr
     return MethodEntry(item["name"], config, bits)
 
 
+def _sweep_bits(config: SweepConfig) -> set[str]:
+    """The names of every bit spec the sweep's methods run (its own list and the methods' own)."""
+    return {b.name for b in config.bits} | {b.name for m in config.methods for b in m.bits or ()}
+
+
 def _overrides(raw: Any, config: SweepConfig) -> tuple[Override, ...]:
     """The ``overrides:`` list: every model, bit spec, method and option must be one the sweep has."""
     if raw is None:
         return ()
     if not isinstance(raw, list):
         raise ConfigError("overrides: expected a list of {models: [...], bits: [...], methods: {name: {option: value}}}")
-    sweep_bits = {b.name for b in config.bits} | {b.name for m in config.methods for b in m.bits or ()}
+    sweep_bits = _sweep_bits(config)
     result = []
     for i, item in enumerate(raw):
         where = f"overrides[{i}]"
@@ -384,6 +311,9 @@ def parse_config(raw: Any, source: str = "config") -> SweepConfig:
         raise ConfigError("bits: empty; list bit specs such as [W8A8, W4A4] (or give every method its own bits)")
     config = replace(config, methods=entries, bits=specs)
     config = replace(config, overrides=_overrides(overrides, config))
+    executor = check_resources(config.executor, config.models, _sweep_bits(config) | {FP.name},
+                               lambda texts, where: tuple(s.name for s in _bit_specs(texts, config.quant, where)))
+    config = replace(config, executor=executor)
     for i, name in enumerate(config.models):
         _get(lambda n=name: check_model_name(n), f"models[{i}]")
     for name in (config.calibration.dataset,):

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from harness.adapter import get_adapter
 from harness.blockwise import embed_calibration, model_dtype
 from harness.lazy import dispatch, materialized
+from harness.progress import Progress
 if TYPE_CHECKING:
     from harness.config import EvaluationConfig
 
@@ -46,7 +46,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, device: torch.device,
                desc: str = "perplexity", progress: bool = True) -> float:
     """exp(mean next-token NLL) over all windows, with the plain forward of the whole model."""
     model.eval()
-    batches = tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False)
+    batches = Progress(range(0, len(windows), batch_size), desc=desc, enabled=progress, unit="batch", leave=False)
     return _perplexity_of(lambda batch, _rows: model(batch, use_cache=False).logits, windows, device, batch_size, batches)
 
 
@@ -68,7 +68,7 @@ def perplexity_blockwise(model: nn.Module, windows: torch.Tensor, *, device: tor
     cos, sin = adapter.position_embeddings(model, torch.empty(1, windows.shape[1], 1, dtype=dtype))
     position_embeddings = (cos.to(device), sin.to(device))
     layers = adapter.layers(model)
-    for i in tqdm(range(len(layers)), desc=desc, disable=not progress, leave=False, unit="block"):
+    for i in Progress(range(len(layers)), desc=desc, enabled=progress, unit="block", leave=False):
         with materialized(model, i, [layers[i]]) as (layer,):
             layer.to(device)
             for start in range(0, len(windows), batch_size):

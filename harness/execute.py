@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,7 @@ class RunSpec:
     # Where the run keeps its finished blocks while it runs (``<out>/work``; not part of the key).
     work_root: str | None = None
     keep_work: bool = False  # keep <work_root>/<key> after the run finished (else it is deleted)
+    log_file: str | None = None  # where the worker appends the run's log (harness.runlog; not part of the key)
 
     @property
     def method_class(self) -> type[Method]:
@@ -85,6 +87,12 @@ class RunSpec:
     @property
     def label(self) -> str:
         return f"{self.model} {self.method} {self.bits.name}"
+
+    @property
+    def slug(self) -> str:
+        """The label as one file- and job-name-safe word: ``llama-2-7b-rtn-W4A4-s0`` (a hub id or folder: its last part)."""
+        text = f"{Path(self.model.rstrip('/')).name}-{self.method}-{self.bits.name}-s{self.seed}"
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", text)
 
 
 def _baseline(config: SweepConfig) -> tuple[str, MethodConfig]:

@@ -7,6 +7,7 @@ Layout of a sweep's output directory::
     invalid/<name>.<time>.json  results that failed validation on resume, moved aside (the run is redone)
     locks/<key>.lock     per-run locks (flock), so two sweeps on one folder never run a key twice
     samples/<key>/<task>.jsonl   lm-eval's per-sample logs (evaluation.zeroshot.log_samples)
+    logs/<slug>-<key>.log        each run's own log, appended by its worker (harness.runlog)
     config.yaml          the sweep config as last run
 
 A run's key hashes model, method and options, bit spec, calibration, evaluation settings and
@@ -139,6 +140,10 @@ class ResultStore:
     @property
     def invalid(self) -> Path:
         return self.root / "invalid"
+
+    def log_path(self, key: str, slug: str) -> Path:
+        """A run's log file (``logs/<slug>-<key>.log``): the slug to find it by eye, the key to make it unique."""
+        return self.root / "logs" / f"{slug}-{key}.log"
 
     def lock(self, key: str) -> RunLock:
         return RunLock(self.root / "locks" / f"{key}.lock")

@@ -60,8 +60,10 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
         write_text_atomic(store.root / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False), "config copy")
         try:
             # each run keeps its block checkpoints in <out>/work/<key> (resumed after a crash, deleted when done)
+            # and its worker appends its log to <out>/logs/<slug>-<key>.log (absolute: workers run elsewhere)
             work_root = str(store.root.resolve() / "work")
-            todo = [dataclasses.replace(run, work_root=work_root) for run in _claim(runs, store, summary, locks, force)]
+            todo = [dataclasses.replace(run, work_root=work_root, log_file=str(store.log_path(run.key, run.slug).resolve()))
+                    for run in _claim(runs, store, summary, locks, force)]
             _execute(todo, config, store, summary, ex)
         finally:
             for lock in locks:
@@ -96,12 +98,12 @@ def _execute(todo: list[RunSpec], config: SweepConfig, store: ResultStore, summa
     """Hand ``todo`` to the executor and store each result or failure the moment it settles."""
     def done(run: RunSpec, record: RunRecord) -> None:
         record.provenance = {**record.provenance, "argv": sys.argv, "config": config.to_dict(),
-                             "seed": run.seed, "executor": ex.kind}
+                             "seed": run.seed, "executor": ex.kind, **ex.provenance(run)}
         store.write(run.key, record)
         summary.done.append(run.key)
 
     def failed(run: RunSpec, outcome: Outcome) -> None:
-        log.error("run %s failed: %s", run.label, outcome.error)
+        log.error("run %s failed: %s (log: %s)", run.label, outcome.error, run.log_file)
         store.write_failure(run.key, {"key": run.key, "label": run.label, "error": outcome.error,
                                       "traceback": outcome.traceback, "run": run.identity()})
         summary.failed[run.key] = outcome.error or "failed"

@@ -3,6 +3,7 @@
 - ``tiny_model``: a fresh 2-layer random LLaMA (GQA) per test, built in code.
 - ``smollm2``: the real smollm2-135m (loaded once per session; tests get a deep copy to mutate).
 - ``smollm2_tokenizer``: smollm2's tokenizer alone (without the model's weights).
+- ``lazy_folder``: a saved 4-block random LLaMA that loads lazily (block checkpoints, resume tests).
 - ``brown_calib`` / ``brown_eval``: real Brown token windows for smollm2 tests, small sizes.
 - ``device``: CUDA when present, else CPU (tests run the same code on both).
 
@@ -71,6 +72,17 @@ def smollm2_tokenizer():
     from harness.models import load_model
 
     return load_model("tiny-random-llama", dtype="float32", device="cpu").tokenizer
+
+
+@pytest.fixture(scope="session")
+def lazy_folder(tmp_path_factory, smollm2_tokenizer):
+    """A 4-block random LLaMA saved in 2 MB shards: it loads lazily, so runs on it keep block checkpoints."""
+    from harness.models import tiny_llama
+
+    path = tmp_path_factory.mktemp("lazy") / "model"
+    tiny_llama(0, num_hidden_layers=4, tie_word_embeddings=False).save_pretrained(path, max_shard_size="2MB")
+    smollm2_tokenizer.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from harness.config import ExecutorConfig
+    from harness.executor_config import ExecutorConfig
     from harness.executors.base import Executor
 
 _MODULES = {"local": "harness.executors.local", "ray": "harness.executors.ray_executor", "slurm": "harness.executors.slurm"}

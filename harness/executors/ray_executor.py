@@ -3,8 +3,12 @@
 ``executor.ray.address`` (or ``--ray-address``, or ``$RAY_ADDRESS``) joins an existing cluster
 ("auto" on a cluster node, "ray://head:10001" through Ray Client); without one a local cluster is
 started for the sweep and shut down after it. Each task asks for ``num_cpus`` and ``num_gpus``
-(1 by default when the cluster has GPUs). Ray's own retries are off: the driver retries, so every
-failed attempt is reported with its error, whether the task raised or its worker died.
+(1 by default when the cluster has GPUs), and for host ``memory`` when ``executor.resources``
+gives its model ``mem_gb`` (Ray then places it only where that much is unreserved); resources
+entries override the CPUs and GPUs per model too. Tasks are named like Slurm jobs
+(``ptqbench-<model>-<method>-<bits>-s<seed>``, shown in ``ray list tasks`` and the dashboard).
+Ray's own retries are off: the driver retries, so every failed attempt is reported with its
+error, whether the task raised or its worker died.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import logging
 import os
 from collections.abc import Hashable
 from pathlib import Path
+from typing import Any
 
 import harness
 from harness.errors import ResourceUnavailableError
@@ -49,14 +54,23 @@ class RayExecutor(Executor):
         if gpus is None:
             gpus = 1 if self.ray.cluster_resources().get("GPU", 0) > 0 else 0
         self.num_gpus = gpus
-        log.info("ray: each run asks for %s CPU(s) and %s GPU(s)", opts.num_cpus, gpus)
-        self._remote = self.ray.remote(self.task).options(num_cpus=opts.num_cpus, num_gpus=gpus, max_retries=0)
+        log.info("ray: each run asks for %s CPU(s) and %s GPU(s) unless executor.resources say otherwise", opts.num_cpus, gpus)
+        self._remote = self.ray.remote(self.task)
 
     def auto_device(self) -> str | None:
         return "cuda" if self.num_gpus > 0 else "cpu"  # Ray hides GPUs from tasks that asked for none
 
+    def requested(self, run: RunSpec) -> dict[str, Any]:
+        r = self.config.resources_for(run.model, run.bits.name)
+        return {"task_name": f"ptqbench-{run.slug}", "gpus": self.num_gpus if r.gpus is None else r.gpus,
+                "cpus": r.cpus or self.config.ray.num_cpus, "mem_gb": r.mem_gb}
+
     def submit(self, run: RunSpec) -> Hashable:
-        return self._remote.remote(run, False)  # per-run bars from many workers would interleave
+        req = self.requested(run)
+        options: dict[str, Any] = dict(name=req["task_name"], num_cpus=req["cpus"], num_gpus=req["gpus"], max_retries=0)
+        if req["mem_gb"] is not None:
+            options["memory"] = req["mem_gb"] * 2**30  # Ray's memory resource is in bytes
+        return self._remote.options(**options).remote(run, False)  # per-run bars from many workers would interleave
 
     def wait(self, handles: list[Hashable]) -> list[tuple[Hashable, Outcome]]:
         ready, _ = self.ray.wait(handles, num_returns=1)

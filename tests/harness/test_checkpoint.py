@@ -19,14 +19,6 @@ from harness.models import tiny_llama
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory, smollm2_tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "model"
-    tiny_llama(0, num_hidden_layers=4, tie_word_embeddings=False).save_pretrained(path, max_shard_size="2MB")
-    smollm2_tokenizer.save_pretrained(path)
-    return path
-
-
 def sweep(tmp: Path, folder: Path, method: dict) -> Path:
     # isolate: false, so PTQBENCH_TEST_KILL_AT kills the `ptqbench run` process itself (kill -9 of a real run)
     config = {"name": "durable", "models": [str(folder)], "methods": [method], "bits": ["W4A8"], "device": "cpu",
@@ -64,8 +56,8 @@ def without_timings(stats: object) -> object:
 
 @pytest.mark.parametrize("method,kill_at", [({"name": "omniquant", "epochs": 1}, "block:1"),
                                             ({"name": "qllm", "epochs": 1, "grid_steps": 4, "blocks_per_job": 2}, "mid:2")])
-def test_killed_run_resumes_and_equals_an_uninterrupted_run(folder, tmp_path, method, kill_at):
-    config = sweep(tmp_path, folder, method)
+def test_killed_run_resumes_and_equals_an_uninterrupted_run(lazy_folder, tmp_path, method, kill_at):
+    config = sweep(tmp_path, lazy_folder, method)
     reference = run(config, tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-2000:]
     assert not list((tmp_path / "reference" / "work").glob("*/blocks"))  # finished runs clean up

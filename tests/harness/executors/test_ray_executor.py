@@ -31,19 +31,25 @@ def ray_cluster():
 def ray_sweep(ray_cluster, tmp_path_factory):
     """The tiny sweep plus a model at a missing path (whose runs must fail), run on Ray with 1 retry."""
     out = tmp_path_factory.mktemp("ray")
-    config = tiny_sweep(models=["tiny-random-llama", MISSING], kind="ray", max_retries=1)
+    config = tiny_sweep(models=["tiny-random-llama", MISSING], kind="ray", max_retries=1,
+                        resources=[{"models": ["tiny-random-llama"], "cpus": 2, "mem_gb": 1}])
     summary = run_sweep(config, out, progress=False)
     return config, out, summary
 
 
 def test_ray_gives_the_same_metrics_as_local(ray_sweep, local_reference):
-    _, out, summary = ray_sweep
+    config, out, summary = ray_sweep
     records = stored(out)
     assert set(local_reference) <= set(records) and len(local_reference) == 2
+    runs = {r.key: r for r in plan(config)}
     for key, ref in local_reference.items():
         assert records[key]["metrics"]["ppl"]["brown"] == pytest.approx(ref["metrics"]["ppl"]["brown"], rel=1e-6)
         assert records[key]["provenance"]["executor"] == "ray"
         assert records[key]["key"] == key  # the worker computed the same key as the driver
+        # the task asked for its model's resources: both CPUs of this cluster and 1 GiB of Ray's memory resource
+        assert records[key]["provenance"]["resources"] == {"task_name": f"ptqbench-{runs[key].slug}", "gpus": 0, "cpus": 2, "mem_gb": 1}
+        log_text = (out / "logs" / f"{runs[key].slug}-{key}.log").read_text()  # written by the Ray worker
+        assert f"(key {key}) started on" in log_text and f"run {runs[key].label} finished in" in log_text
     assert sorted(summary.done) == sorted(local_reference)
 
 
