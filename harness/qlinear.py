@@ -32,13 +32,19 @@ class QuantLinear(nn.Module):
         self.act_quant = ActQuantizer(spec.a_bits, spec.a_symmetric)
         self.weight_quant: nn.Module = WeightQuantizer(spec)
         self.out_quant: ActQuantizer | None = None  # set for q/k/v with attention_scope "projection"
+        # A trainable path on the quantized input, added to the output (QLLM's low-rank correction while it
+        # trains: Q(W) x + s B (A x) without materializing a weight-sized B @ A or its gradient every step).
+        self.side: nn.Module | None = None
         self.frozen = False
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight if self.frozen else self.weight_quant(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(self.act_quant(x), self.quantized_weight(), self.bias)
+        x = self.act_quant(x)
+        y = F.linear(x, self.quantized_weight(), self.bias)
+        if self.side is not None:
+            y = y + self.side(x)
         return y if self.out_quant is None else self.out_quant(y)
 
     @torch.no_grad()

@@ -2,7 +2,8 @@
 
 Official code (ModelTC/QLLM ``quantize/int_linear_lora.py``, ``quantize/qllm.py``): every linear of
 the block gets A (r, in) Kaiming-uniform(a=sqrt(5)) and B (out, r) zero with scaling alpha / r;
-while training the layer computes ``F.linear(Q(x), Q(W) + B @ A * s)`` with W frozen. AdamW
+while training the layer computes ``F.linear(Q(x), Q(W) + B @ A * s)`` with W frozen (here as
+``Q(W) Q(x) + s B (A Q(x))``, the same product in a cheaper order: see ``LowRank``). AdamW
 (weight decay 0) with a linear learning-rate decay trains A, B (and, official default, the blocks'
 RMSNorm weights) on MSE(student on quantized inputs, teacher on FP inputs). After training
 ``W <- W + s * B @ A``, which the layer's weight quantizer then rounds: inference is a plain
@@ -21,22 +22,12 @@ from torch import nn
 from harness import QuantLinear
 
 
-class LowRankWeight(nn.Module):
-    """A ``QuantLinear.weight_quant`` that returns Q(W) + s * B @ A.
+class CachedWeight(nn.Module):
+    """A ``QuantLinear.weight_quant`` that returns Q(W) computed once: W is frozen while the correction trains."""
 
-    W is frozen while the correction trains, so Q(W) is computed once and cached (detached).
-    """
-
-    def __init__(self, inner: nn.Module, weight: torch.Tensor, rank: int, alpha: float, generator: torch.Generator) -> None:
+    def __init__(self, inner: nn.Module, weight: torch.Tensor) -> None:
         super().__init__()
-        self.inner, self.scaling = inner, alpha / rank
-        out_features, in_features = weight.shape
-        a = torch.empty(rank, in_features)
-        # nn.init.kaiming_uniform_(a=sqrt(5)) with an explicit generator, so runs are reproducible.
-        bound = 1.0 / math.sqrt(in_features)
-        a.uniform_(-bound, bound, generator=generator)
-        self.lora_A = nn.Parameter(a.to(weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=weight.device))
+        self.inner = inner
         with torch.no_grad():
             self.register_buffer("base", inner(weight).detach().clone(), persistent=False)
 
@@ -49,30 +40,58 @@ class LowRankWeight(nn.Module):
         if hasattr(self.inner, "enabled"):
             self.inner.enabled = value
 
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.base if self.enabled else w
+
+
+class LowRank(nn.Module):
+    """s * B (A x): the correction as a side path of the layer (``QuantLinear.side``).
+
+    The official layer computes ``F.linear(Q(x), Q(W) + B @ A * s)``; this is the same product taken
+    in another order, so each step costs O(tokens * (in + out) * r) instead of forming B @ A and the
+    weight-sized gradient of Q(W) + B @ A * s (which was most of QLLM's training memory and time:
+    four blocks' worth of weight copies per job). Results differ from the official order only by
+    float rounding.
+    """
+
+    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, generator: torch.Generator,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.scaling = alpha / rank
+        a = torch.empty(rank, in_features)
+        # nn.init.kaiming_uniform_(a=sqrt(5)) with an explicit generator, so runs are reproducible.
+        bound = 1.0 / math.sqrt(in_features)
+        a.uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(a.to(device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device))
+
     def delta(self) -> torch.Tensor:
+        """The weight-shaped correction s * B @ A (for the merge)."""
         return self.lora_B @ self.lora_A * self.scaling
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        base = self.base if self.enabled else w
-        return base + self.delta().to(base.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scaling
 
 
-def add_lowrank(linear: QuantLinear, rank: int, alpha: float, generator: torch.Generator) -> LowRankWeight:
+def add_lowrank(linear: QuantLinear, rank: int, alpha: float, generator: torch.Generator) -> LowRank:
+    """Freeze the layer's weight at Q(W) and give it a trainable low-rank side path; return the path."""
     linear.weight.requires_grad_(False)
     if linear.bias is not None:
         linear.bias.requires_grad_(False)
-    linear.weight_quant = LowRankWeight(linear.weight_quant, linear.weight, rank, alpha, generator)
-    return linear.weight_quant
+    linear.weight_quant = CachedWeight(linear.weight_quant, linear.weight)
+    linear.side = LowRank(linear.out_features, linear.in_features, rank, alpha, generator, linear.weight.device)
+    return linear.side
 
 
 @torch.no_grad()
 def merge_lowrank(linear: QuantLinear) -> None:
     """W <- W + s * B @ A and restore the plain weight quantizer (``freeze()`` quantizes the sum)."""
-    lowrank = linear.weight_quant
-    if not isinstance(lowrank, LowRankWeight):
+    lowrank = linear.side
+    if not isinstance(lowrank, LowRank):
         return
     linear.weight.data += lowrank.delta().to(linear.weight.dtype)
-    linear.weight_quant = lowrank.inner
+    linear.weight_quant = linear.weight_quant.inner
+    linear.side = None
 
 
 class NormWithBias(nn.Module):

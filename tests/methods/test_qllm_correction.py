@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from harness import BitSpec, QuantLinear, quantizers_disabled
-from methods.qllm.correction import LowRankWeight, NormWithBias, add_lowrank, fold_bias_into_head, merge_lowrank
+from methods.qllm.correction import CachedWeight, LowRank, NormWithBias, add_lowrank, fold_bias_into_head, merge_lowrank
 
 
 def make_linear(spec: str, seed: int = 0) -> QuantLinear:
@@ -14,7 +14,7 @@ def make_linear(spec: str, seed: int = 0) -> QuantLinear:
     return QuantLinear(nn.Linear(48, 24, bias=True), BitSpec.parse(spec))
 
 
-def randomize(lowrank: LowRankWeight, seed: int) -> None:
+def randomize(lowrank: LowRank, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         lowrank.lora_B.copy_(torch.randn(lowrank.lora_B.shape, generator=g) * 0.1)
@@ -39,19 +39,29 @@ def test_merging_matches_the_unmerged_low_rank_path_before_quantization(spec):
         unmerged = linear(x)
     original = linear.weight.detach().clone()
     merge_lowrank(linear)
-    assert not isinstance(linear.weight_quant, LowRankWeight)
+    assert linear.side is None and not isinstance(linear.weight_quant, CachedWeight)
     torch.testing.assert_close(linear.weight.detach(), original + expected_delta)
     with torch.no_grad(), quantizers_disabled(linear):
         merged = linear(x)
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-6)
 
 
-def test_training_path_is_quantized_weight_plus_correction():
-    linear = make_linear("W4A16")
+def test_training_path_equals_the_official_merged_weight_form_with_its_gradients():
+    # official int_linear_lora: F.linear(Q(x), Q(W) + B @ A * s, b), computed here independently
+    linear = make_linear("W4A4")
     quantized = linear.weight_quant(linear.weight).detach()
+    x = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(4))
     lowrank = add_lowrank(linear, rank=2, alpha=1.0, generator=torch.Generator().manual_seed(0))
     randomize(lowrank, 2)
-    torch.testing.assert_close(linear.quantized_weight(), quantized + lowrank.lora_B @ lowrank.lora_A * 0.5)
+    a, b = (lowrank.lora_A.detach().clone().requires_grad_(True), lowrank.lora_B.detach().clone().requires_grad_(True))
+    official = torch.nn.functional.linear(linear.act_quant(x), quantized + b @ a * 0.5, linear.bias.detach())
+    ours = linear(x)
+    torch.testing.assert_close(ours, official, rtol=1e-5, atol=1e-6)
+    ours.square().sum().backward()
+    official.square().sum().backward()
+    torch.testing.assert_close(lowrank.lora_A.grad, a.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(lowrank.lora_B.grad, b.grad, rtol=1e-4, atol=1e-6)
+    assert linear.weight.grad is None  # the frozen weight gets no weight-sized gradient
 
 
 def test_final_norm_bias_folds_into_the_head_exactly():
