@@ -94,7 +94,7 @@ def estimate(run: Any, config: Any | None = None) -> MemoryEstimate | None:
     group = block * getattr(run.config, "blocks_per_job", 1)
     eager = vocab * h * (1 if getattr(config, "tie_word_embeddings", False) else 2) + h
     host = RUNTIME_BYTES + eager * b + group * b
-    dev = group * 4  # the float32 working copy of the group
+    dev = group * 4 * (1 + _weight_copies(run.method))  # the group's float32 working copy, and the method's own copies
     calib = run.calibration
     acts = 0
     if calib is not None:
@@ -112,6 +112,16 @@ def estimate(run: Any, config: Any | None = None) -> MemoryEstimate | None:
     if device.type != "cuda":
         return MemoryEstimate(host + dev, 0)
     return MemoryEstimate(host, dev)
+
+
+def _weight_copies(method: str) -> float:
+    from harness.errors import UnknownNameError
+    from harness.registry import get_method
+
+    try:
+        return float(get_method(method).weight_copies)
+    except UnknownNameError:
+        return 0.0
 
 
 def available(device: torch.device) -> tuple[int, int | None]:

@@ -61,6 +61,10 @@ class Method(ABC):
     needs_calibration: ClassVar[bool] = True
     # True for the FP baseline: it runs once per model at W16A16 whatever the sweep's bits.
     is_baseline: ClassVar[bool] = False
+    # Float32 weight-sized copies of a block group the method holds at its peak beyond the group itself
+    # (autograd's saved tensors of its weight transforms, cached quantized weights): harness.memory
+    # adds them to a run's estimate. Measured with `ptqbench bench-scale`.
+    weight_copies: ClassVar[float] = 0.0
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()

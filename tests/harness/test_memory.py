@@ -42,6 +42,17 @@ def test_estimate_counts_the_calibration_buffers_and_the_eager_modules():
     assert small.device_bytes == 0  # a CPU run: the device is the host
 
 
+def test_a_methods_weight_copies_add_float32_copies_of_its_block_group(monkeypatch):
+    from methods.omniquant import OmniQuant
+
+    config = LlamaConfig(num_hidden_layers=8, **CONFIG)
+    block = 4 * 1024 * 1024 + 3 * 1024 * 2816 + 2 * 1024  # attention (no GQA), MLP, two norms
+    monkeypatch.setattr(OmniQuant, "weight_copies", 0.0)
+    without = estimate(spec(), config)
+    monkeypatch.setattr(OmniQuant, "weight_copies", 2.5)
+    assert estimate(spec(), config).host_bytes - without.host_bytes == 2.5 * block * 4
+
+
 def test_run_that_does_not_fit_is_refused_in_one_line(monkeypatch):
     monkeypatch.setattr("harness.memory.available", lambda device: (10 * 2**20, None))
     with pytest.raises(ResourceUnavailableError, match=r"needs about .* GB of host memory, 0\.0 GB available") as err:
