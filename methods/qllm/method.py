@@ -169,8 +169,8 @@ class QLLM(Method):
     name = "qllm"
     description = "QLLM: adaptive channel reassembly + low-rank error correction (Liu et al. 2023)"
     config_class = QLLMConfig
-    # Q(W) cached for the error correction (one group), plus the theta search's candidate weights
-    weight_copies = 2.0
+    # Q(W) of the block group, cached while the error correction trains
+    weight_copies = 1.0
 
     def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
         calibration = self.require_calibration(calibration)
