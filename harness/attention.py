@@ -50,12 +50,25 @@ def quantized_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+def causal_mask(q_len: int, kv_len: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The (1, 1, q_len, kv_len) additive causal mask (queries are the last q_len positions)."""
+    mask = torch.full((q_len, kv_len), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return mask.triu(kv_len - q_len + 1)[None, None]
+
+
 def quantized_eager(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantized_sdpa` with transformers' eager attention (for models loaded with ``eager``)."""
+    """:func:`quantized_sdpa` with transformers' eager attention (for models loaded with ``eager``).
+
+    A missing mask means causal, as SDPA's ``is_causal`` makes it (the block-wise engine and QLLM's
+    search call blocks with ``attention_mask=None``); transformers' eager kernel alone would attend
+    to every position.
+    """
     quantizer = getattr(module, ATTRIBUTE, None)
     if quantizer is not None:
         query, key, value = quantizer(query), quantizer(key), quantizer(value)
+    if attention_mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True):
+        attention_mask = causal_mask(query.shape[2], key.shape[2], query.dtype, query.device)
     return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -158,3 +158,27 @@ def test_an_eager_model_keeps_the_eager_kernel_behind_the_quantizer(tiny_tokens)
         torch.testing.assert_close(models["eager"](changed).logits[:, :-1], out[:, :-1], rtol=0, atol=0)
         with quantizers_disabled(models["eager"]), quantizers_disabled(models["sdpa"]):
             torch.testing.assert_close(models["eager"](tokens).logits, models["sdpa"](tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_blocks_called_without_a_mask_stay_causal_with_the_eager_kernel():
+    """The block-wise engine and QLLM's search pass attention_mask=None: causal with SDPA, and with eager too."""
+    from harness.adapter import LlamaAdapter
+    from harness.models import tiny_llama
+
+    outs = {}
+    for kernel, quantized in (("sdpa", False), ("eager", False), ("eager", True)):
+        model = tiny_llama(seed=0, vocab_size=256)
+        model.set_attn_implementation(kernel)
+        layer = model.model.layers[0]
+        if quantized:
+            quantize_block(layer, BitSpec.parse("W16A8", attention=True))
+        h = torch.randn(1, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+        changed = h.clone()
+        changed[0, -1] += 1.0
+        pe = model.model.rotary_emb(h, torch.arange(7).unsqueeze(0))
+        with torch.no_grad(), quantizers_disabled(model):
+            out = LlamaAdapter().run_layer(layer, h, pe)
+            torch.testing.assert_close(LlamaAdapter().run_layer(layer, changed, pe)[:, :-1], out[:, :-1], rtol=0, atol=0)
+        outs[(kernel, quantized)] = out
+    torch.testing.assert_close(outs[("eager", False)], outs[("sdpa", False)], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[("eager", True)], outs[("sdpa", False)], rtol=1e-5, atol=1e-5)
