@@ -68,8 +68,14 @@ class LlamaAdapter:
 
     def run_layer(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """One decoder block on its own (causal attention, no KV cache)."""
-        # attention_mask=None lets SDPA/eager use the causal mask: every sequence here is full length.
-        out = layer(hidden, attention_mask=None, position_embeddings=position_embeddings, use_cache=False)
+        # attention_mask=None lets SDPA use its causal kernel (every sequence here is full length);
+        # transformers' eager kernel has no implicit mask, so an eager block gets an explicit one.
+        mask = None
+        if getattr(getattr(layer.get_submodule(self.attention_path), "config", None), "_attn_implementation", None) == "eager":
+            from harness.attention import causal_mask
+
+            mask = causal_mask(hidden.shape[1], hidden.shape[1], hidden.dtype, hidden.device)
+        out = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, use_cache=False)
         return out[0] if isinstance(out, tuple) else out
 
     def attention_geometry(self, config: object) -> tuple[int, int, int]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from harness.attention import IMPLEMENTATION, attention_quantizers
+from harness.attention import EAGER_IMPLEMENTATION, IMPLEMENTATION, attention_quantizers
 from harness.bits import BitSpec
 from harness.config import QuantSchemeConfig
 from harness.qlinear import quantize_block, quantize_linears, quantizers_disabled
@@ -131,3 +131,54 @@ def test_projection_scope_quantizes_qkv_outputs_per_token_over_all_heads(tiny_mo
     with torch.no_grad(), quantizers_disabled(tiny_model):
         assert not attn.q_proj.out_quant.enabled
     assert attn.q_proj.out_quant.enabled
+
+
+def test_an_eager_model_keeps_the_eager_kernel_behind_the_quantizer(tiny_tokens):
+    """The official layers' kernel (explicit matmul + softmax) when the model was set to eager; causal either way."""
+    from harness.models import tiny_llama
+
+    models = {}
+    for kernel in ("sdpa", "eager"):
+        model = tiny_llama(seed=0, vocab_size=256)
+        model.set_attn_implementation(kernel)
+        quantize_linears(model, BitSpec.parse("W4A4", attention=True))
+        models[kernel] = model
+    assert models["sdpa"].config._attn_implementation == IMPLEMENTATION
+    assert models["eager"].config._attn_implementation == EAGER_IMPLEMENTATION
+    seen = []
+    for q in attention_quantizers(models["eager"]):
+        q.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    tokens = tiny_tokens[:1]
+    changed = tokens.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % 256
+    with torch.no_grad():
+        out = models["eager"](tokens).logits
+        assert len(seen) == 3 * len(models["eager"].model.layers)  # Q, K, V of every block went through it
+        # causal: a different last token changes nothing before it (the eager mask is there)
+        torch.testing.assert_close(models["eager"](changed).logits[:, :-1], out[:, :-1], rtol=0, atol=0)
+        with quantizers_disabled(models["eager"]), quantizers_disabled(models["sdpa"]):
+            torch.testing.assert_close(models["eager"](tokens).logits, models["sdpa"](tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_blocks_called_without_a_mask_stay_causal_with_the_eager_kernel():
+    """The block-wise engine and QLLM's search pass attention_mask=None: causal with SDPA, and with eager too."""
+    from harness.adapter import LlamaAdapter
+    from harness.models import tiny_llama
+
+    outs = {}
+    for kernel, quantized in (("sdpa", False), ("eager", False), ("eager", True)):
+        model = tiny_llama(seed=0, vocab_size=256)
+        model.set_attn_implementation(kernel)
+        layer = model.model.layers[0]
+        if quantized:
+            quantize_block(layer, BitSpec.parse("W16A8", attention=True))
+        h = torch.randn(1, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+        changed = h.clone()
+        changed[0, -1] += 1.0
+        pe = model.model.rotary_emb(h, torch.arange(7).unsqueeze(0))
+        with torch.no_grad(), quantizers_disabled(model):
+            out = LlamaAdapter().run_layer(layer, h, pe)
+            torch.testing.assert_close(LlamaAdapter().run_layer(layer, changed, pe)[:, :-1], out[:, :-1], rtol=0, atol=0)
+        outs[(kernel, quantized)] = out
+    torch.testing.assert_close(outs[("eager", False)], outs[("sdpa", False)], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[("eager", True)], outs[("sdpa", False)], rtol=1e-5, atol=1e-5)
