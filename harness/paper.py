@@ -1,4 +1,4 @@
-"""Our results beside the published ones: QLLM (arXiv 2310.08041) Table 1 and its training cost.
+"""Our results beside the published ones: QLLM's (arXiv 2310.08041) LLaMA-1 and LLaMA-2 tables and its training cost.
 
 The published numbers are package data, ``harness/reference/qllm.yaml``. Our runs map onto the
 paper's cells by (model, method, bit spec, metric): the paper's FP16 column is our baseline run
@@ -242,7 +242,7 @@ def tables(records: list[RunRecord], ref: Reference | None = None) -> list[Table
     if has_spread:
         notes.insert(1, "ours: mean ± std over seeds (n runs); within: the published value lies in ours ± std.")
         notes.append(reproduced_summary(frame))
-    comparison = Table(frame, f"Ours vs published ({ref.table} of arXiv 2310.08041)",
+    comparison = Table(frame, f"Ours vs published ({ref.table} of QLLM, arXiv 2310.08041)",
                        best=best_mask(frame, dirs, spread=spread if has_spread else None), marked=marked,
                        notes=[*notes, *footnotes], mark_label="published only", spread=spread if has_spread else None)
     cost = cost_frame(records, ref)

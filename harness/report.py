@@ -11,7 +11,7 @@ Formats (``harness.tables``): Markdown, LaTeX, a self-contained HTML page with p
 (``harness.htmlpage``), and the tidy per-run frame as CSV (empty cells for missing values) or
 Parquet. Bold marks the best value per column within each model and bit spec, among quantized
 methods (never the baseline), with the spread rule of ``harness.tables.best_mask`` when cells
-aggregate several seeds. With ``reference="paper"`` the published QLLM Table 1 numbers are put
+aggregate several seeds. With ``reference="paper"`` the published QLLM numbers (LLaMA-1 and LLaMA-2 tables) are put
 beside ours (``harness.paper``).
 Run: ``ptqbench report DIR [--format md|csv|tex|html|parquet] [-o FILE] [--reference paper]``.
 """

@@ -59,7 +59,7 @@ def test_page_images_decode_and_are_not_empty(tmp_path):
         assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels.std() > 0.01  # not blank
     first = page.h2.index("Results")  # after the pivot tables, one per metric
     assert page.h2[:first] == [f"{m} by method and bit spec" for m in ("ppl_wikitext2", "ppl_c4", "zeroshot_avg_pct")]
-    assert page.h2[first:first + 3] == ["Results", "Ours vs published (Table 1 of arXiv 2310.08041)", "Training cost vs published"]
+    assert page.h2[first:first + 3] == ["Results", "Ours vs published (the LLaMA-1 and LLaMA-2 weight-activation tables of QLLM, arXiv 2310.08041)", "Training cost vs published"]
 
 
 def test_a_plot_without_data_is_a_sentence_not_a_broken_image(tmp_path):

@@ -1,4 +1,4 @@
-"""Ours beside QLLM Table 1: the transcription, the mapping, deltas and published-only marks in every format."""
+"""Ours beside QLLM's LLaMA-1/LLaMA-2 tables: the transcription, the mapping, deltas and published-only marks in every format."""
 from __future__ import annotations
 
 import re
@@ -24,12 +24,16 @@ def test_reference_transcription_shape_and_spot_values():
     raw = yaml.safe_load(paper.REFERENCE_FILE.read_text())
     ref = paper.load_reference()
     dashes = sum(str(cell).split("/").count("-") for row in raw["rows"].values() for cell in row)
-    assert len(ref.cells) == 7 * 10 * 3 - dashes  # every non-dash number became one cell
+    assert len(raw["columns"]) == 11 and all(len(row) == 11 for row in raw["rows"].values())
+    assert len(ref.cells) == 7 * 11 * 3 - dashes  # every non-dash number became one cell
     assert ref.tasks == PAPER_TASKS and ref.ppl_seqlen == 2048 and "2310.08041" in ref.source
-    # values as printed in the paper (issue 8), corners and the oddities
+    # values as printed in the paper's two tables (checked against the official repo's copies of them),
+    # corners and the oddities
     assert value("LLaMA-1-7B", "fp", "W16A16", "wikitext2") == 5.68
     assert value("LLaMA-1-30B", "smoothquant", "W4A4", "wikitext2") == 399.65
-    assert value("LLaMA-1-65B", "qllm", "W4A8", "c4") == 8.82
+    assert value("LLaMA-1-7B", "llm-qat+sq", "W4A4", "avg") == 43.24 and value("LLaMA-1-7B", "llm-qat", "W4A4", "c4") is None
+    assert value("LLaMA-1-13B", "llm-qat", "W4A4", "avg") is None  # quoted for 7B only
+    assert not (ref.cells.bits == "W4A8").any()  # neither table has a W4A8 column
     assert value("LLaMA-2-70B", "qllm", "W4A4", "avg") == 58.62
     assert value("LLaMA-2-7B", "os+", "W6A6", "wikitext2") is None and value("LLaMA-2-7B", "os+", "W6A6", "avg") == 61.35
     hours = {(c.model, c.method): c.gpu_hours for c in ref.cost.itertuples()}
@@ -59,7 +63,7 @@ def ours() -> list[dict]:
 def test_comparison_frame_cells_deltas_and_marks():
     frame, marked, spread, notes = paper.comparison_frame(ours())
     assert "n" not in frame.columns and "C4 within" not in frame.columns and spread.isna().all().all()  # one seed
-    assert len(frame) == 7 * 10 + 1  # the paper's 70 rows and our rtn row
+    assert len(frame) == 7 * 9 + 2 + 1  # 9 columns on every model, LLM-QAT (+SQ) on LLaMA-1-7B, and our rtn row
     assert "smollm2-135m" not in set(frame["model"])
     key = {(r.model, r.method, r.bits): i for i, r in enumerate(frame.itertuples())}
     fp = frame.iloc[key["LLaMA-2-7B", "fp", "W16A16"]]
@@ -75,12 +79,12 @@ def test_comparison_frame_cells_deltas_and_marks():
     assert rtn["WikiText-2 ours"] == 900.0 and pd.isna(rtn["WikiText-2 paper"]) and not marked.iloc[key["LLaMA-2-7B", "rtn", "W4A4"]].any()
     # notes: our protocol differs for omniquant; the paper's own notes stay with their rows
     omni = frame.iloc[key["LLaMA-2-7B", "omniquant", "W4A4"]]
-    typo = frame.iloc[key["LLaMA-1-65B", "qllm", "W4A8"]]
+    qat = frame.iloc[key["LLaMA-1-7B", "llm-qat", "W4A4"]]
     text = lambda ref: next(n for n in notes if n.startswith(ref))  # noqa: E731
     assert "512 tokens, first 40 windows" in text(omni["note"])
-    assert "8.82" in text(typo["note"]) and "typo" in text(typo["note"])
-    assert "LET" in text(frame.iloc[key["LLaMA-2-70B", "omniquant", "W4A4"]]["note"])
-    untouched = frame[(frame.model == "LLaMA-1-7B")]
+    assert "LLM-QAT" in text(qat["note"]) and "7B only" in text(qat["note"])
+    assert "equivalent transformation" in text(frame.iloc[key["LLaMA-2-70B", "omniquant", "W4A4"]]["note"])
+    untouched = frame[(frame.model == "LLaMA-1-7B") & ~frame.method.str.startswith("llm-qat")]
     assert untouched["note"].isna().all() and marked.loc[untouched.index, "WikiText-2 paper"].all()
 
 
