@@ -40,15 +40,85 @@ def quant_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: b
     return scale, round_ste(-xmin / scale).clamp(-SCALE_MAX, SCALE_MAX)
 
 
+class _RowRange(torch.autograd.Function):
+    """``(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True))`` whose gradient goes to the position of
+    each extreme (``scatter``), instead of autograd's mask of every element equal to it.
+
+    The masks cost four full-size passes per call (compare, bool -> int64 copy, sum, divide) and were
+    the largest elementwise item left in block-wise training. The gradients are the same except in a
+    row whose extreme value occurs more than once: there the whole gradient goes to the first
+    occurrence instead of being split between them (both are valid subgradients of min/max).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        xmin, imin = x.min(dim=-1, keepdim=True)
+        xmax, imax = x.max(dim=-1, keepdim=True)
+        ctx.save_for_backward(imin, imax)
+        ctx.shape = x.shape
+        return xmin, xmax
+
+    @staticmethod
+    def backward(ctx, grad_min: torch.Tensor, grad_max: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        imin, imax = ctx.saved_tensors
+        grad = grad_min.new_zeros(ctx.shape)
+        return grad.scatter_add_(-1, imin, grad_min).scatter_add_(-1, imax, grad_max)
+
+
+def row_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max along the last dimension (keepdim), differentiable (see :class:`_RowRange`)."""
+    if not x.requires_grad:
+        return x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+    return _RowRange.apply(x)
+
+
+def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return grad.sum_to_size(like.shape) if grad.shape != like.shape else grad
+
+
+class _FakeQuant(torch.autograd.Function):
+    """``(clamp(round(x / s) + z, lo, hi) - z) * s`` with a straight-through round, in one node.
+
+    The same function and the same gradients as writing it out with :func:`round_ste` (x: the clamp
+    mask; s: ``(c - z) - mask * x / s``; z: ``s * (mask - 1)``, each summed over the broadcast
+    dimensions), but the forward pass works in place on one buffer and nothing of the size of ``x``
+    is kept for the backward pass except ``x`` itself. Autograd of the written-out form allocates
+    and keeps about ten tensors of that size per call, which made the elementwise work cost more
+    than the matmuls in block-wise training of 4-bit weights (OmniQuant, QLLM) on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, scale, zero)
+        ctx.lo, ctx.hi = lo, hi
+        q = (x / scale).round_().add_(zero).clamp_(lo, hi)
+        return q.sub_(zero).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, scale, zero = ctx.saved_tensors
+        xs = x / scale
+        q = xs.round().add_(zero)
+        outside = (q < ctx.lo).logical_or_(q > ctx.hi)  # masks, not multiplications: no bool -> float copies
+        grad_x = grad.masked_fill(outside, 0) if ctx.needs_input_grad[0] else None
+        grad_scale = grad_zero = None
+        if ctx.needs_input_grad[1]:
+            # (c - z) - inside * x / s, with c = clamp(q): the zero-point terms cancel inside the range
+            local = q.clamp_(ctx.lo, ctx.hi).sub_(zero).sub_(xs.masked_fill_(outside, 0))
+            grad_scale = _reduce_to(local.mul_(grad), scale)
+        if ctx.needs_input_grad[2]:
+            grad_zero = _reduce_to((grad * scale).masked_fill_(outside.logical_not_(), 0).neg_(), zero)
+        return grad_x, grad_scale, grad_zero, None, None
+
+
 def fake_quantize(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     """Quantize ``x`` to ``bits`` with the range [xmin, xmax] (broadcast against ``x``) and dequantize
     (scale and zero point from :func:`quant_params`)."""
     scale, zero = quant_params(xmin, xmax, bits, symmetric)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        return torch.clamp(round_ste(x / scale), -qmax, qmax) * scale
-    qmax = 2**bits - 1
-    return (torch.clamp(round_ste(x / scale) + zero, 0, qmax) - zero) * scale
+        return _FakeQuant.apply(x, scale, zero, -qmax, qmax)
+    return _FakeQuant.apply(x, scale, zero, 0, 2**bits - 1)
 
 
 def group_view(w: torch.Tensor, spec: BitSpec) -> torch.Tensor:
@@ -65,8 +135,7 @@ def group_view(w: torch.Tensor, spec: BitSpec) -> torch.Tensor:
 def _weight_range(w: torch.Tensor, spec: BitSpec, clip_min: torch.Tensor | None,
                   clip_max: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grouped = group_view(w, spec)
-    xmin = grouped.amin(dim=-1, keepdim=True)
-    xmax = grouped.amax(dim=-1, keepdim=True)
+    xmin, xmax = row_range(grouped)
     if clip_min is not None:
         xmin = xmin * clip_min
     if clip_max is not None:
@@ -109,8 +178,7 @@ def quantize_activation(x: torch.Tensor, bits: int, symmetric: bool = False) -> 
     """Dynamic per-token fake quantization: one range per vector along the last dimension."""
     if bits >= 16:
         return x
-    xmin = x.amin(dim=-1, keepdim=True)
-    xmax = x.amax(dim=-1, keepdim=True)
+    xmin, xmax = row_range(x)
     return fake_quantize(x, xmin, xmax, bits, symmetric)
 
 

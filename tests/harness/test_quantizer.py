@@ -89,3 +89,59 @@ def test_clip_factors_shrink_the_range():
     half = torch.full((4, 1), 0.5)
     clipped = quantize_weight(w, BitSpec(w_bits=8), clip_min=half, clip_max=half)
     assert (clipped.amax(dim=1) <= w.amax(dim=1) * 0.5 + 1e-2).all()
+
+
+def _written_out(x, xmin, xmax, bits, symmetric):
+    """fake_quantize as plain autograd ops (round_ste, clamp), independent of the fused node."""
+    from harness.quantizer import quant_params
+
+    scale, zero = quant_params(xmin, xmax, bits, symmetric)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        return torch.clamp(round_ste(x / scale), -qmax, qmax) * scale
+    return (torch.clamp(round_ste(x / scale) + zero, 0, 2**bits - 1) - zero) * scale
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("shape", [(40, 24), (2, 7, 24)])  # per-row weights, per-token activations
+def test_fused_fake_quant_equals_the_written_out_form_with_gradients(symmetric, shape):
+    """The fused autograd node: same values bit for bit, same gradients (to float64 rounding) for x and
+    for learnable clipping factors (through scale and zero point), with values clipped off the grid."""
+    from harness.quantizer import fake_quantize
+
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(*shape, generator=gen, dtype=torch.float64) * 3
+    x0.view(-1, shape[-1])[:, 0] = 25.0  # far outside every clipped range: the clamp mask matters
+    clip0 = torch.rand(*shape[:-1], 1, generator=gen, dtype=torch.float64) * 0.4 + 0.5
+    grad_out = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    results = []
+    for fn in (fake_quantize, _written_out):
+        x, lo, hi = (t.clone().requires_grad_() for t in (x0, clip0, clip0.flip(0)))
+        xmin = x.detach().amin(-1, keepdim=True) * lo
+        xmax = x.detach().amax(-1, keepdim=True) * hi
+        y = fn(x, xmin, xmax, 4, symmetric)
+        (y * grad_out).sum().backward()
+        results.append((y.detach(), x.grad, lo.grad, hi.grad))
+    (y1, *grads1), (y2, *grads2) = results
+    assert torch.equal(y1, y2)
+    assert grads1[0].abs().sum() > 0 and (grads1[1].abs().sum() + grads1[2].abs().sum()) > 0  # (symmetric: max side only)
+    for g1, g2 in zip(grads1, grads2):
+        torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
+
+
+def test_row_range_gradient_goes_to_the_extremes():
+    """row_range: amin/amax values; without ties the same gradient as autograd's amin/amax, with a
+    tie the whole gradient on the first occurrence (a subgradient too; the total is the same)."""
+    from harness.quantizer import row_range
+
+    x0 = torch.tensor([[1.0, -2.0, 5.0, 0.5], [3.0, 3.0, -1.0, -1.0]], dtype=torch.float64)
+    g_min, g_max = torch.tensor([[2.0], [3.0]], dtype=torch.float64), torch.tensor([[5.0], [7.0]], dtype=torch.float64)
+    x = x0.clone().requires_grad_()
+    lo, hi = row_range(x)
+    assert torch.equal(lo, x0.amin(-1, keepdim=True)) and torch.equal(hi, x0.amax(-1, keepdim=True))
+    torch.autograd.backward([lo, hi], [g_min, g_max])
+    ref = x0.clone().requires_grad_()
+    torch.autograd.backward([ref.amin(-1, keepdim=True), ref.amax(-1, keepdim=True)], [g_min, g_max])
+    assert torch.equal(x.grad[0], ref.grad[0])  # no tie in row 0
+    assert x.grad[1].tolist() == [7.0, 0.0, 3.0, 0.0]  # ties: the first occurrence takes it all
+    assert ref.grad[1].tolist() == [3.5, 3.5, 1.5, 1.5] and x.grad[1].sum() == ref.grad[1].sum()
