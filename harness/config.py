@@ -35,6 +35,9 @@ from harness.zeroshot import ZeroShotConfig, check_tasks
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
+# transformers' attn_implementation: "eager" is the explicit matmul + softmax the official QLLM /
+# OmniQuant / SmoothQuant layers compute with; "sdpa" (the default) rounds differently.
+ATTENTION_KERNELS = ("sdpa", "eager")
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,9 @@ class SweepConfig:
     seed: the seed of a one-seed sweep (calibration windows, the method's randomness).
     seeds: several seeds, each a full set of runs (calibration draw and method randomness per seed);
         empty = just ``seed``. ``seeds: [0]`` is the same sweep (same run keys) as ``seed: 0``.
+    attention_kernel: "sdpa" (default) or "eager", the attention kernel every run's model computes
+        with (FP and quantized, calibration and evaluation). "eager" reproduces the official codes'
+        numerics; it is slower and uses more memory at long sequences.
     """
 
     name: str = "sweep"
@@ -173,6 +179,7 @@ class SweepConfig:
     seeds: tuple[int, ...] = ()
     device: str = "auto"
     dtype: str = "auto"
+    attention_kernel: str = "sdpa"
     trust_remote_code: bool = False
     keep_work: bool = False  # keep each run's work directory (<out>/work/<key>: finished blocks) after it finished
     models: tuple[str, ...] = ()
@@ -191,6 +198,8 @@ class SweepConfig:
             raise ConfigError(f"device: {self.device!r} is not allowed; use one of {DEVICES}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype: {self.dtype!r} is not allowed; use one of {DTYPES}")
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ConfigError(f"attention_kernel: {self.attention_kernel!r} is not allowed; use one of {ATTENTION_KERNELS}")
         if not self.models:
             raise ConfigError("models: empty; list at least one model (zoo name, HF id or local folder)")
         if len(set(self.seeds)) != len(self.seeds):

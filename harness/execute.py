@@ -53,6 +53,7 @@ class RunSpec:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    attention_kernel: str = "sdpa"  # transformers' attn_implementation (harness.config.ATTENTION_KERNELS)
     trust_remote_code: bool = False
     inputs: tuple[tuple[str, str], ...] = ()  # (local file or folder, fingerprint), from local_inputs()
     # Where the run keeps its finished blocks while it runs (``<out>/work``; not part of the key).
@@ -76,6 +77,8 @@ class RunSpec:
             ident["evaluation"].pop("zeroshot")
         else:  # logging lm-eval's samples changes no number
             ident["evaluation"]["zeroshot"].pop("log_samples")
+        if self.attention_kernel != "sdpa":  # runs on the default kernel keep the keys they had before the option
+            ident["attention_kernel"] = self.attention_kernel
         if self.inputs:  # only runs reading local files: zoo models and named corpora keep their keys
             ident["inputs"] = dict(self.inputs)
         return ident
@@ -122,7 +125,8 @@ def plan(config: SweepConfig) -> list[RunSpec]:
     baseline, baseline_config = _baseline(config)
     for seed in config.run_seeds:  # seed-major: an interrupted sweep has whole seeds, not a ragged mix
         common = dict(evaluation=config.evaluation, seed=seed, device=config.device, dtype=config.dtype,
-                      trust_remote_code=config.trust_remote_code, keep_work=config.keep_work)
+                      attention_kernel=config.attention_kernel, trust_remote_code=config.trust_remote_code,
+                      keep_work=config.keep_work)
         for model in config.models:
             inputs = local_inputs(model, None, config.evaluation)
             runs.append(RunSpec(model, baseline, baseline_config, FP, None, **common, inputs=inputs))
@@ -164,7 +168,7 @@ def execute(run: RunSpec, progress: bool = True) -> RunRecord:
     with CostMeter(device) as meter:
         with meter.phase("load"):
             loaded = load_model(run.model, dtype=run.dtype, device=run.device, seed=run.seed,
-                                trust_remote_code=run.trust_remote_code, lazy=True)
+                                trust_remote_code=run.trust_remote_code, lazy=True, attention_kernel=run.attention_kernel)
             store = block_store(loaded.model)
             if store is not None:
                 # a killed attempt of this same run (same key) left its checkpoint here: the engine continues from it

@@ -58,7 +58,7 @@ def spec_from_record(record: RunRecord, device: str | None = None) -> RunSpec:
         bits=record.spec, calibration=schema.from_dict(CalibrationConfig, record.calibration, "calibration") if record.calibration else None,
         evaluation=schema.from_dict(EvaluationConfig, record.evaluation, "evaluation"), seed=record.seed,
         device=device or config.get("device", record.cost.get("device_type", "auto")), dtype=config.get("dtype", "auto"),
-        trust_remote_code=bool(config.get("trust_remote_code", False)),
+        trust_remote_code=bool(config.get("trust_remote_code", False)), attention_kernel=config.get("attention_kernel", "sdpa"),
     )
 
 
@@ -78,7 +78,8 @@ def export_run(record: RunRecord, out: str | Path, *, device: str | None = None,
         log.warning("the rebuilt run's key %s differs from the stored %s (another device, or defaults changed since); "
                     "exporting what the stored options give now", run.key, record.key)
     torch.manual_seed(run.seed)
-    loaded = load_model(run.model, dtype=run.dtype, device=run.device, seed=run.seed, trust_remote_code=run.trust_remote_code)
+    loaded = load_model(run.model, dtype=run.dtype, device=run.device, seed=run.seed, trust_remote_code=run.trust_remote_code,
+                        attention_kernel=run.attention_kernel)
     calib = None
     if run.calibration is not None:
         c = run.calibration

@@ -83,13 +83,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
             "float32": torch.float32, "fp32": torch.float32}[dtype]
 
 
-def tiny_llama(seed: int = 0, **overrides: object) -> nn.Module:
+def tiny_llama(seed: int = 0, attention_kernel: str = "sdpa", **overrides: object) -> nn.Module:
     """A randomly initialised LLaMA built in code (no files); ``overrides`` edit its LlamaConfig."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(**{**TINY_CONFIG, **overrides})
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attention_kernel
     return LlamaForCausalLM(config).eval()
 
 
@@ -126,13 +126,14 @@ def _gguf_folder(name: str, entry: ZooEntry) -> Path:
     return folder
 
 
-def _load_pretrained(path: str, *, dtype: torch.dtype, trust_remote_code: bool, what: str) -> tuple[nn.Module, object]:
+def _load_pretrained(path: str | Path, *, dtype: torch.dtype, trust_remote_code: bool, what: str,
+                     attention_kernel: str = "sdpa") -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True, attn_implementation="sdpa"
+            path, dtype=dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True, attn_implementation=attention_kernel
         )
     except OSError as err:
         raise ResourceUnavailableError(f"model {what}: could not be loaded ({err.__class__.__name__}: {str(err).splitlines()[0]})") from err
@@ -168,7 +169,8 @@ def _bad_weights(path: str) -> str | None:
     return None
 
 
-def _load_lazy(folder: Path, *, dtype: torch.dtype, trust_remote_code: bool, what: str) -> tuple[nn.Module, object]:
+def _load_lazy(folder: Path, *, dtype: torch.dtype, trust_remote_code: bool, what: str,
+               attention_kernel: str = "sdpa") -> tuple[nn.Module, object]:
     """The model skeleton on the meta device with its embedding, final norm and head loaded (see harness.lazy)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -184,7 +186,7 @@ def _load_lazy(folder: Path, *, dtype: torch.dtype, trust_remote_code: bool, wha
         # buffers (RoPE's inv_freq) are computed, not stored, so they stay real: only parameters go to meta
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     attn_implementation="sdpa")
+                                                     attn_implementation=attention_kernel)
         adapter = get_adapter(model)
         store = BlockStore(folder, dtype, adapter.layers_path)
     except (OSError, ValueError) as err:
@@ -263,46 +265,46 @@ def model_config(name: str) -> dict | None:
 
 
 def load_model(name: str, *, dtype: str = "auto", device: str = "auto", seed: int = 0, trust_remote_code: bool = False,
-               lazy: bool = False) -> LoadedModel:
+               lazy: bool = False, attention_kernel: str = "sdpa") -> LoadedModel:
     """Load a zoo name, local folder or hub id onto CPU (methods move blocks to the device they need).
 
     ``lazy``: a model with a safetensors folder (a local folder, smollm2's cache folder, a hub
     model's snapshot in the local HF cache) is loaded as a skeleton whose decoder blocks stay on disk
     until used (``harness.lazy``); models without one (the tiny random model) load eagerly. The tokenizer of ``tiny-random-llama`` is smollm2's
     (the vocabularies match).
+
+    ``attention_kernel``: transformers' ``attn_implementation``, "sdpa" (ptqbench's default) or
+    "eager" (explicit matmul and softmax, the kernel the official QLLM/OmniQuant layers compute with).
     """
     torch_dtype = resolve_dtype(dtype, resolve_device(device))
+    kw = dict(dtype=torch_dtype, attention_kernel=attention_kernel)
     if name in ZOO:
         entry = ZOO[name]
         if entry.random_config is not None:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(_gguf_folder("smollm2-135m", ZOO["smollm2-135m"]))
-            return LoadedModel(name, tiny_llama(seed).to(torch_dtype), tokenizer, "random init (seed %d)" % seed)
+            return LoadedModel(name, tiny_llama(seed, attention_kernel).to(torch_dtype), tokenizer, "random init (seed %d)" % seed)
         if entry.gguf_package is not None:
             folder = _gguf_folder(name, entry)
-            if lazy:
-                model, tokenizer = _load_lazy(folder, dtype=torch_dtype, trust_remote_code=False, what=repr(name))
-                return LoadedModel(name, model, tokenizer, f"{entry.gguf_package}:{entry.gguf_file}")
-            model, tokenizer = _load_pretrained(str(folder), dtype=torch_dtype, trust_remote_code=False, what=repr(name))
+            load = _load_lazy if lazy else _load_pretrained
+            model, tokenizer = load(folder, trust_remote_code=False, what=repr(name), **kw)
             return LoadedModel(name, model, tokenizer, f"{entry.gguf_package}:{entry.gguf_file}")
         folder = hub_folder(entry.hub_id) if lazy else None
         if folder is not None:
-            model, tokenizer = _load_lazy(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, what=repr(name))
+            model, tokenizer = _load_lazy(folder, trust_remote_code=trust_remote_code, what=repr(name), **kw)
             return LoadedModel(name, model, tokenizer, f"hub:{entry.hub_id}")
-        model, tokenizer = _load_pretrained(entry.hub_id, dtype=torch_dtype, trust_remote_code=trust_remote_code, what=f"{name!r} ({entry.hub_id})")
+        model, tokenizer = _load_pretrained(entry.hub_id, trust_remote_code=trust_remote_code, what=f"{name!r} ({entry.hub_id})", **kw)
         return LoadedModel(name, model, tokenizer, f"hub:{entry.hub_id}")
     check_model_name(name)
     path = Path(name).expanduser()
     if path.exists():
-        if lazy and has_safetensors(path):
-            model, tokenizer = _load_lazy(path, dtype=torch_dtype, trust_remote_code=trust_remote_code, what=repr(name))
-            return LoadedModel(name, model, tokenizer, f"local:{path.resolve()}")
-        model, tokenizer = _load_pretrained(str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code, what=repr(name))
+        load = _load_lazy if lazy and has_safetensors(path) else _load_pretrained
+        model, tokenizer = load(path, trust_remote_code=trust_remote_code, what=repr(name), **kw)
         return LoadedModel(name, model, tokenizer, f"local:{path.resolve()}")
     folder = hub_folder(name) if lazy else None
     if folder is not None:
-        model, tokenizer = _load_lazy(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, what=f"{name!r} (hub)")
+        model, tokenizer = _load_lazy(folder, trust_remote_code=trust_remote_code, what=f"{name!r} (hub)", **kw)
         return LoadedModel(name, model, tokenizer, f"hub:{name}")
-    model, tokenizer = _load_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code, what=f"{name!r} (hub)")
+    model, tokenizer = _load_pretrained(name, trust_remote_code=trust_remote_code, what=f"{name!r} (hub)", **kw)
     return LoadedModel(name, model, tokenizer, f"hub:{name}")

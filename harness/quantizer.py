@@ -115,6 +115,9 @@ def fake_quantize(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, bits:
     """Quantize ``x`` to ``bits`` with the range [xmin, xmax] (broadcast against ``x``) and dequantize
     (scale and zero point from :func:`quant_params`)."""
     scale, zero = quant_params(xmin, xmax, bits, symmetric)
+    # A range with an inf in it gives NaN, as the written-out form does (round_ste computes inf - inf),
+    # so a broken weight or activation ends as a NaN metric instead of rounding to a finite grid value.
+    scale = torch.where(torch.isfinite(xmin) & torch.isfinite(xmax), scale, torch.nan)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         return _FakeQuant.apply(x, scale, zero, -qmax, qmax)

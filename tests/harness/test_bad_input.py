@@ -92,6 +92,7 @@ CASES = [
     ("name-escapes-runs", lambda t: {"name": "../../x"}, ["name: '../../x' is not allowed", "path separators"]),
     ("name-with-slash", lambda t: {"name": "a/b"}, ["name: 'a/b' is not allowed"]),
     ("name-hidden", lambda t: {"name": ".x"}, ["name: '.x' is not allowed"]),
+    ("attention-kernel", lambda t: {"attention_kernel": "flash"}, ["attention_kernel: 'flash' is not allowed", "'sdpa', 'eager'"]),
 ]
 
 

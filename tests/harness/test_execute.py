@@ -55,6 +55,28 @@ def test_attention_setting_is_part_of_the_key_and_off_keeps_old_keys():
     assert a["W16A16"].key == o["W16A16"].key  # the FP baseline is the same run either way
 
 
+def test_attention_kernel_is_part_of_the_key_and_sdpa_keeps_old_keys():
+    default, sdpa, eager = (plan(parse_config({**TINY, **extra})) for extra in ({}, {"attention_kernel": "sdpa"}, {"attention_kernel": "eager"}))
+    assert [r.key for r in sdpa] == [r.key for r in default] and all("attention_kernel" not in r.identity() for r in sdpa)
+    assert all(r.attention_kernel == "eager" and r.identity()["attention_kernel"] == "eager" for r in eager)
+    assert not {r.key for r in eager} & {r.key for r in default}  # FP included: the kernel changes its numbers too
+
+
+def test_attention_kernel_reaches_the_model_and_agrees_with_sdpa_in_fp():
+    """The loaded model computes with the kernel asked for; in FP both kernels give the same logits to rounding."""
+    from harness.models import load_model
+
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for kernel in ("sdpa", "eager"):
+        model = load_model("tiny-random-llama", dtype="float32", device="cpu", attention_kernel=kernel).model
+        assert model.config._attn_implementation == kernel
+        with torch.no_grad():
+            logits[kernel] = model(ids).logits
+    assert not torch.equal(logits["sdpa"], logits["eager"])  # two kernels, not one under two names
+    torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=1e-4, atol=1e-4)
+
+
 def test_seeds_multiply_the_plan_and_one_seed_keeps_todays_keys():
     one = plan(parse_config(TINY))
     assert plan(parse_config({**TINY, "seeds": [0]})) == one  # seeds: [0] is the sweep seed: 0 always was

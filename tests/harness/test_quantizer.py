@@ -145,3 +145,16 @@ def test_row_range_gradient_goes_to_the_extremes():
     assert torch.equal(x.grad[0], ref.grad[0])  # no tie in row 0
     assert x.grad[1].tolist() == [7.0, 0.0, 3.0, 0.0]  # ties: the first occurrence takes it all
     assert ref.grad[1].tolist() == [3.5, 3.5, 1.5, 1.5] and x.grad[1].sum() == ref.grad[1].sum()
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_a_non_finite_value_makes_its_row_nan_not_a_grid_value(symmetric):
+    """An inf must not quantize to a finite value (the written-out STE form gives inf - inf = NaN):
+    a broken weight has to show up as a NaN metric."""
+    from harness.quantizer import fake_quantize
+
+    x = torch.randn(3, 8)
+    x[1, 2] = float("inf")
+    y = fake_quantize(x, x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), 4, symmetric)
+    assert y[1].isnan().all() and y[[0, 2]].isfinite().all()
+    assert _written_out(x, x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), 4, symmetric)[1].isnan().any()
