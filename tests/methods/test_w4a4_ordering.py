@@ -1,6 +1,6 @@
 """The paper's ordering at W4A4 on the real model: QLLM < OmniQuant-style < SmoothQuant < RTN.
 
-Arguments of the QLLM paper's Table 1 (LLaMA-1/2, W4A4) reproduced on smollm2-135m with the demo's
+Arguments of the QLLM paper's LLaMA-1 and LLaMA-2 tables (W4A4) reproduced on smollm2-135m with the demo's
 CPU-sized settings (tests/methods/conftest.py). A failure here is a finding to report, not a
 threshold to tune.
 """
