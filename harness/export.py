@@ -8,12 +8,13 @@ Two formats; the model decides which:
 - **compressed-tensors** (what llm-compressor writes and transformers / vLLM load) when every
   quantized linear shares one bit spec with weights of 2..8 bits per output channel or per group,
   activations unquantized or 8-bit (declared as dynamic per-token int8, symmetric or not, as ptqbench
-  computes them), and nothing else is changed structurally. Weights are stored as integers (symmetric
-  4-bit and below packed into int32s, ``pack-quantized``; the rest one per int8, ``int-quantized``) with the
-  scale and zero point each ``QuantLinear`` recorded when it froze (asymmetric weights, ptqbench's default,
-  as int8 even at 4 bits: see ``_write_compressed_tensors``), so the checkpoint dequantizes to
-  exactly ptqbench's fake-quantized weights (checked with compressed-tensors' own decompressor before
-  writing). ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` loads it, no ptqbench needed.
+  computes them), and nothing else is changed structurally. Weights are stored as integers, 4-bit and
+  below packed into int32s (``pack-quantized``; asymmetric ones only in weight-only specs, declared with
+  the ``block`` strategy: see ``_write_compressed_tensors``), the rest one per int8 (``int-quantized``),
+  with the scale and zero point each ``QuantLinear`` recorded when it froze, so the checkpoint
+  dequantizes to exactly ptqbench's fake-quantized weights (checked with compressed-tensors' own
+  decompressor before writing). ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` loads it,
+  no ptqbench needed.
 - **ptqbench** for what that format cannot say: activations below 8 bits (W4A4, W6A6), QLLM's channel
   reassembly (index/scale modules between a norm and its linears), an ``lm_head`` bias (QLLM's final
   norm bias folded into the head), per-tensor weights. Everything that folds is folded into plain
@@ -186,11 +187,17 @@ def compressed_tensors_blocker(model: nn.Module, linears: dict[str, QuantLinear]
     return None
 
 
-def _ct_scheme(spec: BitSpec, targets: list[str], fmt: str) -> Any:
+def _ct_scheme(spec: BitSpec, targets: list[str], fmt: str, block: int = 0) -> Any:
+    """The compressed-tensors scheme of ``spec``; ``block`` > 0 declares the weights' ranges as blocks of one row
+    by ``block`` columns (per channel when ``block`` is the input width, per group when it is the group size)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    weights = QuantizationArgs(num_bits=spec.w_bits, type="int", symmetric=spec.w_symmetric,
-                               strategy="group" if spec.w_group else "channel", group_size=spec.w_group or None)
+    if block:
+        weights = QuantizationArgs(num_bits=spec.w_bits, type="int", symmetric=spec.w_symmetric,
+                                   strategy="block", block_structure=[1, block])
+    else:
+        weights = QuantizationArgs(num_bits=spec.w_bits, type="int", symmetric=spec.w_symmetric,
+                                   strategy="group" if spec.w_group else "channel", group_size=spec.w_group or None)
     acts = None
     if spec.quantizes_activations:  # ptqbench quantizes activations dynamically, one range per token
         acts = QuantizationArgs(num_bits=spec.a_bits, type="int", symmetric=spec.a_symmetric, strategy="token", dynamic=True)
@@ -209,18 +216,26 @@ def _write_compressed_tensors(model: nn.Module, linears: dict[str, QuantLinear],
                                        "'compressed-tensors' package; pip install 'ptqbench[export]'") from None
 
     spec = next(iter(linears.values())).spec
-    # Asymmetric weights are stored one int8 per weight even at 4 bits: transformers 5.23 + compressed-tensors
-    # 0.20 build a pack-quantized layer's zero point unpacked (compress_module's meta-device path skips
-    # packing it) and then refuse the packed zero point the compressor writes.
-    packed = spec.w_bits <= 4 and spec.w_symmetric
+    # Asymmetric weights with 8-bit activations stay int-quantized: the block layout below, which asymmetric
+    # packing needs, is tested against transformers' loader for weight-only specs only.
+    packed = spec.w_bits <= 4 and (spec.w_symmetric or not spec.quantizes_activations)
     compressor, fmt = (PackedQuantizationCompressor, CT_PACKED) if packed else (IntQuantizationCompressor, CT_INT)
-    scheme = _ct_scheme(spec, ["Linear"], fmt)
+    # Packed asymmetric weights are declared as blocks of 1 x width (the same ranges as per channel / per
+    # group), not as channel / group: for those two strategies compressed-tensors 0.20 packs the zero point
+    # into int32s (pack_quantized/base.py, PACK_ZP_STRATS), but transformers 5.23 builds each layer on the
+    # meta device, where compress skips that packing, so it expects a (rows, groups) zero point and refuses
+    # the packed one. A block zero point is never packed: one int8 per row / group on both sides.
+    blocked = packed and not spec.w_symmetric
     # ptqbench's asymmetric integers are 0..2^b-1; compressed-tensors' are signed, -2^(b-1)..2^(b-1)-1
     offset = 0 if spec.w_symmetric else 2 ** (spec.w_bits - 1)
     state = _state_dict(model)
+    widths: dict[int, list[str]] = {}  # block width -> the linears with it (one entry, 0, without blocks)
     for name, q in linears.items():
         weight = state.pop(f"{name}.weight")
         rows = weight.shape[0]
+        width = (spec.w_group or weight.shape[1]) if blocked else 0
+        widths.setdefault(width, []).append(name)
+        scheme = _ct_scheme(spec, [name], fmt, width)
         scale = q.weight_scale.detach().cpu().to(weight.dtype).reshape(rows, -1)
         zero = (q.weight_zero.detach().cpu().reshape(rows, -1) - offset)
         lo, hi = -(2 ** (spec.w_bits - 1)), 2 ** (spec.w_bits - 1) - 1
@@ -235,7 +250,11 @@ def _write_compressed_tensors(model: nn.Module, linears: dict[str, QuantLinear],
             raise ExportError(f"{name}: the recorded scale and zero point do not reproduce the frozen weight "
                               f"(max diff {(restored - weight).abs().max().item():.3g}); was it changed after freezing?")
         state.update({f"{name}.{k}": v.contiguous() for k, v in compressed.items()})
-    config = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt.split("/")[1],
+    # Per-channel blocks are as wide as each linear's input (down_proj's differs): one group per width, naming
+    # its linears; a single width (always so per group) targets every Linear, as the unblocked schemes do.
+    groups = {f"group_{i}": _ct_scheme(spec, names if len(widths) > 1 else ["Linear"], fmt, width)
+              for i, (width, names) in enumerate(widths.items())}
+    config = QuantizationConfig(config_groups=groups, format=fmt.split("/")[1],
                                 quantization_status="compressed", ignore=["lm_head"])
     _save_dense(model, state, out, config.model_dump(mode="json"))
     return fmt

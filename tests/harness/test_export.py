@@ -28,16 +28,20 @@ import json, math, sys, torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+# before the first forward (which decompresses), a packed folder's linears hold int32 words, not weights
+packed = sorted(n for n, m in model.named_modules() if isinstance(getattr(m, "weight_packed", None), torch.Tensor)
+                and m.weight_packed.dtype == torch.int32)
 tokens = torch.tensor(json.loads(open(sys.argv[2]).read()))
 with torch.no_grad():
     logits = model(tokens).logits[:, :-1]
 nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 ours = [m for m in sys.modules if m.split(".")[0] in ("harness", "methods", "ptqbench")]
-print(json.dumps({"ppl": math.exp(nll.item()), "imported": ours}))
+print(json.dumps({"ppl": math.exp(nll.item()), "imported": ours, "packed": packed}))
 """
 
 
-def fresh_ppl(folder: Path, tokens: torch.Tensor, tmp_path: Path) -> float:
+def fresh_ppl(folder: Path, tokens: torch.Tensor, tmp_path: Path) -> tuple[float, list[str]]:
+    """Perplexity of ``folder`` loaded by transformers in a fresh interpreter, and its linears that loaded packed."""
     (tmp_path / "tokens.json").write_text(json.dumps(tokens.tolist()))
     (tmp_path / "fresh.py").write_text(FRESH)
     out = subprocess.run([sys.executable, str(tmp_path / "fresh.py"), str(folder), str(tmp_path / "tokens.json")],
@@ -45,7 +49,7 @@ def fresh_ppl(folder: Path, tokens: torch.Tensor, tmp_path: Path) -> float:
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["imported"] == []
-    return result["ppl"]
+    return result["ppl"], result["packed"]
 
 
 def unpack(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> torch.Tensor:
@@ -63,27 +67,42 @@ def quantized(tiny_model, method: str, bits: str, options: dict | None = None, c
     return get_method(method).from_options(options or {}).quantize(tiny_model, spec, calib, CPU).model
 
 
-@pytest.mark.parametrize("bits, scheme, fmt", [
+CT_CASES = [
     ("W4A16", {"w_symmetric": True}, CT_PACKED),
     ("W3A16", {"w_symmetric": True}, CT_PACKED), ("W4A16g32", {"w_symmetric": True}, CT_PACKED),
     ("W8A8", {}, CT_INT), ("W4A8", {}, CT_INT),
-    # ptqbench's default (asymmetric) weight-only specs: one int8 per weight, the scheme declaring its format
-    ("W4A16", {}, CT_INT), ("W3A16g32", {}, CT_INT),
-])
+    # ptqbench's default (asymmetric) weight-only specs: packed too, the ranges declared as 1 x width blocks
+    ("W4A16", {}, CT_PACKED), ("W3A16", {}, CT_PACKED), ("W4A16g32", {}, CT_PACKED), ("W2A16g32", {}, CT_PACKED),
+    ("W8A16", {}, CT_INT),
+]
+
+
+@pytest.mark.parametrize("bits, scheme, fmt", [
+    pytest.param(*case, id=f"{case[0]}-{'sym' if case[1] else 'asym'}-{case[2].split('/')[1]}") for case in CT_CASES])
 def test_compressed_tensors_export_loads_without_ptqbench_and_matches(tiny_model, tiny_tokens, tmp_path, bits, scheme, fmt):
     model = quantized(tiny_model, "rtn", bits, **scheme)
     result = export_model(model, None, tmp_path / "out")
     assert result.format == fmt and result.reason == ""
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
-    group = config["config_groups"]["group_0"]
     spec = BitSpec.parse(bits, **scheme)
-    assert config["quant_method"] == "compressed-tensors" and group["weights"]["num_bits"] == spec.w_bits
-    assert group["weights"]["symmetric"] == spec.w_symmetric
-    if spec.quantizes_activations:
-        acts = group["input_activations"]
-        assert (acts["num_bits"], acts["strategy"], acts["dynamic"]) == (8, "token", True)
-    else:
-        assert group["input_activations"] is None
+    assert config["quant_method"] == "compressed-tensors"
+    for group in config["config_groups"].values():
+        assert group["format"] == fmt.split("/")[1]
+        assert group["weights"]["num_bits"] == spec.w_bits and group["weights"]["symmetric"] == spec.w_symmetric
+        if spec.quantizes_activations:
+            acts = group["input_activations"]
+            assert (acts["num_bits"], acts["strategy"], acts["dynamic"]) == (8, "token", True)
+        else:
+            assert group["input_activations"] is None
+    # every quantized linear is covered by a group whose ranges are one row by the group size / the input width
+    for name, q in quant_linears(model):
+        (group,) = [g for g in config["config_groups"].values() if name in g["targets"] or g["targets"] == ["Linear"]]
+        weights = group["weights"]
+        if weights["strategy"] == "block":
+            assert fmt == CT_PACKED and not spec.w_symmetric
+            assert weights["block_structure"] == [1, spec.w_group or q.weight.shape[1]]
+        else:
+            assert weights["strategy"] == ("group" if spec.w_group else "channel")
 
     # the stored integers, unpacked and dequantized by hand, are ptqbench's weights bit for bit
     tensors = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -98,7 +117,8 @@ def test_compressed_tensors_export_loads_without_ptqbench_and_matches(tiny_model
         zero = torch.zeros_like(scale, dtype=torch.long)
         if not spec.w_symmetric:
             z = tensors[f"{name}.weight_zero_point"]
-            zero = z.long()  # asymmetric weights are stored int-quantized: one int8 zero point per row / group
+            assert z.dtype == torch.int8 and z.shape == scale.shape  # one int8 zero point per row / group, unpacked
+            zero = z.long()
         grid = ints + offset  # ptqbench's integers: 0..2^b-1 asymmetric, -(2^(b-1)-1)..2^(b-1)-1 symmetric
         lo, hi = (0, 2**spec.w_bits - 1) if offset else (-(2 ** (spec.w_bits - 1) - 1), 2 ** (spec.w_bits - 1) - 1)
         assert lo <= grid.min() and grid.max() <= hi
@@ -107,8 +127,9 @@ def test_compressed_tensors_export_loads_without_ptqbench_and_matches(tiny_model
         assert torch.equal(deq, q.weight.detach()), name
 
     ours = perplexity(model, tiny_tokens, device=torch.device("cpu"), progress=False)
-    theirs = fresh_ppl(tmp_path / "out", tiny_tokens, tmp_path)
+    theirs, packed = fresh_ppl(tmp_path / "out", tiny_tokens, tmp_path)
     assert abs(theirs - ours) / ours < 1e-3, (ours, theirs)
+    assert packed == (sorted(n for n, _ in quant_linears(model)) if fmt == CT_PACKED else [])
 
 
 def logits(model, tokens):
@@ -146,9 +167,16 @@ def test_fp_model_exports_plain_and_a_full_folder_is_not_overwritten(tiny_model,
         export_model(tiny_model, None, tmp_path / "out")
 
 
-def test_packed_4bit_folder_is_smaller_than_fp(tiny_model, tmp_path):
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+def test_packed_4bit_folder_is_smaller_than_fp(tiny_model, tmp_path, symmetric):
     import copy
 
     fp = export_model(copy.deepcopy(tiny_model), None, tmp_path / "fp")
-    w4 = export_model(quantized(tiny_model, "rtn", "W4A16", w_symmetric=True), None, tmp_path / "w4")
+    model = quantized(tiny_model, "rtn", "W4A16", w_symmetric=symmetric)
+    w4 = export_model(model, None, tmp_path / "w4")
     assert w4.format == CT_PACKED and w4.size_bytes < fp.size_bytes
+    # 4 bits a weight: eight weights to an int32 word (the tiny model's widths are multiples of 8)
+    tensors = load_file(str(tmp_path / "w4" / "model.safetensors"))
+    for name, q in quant_linears(model):
+        packed = tensors[f"{name}.weight_packed"]
+        assert packed.dtype == torch.int32 and packed.numel() * 8 == q.weight.numel(), name
