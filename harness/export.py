@@ -9,12 +9,14 @@ Two formats; the model decides which:
   quantized linear shares one bit spec with weights of 2..8 bits per output channel or per group,
   activations unquantized or 8-bit (declared as dynamic per-token int8, symmetric or not, as ptqbench
   computes them), and nothing else is changed structurally. Weights are stored as integers, 4-bit and
-  below packed into int32s (``pack-quantized``; asymmetric ones only in weight-only specs, declared with
-  the ``block`` strategy: see ``_write_compressed_tensors``), the rest one per int8 (``int-quantized``),
-  with the scale and zero point each ``QuantLinear`` recorded when it froze, so the checkpoint
-  dequantizes to exactly ptqbench's fake-quantized weights (checked with compressed-tensors' own
-  decompressor before writing). ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` loads it,
-  no ptqbench needed.
+  below packed into int32s (``pack-quantized``; asymmetric ones only in weight-only specs), the rest one
+  per int8 (``int-quantized``), with the scale and zero point each ``QuantLinear`` recorded when it froze,
+  so the checkpoint dequantizes to exactly ptqbench's fake-quantized weights (checked with
+  compressed-tensors' own decompressor before writing). Up to 4 weight bits without activation
+  quantization, and with int8 activations for asymmetric or 8-bit weights, the tensors and config are
+  the ones llm-compressor writes; packed asymmetric folders add ``"dequantize": true`` for transformers
+  (see ``TRANSFORMERS_DEQUANTIZE``). ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` loads
+  it, no ptqbench needed.
 - **ptqbench** for what that format cannot say: activations below 8 bits (W4A4, W6A6), QLLM's channel
   reassembly (index/scale modules between a norm and its linears), an ``lm_head`` bias (QLLM's final
   norm bias folded into the head), per-tensor weights. Everything that folds is folded into plain
@@ -60,6 +62,19 @@ INFO = "ptqbench_export.json"
 FORMAT_VERSION = 1
 CT_PACKED, CT_INT, PTQBENCH, DENSE = "compressed-tensors/pack-quantized", "compressed-tensors/int-quantized", "ptqbench", "dense"
 _BUFFERS = ("src", "scale", "group", "count")
+
+# A transformers loading key in the quantization_config of packed asymmetric weight-only folders; compressed-tensors'
+# QuantizationConfig ignores extra keys and vLLM does not read it (it serves the packed tensors). The checkpoint itself
+# is what llm-compressor writes: compressed-tensors 0.20 packs a channel/group zero point into int32s
+# (compressed_tensors/compressors/pack_quantized/base.py:103-106, PACK_ZP_STRATS :29-32). transformers 5.23 without
+# the key builds each layer on the meta device and calls compress_model (quantizers/quantizer_compressed_tensors.py
+# :115-119), whose meta path (pack_quantized/base.py:83-91) never packs the zero point, so it expects a (rows, groups)
+# int8 tensor, finds the packed one and stops (core_model_loading.py:1455-1461 -> utils/loading_report.py:315-318).
+# With the key it keeps the model dense (quantizer_compressed_tensors.py:92-94) and decompresses the real tensors as
+# it reads them (integrations/compressed_tensors.py:86-93): the same weights, but dense in memory from the start (a
+# compressed load decompresses on its first forward anyway) and a model without quantization_config. Drop the key
+# once transformers packs the zero point on that path (compressed-tensors 0.20.1 is unchanged).
+TRANSFORMERS_DEQUANTIZE = "dequantize"
 
 
 class ExportError(PtqbenchError):
@@ -187,17 +202,13 @@ def compressed_tensors_blocker(model: nn.Module, linears: dict[str, QuantLinear]
     return None
 
 
-def _ct_scheme(spec: BitSpec, targets: list[str], fmt: str, block: int = 0) -> Any:
-    """The compressed-tensors scheme of ``spec``; ``block`` > 0 declares the weights' ranges as blocks of one row
-    by ``block`` columns (per channel when ``block`` is the input width, per group when it is the group size)."""
+def _ct_scheme(spec: BitSpec, targets: list[str], fmt: str) -> Any:
+    """The compressed-tensors scheme of ``spec``: asymmetric W4A16g128 gives compressed-tensors' W4A16_ASYM preset
+    (llm-compressor's) but for ``format``, which the presets leave to be inferred and ptqbench declares."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    if block:
-        weights = QuantizationArgs(num_bits=spec.w_bits, type="int", symmetric=spec.w_symmetric,
-                                   strategy="block", block_structure=[1, block])
-    else:
-        weights = QuantizationArgs(num_bits=spec.w_bits, type="int", symmetric=spec.w_symmetric,
-                                   strategy="group" if spec.w_group else "channel", group_size=spec.w_group or None)
+    weights = QuantizationArgs(num_bits=spec.w_bits, type="int", symmetric=spec.w_symmetric,
+                               strategy="group" if spec.w_group else "channel", group_size=spec.w_group or None)
     acts = None
     if spec.quantizes_activations:  # ptqbench quantizes activations dynamically, one range per token
         acts = QuantizationArgs(num_bits=spec.a_bits, type="int", symmetric=spec.a_symmetric, strategy="token", dynamic=True)
@@ -216,26 +227,19 @@ def _write_compressed_tensors(model: nn.Module, linears: dict[str, QuantLinear],
                                        "'compressed-tensors' package; pip install 'ptqbench[export]'") from None
 
     spec = next(iter(linears.values())).spec
-    # Asymmetric weights with 8-bit activations stay int-quantized: the block layout below, which asymmetric
-    # packing needs, is tested against transformers' loader for weight-only specs only.
+    # 4-bit and below is packed, as llm-compressor packs weight-only schemes. Asymmetric weights with 8-bit activations
+    # stay int-quantized, as llm-compressor writes them, and must: packed asymmetric weights load in transformers only
+    # dequantized (TRANSFORMERS_DEQUANTIZE), as plain nn.Linear, which would drop the int8 activation quantization.
+    # (llm-compressor would also pack W5..8A16, and write symmetric W4A8 int-quantized.)
     packed = spec.w_bits <= 4 and (spec.w_symmetric or not spec.quantizes_activations)
     compressor, fmt = (PackedQuantizationCompressor, CT_PACKED) if packed else (IntQuantizationCompressor, CT_INT)
-    # Packed asymmetric weights are declared as blocks of 1 x width (the same ranges as per channel / per
-    # group), not as channel / group: for those two strategies compressed-tensors 0.20 packs the zero point
-    # into int32s (pack_quantized/base.py, PACK_ZP_STRATS), but transformers 5.23 builds each layer on the
-    # meta device, where compress skips that packing, so it expects a (rows, groups) zero point and refuses
-    # the packed one. A block zero point is never packed: one int8 per row / group on both sides.
-    blocked = packed and not spec.w_symmetric
+    scheme = _ct_scheme(spec, ["Linear"], fmt)
     # ptqbench's asymmetric integers are 0..2^b-1; compressed-tensors' are signed, -2^(b-1)..2^(b-1)-1
     offset = 0 if spec.w_symmetric else 2 ** (spec.w_bits - 1)
     state = _state_dict(model)
-    widths: dict[int, list[str]] = {}  # block width -> the linears with it (one entry, 0, without blocks)
     for name, q in linears.items():
         weight = state.pop(f"{name}.weight")
         rows = weight.shape[0]
-        width = (spec.w_group or weight.shape[1]) if blocked else 0
-        widths.setdefault(width, []).append(name)
-        scheme = _ct_scheme(spec, [name], fmt, width)
         scale = q.weight_scale.detach().cpu().to(weight.dtype).reshape(rows, -1)
         zero = (q.weight_zero.detach().cpu().reshape(rows, -1) - offset)
         lo, hi = -(2 ** (spec.w_bits - 1)), 2 ** (spec.w_bits - 1) - 1
@@ -250,13 +254,11 @@ def _write_compressed_tensors(model: nn.Module, linears: dict[str, QuantLinear],
             raise ExportError(f"{name}: the recorded scale and zero point do not reproduce the frozen weight "
                               f"(max diff {(restored - weight).abs().max().item():.3g}); was it changed after freezing?")
         state.update({f"{name}.{k}": v.contiguous() for k, v in compressed.items()})
-    # Per-channel blocks are as wide as each linear's input (down_proj's differs): one group per width, naming
-    # its linears; a single width (always so per group) targets every Linear, as the unblocked schemes do.
-    groups = {f"group_{i}": _ct_scheme(spec, names if len(widths) > 1 else ["Linear"], fmt, width)
-              for i, (width, names) in enumerate(widths.items())}
-    config = QuantizationConfig(config_groups=groups, format=fmt.split("/")[1],
-                                quantization_status="compressed", ignore=["lm_head"])
-    _save_dense(model, state, out, config.model_dump(mode="json"))
+    config = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt.split("/")[1],
+                                quantization_status="compressed", ignore=["lm_head"]).model_dump(mode="json")
+    if packed and not spec.w_symmetric:  # a packed zero point: transformers loads it only dequantizing (see above)
+        config[TRANSFORMERS_DEQUANTIZE] = True
+    _save_dense(model, state, out, config)
     return fmt
 
 
@@ -351,5 +353,5 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
     return model.to(device).eval()
 
 
-__all__ = ["CT_INT", "CT_PACKED", "DENSE", "PTQBENCH", "ExportError", "ExportResult", "check_target", "export_info", "export_model",
-           "folder_size", "human_size", "is_ptqbench_folder", "load_quantized"]
+__all__ = ["CT_INT", "CT_PACKED", "DENSE", "PTQBENCH", "TRANSFORMERS_DEQUANTIZE", "ExportError", "ExportResult", "check_target",
+           "export_info", "export_model", "folder_size", "human_size", "is_ptqbench_folder", "load_quantized"]

@@ -7,6 +7,7 @@ three lines, and reloaded ptqbench-format models must give bit-identical logits.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ from safetensors.torch import load_file
 
 from harness import BitSpec, QuantContext, get_method, quant_linears
 from harness.evaluate import perplexity
-from harness.export import CT_INT, CT_PACKED, MANIFEST, PTQBENCH, ExportError, export_model, load_quantized
+from harness.export import (CT_INT, CT_PACKED, MANIFEST, PTQBENCH, TRANSFORMERS_DEQUANTIZE, ExportError, export_model,
+                             load_quantized)
 from harness.reassembly import Reassembled
 
 CPU = QuantContext(device=torch.device("cpu"), seed=0, progress=False)
@@ -28,7 +30,7 @@ import json, math, sys, torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
-# before the first forward (which decompresses), a packed folder's linears hold int32 words, not weights
+# before the first forward (which decompresses), a folder loaded compressed holds int32 words, not weights
 packed = sorted(n for n, m in model.named_modules() if isinstance(getattr(m, "weight_packed", None), torch.Tensor)
                 and m.weight_packed.dtype == torch.int32)
 tokens = torch.tensor(json.loads(open(sys.argv[2]).read()))
@@ -41,7 +43,8 @@ print(json.dumps({"ppl": math.exp(nll.item()), "imported": ours, "packed": packe
 
 
 def fresh_ppl(folder: Path, tokens: torch.Tensor, tmp_path: Path) -> tuple[float, list[str]]:
-    """Perplexity of ``folder`` loaded by transformers in a fresh interpreter, and its linears that loaded packed."""
+    """Perplexity of ``folder`` loaded by transformers in a fresh interpreter, and its linears that loaded packed
+    (kept compressed; a folder with ``"dequantize": true`` loads dense)."""
     (tmp_path / "tokens.json").write_text(json.dumps(tokens.tolist()))
     (tmp_path / "fresh.py").write_text(FRESH)
     out = subprocess.run([sys.executable, str(tmp_path / "fresh.py"), str(folder), str(tmp_path / "tokens.json")],
@@ -71,7 +74,7 @@ CT_CASES = [
     ("W4A16", {"w_symmetric": True}, CT_PACKED),
     ("W3A16", {"w_symmetric": True}, CT_PACKED), ("W4A16g32", {"w_symmetric": True}, CT_PACKED),
     ("W8A8", {}, CT_INT), ("W4A8", {}, CT_INT),
-    # ptqbench's default (asymmetric) weight-only specs: packed too, the ranges declared as 1 x width blocks
+    # ptqbench's default (asymmetric) weight-only specs: packed too, zero points included, as llm-compressor writes them
     ("W4A16", {}, CT_PACKED), ("W3A16", {}, CT_PACKED), ("W4A16g32", {}, CT_PACKED), ("W2A16g32", {}, CT_PACKED),
     ("W8A16", {}, CT_INT),
 ]
@@ -85,24 +88,20 @@ def test_compressed_tensors_export_loads_without_ptqbench_and_matches(tiny_model
     assert result.format == fmt and result.reason == ""
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     spec = BitSpec.parse(bits, **scheme)
-    assert config["quant_method"] == "compressed-tensors"
-    for group in config["config_groups"].values():
-        assert group["format"] == fmt.split("/")[1]
-        assert group["weights"]["num_bits"] == spec.w_bits and group["weights"]["symmetric"] == spec.w_symmetric
-        if spec.quantizes_activations:
-            acts = group["input_activations"]
-            assert (acts["num_bits"], acts["strategy"], acts["dynamic"]) == (8, "token", True)
-        else:
-            assert group["input_activations"] is None
-    # every quantized linear is covered by a group whose ranges are one row by the group size / the input width
-    for name, q in quant_linears(model):
-        (group,) = [g for g in config["config_groups"].values() if name in g["targets"] or g["targets"] == ["Linear"]]
-        weights = group["weights"]
-        if weights["strategy"] == "block":
-            assert fmt == CT_PACKED and not spec.w_symmetric
-            assert weights["block_structure"] == [1, spec.w_group or q.weight.shape[1]]
-        else:
-            assert weights["strategy"] == ("group" if spec.w_group else "channel")
+    assert config["quant_method"] == "compressed-tensors" and list(config["config_groups"]) == ["group_0"]
+    group = config["config_groups"]["group_0"]
+    assert group["targets"] == ["Linear"] and group["format"] == fmt.split("/")[1]
+    weights = group["weights"]
+    assert (weights["num_bits"], weights["symmetric"]) == (spec.w_bits, spec.w_symmetric)
+    assert (weights["strategy"], weights["group_size"]) == (("group", spec.w_group) if spec.w_group else ("channel", None))
+    if spec.quantizes_activations:
+        acts = group["input_activations"]
+        assert (acts["num_bits"], acts["strategy"], acts["dynamic"]) == (8, "token", True)
+    else:
+        assert group["input_activations"] is None
+    # transformers' loading key, only where its compressed load refuses the packed zero points
+    dequantized = fmt == CT_PACKED and not spec.w_symmetric
+    assert config.get(TRANSFORMERS_DEQUANTIZE, False) is dequantized
 
     # the stored integers, unpacked and dequantized by hand, are ptqbench's weights bit for bit
     tensors = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -117,8 +116,12 @@ def test_compressed_tensors_export_loads_without_ptqbench_and_matches(tiny_model
         zero = torch.zeros_like(scale, dtype=torch.long)
         if not spec.w_symmetric:
             z = tensors[f"{name}.weight_zero_point"]
-            assert z.dtype == torch.int8 and z.shape == scale.shape  # one int8 zero point per row / group, unpacked
-            zero = z.long()
+            if fmt == CT_PACKED:  # packed too, down each column of the (rows, groups) zero points
+                assert z.dtype == torch.int32 and z.shape == (math.ceil(shape[0] * spec.w_bits / 32), scale.shape[1])
+                zero = unpack(z.T.contiguous(), spec.w_bits, (scale.shape[1], shape[0])).T
+            else:
+                assert z.dtype == torch.int8 and z.shape == scale.shape
+                zero = z.long()
         grid = ints + offset  # ptqbench's integers: 0..2^b-1 asymmetric, -(2^(b-1)-1)..2^(b-1)-1 symmetric
         lo, hi = (0, 2**spec.w_bits - 1) if offset else (-(2 ** (spec.w_bits - 1) - 1), 2 ** (spec.w_bits - 1) - 1)
         assert lo <= grid.min() and grid.max() <= hi
@@ -129,7 +132,70 @@ def test_compressed_tensors_export_loads_without_ptqbench_and_matches(tiny_model
     ours = perplexity(model, tiny_tokens, device=torch.device("cpu"), progress=False)
     theirs, packed = fresh_ppl(tmp_path / "out", tiny_tokens, tmp_path)
     assert abs(theirs - ours) / ours < 1e-3, (ours, theirs)
-    assert packed == (sorted(n for n, _ in quant_linears(model)) if fmt == CT_PACKED else [])
+    assert packed == (sorted(n for n, _ in quant_linears(model)) if fmt == CT_PACKED and not dequantized else [])
+
+
+@pytest.mark.parametrize("bits, preset", [("W4A16g128", "W4A16_ASYM"), ("W4A16g128-sym", "W4A16"), ("W8A8-sym", "W8A8")])
+def test_compressed_tensors_schemes_are_the_presets(bits, preset):
+    """llm-compressor's presets (compressed-tensors' PRESET_SCHEMES) for the same specs; the format aside, which
+    the presets leave for compressed-tensors to infer and ptqbench declares."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    from harness.export import _ct_scheme
+
+    name, _, sym = bits.partition("-")
+    spec = BitSpec.parse(name, w_symmetric=bool(sym), a_symmetric=bool(sym))
+    fmt = CT_PACKED if spec.w_bits <= 4 else CT_INT
+    preset_scheme = preset_name_to_scheme(preset, ["Linear"]).model_dump(mode="json")
+    assert preset_scheme["format"] is None
+    assert _ct_scheme(spec, ["Linear"], fmt).model_dump(mode="json") == {**preset_scheme, "format": fmt.split("/")[1]}
+
+
+@pytest.mark.parametrize("bits, scheme", [("W4A16", {}), ("W2A16g32", {}), ("W4A16", {"w_symmetric": True}),
+                                          ("W4A8", {}), ("W8A8", {})],
+                         ids=["W4A16-asym", "W2A16g32-asym", "W4A16-sym", "W4A8-asym", "W8A8-asym"])
+def test_compressed_tensors_export_is_what_llm_compressor_writes(tiny_model, tmp_path, bits, scheme):
+    """llm-compressor's save path for the same weights and ranges: a dense model with the scheme applied, the format
+    inferred by compressed-tensors, ModelCompressor.compress_model. Same tensors, same quantization_config (ours adds
+    only transformers' loading key)."""
+    import copy
+
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+
+    spec = BitSpec.parse(bits, **scheme)
+    reference = copy.deepcopy(tiny_model)
+    model = quantized(tiny_model, "rtn", bits, **scheme)
+    export_model(model, None, tmp_path / "out")
+    ours = load_file(str(tmp_path / "out" / "model.safetensors"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+
+    weights = QuantizationArgs(num_bits=spec.w_bits, symmetric=spec.w_symmetric, strategy="group" if spec.w_group else "channel",
+                               group_size=spec.w_group or None)
+    acts = None
+    if spec.quantizes_activations:
+        acts = QuantizationArgs(num_bits=8, symmetric=spec.a_symmetric, strategy="token", dynamic=True)
+    apply_quantization_config(reference, QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)},
+        ignore=["lm_head"], quantization_status="frozen"))
+    offset = 0 if spec.w_symmetric else 2 ** (spec.w_bits - 1)  # compressed-tensors' integers are signed
+    linears = dict(quant_linears(model))
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if name in linears:
+                q = linears[name]
+                module.weight.copy_(q.weight)
+                module.weight_scale.copy_(q.weight_scale.reshape(module.weight_scale.shape))
+                module.weight_zero_point.copy_((q.weight_zero.reshape(module.weight_zero_point.shape) - offset))
+    compressor = ModelCompressor.from_pretrained_model(reference)
+    compressor.compress_model(reference)
+    theirs = {k: v for k, v in reference.state_dict().items() if k != "lm_head.weight"}  # tied: written once
+    assert set(ours) == set(theirs)
+    for key, tensor in theirs.items():
+        assert ours[key].dtype == tensor.dtype and torch.equal(ours[key], tensor), key
+    expected = compressor.quantization_config.model_dump(mode="json")
+    assert {k: v for k, v in config.items() if k != TRANSFORMERS_DEQUANTIZE} == expected
 
 
 def logits(model, tokens):
