@@ -54,6 +54,7 @@ from harness.bits import BitSpec
 from harness.errors import PtqbenchError, ResourceUnavailableError
 from harness.qlinear import QuantLinear, freeze, quant_linears
 from harness.reassembly import Reassembled, Reassembly
+from harness.results import current_umask
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,7 @@ def export_model(model: nn.Module, tokenizer: Any, out: str | Path, *, source: d
     blocker = compressed_tensors_blocker(model, linears) if linears else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = current_umask()
     os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; an export is an ordinary folder
     try:
         if not linears:
@@ -129,6 +129,8 @@ def export_model(model: nn.Module, tokenizer: Any, out: str | Path, *, source: d
         size = folder_size(tmp)
         info = {"format": fmt, "size_bytes": size, "reason": blocker or "", "source": source or {}}
         (tmp / INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        for path in tmp.rglob("*"):  # ordinary files too: safetensors 0.8 writes model.safetensors 0600
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from harness.evaluate import perplexity
 from harness.export import (CT_INT, CT_PACKED, MANIFEST, PTQBENCH, TRANSFORMERS_DEQUANTIZE, ExportError, export_model,
                              load_quantized)
 from harness.reassembly import Reassembled
+from harness.results import current_umask
 
 CPU = QuantContext(device=torch.device("cpu"), seed=0, progress=False)
 
@@ -231,6 +233,10 @@ def test_fp_model_exports_plain_and_a_full_folder_is_not_overwritten(tiny_model,
     assert torch.equal(logits(load_quantized(tmp_path / "out"), tiny_tokens), logits(tiny_model, tiny_tokens))
     with pytest.raises(ExportError, match="exists and is not empty"):
         export_model(tiny_model, None, tmp_path / "out")
+    # the usual permissions under the umask (safetensors writes its file 0600, mkdtemp its folder 0700)
+    mask = current_umask()
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "out", *(tmp_path / "out").iterdir()]}
+    assert modes == {name: (0o777 if name == "out" else 0o666) & ~mask for name in modes}
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
