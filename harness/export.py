@@ -8,12 +8,15 @@ Two formats; the model decides which:
 - **compressed-tensors** (what llm-compressor writes and transformers / vLLM load) when every
   quantized linear shares one bit spec with weights of 2..8 bits per output channel or per group,
   activations unquantized or 8-bit (declared as dynamic per-token int8, symmetric or not, as ptqbench
-  computes them), and nothing else is changed structurally. Weights are stored as integers (symmetric
-  4-bit and below packed into int32s, ``pack-quantized``; the rest one per int8, ``int-quantized``) with the
-  scale and zero point each ``QuantLinear`` recorded when it froze (asymmetric weights, ptqbench's default,
-  as int8 even at 4 bits: see ``_write_compressed_tensors``), so the checkpoint dequantizes to
-  exactly ptqbench's fake-quantized weights (checked with compressed-tensors' own decompressor before
-  writing). ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` loads it, no ptqbench needed.
+  computes them), and nothing else is changed structurally. Weights are stored as integers, 4-bit and
+  below packed into int32s (``pack-quantized``; asymmetric ones only in weight-only specs), the rest one
+  per int8 (``int-quantized``), with the scale and zero point each ``QuantLinear`` recorded when it froze,
+  so the checkpoint dequantizes to exactly ptqbench's fake-quantized weights (checked with
+  compressed-tensors' own decompressor before writing). Up to 4 weight bits without activation
+  quantization, and with int8 activations for asymmetric or 8-bit weights, the tensors and config are
+  the ones llm-compressor writes; packed asymmetric folders add ``"dequantize": true`` for transformers
+  (see ``TRANSFORMERS_DEQUANTIZE``). ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` loads
+  it, no ptqbench needed.
 - **ptqbench** for what that format cannot say: activations below 8 bits (W4A4, W6A6), QLLM's channel
   reassembly (index/scale modules between a norm and its linears), an ``lm_head`` bias (QLLM's final
   norm bias folded into the head), per-tensor weights. Everything that folds is folded into plain
@@ -51,6 +54,7 @@ from harness.bits import BitSpec
 from harness.errors import PtqbenchError, ResourceUnavailableError
 from harness.qlinear import QuantLinear, freeze, quant_linears
 from harness.reassembly import Reassembled, Reassembly
+from harness.results import current_umask
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,19 @@ INFO = "ptqbench_export.json"
 FORMAT_VERSION = 1
 CT_PACKED, CT_INT, PTQBENCH, DENSE = "compressed-tensors/pack-quantized", "compressed-tensors/int-quantized", "ptqbench", "dense"
 _BUFFERS = ("src", "scale", "group", "count")
+
+# A transformers loading key in the quantization_config of packed asymmetric weight-only folders; compressed-tensors'
+# QuantizationConfig ignores extra keys and vLLM does not read it (it serves the packed tensors). The checkpoint itself
+# is what llm-compressor writes: compressed-tensors 0.20 packs a channel/group zero point into int32s
+# (compressed_tensors/compressors/pack_quantized/base.py:103-106, PACK_ZP_STRATS :29-32). transformers 5.23 without
+# the key builds each layer on the meta device and calls compress_model (quantizers/quantizer_compressed_tensors.py
+# :115-119), whose meta path (pack_quantized/base.py:83-91) never packs the zero point, so it expects a (rows, groups)
+# int8 tensor, finds the packed one and stops (core_model_loading.py:1455-1461 -> utils/loading_report.py:315-318).
+# With the key it keeps the model dense (quantizer_compressed_tensors.py:92-94) and decompresses the real tensors as
+# it reads them (integrations/compressed_tensors.py:86-93): the same weights, but dense in memory from the start (a
+# compressed load decompresses on its first forward anyway) and a model without quantization_config. Drop the key
+# once transformers packs the zero point on that path (compressed-tensors 0.20.1 is unchanged).
+TRANSFORMERS_DEQUANTIZE = "dequantize"
 
 
 class ExportError(PtqbenchError):
@@ -96,8 +113,7 @@ def export_model(model: nn.Module, tokenizer: Any, out: str | Path, *, source: d
     blocker = compressed_tensors_blocker(model, linears) if linears else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = current_umask()
     os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; an export is an ordinary folder
     try:
         if not linears:
@@ -113,6 +129,8 @@ def export_model(model: nn.Module, tokenizer: Any, out: str | Path, *, source: d
         size = folder_size(tmp)
         info = {"format": fmt, "size_bytes": size, "reason": blocker or "", "source": source or {}}
         (tmp / INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        for path in tmp.rglob("*"):  # ordinary files too: safetensors 0.8 writes model.safetensors 0600
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -187,6 +205,8 @@ def compressed_tensors_blocker(model: nn.Module, linears: dict[str, QuantLinear]
 
 
 def _ct_scheme(spec: BitSpec, targets: list[str], fmt: str) -> Any:
+    """The compressed-tensors scheme of ``spec``: asymmetric W4A16g128 gives compressed-tensors' W4A16_ASYM preset
+    (llm-compressor's) but for ``format``, which the presets leave to be inferred and ptqbench declares."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     weights = QuantizationArgs(num_bits=spec.w_bits, type="int", symmetric=spec.w_symmetric,
@@ -209,10 +229,11 @@ def _write_compressed_tensors(model: nn.Module, linears: dict[str, QuantLinear],
                                        "'compressed-tensors' package; pip install 'ptqbench[export]'") from None
 
     spec = next(iter(linears.values())).spec
-    # Asymmetric weights are stored one int8 per weight even at 4 bits: transformers 5.23 + compressed-tensors
-    # 0.20 build a pack-quantized layer's zero point unpacked (compress_module's meta-device path skips
-    # packing it) and then refuse the packed zero point the compressor writes.
-    packed = spec.w_bits <= 4 and spec.w_symmetric
+    # 4-bit and below is packed, as llm-compressor packs weight-only schemes. Asymmetric weights with 8-bit activations
+    # stay int-quantized, as llm-compressor writes them, and must: packed asymmetric weights load in transformers only
+    # dequantized (TRANSFORMERS_DEQUANTIZE), as plain nn.Linear, which would drop the int8 activation quantization.
+    # (llm-compressor would also pack W5..8A16, and write symmetric W4A8 int-quantized.)
+    packed = spec.w_bits <= 4 and (spec.w_symmetric or not spec.quantizes_activations)
     compressor, fmt = (PackedQuantizationCompressor, CT_PACKED) if packed else (IntQuantizationCompressor, CT_INT)
     scheme = _ct_scheme(spec, ["Linear"], fmt)
     # ptqbench's asymmetric integers are 0..2^b-1; compressed-tensors' are signed, -2^(b-1)..2^(b-1)-1
@@ -236,8 +257,10 @@ def _write_compressed_tensors(model: nn.Module, linears: dict[str, QuantLinear],
                               f"(max diff {(restored - weight).abs().max().item():.3g}); was it changed after freezing?")
         state.update({f"{name}.{k}": v.contiguous() for k, v in compressed.items()})
     config = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt.split("/")[1],
-                                quantization_status="compressed", ignore=["lm_head"])
-    _save_dense(model, state, out, config.model_dump(mode="json"))
+                                quantization_status="compressed", ignore=["lm_head"]).model_dump(mode="json")
+    if packed and not spec.w_symmetric:  # a packed zero point: transformers loads it only dequantizing (see above)
+        config[TRANSFORMERS_DEQUANTIZE] = True
+    _save_dense(model, state, out, config)
     return fmt
 
 
@@ -332,5 +355,5 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
     return model.to(device).eval()
 
 
-__all__ = ["CT_INT", "CT_PACKED", "DENSE", "PTQBENCH", "ExportError", "ExportResult", "check_target", "export_info", "export_model",
-           "folder_size", "human_size", "is_ptqbench_folder", "load_quantized"]
+__all__ = ["CT_INT", "CT_PACKED", "DENSE", "PTQBENCH", "TRANSFORMERS_DEQUANTIZE", "ExportError", "ExportResult", "check_target",
+           "export_info", "export_model", "folder_size", "human_size", "is_ptqbench_folder", "load_quantized"]

@@ -46,7 +46,8 @@ def run_key(identity: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -72,7 +73,7 @@ def write_bytes_atomic(path: Path, data: bytes, what: str = "file") -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results and reports are ordinary files
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; results and reports are ordinary files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -7,6 +7,8 @@ three lines, and reloaded ptqbench-format models must give bit-identical logits.
 from __future__ import annotations
 
 import json
+import math
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +19,10 @@ from safetensors.torch import load_file
 
 from harness import BitSpec, QuantContext, get_method, quant_linears
 from harness.evaluate import perplexity
-from harness.export import CT_INT, CT_PACKED, MANIFEST, PTQBENCH, ExportError, export_model, load_quantized
+from harness.export import (CT_INT, CT_PACKED, MANIFEST, PTQBENCH, TRANSFORMERS_DEQUANTIZE, ExportError, export_model,
+                             load_quantized)
 from harness.reassembly import Reassembled
+from harness.results import current_umask
 
 CPU = QuantContext(device=torch.device("cpu"), seed=0, progress=False)
 
@@ -28,16 +32,21 @@ import json, math, sys, torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+# before the first forward (which decompresses), a folder loaded compressed holds int32 words, not weights
+packed = sorted(n for n, m in model.named_modules() if isinstance(getattr(m, "weight_packed", None), torch.Tensor)
+                and m.weight_packed.dtype == torch.int32)
 tokens = torch.tensor(json.loads(open(sys.argv[2]).read()))
 with torch.no_grad():
     logits = model(tokens).logits[:, :-1]
 nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 ours = [m for m in sys.modules if m.split(".")[0] in ("harness", "methods", "ptqbench")]
-print(json.dumps({"ppl": math.exp(nll.item()), "imported": ours}))
+print(json.dumps({"ppl": math.exp(nll.item()), "imported": ours, "packed": packed}))
 """
 
 
-def fresh_ppl(folder: Path, tokens: torch.Tensor, tmp_path: Path) -> float:
+def fresh_ppl(folder: Path, tokens: torch.Tensor, tmp_path: Path) -> tuple[float, list[str]]:
+    """Perplexity of ``folder`` loaded by transformers in a fresh interpreter, and its linears that loaded packed
+    (kept compressed; a folder with ``"dequantize": true`` loads dense)."""
     (tmp_path / "tokens.json").write_text(json.dumps(tokens.tolist()))
     (tmp_path / "fresh.py").write_text(FRESH)
     out = subprocess.run([sys.executable, str(tmp_path / "fresh.py"), str(folder), str(tmp_path / "tokens.json")],
@@ -45,7 +54,7 @@ def fresh_ppl(folder: Path, tokens: torch.Tensor, tmp_path: Path) -> float:
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["imported"] == []
-    return result["ppl"]
+    return result["ppl"], result["packed"]
 
 
 def unpack(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> torch.Tensor:
@@ -63,27 +72,38 @@ def quantized(tiny_model, method: str, bits: str, options: dict | None = None, c
     return get_method(method).from_options(options or {}).quantize(tiny_model, spec, calib, CPU).model
 
 
-@pytest.mark.parametrize("bits, scheme, fmt", [
+CT_CASES = [
     ("W4A16", {"w_symmetric": True}, CT_PACKED),
     ("W3A16", {"w_symmetric": True}, CT_PACKED), ("W4A16g32", {"w_symmetric": True}, CT_PACKED),
     ("W8A8", {}, CT_INT), ("W4A8", {}, CT_INT),
-    # ptqbench's default (asymmetric) weight-only specs: one int8 per weight, the scheme declaring its format
-    ("W4A16", {}, CT_INT), ("W3A16g32", {}, CT_INT),
-])
+    # ptqbench's default (asymmetric) weight-only specs: packed too, zero points included, as llm-compressor writes them
+    ("W4A16", {}, CT_PACKED), ("W3A16", {}, CT_PACKED), ("W4A16g32", {}, CT_PACKED), ("W2A16g32", {}, CT_PACKED),
+    ("W8A16", {}, CT_INT),
+]
+
+
+@pytest.mark.parametrize("bits, scheme, fmt", [
+    pytest.param(*case, id=f"{case[0]}-{'sym' if case[1] else 'asym'}-{case[2].split('/')[1]}") for case in CT_CASES])
 def test_compressed_tensors_export_loads_without_ptqbench_and_matches(tiny_model, tiny_tokens, tmp_path, bits, scheme, fmt):
     model = quantized(tiny_model, "rtn", bits, **scheme)
     result = export_model(model, None, tmp_path / "out")
     assert result.format == fmt and result.reason == ""
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
-    group = config["config_groups"]["group_0"]
     spec = BitSpec.parse(bits, **scheme)
-    assert config["quant_method"] == "compressed-tensors" and group["weights"]["num_bits"] == spec.w_bits
-    assert group["weights"]["symmetric"] == spec.w_symmetric
+    assert config["quant_method"] == "compressed-tensors" and list(config["config_groups"]) == ["group_0"]
+    group = config["config_groups"]["group_0"]
+    assert group["targets"] == ["Linear"] and group["format"] == fmt.split("/")[1]
+    weights = group["weights"]
+    assert (weights["num_bits"], weights["symmetric"]) == (spec.w_bits, spec.w_symmetric)
+    assert (weights["strategy"], weights["group_size"]) == (("group", spec.w_group) if spec.w_group else ("channel", None))
     if spec.quantizes_activations:
         acts = group["input_activations"]
         assert (acts["num_bits"], acts["strategy"], acts["dynamic"]) == (8, "token", True)
     else:
         assert group["input_activations"] is None
+    # transformers' loading key, only where its compressed load refuses the packed zero points
+    dequantized = fmt == CT_PACKED and not spec.w_symmetric
+    assert config.get(TRANSFORMERS_DEQUANTIZE, False) is dequantized
 
     # the stored integers, unpacked and dequantized by hand, are ptqbench's weights bit for bit
     tensors = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -98,7 +118,12 @@ def test_compressed_tensors_export_loads_without_ptqbench_and_matches(tiny_model
         zero = torch.zeros_like(scale, dtype=torch.long)
         if not spec.w_symmetric:
             z = tensors[f"{name}.weight_zero_point"]
-            zero = z.long()  # asymmetric weights are stored int-quantized: one int8 zero point per row / group
+            if fmt == CT_PACKED:  # packed too, down each column of the (rows, groups) zero points
+                assert z.dtype == torch.int32 and z.shape == (math.ceil(shape[0] * spec.w_bits / 32), scale.shape[1])
+                zero = unpack(z.T.contiguous(), spec.w_bits, (scale.shape[1], shape[0])).T
+            else:
+                assert z.dtype == torch.int8 and z.shape == scale.shape
+                zero = z.long()
         grid = ints + offset  # ptqbench's integers: 0..2^b-1 asymmetric, -(2^(b-1)-1)..2^(b-1)-1 symmetric
         lo, hi = (0, 2**spec.w_bits - 1) if offset else (-(2 ** (spec.w_bits - 1) - 1), 2 ** (spec.w_bits - 1) - 1)
         assert lo <= grid.min() and grid.max() <= hi
@@ -107,8 +132,72 @@ def test_compressed_tensors_export_loads_without_ptqbench_and_matches(tiny_model
         assert torch.equal(deq, q.weight.detach()), name
 
     ours = perplexity(model, tiny_tokens, device=torch.device("cpu"), progress=False)
-    theirs = fresh_ppl(tmp_path / "out", tiny_tokens, tmp_path)
+    theirs, packed = fresh_ppl(tmp_path / "out", tiny_tokens, tmp_path)
     assert abs(theirs - ours) / ours < 1e-3, (ours, theirs)
+    assert packed == (sorted(n for n, _ in quant_linears(model)) if fmt == CT_PACKED and not dequantized else [])
+
+
+@pytest.mark.parametrize("bits, preset", [("W4A16g128", "W4A16_ASYM"), ("W4A16g128-sym", "W4A16"), ("W8A8-sym", "W8A8")])
+def test_compressed_tensors_schemes_are_the_presets(bits, preset):
+    """llm-compressor's presets (compressed-tensors' PRESET_SCHEMES) for the same specs; the format aside, which
+    the presets leave for compressed-tensors to infer and ptqbench declares."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    from harness.export import _ct_scheme
+
+    name, _, sym = bits.partition("-")
+    spec = BitSpec.parse(name, w_symmetric=bool(sym), a_symmetric=bool(sym))
+    fmt = CT_PACKED if spec.w_bits <= 4 else CT_INT
+    preset_scheme = preset_name_to_scheme(preset, ["Linear"]).model_dump(mode="json")
+    assert preset_scheme["format"] is None
+    assert _ct_scheme(spec, ["Linear"], fmt).model_dump(mode="json") == {**preset_scheme, "format": fmt.split("/")[1]}
+
+
+@pytest.mark.parametrize("bits, scheme", [("W4A16", {}), ("W2A16g32", {}), ("W4A16", {"w_symmetric": True}),
+                                          ("W4A8", {}), ("W8A8", {})],
+                         ids=["W4A16-asym", "W2A16g32-asym", "W4A16-sym", "W4A8-asym", "W8A8-asym"])
+def test_compressed_tensors_export_is_what_llm_compressor_writes(tiny_model, tmp_path, bits, scheme):
+    """llm-compressor's save path for the same weights and ranges: a dense model with the scheme applied, the format
+    inferred by compressed-tensors, ModelCompressor.compress_model. Same tensors, same quantization_config (ours adds
+    only transformers' loading key)."""
+    import copy
+
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+
+    spec = BitSpec.parse(bits, **scheme)
+    reference = copy.deepcopy(tiny_model)
+    model = quantized(tiny_model, "rtn", bits, **scheme)
+    export_model(model, None, tmp_path / "out")
+    ours = load_file(str(tmp_path / "out" / "model.safetensors"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+
+    weights = QuantizationArgs(num_bits=spec.w_bits, symmetric=spec.w_symmetric, strategy="group" if spec.w_group else "channel",
+                               group_size=spec.w_group or None)
+    acts = None
+    if spec.quantizes_activations:
+        acts = QuantizationArgs(num_bits=8, symmetric=spec.a_symmetric, strategy="token", dynamic=True)
+    apply_quantization_config(reference, QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)},
+        ignore=["lm_head"], quantization_status="frozen"))
+    offset = 0 if spec.w_symmetric else 2 ** (spec.w_bits - 1)  # compressed-tensors' integers are signed
+    linears = dict(quant_linears(model))
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if name in linears:
+                q = linears[name]
+                module.weight.copy_(q.weight)
+                module.weight_scale.copy_(q.weight_scale.reshape(module.weight_scale.shape))
+                module.weight_zero_point.copy_((q.weight_zero.reshape(module.weight_zero_point.shape) - offset))
+    compressor = ModelCompressor.from_pretrained_model(reference)
+    compressor.compress_model(reference)
+    theirs = {k: v for k, v in reference.state_dict().items() if k != "lm_head.weight"}  # tied: written once
+    assert set(ours) == set(theirs)
+    for key, tensor in theirs.items():
+        assert ours[key].dtype == tensor.dtype and torch.equal(ours[key], tensor), key
+    expected = compressor.quantization_config.model_dump(mode="json")
+    assert {k: v for k, v in config.items() if k != TRANSFORMERS_DEQUANTIZE} == expected
 
 
 def logits(model, tokens):
@@ -144,11 +233,22 @@ def test_fp_model_exports_plain_and_a_full_folder_is_not_overwritten(tiny_model,
     assert torch.equal(logits(load_quantized(tmp_path / "out"), tiny_tokens), logits(tiny_model, tiny_tokens))
     with pytest.raises(ExportError, match="exists and is not empty"):
         export_model(tiny_model, None, tmp_path / "out")
+    # the usual permissions under the umask (safetensors writes its file 0600, mkdtemp its folder 0700)
+    mask = current_umask()
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "out", *(tmp_path / "out").iterdir()]}
+    assert modes == {name: (0o777 if name == "out" else 0o666) & ~mask for name in modes}
 
 
-def test_packed_4bit_folder_is_smaller_than_fp(tiny_model, tmp_path):
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+def test_packed_4bit_folder_is_smaller_than_fp(tiny_model, tmp_path, symmetric):
     import copy
 
     fp = export_model(copy.deepcopy(tiny_model), None, tmp_path / "fp")
-    w4 = export_model(quantized(tiny_model, "rtn", "W4A16", w_symmetric=True), None, tmp_path / "w4")
+    model = quantized(tiny_model, "rtn", "W4A16", w_symmetric=symmetric)
+    w4 = export_model(model, None, tmp_path / "w4")
     assert w4.format == CT_PACKED and w4.size_bytes < fp.size_bytes
+    # 4 bits a weight: eight weights to an int32 word (the tiny model's widths are multiples of 8)
+    tensors = load_file(str(tmp_path / "w4" / "model.safetensors"))
+    for name, q in quant_linears(model):
+        packed = tensors[f"{name}.weight_packed"]
+        assert packed.dtype == torch.int32 and packed.numel() * 8 == q.weight.numel(), name

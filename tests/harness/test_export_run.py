@@ -25,8 +25,8 @@ def test_sweep_export_then_eval_reproduces_the_recorded_perplexity(tmp_path):
     record = ResultStore(tmp_path / "out").read(tmp_path / "out" / "runs" / f"{key}.json")
     folder = tmp_path / "out" / "export" / key
     info = json.loads((folder / "ptqbench_export.json").read_text())
-    # asymmetric weight-only (the default): compressed-tensors, one int8 per weight; `eval` loads it with transformers
-    assert info["format"] == "compressed-tensors/int-quantized" and info["source"]["key"] == key
+    # asymmetric weight-only (the default): compressed-tensors, packed 4-bit weights; `eval` loads it with transformers
+    assert info["format"] == "compressed-tensors/pack-quantized" and info["source"]["key"] == key
 
     result = CliRunner().invoke(main, ["eval", str(folder), "--ppl", "brown", "--seqlen", "64", "--max-windows", "2",
                                        "--device", "cpu", "--out", str(tmp_path / "eval")])
