@@ -19,6 +19,7 @@ def test_official_config_is_the_readme_setting_with_the_official_switches():
     assert (calibration.dataset, calibration.samples, calibration.seqlen) == ("brown", 16, 256)
     assert (tuple(ppl.datasets), ppl.seqlen, ppl.max_windows) == (("brown",), 256, 40)
     omni, qllm = runs["omniquant"].config, runs["qllm"].config
-    assert (omni.epochs, omni.let_attention, omni.let_init, omni.shuffle, omni.zero_point_grad) == (2, "off", "official", False, "none")
+    assert (omni.epochs, omni.let_attention, omni.let_init, omni.shuffle, omni.zero_point_grad) == (
+        2, "off", "official", False, "none")
     assert (qllm.blocks_per_job, qllm.epochs, qllm.search_order, qllm.noop_candidate, qllm.zero_point_grad, qllm.shuffle) == (
         2, 1, "official", False, "none", True)  # the official QLLM loop shuffles

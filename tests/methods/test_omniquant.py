@@ -195,8 +195,9 @@ def test_let_init_official_takes_one_linear_per_pair(kv_heads):
     official = attach(layer, W4A4, adapter, geometry, act, OmniQuantConfig(let_init="official")).scales
     pair = attach(tiny_llama(seed=0, vocab_size=256, num_key_value_heads=kv_heads).model.layers[0], W4A4, adapter, geometry,
                   act, OmniQuantConfig()).scales
-    torch.testing.assert_close(official.qkv.detach(), _smoothquant_scale(act["self_attn.q_proj"], w["self_attn.q_proj"].abs().amax(0)))
-    torch.testing.assert_close(official.fc1.detach(), _smoothquant_scale(act["mlp.gate_proj"], w["mlp.up_proj"].abs().amax(0)))
+    q_w, up_w = w["self_attn.q_proj"].abs().amax(0), w["mlp.up_proj"].abs().amax(0)
+    torch.testing.assert_close(official.qkv.detach(), _smoothquant_scale(act["self_attn.q_proj"], q_w))
+    torch.testing.assert_close(official.fc1.detach(), _smoothquant_scale(act["mlp.gate_proj"], up_w))
     o_act, o_w = act["self_attn.o_proj"], w["self_attn.o_proj"].abs().amax(0)
     if kv_heads < heads:  # one scale per KV channel: the max over the query heads that share it (see let_init)
         o_act, o_w = (t.view(kv_heads, heads // kv_heads, head_dim).amax(1).reshape(-1) for t in (o_act, o_w))
