@@ -19,7 +19,7 @@ So at any moment one block, its parameters and three preallocated (samples, seql
 activation buffers in the model's dtype live on the device (or the buffers in pinned host memory
 when they do not fit, streamed a batch at a time): peak memory does not grow with depth.
 
-``train()`` is the shared optimisation loop: AdamW, per-block epochs, seeded sample order,
+``train()`` is the shared optimisation loop: AdamW, per-block epochs, seeded (or no) shuffling,
 optional linear learning-rate decay, bf16 autocast on CUDA, and a NaN/inf loss stops the run with
 an error naming the block and epoch.
 """
@@ -261,6 +261,7 @@ def train(
     weight_decay: float = 0.0,
     linear_decay: bool = False,
     seed: int = 0,
+    shuffle: bool = True,
     label: str = "block",
     device: torch.device = torch.device("cpu"),
     progress: bool = False,
@@ -268,7 +269,9 @@ def train(
     """Minimise ``loss_fn(sample_indices)`` with AdamW; return the mean loss of every epoch.
 
     ``parameter_groups`` are AdamW groups (each with its own ``lr``). Sample order is shuffled per
-    epoch with a generator seeded by ``seed``, so a run is reproducible.
+    epoch with a generator seeded by ``seed``, so a run is reproducible; ``shuffle=False`` goes through
+    the samples in order every epoch (the official OmniQuant loop). The last batch of an epoch may
+    be smaller (the official loops drop it; with the default batch size 1 there is none).
     """
     params = [p for group in parameter_groups for p in group["params"]]
     if not params or epochs == 0:
@@ -280,7 +283,7 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     history = []
     for epoch in tqdm(range(epochs), desc=f"train {label}", disable=not progress, leave=False):
-        order = torch.randperm(n_samples, generator=generator)
+        order = torch.randperm(n_samples, generator=generator) if shuffle else torch.arange(n_samples)
         losses = []
         for step in range(steps_per_epoch):
             idx = order[step * batch_size : (step + 1) * batch_size]

@@ -24,6 +24,20 @@ from harness.bits import BitSpec
 from harness.errors import ConfigError
 
 
+# Field metadata of an option added after results were keyed (see :func:`keyed_when_set`).
+_KEYED_WHEN_SET = "ptqbench_keyed_when_set"
+
+
+def keyed_when_set(default: Any) -> Any:
+    """A config field left out of ``to_dict()`` while it has its default.
+
+    A run's key hashes its method's ``to_dict()`` (``harness.execute``), and so does the report's
+    variant label: an option added later with this default keeps every earlier run's key and label,
+    and a run that sets it to anything else gets a key of its own.
+    """
+    return field(default=default, metadata={_KEYED_WHEN_SET: True})
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     """Base class of method configs: frozen dataclasses that validate in ``__post_init__``."""
@@ -33,7 +47,11 @@ class MethodConfig:
         return schema.from_dict(cls, data or {}, where)
 
     def to_dict(self) -> dict[str, Any]:
-        return schema.to_dict(self)
+        data = schema.to_dict(self)
+        for f in dataclasses.fields(self):
+            if f.metadata.get(_KEYED_WHEN_SET) and data[f.name] == schema.to_dict(f.default):
+                del data[f.name]
+        return data
 
 
 @dataclass

@@ -3,7 +3,11 @@
 Fake quantization rounds a tensor to the grid a b-bit integer format can represent and maps it
 back to floating point, so the network computes with exactly the values an integer kernel would
 see. Rounding uses a straight-through estimator (STE), so methods that learn clipping ranges,
-scales or low-rank corrections can backpropagate through the quantizer.
+scales or low-rank corrections can backpropagate through the quantizer. The zero point rounds with
+an STE too unless a quantizer's ``zero_point_grad`` is off: then it rounds with a plain
+``round()``, as the official OmniQuant and QLLM quantizers do, and no gradient goes through it
+(the same values; only the gradient of the range differs). Methods switch it per block with
+:func:`set_zero_point_grad`.
 
 Weights: static, per output channel (default), per group of input channels, or per tensor.
 Activations: dynamic per token (a scale per row of the last dimension), as in the QLLM, OmniQuant
@@ -25,18 +29,25 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
-def quant_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def quant_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool,
+                 zero_point_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The scale and integer zero point of the range [xmin, xmax] (zero point 0 when ``symmetric``).
 
     Asymmetric: scale = (xmax - xmin) / (2^b - 1) and an integer zero point, grid [0, 2^b - 1].
     Symmetric: scale = max(|xmin|, |xmax|) / (2^(b-1) - 1), zero point 0, grid [-(2^(b-1) - 1), 2^(b-1) - 1]
     (the restricted range SmoothQuant uses, so +x and -x quantize alike).
+    ``zero_point_grad=False``: the zero point carries no gradient (same value).
     """
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         scale = (torch.maximum(xmin.abs(), xmax.abs()) / qmax).clamp(SCALE_MIN, SCALE_MAX)
         return scale, torch.zeros_like(scale)
     scale = ((xmax - xmin) / (2**bits - 1)).clamp(SCALE_MIN, SCALE_MAX)
+    if not zero_point_grad:
+        # the official quantizers' plain round(), whose gradient is zero (OpenGVLab/OmniQuant 95fae1bd
+        # quantize/quantizer.py L155-159, ModelTC/QLLM 653a329e quantize/quantizer.py L152-153); detached,
+        # so autograd keeps nothing for it. round_ste's value is the same: r - x and (r - x) + x are exact.
+        return scale, (-xmin / scale).detach().round().clamp(-SCALE_MAX, SCALE_MAX)
     return scale, round_ste(-xmin / scale).clamp(-SCALE_MAX, SCALE_MAX)
 
 
@@ -111,10 +122,11 @@ class _FakeQuant(torch.autograd.Function):
         return grad_x, grad_scale, grad_zero, None, None
 
 
-def fake_quantize(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool,
+                  zero_point_grad: bool = True) -> torch.Tensor:
     """Quantize ``x`` to ``bits`` with the range [xmin, xmax] (broadcast against ``x``) and dequantize
     (scale and zero point from :func:`quant_params`)."""
-    scale, zero = quant_params(xmin, xmax, bits, symmetric)
+    scale, zero = quant_params(xmin, xmax, bits, symmetric, zero_point_grad)
     # A range with an inf in it gives NaN, as the written-out form does (round_ste computes inf - inf),
     # so a broken weight or activation ends as a NaN metric instead of rounding to a finite grid value.
     scale = torch.where(torch.isfinite(xmin) & torch.isfinite(xmax), scale, torch.nan)
@@ -151,6 +163,7 @@ def quantize_weight(
     spec: BitSpec,
     clip_min: torch.Tensor | None = None,
     clip_max: torch.Tensor | None = None,
+    zero_point_grad: bool = True,
 ) -> torch.Tensor:
     """Fake-quantize a (out, in) weight per ``spec``.
 
@@ -160,7 +173,7 @@ def quantize_weight(
     if not spec.quantizes_weights:
         return w
     grouped, xmin, xmax = _weight_range(w, spec, clip_min, clip_max)
-    return fake_quantize(grouped, xmin, xmax, spec.w_bits, spec.w_symmetric).reshape(w.shape)
+    return fake_quantize(grouped, xmin, xmax, spec.w_bits, spec.w_symmetric, zero_point_grad).reshape(w.shape)
 
 
 def weight_quant_params(
@@ -177,40 +190,55 @@ def weight_quant_params(
     return quant_params(xmin, xmax, spec.w_bits, spec.w_symmetric)
 
 
-def quantize_activation(x: torch.Tensor, bits: int, symmetric: bool = False) -> torch.Tensor:
+def quantize_activation(x: torch.Tensor, bits: int, symmetric: bool = False, zero_point_grad: bool = True) -> torch.Tensor:
     """Dynamic per-token fake quantization: one range per vector along the last dimension."""
     if bits >= 16:
         return x
     xmin, xmax = row_range(x)
-    return fake_quantize(x, xmin, xmax, bits, symmetric)
+    return fake_quantize(x, xmin, xmax, bits, symmetric, zero_point_grad)
 
 
 class ActQuantizer(nn.Module):
     """Per-token dynamic activation quantizer; ``enabled = False`` makes it the identity."""
+
+    # a class default, so a block pickled before the attribute existed (a checkpoint) still runs
+    zero_point_grad: bool = True
 
     def __init__(self, bits: int, symmetric: bool = False) -> None:
         super().__init__()
         self.bits, self.symmetric, self.enabled = bits, symmetric, bits < 16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantize_activation(x, self.bits, self.symmetric) if self.enabled else x
+        return quantize_activation(x, self.bits, self.symmetric, self.zero_point_grad) if self.enabled else x
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, symmetric={self.symmetric}, enabled={self.enabled}"
+        return f"bits={self.bits}, symmetric={self.symmetric}, enabled={self.enabled}" + (
+            "" if self.zero_point_grad else ", zero_point_grad=False")
 
 
 class WeightQuantizer(nn.Module):
     """Min/max weight quantizer for one spec. Methods may swap in their own module (e.g. learned clipping)."""
+
+    zero_point_grad: bool = True  # see ActQuantizer
 
     def __init__(self, spec: BitSpec) -> None:
         super().__init__()
         self.spec, self.enabled = spec, spec.quantizes_weights
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return quantize_weight(w, self.spec) if self.enabled else w
+        return quantize_weight(w, self.spec, zero_point_grad=self.zero_point_grad) if self.enabled else w
 
     def quant_params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return weight_quant_params(w, self.spec)
 
     def extra_repr(self) -> str:
         return f"spec={self.spec.name}, granularity={self.spec.w_granularity}, symmetric={self.spec.w_symmetric}"
+
+
+def set_zero_point_grad(module: nn.Module, enabled: bool) -> int:
+    """Set ``zero_point_grad`` on every quantizer inside ``module`` (any submodule that has the
+    attribute, a method's own quantizers included); return how many were set."""
+    quantizers = [m for m in module.modules() if hasattr(m, "zero_point_grad")]
+    for q in quantizers:
+        q.zero_point_grad = enabled
+    return len(quantizers)

@@ -30,11 +30,13 @@ QLLM paper's "OmniQuant*" rows on LLaMA-2-70B. Without GQA both modes are availa
 ``aug_loss`` adds the official ``--aug_loss`` term: MSE against the FP block applied to the
 quantized model's inputs (OmniQuant quantize/omniquant.py L164, L212-215, L259-262).
 
-Differences from the official code worth knowing: the SmoothQuant initial scale takes max|W| over
-all consumers of a pair (the official code uses the first consumer's signed max), the zero point
-rounds with a straight-through estimator (``harness.quantizer``), sample order is shuffled per
-epoch with the run's seed. Q/K/V are quantized (per token and head) when the bit spec says so
-(``quant.attention``, harness/attention.py), as in the official layer, and LET trains with them on.
+Differences from the official code, on purpose, each an option whose other value is the official
+behaviour (Args below): the SmoothQuant initial scale takes max|W| over all consumers of a pair
+(``let_init``; the official code takes one linear per pair), sample order is shuffled per epoch with
+the run's seed (``shuffle``; the official loop goes in order), the zero point rounds with a
+straight-through estimator (``zero_point_grad``; the official one has no gradient). Q/K/V are
+quantized (per token and head) when the bit spec says so (``quant.attention``, harness/attention.py),
+as in the official layer, and LET trains with them on.
 """
 from __future__ import annotations
 
@@ -49,10 +51,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from harness import BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, QuantLinear, get_adapter, quantize_block, quantize_weight, register_method
-from harness.adapter import LlamaAdapter
+from harness.adapter import LlamaAdapter, ScalePair
 from harness.blockwise import BlockJob, mean_squared_error, run_blockwise, train
-from harness.calibration_stats import smoothing_scales
-from harness.quantizer import group_view, weight_quant_params
+from harness.calibration_stats import SCALE_CLAMP_MIN, smoothing_scales
+from harness.method import keyed_when_set
+from harness.quantizer import group_view, set_zero_point_grad, weight_quant_params
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,22 @@ class OmniQuantConfig(MethodConfig):
     let_attention: "exact" = LET also on input_layernorm -> q/k/v, v -> o and q/k, GQA-aware
         (ptqbench's default); "off" = LET only on post_attention_layernorm -> gate/up (the QLLM
         paper's "OmniQuant*" rows on LLaMA-2-70B).
+    let_init: max|W| of the initial scales. "pair" (default) = over every consumer of the pair
+        (q/k/v, gate/up, o); "official" = of one linear per pair, max|X| clamped to >= 1e-5 as well:
+        the official code matches its pairs dict {"q_proj": "qkv", "o_proj": "out", "up_proj":
+        "fc1"} against the linears' names and takes ``module.weight.abs().max(dim=0)[0]`` of q_proj,
+        o_proj and up_proj (OpenGVLab/OmniQuant 95fae1bd quantize/omniquant.py L64-68, L225-231; the
+        first commit took the signed max, changed to abs in ae39458). Under GQA the official v -> o
+        scale (one entry per o_proj input column) does not fit v_proj's fewer output rows; both modes
+        take max|X| and max|W| over the query heads sharing a KV head, which is the official scale
+        when every query head has its own KV head.
+    shuffle: true (default) = a new sample order every epoch, seeded by the run's seed; false = the
+        samples in order every epoch, as the official loop (quantize/omniquant.py L254-255,
+        ``index = j * batch_size``).
+    zero_point_grad: "ste" (default) = the zero point rounds with a straight-through estimator, so
+        the range gets a gradient through it; "none" = plain round() without a gradient, as the
+        official UniformAffineQuantizer (quantize/quantizer.py L155-159), set on every quantizer of
+        the block while it trains (LWC weights, activations, Q/K/V). Forward values are the same.
     """
 
     epochs: int = 20
@@ -92,6 +111,10 @@ class OmniQuantConfig(MethodConfig):
     max_samples: int | None = None
     aug_loss: bool = False
     let_attention: Literal["exact", "off"] = "exact"
+    # added after runs were keyed: at their defaults they stay out of run keys (harness.method)
+    let_init: Literal["pair", "official"] = keyed_when_set("pair")
+    shuffle: bool = keyed_when_set(True)
+    zero_point_grad: Literal["ste", "none"] = keyed_when_set("ste")
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -110,6 +133,8 @@ class OmniQuantConfig(MethodConfig):
 class LearnableClipQuantizer(nn.Module):
     """Weight quantizer with learnable clipping factors per row of the grouped weight (LWC)."""
 
+    zero_point_grad: bool = True  # off: no gradient through the zero point (harness.quantizer)
+
     def __init__(self, spec: BitSpec, weight: torch.Tensor, init: float = 4.0) -> None:
         super().__init__()
         rows = group_view(weight.detach(), spec).shape[0]
@@ -120,7 +145,8 @@ class LearnableClipQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
-        return quantize_weight(w, self.spec, clip_min=torch.sigmoid(self.beta), clip_max=torch.sigmoid(self.gamma))
+        return quantize_weight(w, self.spec, clip_min=torch.sigmoid(self.beta), clip_max=torch.sigmoid(self.gamma),
+                               zero_point_grad=self.zero_point_grad)
 
     def quant_params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The clipped range's scale and zero point (what an exporter writes beside the integer weights)."""
@@ -242,31 +268,43 @@ def attach(layer: nn.Module, spec: BitSpec, adapter: LlamaAdapter, geometry: tup
         scales = LETScales(layer.get_submodule(adapter.attn_in.producer).weight.numel(), heads, kv_heads, head_dim, device,
                            attention=config.let_attention == "exact")
         if act_max is not None:
-            _init_scales(scales, layer, adapter, act_max, config.alpha)
+            _init_scales(scales, layer, adapter, act_max, config.alpha, config.let_init)
         for target in scales.factors():
             module = layer.get_submodule(target)
             parametrize.register_parametrization(module, "weight", _Scaled(scales, target, "weight"), unsafe=True)
             if getattr(module, "bias", None) is not None:
                 parametrize.register_parametrization(module, "bias", _Scaled(scales, target, "bias"), unsafe=True)
+    if config.zero_point_grad == "none":
+        set_zero_point_grad(layer, False)  # LWC weights, the linears' inputs, Q/K/V (all in the block)
     return BlockState(layer, linears, scales, clips)
 
 
 @torch.no_grad()
-def _init_scales(scales: LETScales, layer: nn.Module, adapter: LlamaAdapter, act_max: dict[str, torch.Tensor], alpha: float) -> None:
-    def weights(pair):
-        return [layer.get_submodule(c).weight for c in pair.consumers]
+def _init_scales(scales: LETScales, layer: nn.Module, adapter: LlamaAdapter, act_max: dict[str, torch.Tensor], alpha: float,
+                 let_init: str = "pair") -> None:
+    official = let_init == "official"
 
-    scales.fc1.copy_(smoothing_scales(act_max[adapter.mlp_in.consumers[0]], weights(adapter.mlp_in), alpha))
+    def init(pair: ScalePair, official_consumer: int, act: torch.Tensor | None = None,
+             weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+        # official: the one consumer its pairs dict names, and act.clamp(min=1e-5) (OmniQuant
+        # quantize/omniquant.py L229-230)
+        if weights is None:
+            consumers = [pair.consumers[official_consumer]] if official else pair.consumers
+            weights = [layer.get_submodule(c).weight for c in consumers]
+        act = act_max[pair.consumers[0]] if act is None else act
+        return smoothing_scales(act.clamp(min=SCALE_CLAMP_MIN) if official else act, weights, alpha)
+
+    scales.fc1.copy_(init(adapter.mlp_in, 1))  # up_proj (gate_proj, up_proj)
     if not scales.attention:
         return
-    scales.qkv.copy_(smoothing_scales(act_max[adapter.attn_in.consumers[0]], weights(adapter.attn_in), alpha))
+    scales.qkv.copy_(init(adapter.attn_in, 0))  # q_proj
     # o_proj's input columns come per query head; the scale lives per KV-head channel, so take the
     # max over the query heads that share a KV head (both for X and for W).
     group = scales.heads // scales.kv_heads
     o_act = act_max[adapter.attn_out.consumers[0]].view(scales.kv_heads, group, scales.head_dim).amax(dim=1)
     o_w = layer.get_submodule(adapter.attn_out.consumers[0]).weight.detach().abs()
     o_w = o_w.view(o_w.shape[0], scales.kv_heads, group, scales.head_dim).amax(dim=2).reshape(o_w.shape[0], -1)
-    scales.out.copy_(smoothing_scales(o_act.reshape(-1), [o_w], alpha))
+    scales.out.copy_(init(adapter.attn_out, 0, o_act.reshape(-1), [o_w]))
 
 
 @torch.no_grad()
@@ -324,7 +362,7 @@ class OmniQuant(Method):
                 return loss
 
             history = train(groups, loss_fn, len(job.q_inputs), epochs=cfg.epochs, batch_size=cfg.batch_size,
-                            seed=context.seed + job.index, label=job.label, device=job.device)
+                            seed=context.seed + job.index, shuffle=cfg.shuffle, label=job.label, device=job.device)
             for s in states:
                 fold(s)
             return {"init_loss": init_loss, "epoch_losses": history, "seconds": round(time.perf_counter() - t0, 3),

@@ -27,6 +27,8 @@ from torch import nn
 from harness import BitSpec, ConfigError, LlamaAdapter, Method, MethodConfig, QuantContext, QuantizeResult, freeze, get_adapter, \
     quant_linears, quantize_block, quantizers_disabled, register_method
 from harness.blockwise import BlockJob, run_blockwise, train
+from harness.method import keyed_when_set
+from harness.quantizer import set_zero_point_grad
 from methods.qllm.correction import NormWithBias, add_lowrank, fold_bias_into_head, merge_lowrank
 from methods.qllm.reassembly import Plan, Reassembled, SiteFn, attention_fn, gated_fn, linear_fn, make_plan, ratio_theta, \
     search, site_error, theta_grid
@@ -61,6 +63,24 @@ class QLLMConfig(MethodConfig):
     batch_size: calibration samples per optimizer step (official 1).
     train_norms: also train the blocks' RMSNorm weights (official: yes).
     final_norm: tune the final RMSNorm after the last block: "weight_bias" (official), "weight", "off".
+    search_order: the transform each theta candidate is scored with (theta="adaptive" only).
+        "applied" (default) = the one that is applied, disassemble then assemble; "official" = the
+        official proxy, assemble then disassemble (ModelTC/QLLM 653a329e reassembly/cr_module.py
+        L179-236), while the chosen theta is applied disassemble then assemble as the official code
+        does (models/int_qllm_llama_layer.py L211-229). The sites' ``error_after`` is then the applied
+        plan's error, ``error_scored`` the proxy's. No difference with assembly: false.
+    noop_candidate: true (default) = leaving the site alone is a candidate and wins ties, so a site is
+        never made worse on the search features; false = the official search, which starts from
+        min_loss = 100000 and best_th = max (the no-op, never scored) and keeps the no-op only when
+        every candidate scores >= 100000 (reassembly/cr_module.py L170-171, L238-241; theta="adaptive" only).
+    shuffle: a new sample order per epoch, seeded by the run's seed (default true, as the official
+        loop, which draws torch.randperm from the global generator: quantize/qllm.py L388, and L733 for
+        the final norm); false = the samples in order.
+    zero_point_grad: "ste" (default) = the activation quantizers' zero points round with a
+        straight-through estimator while the corrections train; "none" = plain round() without a
+        gradient, as the official quantizer (quantize/quantizer.py L152-153). The same values, and in
+        practice the same training: the zero point's gradient is non-zero only through values that
+        fall off the grid, which per-token ranges without clipping do not produce (Q(W) is cached).
     """
 
     disassembly: bool = True
@@ -79,8 +99,16 @@ class QLLMConfig(MethodConfig):
     batch_size: int = 1
     train_norms: bool = True
     final_norm: Literal["weight_bias", "weight", "off"] = "weight_bias"
+    # added after runs were keyed: at their defaults they stay out of run keys (harness.method)
+    search_order: Literal["applied", "official"] = keyed_when_set("applied")
+    noop_candidate: bool = keyed_when_set(True)
+    shuffle: bool = keyed_when_set(True)
+    zero_point_grad: Literal["ste", "none"] = keyed_when_set("ste")
 
     def __post_init__(self) -> None:
+        for name, default in (("search_order", "applied"), ("noop_candidate", True)):
+            if self.theta != "adaptive" and getattr(self, name) != default:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} is only allowed with theta: adaptive (it changes the search)")
         if self.assembly and not self.disassembly:
             raise ConfigError("assembly: true needs disassembly: true (assembly only removes the channels disassembly adds)")
         if self.theta == "fixed" and (self.theta_value is None or self.theta_value <= 0):
@@ -145,20 +173,22 @@ def reassemble_site(layer: nn.Module, site: str, x_max: torch.Tensor, feats: tor
     with quantizers_disabled(layer):
         if config.theta == "adaptive":
             result = search(fn, feats, x_max, weights, spec, thetas=theta_grid(x_max, config.channel_ratio, config.grid_steps)[1:],
-                            assemble=config.assembly)
+                            assemble=config.assembly, order=config.search_order, noop=config.noop_candidate)
             plan, before, after, candidates = result.plan, result.error_before, result.error_after, result.candidates
+            scored = result.error_scored
         else:
             theta = config.theta_value if config.theta == "fixed" else ratio_theta(x_max, config.channel_ratio, config.grid_steps)
             plan = make_plan(x_max, theta, tokens, torch.cat(weights), config.assembly)
             reference = fn(feats, weights)
             before = site_error(fn, feats, weights, reference, None, spec)
             after = site_error(fn, feats, weights, reference, plan, spec) if plan is not None else before
-            candidates = 1
+            candidates, scored = 1, None
     if plan is not None and plan.added > 0:
         apply_plan(layer, site, plan, adapter)
     return {"site": site, "max_stat": float(x_max.max()), "theta": plan.theta if plan else float(x_max.max()),
             "disassembled": plan.disassembled if plan else 0, "added": plan.added if plan else 0,
-            "merged": plan.merged if plan else 0, "error_before": before, "error_after": after, "candidates": candidates}
+            "merged": plan.merged if plan else 0, "error_before": before, "error_after": after, "candidates": candidates,
+            **({"error_scored": scored} if scored is not None else {})}
 
 
 # --- the method ------------------------------------------------------------------------------------
@@ -226,6 +256,8 @@ def correct_errors(job: BlockJob, cfg: QLLMConfig, context: QuantContext) -> lis
     for layer in job.layers:
         for p in layer.parameters():
             p.requires_grad_(False)
+        if cfg.zero_point_grad == "none":
+            set_zero_point_grad(layer, False)  # the linears' inputs and Q/K/V (Q(W) is cached, no gradient)
         for _, linear in quant_linears(layer):
             lowrank = add_lowrank(linear, cfg.rank, cfg.alpha, generator)
             params += [lowrank.lora_A, lowrank.lora_B]
@@ -241,8 +273,8 @@ def correct_errors(job: BlockJob, cfg: QLLMConfig, context: QuantContext) -> lis
         return F.mse_loss(job.forward(job.rows(job.q_inputs, idx)), job.rows(job.targets, idx))
 
     losses = train([{"params": params, "lr": cfg.lr}], loss_fn, len(job.q_inputs), epochs=cfg.epochs,
-                   batch_size=cfg.batch_size, linear_decay=True, seed=context.seed + job.index, label=job.label,
-                   device=job.device, progress=context.progress)
+                   batch_size=cfg.batch_size, linear_decay=True, seed=context.seed + job.index, shuffle=cfg.shuffle,
+                   label=job.label, device=job.device, progress=context.progress)
     for p in params:
         p.requires_grad_(False)
     for linear in linears:
@@ -265,7 +297,7 @@ def tune_final_norm(model: nn.Module, q_out: torch.Tensor, fp_out: torch.Tensor,
         p.requires_grad_(True)
     losses = train([{"params": params, "lr": cfg.lr}], lambda idx: F.mse_loss(student(q_out[idx]), target[idx]),
                    len(q_out), epochs=cfg.epochs, batch_size=cfg.batch_size, linear_decay=True, seed=context.seed,
-                   label="final norm", device=device, progress=context.progress)
+                   shuffle=cfg.shuffle, label="final norm", device=device, progress=context.progress)
     for p in params:
         p.requires_grad_(False)
     norm.to(device=home, dtype=dtype)

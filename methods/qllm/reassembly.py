@@ -16,10 +16,12 @@ Numerics follow the official code (ModelTC/QLLM: ``disassembly/cd_module.py``,
   candidate evaluated only when the number of added channels changes, stop once added channels
   exceed ``channel_ratio * C``; the theta with the lowest output MSE of the quantized site wins.
 
-Where this differs from the official code, on purpose:
-- the official search scores "assemble, then disassemble" as a cheap proxy but applies
-  "disassemble, then assemble"; here every candidate is scored with exactly the transform that
-  is applied, so the recorded error is the error of the applied transform;
+Where this differs from the official code, on purpose (the first two are options of the method,
+``search_order`` and ``noop_candidate``, whose other values are the official behaviour):
+- the official search scores "assemble, then disassemble" (:func:`assemble_first_plan`) as a cheap
+  proxy but applies "disassemble, then assemble" (:func:`make_plan`); here by default every
+  candidate is scored with exactly the transform that is applied, so the recorded error is the
+  error of the applied transform;
 - the no-op theta (nothing split) is always a candidate (the official code only keeps it through a
   100000 loss cap), so the search can never make a site worse on the calibration features;
 - the score uses the intended formula for odd widths (the official loop leaves the last row zero).
@@ -131,6 +133,44 @@ def make_plan(x_max: torch.Tensor, theta: float, x: torch.Tensor | None, w: torc
     return Plan(src, scale, group, count, float(theta), disassembled, added, merged)
 
 
+def assemble_first_plan(x_max: torch.Tensor, theta: float, x: torch.Tensor, w: torch.Tensor,
+                        dist: torch.Tensor | None = None) -> Plan | None:
+    """The transform the official search scores for ``theta``: assemble, then disassemble.
+
+    ModelTC/QLLM 653a329e reassembly/cr_module.py L176-226: the matching runs once on the *original*
+    channels (even ones against odd ones, outlier channels masked out, the same score as
+    :func:`match_channels`), the ``added`` best pairs are averaged (weight columns summed) and the
+    merged even channels dropped, then every outlier channel is split into T sub-channels x / T
+    (weight columns repeated). Width C again. It is not what the official code applies
+    for the chosen theta (:func:`make_plan`: disassemble first, then match on the expanded channels).
+    None when fewer than ``added`` mergeable pairs exist, which cannot happen with channel_ratio <= 1/4
+    (at most ``added`` outliers, so at least C/2 - added unmasked even channels).
+    """
+    counts = split_counts(x_max, theta)
+    C = x_max.numel()
+    channels = torch.arange(C, device=x_max.device)
+    added = int(counts.sum()) - C
+    if added == 0:
+        return make_plan(x_max, theta, None, None, assemble=False)
+    dist = channel_distances(x) if dist is None else dist
+    matched = match_channels(dist, w.sum(0), channels, counts > 1, added)
+    if matched is None:
+        return None
+    s_pos, d_pos = matched  # original channels: s_pos is averaged into d_pos (neither is an outlier)
+    merged_away = torch.zeros(C, dtype=torch.bool, device=counts.device)
+    merged_away[s_pos] = True
+    kept_width = counts.masked_fill(merged_away, 0)
+    first_out = torch.cumsum(kept_width, 0) - kept_width  # output channel of each kept channel's first part
+    src = torch.repeat_interleave(channels, counts)
+    scale = (1.0 / counts.float()).repeat_interleave(counts)
+    part = torch.arange(src.numel(), device=src.device) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
+    lands_in = channels.clone()
+    lands_in[s_pos] = d_pos
+    group = first_out[lands_in[src]] + part
+    count = torch.zeros(C, device=src.device).index_add_(0, group, torch.ones(src.numel(), device=src.device))
+    return Plan(src, scale, group, count, float(theta), int((counts > 1).sum()), added, added)
+
+
 def theta_grid(x_max: torch.Tensor, channel_ratio: float, steps: int = 0) -> list[float]:
     """Official candidate thresholds: downward from the max, one per change in added channels.
 
@@ -204,34 +244,54 @@ def site_error(fn: SiteFn, x: torch.Tensor, weights: Sequence[torch.Tensor], ref
     return F.mse_loss(fn(xq, wq), reference).item()
 
 
+# The official search's starting "best loss": the no-op theta wins only if no candidate scores below
+# it (ModelTC/QLLM 653a329e reassembly/cr_module.py L170-171, L238-241).
+OFFICIAL_LOSS_CAP = 100000.0
+
+
 @dataclass(frozen=True)
 class SearchResult:
     plan: Plan | None  # None: leave the site as it is
     error_before: float
-    error_after: float
+    error_after: float  # the site error of ``plan`` (of leaving the site alone when None)
     candidates: int
+    error_scored: float | None = None  # order="official": the winning candidate's proxy score
 
 
 @torch.no_grad()
 def search(fn: SiteFn, x: torch.Tensor, x_max: torch.Tensor, weights: Sequence[torch.Tensor], spec: BitSpec, *,
-           thetas: Sequence[float], assemble: bool) -> SearchResult:
+           thetas: Sequence[float], assemble: bool, order: str = "applied", noop: bool = True) -> SearchResult:
     """Evaluate every theta in ``thetas`` and keep the one with the lowest site error.
 
-    ``x`` (samples, seqlen, C) FP features of the site; the no-op (nothing split) is always a
-    candidate and wins ties, so the result is never worse than leaving the site alone.
+    ``x`` (samples, seqlen, C) FP features of the site. ``order="applied"``: each candidate is scored
+    with the plan that is applied; ``"official"``: scored with :func:`assemble_first_plan`, and the
+    winning theta's :func:`make_plan` is applied (its own error is ``error_after``). ``noop=True``:
+    the no-op (nothing split) is a candidate and wins ties, so the scored error is never worse than
+    leaving the site alone; ``False``: the official cap instead (:data:`OFFICIAL_LOSS_CAP`).
+    The first of equal scores wins (the highest theta), as in the official loop.
     """
     reference = fn(x, weights)
     before = site_error(fn, x, weights, reference, None, spec)
     tokens = x.reshape(-1, x.shape[-1])
     stacked = torch.cat(list(weights), 0)
     dist = channel_distances(tokens) if assemble and thetas else None
-    best, best_err, evaluated = None, before, 0
+    best, best_err, evaluated = None, before if noop else OFFICIAL_LOSS_CAP, 0
     for theta in thetas:
-        plan = make_plan(x_max, theta, tokens, stacked, assemble, dist)
+        if order == "official" and assemble:
+            plan = assemble_first_plan(x_max, theta, tokens, stacked, dist)
+        else:
+            plan = make_plan(x_max, theta, tokens, stacked, assemble, dist)
         if plan is None or plan.added == 0:
             continue
         evaluated += 1
         err = site_error(fn, x, weights, reference, plan, spec)
         if err < best_err:
             best, best_err = plan, err
-    return SearchResult(best, before, best_err, evaluated)
+    if best is None:
+        return SearchResult(None, before, before, evaluated)
+    if order != "official" or not assemble:  # without assembly both orders are the same plan
+        return SearchResult(best, before, best_err, evaluated)
+    # what the official code applies for the chosen theta (models/int_qllm_llama_layer.py L211-229)
+    applied = make_plan(x_max, best.theta, tokens, stacked, assemble, dist)
+    after = site_error(fn, x, weights, reference, applied, spec) if applied is not None else before
+    return SearchResult(applied, before, after, evaluated, error_scored=best_err)

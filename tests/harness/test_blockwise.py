@@ -99,6 +99,27 @@ def test_seeded_training_is_reproducible_and_reduces_loss():
     assert len(h1) == 3 and h1[-1] < h1[0]
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_sample_order_is_seeded_shuffle_or_in_order(shuffle):
+    """shuffle=False: every epoch visits 0, 1, ..., n-1 (the official OmniQuant loop); True: a permutation per
+    epoch, the seeded generator's, so not the identity and not the same in both epochs."""
+    w = torch.nn.Parameter(torch.zeros(1))
+    seen = []
+
+    def loss_fn(idx):
+        seen.append(idx.tolist())
+        return (w - 1).pow(2).sum()
+
+    train([{"params": [w], "lr": 0.1}], loss_fn, 7, epochs=2, batch_size=2, seed=3, shuffle=shuffle)
+    epochs = [sum(seen[:4], []), sum(seen[4:], [])]
+    assert len(seen) == 8 and [len(b) for b in seen[:4]] == [2, 2, 2, 1]
+    g = torch.Generator().manual_seed(3)
+    expected = [torch.randperm(7, generator=g).tolist() for _ in range(2)] if shuffle else [list(range(7))] * 2
+    assert epochs == expected
+    if shuffle:
+        assert epochs[0] != list(range(7)) and epochs[0] != epochs[1]
+
+
 def test_train_without_parameters_or_epochs_is_a_no_op():
     w = torch.nn.Parameter(torch.ones(1))
     assert train([], lambda idx: w.sum(), 4, epochs=2) == []

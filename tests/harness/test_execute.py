@@ -1,6 +1,8 @@
 """harness.execute: a sweep's plan and each run's key (what decides a result)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -84,6 +86,44 @@ def test_seeds_multiply_the_plan_and_one_seed_keeps_todays_keys():
     assert len(three) == 3 * len(one) and [r.seed for r in three] == [s for s in (0, 1, 2) for _ in one]
     assert [r.key for r in three[: len(one)]] == [r.key for r in one]
     assert len({r.key for r in three}) == len(three)  # the seed is part of every key
+
+
+# The options of runs keyed before let_init, shuffle, zero_point_grad, search_order and noop_candidate
+# existed: every field of the two configs at its default then, as their to_dict() wrote it.
+KEYED_BEFORE = {
+    "omniquant": {"epochs": 20, "lwc": True, "let": True, "lwc_lr": 0.01, "let_lr": 0.005, "alpha": 0.5, "batch_size": 1,
+                  "lwc_init": 4.0, "max_samples": None, "aug_loss": False, "let_attention": "exact"},
+    "qllm": {"disassembly": True, "assembly": True, "theta": "adaptive", "theta_value": None, "channel_ratio": 0.2,
+             "grid_steps": 0, "search_samples": 1, "error_correction": True, "rank": 4, "alpha": 1.0, "blocks_per_job": 4,
+             "epochs": 10, "lr": 0.0005, "batch_size": 1, "train_norms": True, "final_norm": "weight_bias"},
+}
+OFFICIAL_SWITCHES = {
+    "omniquant": {"let_init": ("pair", "official"), "shuffle": (True, False), "zero_point_grad": ("ste", "none")},
+    "qllm": {"search_order": ("applied", "official"), "noop_candidate": (True, False), "shuffle": (True, False),
+             "zero_point_grad": ("ste", "none")},
+}
+
+
+@pytest.mark.parametrize("method", KEYED_BEFORE)
+def test_official_switches_at_their_defaults_keep_old_keys_and_labels(method):
+    """A default config (and one that spells the new options out at their defaults) hashes exactly the old
+    options, so its run key and report label are those of runs made before the options existed."""
+    from harness.frame import variant_label
+    from harness.results import run_key
+
+    def run(options):
+        return next(r for r in plan(parse_config({**TINY, "methods": [{"name": method, **options}]})) if r.method == method)
+
+    default = run({})
+    spelled_out = run({name: values[0] for name, values in OFFICIAL_SWITCHES[method].items()})
+    assert default.identity()["options"] == KEYED_BEFORE[method] == spelled_out.identity()["options"]
+    assert default.key == spelled_out.key == run_key({**default.identity(), "options": KEYED_BEFORE[method]})
+    assert variant_label(method, default.identity()["options"]) == ""
+    for name, (_, official) in OFFICIAL_SWITCHES[method].items():
+        switched = run({name: official})
+        assert switched.identity()["options"] == {**KEYED_BEFORE[method], name: official} and switched.key != default.key
+        text = official if isinstance(official, str) else json.dumps(official)  # as YAML writes it: false, official
+        assert variant_label(method, switched.identity()["options"]) == f"{name}={text}"
 
 
 def untimed(stats):

@@ -158,3 +158,59 @@ def test_a_non_finite_value_makes_its_row_nan_not_a_grid_value(symmetric):
     y = fake_quantize(x, x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), 4, symmetric)
     assert y[1].isnan().all() and y[[0, 2]].isfinite().all()
     assert _written_out(x, x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), 4, symmetric)[1].isnan().any()
+
+
+def _official_asym(x, xmin, xmax, bits):
+    """The official asymmetric UniformAffineQuantizer written out: round_ste on x / scale, plain round() on
+    the zero point (OpenGVLab/OmniQuant 95fae1bd quantize/quantizer.py L103-110 and L152-159)."""
+    scale = ((xmax - xmin) / (2**bits - 1)).clamp(1e-5, 1e4)
+    zero = (-xmin / scale).clamp(-1e4, 1e4).round()
+    return (torch.clamp(round_ste(x / scale) + zero, 0, 2**bits - 1) - zero) * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_point_without_gradient_is_the_official_round(dtype):
+    """zero_point_grad=False: the values of the STE form bit for bit, the official quantizer's gradients,
+    no gradient reaching the zero point; the STE form's gradients differ (values outside the clipped range)."""
+    from harness.quantizer import fake_quantize, quant_params
+
+    gen = torch.Generator().manual_seed(0)
+    x0 = (torch.randn(40, 24, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    x0[:, 0] = 25.0  # outside every clipped range: the only place the zero point's gradient shows
+    clip0 = (torch.rand(40, 1, generator=gen, dtype=torch.float64) * 0.4 + 0.5).to(dtype)
+    grad_out = torch.randn(40, 24, generator=gen, dtype=torch.float64).to(dtype)
+
+    def run(fn):
+        x, lo, hi = (t.clone().requires_grad_() for t in (x0, clip0, clip0.flip(0)))
+        y = fn(x, x.detach().amin(-1, keepdim=True) * lo, x.detach().amax(-1, keepdim=True) * hi)
+        (y * grad_out).sum().backward()
+        return y.detach(), x.grad, lo.grad, hi.grad
+
+    off = run(lambda x, a, b: fake_quantize(x, a, b, 4, False, zero_point_grad=False))
+    ste = run(lambda x, a, b: fake_quantize(x, a, b, 4, False))
+    official = run(lambda x, a, b: _official_asym(x, a, b, 4))
+    assert torch.equal(off[0], ste[0]) and torch.equal(off[0], official[0])
+    for ours, theirs in zip(off[1:], official[1:]):
+        torch.testing.assert_close(ours, theirs)
+    assert not torch.allclose(off[2], ste[2])  # the min side's clipping factor: the zero point's path
+    lo = clip0.clone().requires_grad_()
+    xmin, xmax = x0.amin(-1, keepdim=True) * lo, x0.amax(-1, keepdim=True)
+    _, zero = quant_params(xmin, xmax, 4, False, zero_point_grad=False)
+    _, zero_ste = quant_params(xmin, xmax, 4, False)
+    assert torch.equal(zero, zero_ste) and not zero.requires_grad
+    (grad,) = torch.autograd.grad(zero_ste.sum(), lo)
+    assert grad.abs().sum() > 0  # the STE zero point does pass a gradient
+
+
+def test_set_zero_point_grad_reaches_every_quantizer_of_a_block(tiny_model):
+    from harness import quantize_block
+    from harness.quantizer import WeightQuantizer, set_zero_point_grad
+
+    layer = tiny_model.model.layers[0]
+    quantize_block(layer, BitSpec.parse("W4A4", attention=True))
+    quantizers = [m for m in layer.modules() if isinstance(m, (ActQuantizer, WeightQuantizer))]
+    assert len(quantizers) == 7 * 2 + 1  # act + weight per linear, and the Q/K/V quantizer
+    assert all(q.zero_point_grad for q in quantizers)
+    assert set_zero_point_grad(layer, False) == len(quantizers)
+    assert not any(q.zero_point_grad for q in quantizers)
+    assert all(q.zero_point_grad for q in tiny_model.model.layers[1].modules() if hasattr(q, "zero_point_grad"))

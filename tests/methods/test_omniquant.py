@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
+import methods.omniquant
 from harness import BitSpec, ConfigError, QuantContext, QuantLinear, get_adapter, get_method, quantize_weight, quantizers_disabled
 from harness.blockwise import run_blockwise
+from harness.blockwise import train as real_train
 from harness.models import tiny_llama
 from methods.omniquant import LearnableClipQuantizer, OmniQuantConfig, attach, fold
 
@@ -158,6 +160,7 @@ def test_export_is_plain_llama_with_frozen_quant_linears(tiny_model, tiny_tokens
     ({"epochs": -1}, "epochs"), ({"lwc_lr": 0}, "lwc_lr"), ({"let_lr": -1e-3}, "let_lr"),
     ({"alpha": 1.5}, "alpha"), ({"batch_size": 0}, "batch_size"), ({"max_samples": 0}, "max_samples"),
     ({"let_attention": "drop"}, "let_attention"), ({"aug_loss": "yes"}, "aug_loss"),
+    ({"let_init": "signed"}, "let_init"), ({"shuffle": "no"}, "shuffle"), ({"zero_point_grad": "round"}, "zero_point_grad"),
 ])
 def test_bad_options_name_the_field(options, field):
     with pytest.raises(ConfigError, match=field):
@@ -167,6 +170,92 @@ def test_bad_options_name_the_field(options, field):
 def test_config_round_trips():
     cfg = OmniQuantConfig(epochs=2, alpha=0.75, let_lr=1e-3)
     assert OmniQuantConfig.from_dict(cfg.to_dict()) == cfg
+    official = OmniQuantConfig(let_init="official", shuffle=False, zero_point_grad="none")
+    assert OmniQuantConfig.from_dict(official.to_dict()) == official
+
+
+def _smoothquant_scale(act, w_max, alpha=0.5):
+    """The official formula (OmniQuant quantize/omniquant.py L229-231), written out."""
+    return (act.clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_let_init_official_takes_one_linear_per_pair(kv_heads):
+    """let_init: official: q_proj's, up_proj's and o_proj's column max |W| (and max|X| clamped), computed here
+    from the weights; pair (default): the max over the pair's consumers, which differs where gate/k/v are larger."""
+    model = tiny_llama(seed=0, vocab_size=256, num_key_value_heads=kv_heads)
+    adapter, geometry = get_adapter(model), get_adapter(model).attention_geometry(model)
+    heads, _, head_dim = geometry
+    g = torch.Generator().manual_seed(0)
+    act = {"self_attn.q_proj": torch.rand(64, generator=g) * 5, "mlp.gate_proj": torch.rand(64, generator=g) * 5,
+           "self_attn.o_proj": torch.rand(heads * head_dim, generator=g) * 5}
+    act["self_attn.q_proj"][3] = 0.0  # a dead channel: the official clamp gives 1e-5 ** alpha, not the floor
+    layer = model.model.layers[0]
+    w = {n: layer.get_submodule(n).weight.detach().clone() for n in ("self_attn.q_proj", "mlp.up_proj", "self_attn.o_proj")}
+    official = attach(layer, W4A4, adapter, geometry, act, OmniQuantConfig(let_init="official")).scales
+    pair = attach(tiny_llama(seed=0, vocab_size=256, num_key_value_heads=kv_heads).model.layers[0], W4A4, adapter, geometry,
+                  act, OmniQuantConfig()).scales
+    q_w, up_w = w["self_attn.q_proj"].abs().amax(0), w["mlp.up_proj"].abs().amax(0)
+    torch.testing.assert_close(official.qkv.detach(), _smoothquant_scale(act["self_attn.q_proj"], q_w))
+    torch.testing.assert_close(official.fc1.detach(), _smoothquant_scale(act["mlp.gate_proj"], up_w))
+    o_act, o_w = act["self_attn.o_proj"], w["self_attn.o_proj"].abs().amax(0)
+    if kv_heads < heads:  # one scale per KV channel: the max over the query heads that share it (see let_init)
+        o_act, o_w = (t.view(kv_heads, heads // kv_heads, head_dim).amax(1).reshape(-1) for t in (o_act, o_w))
+    torch.testing.assert_close(official.out.detach(), _smoothquant_scale(o_act, o_w))
+    assert not torch.allclose(pair.fc1, official.fc1) and not torch.allclose(pair.qkv, official.qkv)
+    assert pair.qkv[3] == 1e-5 and official.qkv[3] > 1e-5
+
+
+def _spy_train(monkeypatch, module):
+    """Record the sample indices of every training step of ``module``'s calls to ``train``."""
+    steps = []
+
+    def spy(groups, loss_fn, *args, **kwargs):
+        return real_train(groups, lambda idx: steps.append(idx.tolist()) or loss_fn(idx), *args, **kwargs)
+
+    monkeypatch.setattr(module, "train", spy)
+    return steps
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_shuffle_false_trains_on_the_samples_in_order(monkeypatch, tiny_tokens, shuffle):
+    steps = _spy_train(monkeypatch, methods.omniquant)
+    options = {"epochs": 2, "shuffle": shuffle, "lwc": False}
+    get_method("omniquant").from_options(options).quantize(tiny_llama(seed=0, vocab_size=256), W4A4, tiny_tokens,
+                                                           QuantContext(progress=False, seed=5))
+    n = len(tiny_tokens)
+    epochs = [sum(steps[i : i + n], []) for i in range(0, len(steps), n)]
+    assert len(epochs) == 2 * 2  # 2 blocks x 2 epochs
+    if not shuffle:
+        assert epochs == [list(range(n))] * 4
+    else:  # the per-block seeded permutations (seed + block index)
+        expected = []
+        for block in range(2):
+            gen = torch.Generator().manual_seed(5 + block)
+            expected += [torch.randperm(n, generator=gen).tolist() for _ in range(2)]
+        assert epochs == expected and any(e != list(range(n)) for e in epochs)
+
+
+def test_zero_point_grad_none_changes_gradients_not_values(tiny_tokens):
+    """Every quantizer of the block gets the switch; the block computes the same output, and the clipping
+    factors' gradients change (weights clipped at sigmoid(4) lie off the grid, where the zero point matters)."""
+    spec = BitSpec.parse("W4A4", attention=True)
+    results = []
+    for mode in ("ste", "none"):
+        model = tiny_llama(seed=0, vocab_size=256)
+        adapter = get_adapter(model)
+        layer = model.model.layers[0]
+        state = attach(layer, spec, adapter, adapter.attention_geometry(model), None, OmniQuantConfig(zero_point_grad=mode))
+        flags = {q.zero_point_grad for q in layer.modules() if hasattr(q, "zero_point_grad")}
+        hidden = model.model.embed_tokens(tiny_tokens).detach()
+        out = adapter.run_layer(layer, hidden, adapter.position_embeddings(model, hidden))
+        out.pow(2).mean().backward()
+        results.append((flags, out.detach(), torch.cat([c.beta.grad.flatten() for c in state.clips])))
+    (flags_ste, out_ste, grad_ste), (flags_none, out_none, grad_none) = results
+    assert flags_ste == {True} and flags_none == {False}
+    assert len([q for q in layer.modules() if hasattr(q, "zero_point_grad")]) == 7 * 2 + 1  # incl. Q/K/V
+    assert torch.equal(out_ste, out_none)
+    assert not torch.allclose(grad_ste, grad_none)
 
 
 def test_max_samples_limits_the_calibration(tiny_model, tiny_tokens):

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+import methods.qllm.method
 from harness import BitSpec, ConfigError, LlamaAdapter, QuantContext, get_method, quant_linears
 from harness.calibration_stats import channel_abs_max as channel_max
 from harness.quantizer import quantize_weight
@@ -13,6 +14,7 @@ from methods.qllm import QLLMConfig
 from methods.qllm.method import site_function
 from methods.qllm.reassembly import make_plan, site_error, theta_grid
 from tests.methods.quantized import assert_quantized
+from tests.methods.test_omniquant import _spy_train
 from tests.methods.test_qllm_reassembly import site_features, with_outliers
 
 W4A4 = BitSpec.parse("W4A4")
@@ -28,6 +30,12 @@ W4A4 = BitSpec.parse("W4A4")
     ({"epochs": -1}, "epochs"),
     ({"final_norm": "bias"}, "final_norm"),
     ({"ranks": 4}, "ranks"),
+    ({"search_order": "proxy"}, "search_order"),
+    ({"theta": "ratio", "search_order": "official"}, "search_order"),
+    ({"noop_candidate": "no"}, "noop_candidate"),
+    ({"theta": "fixed", "theta_value": 2.0, "noop_candidate": False}, "noop_candidate"),
+    ({"shuffle": 0}, "shuffle"),
+    ({"zero_point_grad": "round"}, "zero_point_grad"),
 ])
 def test_bad_options_name_the_field(options, field):
     with pytest.raises(ConfigError, match=field):
@@ -37,6 +45,8 @@ def test_bad_options_name_the_field(options, field):
 def test_config_round_trips():
     cfg = QLLMConfig(theta="fixed", theta_value=3.0, rank=8, final_norm="off")
     assert QLLMConfig.from_dict(cfg.to_dict()) == cfg
+    official = QLLMConfig(search_order="official", noop_candidate=False, shuffle=False, zero_point_grad="none")
+    assert QLLMConfig.from_dict(official.to_dict()) == official
 
 
 BASE = {"epochs": 2, "blocks_per_job": 2, "rank": 2, "grid_steps": 10}
@@ -202,6 +212,14 @@ def check_two_search_samples(original, model, result, tokens):
         assert s["error_before"] != pytest.approx(before1, rel=1e-3)
 
 
+def check_official_search_order(original, model, result, tokens):
+    sites = result.stats["jobs"][0]["sites"]
+    for s, (_, after, _) in zip(sites, recompute_block0(original, tokens, sites, W4A4)):
+        # applied: the recorded theta's disassemble-first plan, whatever its proxy scored
+        assert s["error_after"] == pytest.approx(after, rel=1e-4) and "error_scored" in s
+    assert any(s["error_scored"] != pytest.approx(s["error_after"], rel=1e-3) for s in sites)
+
+
 ABLATIONS = {
     "theta_ratio": ({"theta": "ratio"}, check_theta_ratio),
     "no_assembly": ({"assembly": False}, check_no_assembly),
@@ -210,6 +228,7 @@ ABLATIONS = {
     "final_norm_weight": ({"final_norm": "weight"}, check_final_norm_weight),
     "frozen_norms": ({"train_norms": False}, check_frozen_norms),
     "two_search_samples": ({"search_samples": 2}, check_two_search_samples),
+    "official_search_order": ({"search_order": "official"}, check_official_search_order),
 }
 
 
@@ -221,6 +240,47 @@ def test_ablation_option(tiny_model, tiny_tokens, ablation):
     check(original, model, result, tiny_tokens)
     with torch.no_grad():
         assert torch.isfinite(model(tiny_tokens).logits).all()
+
+
+def test_noop_candidate_false_reassembles_even_where_it_hurts(tiny_model, tiny_tokens):
+    """Without outliers no theta helps a site: the default leaves every site alone; the official search
+    (no no-op candidate) applies its best candidate anyway."""
+    options = {**BASE, "error_correction": False, "final_norm": "off"}
+    sites = {}
+    for noop in (True, False):
+        result = get_method("qllm").from_options({**options, "noop_candidate": noop}).quantize(
+            copy.deepcopy(tiny_model), W4A4, tiny_tokens, QuantContext(progress=False))
+        sites[noop] = [s for j in result.stats["jobs"] for s in j["sites"]]
+    assert all(s["candidates"] > 0 and s["added"] == 0 and s["error_after"] == s["error_before"] for s in sites[True])
+    assert all(s["added"] > 0 and s["error_after"] > s["error_before"] for s in sites[False])
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_shuffle_false_trains_on_the_samples_in_order(monkeypatch, tiny_model, tiny_tokens, shuffle):
+    """Both trainings (the corrections of the one job, then the final norm) see the samples in order, or each
+    the permutations of its seeded generator."""
+    steps = _spy_train(monkeypatch, methods.qllm.method)
+    run_qllm(tiny_model, tiny_tokens, shuffle=shuffle)
+    n, epochs = len(tiny_tokens), BASE["epochs"]
+    seen = [sum(steps[i : i + n], []) for i in range(0, len(steps), n)]
+    assert len(seen) == 2 * epochs  # job 0 (blocks 0-1), final norm
+    if not shuffle:
+        assert seen == [list(range(n))] * (2 * epochs)
+    else:  # seed = context seed + job index (0), and the context seed for the final norm: both 0
+        gen = torch.Generator().manual_seed(0)
+        per_training = [torch.randperm(n, generator=gen).tolist() for _ in range(epochs)]
+        assert seen == per_training * 2 and any(e != list(range(n)) for e in seen)
+
+
+def test_zero_point_grad_none_reaches_every_activation_quantizer(tiny_model, tiny_tokens):
+    spec = BitSpec.parse("W4A4", attention=True)
+    flags = {}
+    for mode in ("ste", "none"):
+        _, model, _ = run_qllm(copy.deepcopy(tiny_model), tiny_tokens, spec, epochs=1, zero_point_grad=mode)
+        quantizers = [m for m in model.modules() if hasattr(m, "zero_point_grad")]
+        assert len(quantizers) >= 2 * (7 + 1)  # per block: each linear's input, Q/K/V
+        flags[mode] = {q.zero_point_grad for q in quantizers}
+    assert flags == {"ste": {True}, "none": {False}}
 
 
 @pytest.mark.smollm2

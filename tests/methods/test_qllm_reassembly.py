@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from harness import BitSpec, LlamaAdapter, quantize_block
 from methods.qllm.method import SITES, QLLMConfig, apply_plan, reassemble_site, site_function
 from harness.calibration_stats import channel_abs_max as channel_max
-from methods.qllm.reassembly import make_plan, search, site_error, theta_grid
+from methods.qllm.reassembly import OFFICIAL_LOSS_CAP, assemble_first_plan, make_plan, search, site_error, theta_grid
 
 W4A4 = BitSpec.parse("W4A4")
 
@@ -164,3 +164,117 @@ def test_theta_grid_respects_the_channel_budget():
     added = [int(torch.ceil(x_max / t).clamp(min=1).sum()) - 100 for t in grid]
     assert added[0] == 0 and all(a <= 20 for a in added)
     assert added == sorted(added) and len(set(added)) == len(added)  # one candidate per change
+
+
+def official_assemble_then_disassemble(x, w, x_max, theta):
+    """One candidate of the official search, transcribed op by op for an even width (ModelTC/QLLM 653a329e
+    reassembly/cr_module.py L12-41 scores, L102-116 mask, L79-92 matching, L176-226; assembly/ca_module.py
+    L89-119): (x, w) after assembling the original channels and then splitting the outliers."""
+    C = x.shape[-1]
+    num = torch.clamp(torch.ceil(x_max / theta), min=1.0)
+    r = int(num.int().sum()) - C
+    xa, xb, wa, wb = x[:, ::2], x[:, 1::2], w[:, ::2], w[:, 1::2]
+    xdist = torch.cdist(xa.t(), xb.t(), p=2.0)
+    scores_a, scores_b = torch.zeros(C // 2, C // 2, dtype=x.dtype), torch.zeros(C // 2, C // 2, dtype=x.dtype)
+    for i in range(C // 2):
+        scores_a[i, :] = (wa[:, i].unsqueeze(1) * xdist[i]).sum(0)
+    for j in range(C // 2):
+        scores_b[:, j] = (wb[:, j].unsqueeze(1) * xdist[:, j]).sum(0)
+    scores = (scores_a + scores_b).pow(2)
+    split = num > 1.0
+    scores[split[::2].nonzero().flatten(), :] = torch.finfo(scores.dtype).max
+    scores[:, split[1::2].nonzero().flatten()] = torch.finfo(scores.dtype).max
+    node_min, node_idx = scores.min(dim=-1)
+    src_idx = node_min.argsort(dim=-1)[:r]
+    dst_idx = node_idx[src_idx]
+
+    def assembly(t):  # mode "sum" on (rows, C)
+        src, dst = t[:, 0::2], t[:, 1::2].clone()
+        dst = dst.scatter_reduce(-1, dst_idx.expand(t.shape[0], r), src.gather(-1, src_idx.expand(t.shape[0], r)), reduce="sum")
+        mask = torch.ones(C)
+        mask[torch.arange(0, C, 2)[src_idx]] = 0.0
+        return torch.stack([src, dst], dim=-1).reshape(t.shape[0], C)[:, mask != 0]
+
+    size = torch.ones(1, C, dtype=x.dtype)
+    assembled_x = assembly(x) / assembly(size)
+    assembled_num = (assembly(num[None].to(x.dtype)) / assembly(size))[0]
+    assembled_scale = (assembly((1.0 / num)[None].to(x.dtype)) / assembly(size))[0]
+    keep = torch.ones(C, dtype=torch.bool)
+    keep[torch.arange(0, C, 2)[src_idx]] = False
+    assembled_w = w.scatter_reduce(-1, torch.arange(1, C, 2)[dst_idx].expand(w.shape[0], r),
+                                   w.gather(-1, torch.arange(0, C, 2)[src_idx].expand(w.shape[0], r)), reduce="sum")[:, keep]
+    reps = assembled_num.int()
+    split_x = torch.repeat_interleave(assembled_x, reps, dim=1) * assembled_scale.repeat_interleave(reps)[None]
+    return split_x, torch.repeat_interleave(assembled_w, reps, dim=1)
+
+
+def test_assemble_first_plan_is_the_official_proxy_and_not_the_applied_plan():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 40, generator=g, dtype=torch.float64)
+    x[:, [2, 11, 26]] *= torch.tensor([6.0, 9.0, 4.0], dtype=torch.float64)
+    w = torch.randn(24, 40, generator=g, dtype=torch.float64)
+    x_max = channel_max(x).double()
+    theta = float(x_max.sort().values[-4]) * 1.05  # splits the three outliers only, one of them in three or more
+    plan = assemble_first_plan(x_max, theta, x, w)
+    expected_x, expected_w = official_assemble_then_disassemble(x, w, x_max, theta)
+    assert plan.added >= 4 and plan.merged == plan.added and plan.width == 40
+    torch.testing.assert_close(plan.module()(x), expected_x, rtol=1e-6, atol=1e-9)  # the plan's 1 / T is float32
+    torch.testing.assert_close(plan.apply_weight(w), expected_w, rtol=1e-12, atol=1e-12)  # sums in another order
+    applied = make_plan(x_max, theta, x, w, assemble=True)
+    assert applied.added == plan.added and not torch.equal(applied.group, plan.group)  # another merge
+
+
+def _grid_errors(fn, feats, weights, x_max, spec, builder):
+    tokens, stacked, reference = feats.reshape(-1, feats.shape[-1]), torch.cat(weights), fn(feats, weights)
+    out = []
+    for theta in theta_grid(x_max, 0.2)[1:]:
+        plan = builder(x_max, theta, tokens, stacked)
+        if plan is not None and plan.added:
+            out.append((theta, site_error(fn, feats, weights, reference, plan, spec)))
+    return out
+
+
+def test_official_search_order_scores_the_proxy_and_applies_disassemble_first(block):
+    """search(order="official"): the theta whose assemble-first proxy scores lowest (first of equals), then
+    that theta's disassemble-first plan, with its own error; recomputed here from the two builders."""
+    _, layer, hidden, pe = block
+    features, differs = site_features(layer, hidden, pe), []
+    for site in SITES:
+        feats = features[site]
+        consumers, fn = site_function(layer, site, pe)
+        weights = [layer.get_submodule(c).weight.detach() for c in consumers]
+        x_max = channel_max(feats)
+        with torch.no_grad():
+            result = search(fn, feats, x_max, weights, W4A4, thetas=theta_grid(x_max, 0.2)[1:], assemble=True, order="official")
+            default = search(fn, feats, x_max, weights, W4A4, thetas=theta_grid(x_max, 0.2)[1:], assemble=True)
+            proxy = _grid_errors(fn, feats, weights, x_max, W4A4, assemble_first_plan)
+            applied = dict(_grid_errors(fn, feats, weights, x_max, W4A4, lambda m, t, x, w: make_plan(m, t, x, w, True)))
+        theta, scored = min(proxy, key=lambda te: te[1])
+        assert scored < result.error_before  # so the winner is a plan, not the no-op
+        assert result.plan.theta == theta and result.error_scored == pytest.approx(scored)
+        assert result.error_after == pytest.approx(applied[theta])
+        differs.append(result.plan.theta != default.plan.theta or result.error_after != pytest.approx(default.error_after))
+    assert any(differs)
+
+
+def test_noop_candidate_false_keeps_the_official_loss_cap(tiny_model, tiny_tokens):
+    """Without outliers no split helps: the default keeps the site as it is, noop=False takes the best
+    candidate anyway, and only scores >= the official 100000 cap leave the site alone."""
+    layer = tiny_model.model.layers[0]
+    with torch.no_grad():
+        hidden = tiny_model.model.embed_tokens(tiny_tokens)
+    pe = LlamaAdapter().position_embeddings(tiny_model, hidden)
+    feats = site_features(layer, hidden, pe)["mlp_in"]
+    consumers, fn = site_function(layer, "mlp_in", pe)
+    weights = [layer.get_submodule(c).weight.detach() for c in consumers]
+    x_max = channel_max(feats)
+    thetas = theta_grid(x_max, 0.2)[1:]
+    with torch.no_grad():
+        default = search(fn, feats, x_max, weights, W4A4, thetas=thetas, assemble=True)
+        official = search(fn, feats, x_max, weights, W4A4, thetas=thetas, assemble=True, noop=False)
+        capped = search(lambda x, w: fn(x, w) * 1e6, feats, x_max, weights, W4A4, thetas=thetas, assemble=True, noop=False)
+        candidates = _grid_errors(fn, feats, weights, x_max, W4A4, lambda m, t, x, w: make_plan(m, t, x, w, True))
+    theta, best = min(candidates, key=lambda te: te[1])
+    assert best > default.error_before and default.plan is None and default.error_after == default.error_before
+    assert official.plan.theta == theta and official.error_after == pytest.approx(best) and best > official.error_before
+    assert capped.error_before > OFFICIAL_LOSS_CAP and capped.plan is None and capped.candidates == len(candidates)
