@@ -4,10 +4,11 @@ Run it with ``ptqbench bench-scale`` (it is slow on CPU: it writes a >= 3 GB mod
 
 1. generates random LLaMAs (hidden 2048, fp16, one safetensors shard per block, smollm2's
    tokenizer) at 32 and 8 layers into ``<cache>/bench-scale/`` (once; reused afterwards),
-2. runs each method end to end (``harness.execute``: lazy load, quantize, block-wise perplexity;
+2. fills the token cache with the Brown splits (as ``ptqbench prepare`` would before a sweep),
+3. runs each method end to end (``harness.execute``: lazy load, quantize, block-wise perplexity;
    float32 compute, since CPU fp16 matmuls are slow) in a fresh subprocess, which reports its
    peak RSS (``VmHWM``),
-3. prints per run the model's size on disk, the peak RSS, their ratio, the dry-run estimate
+4. prints per run the model's size on disk, the peak RSS, their ratio, the dry-run estimate
    (``harness.memory``), and per method the peak-RSS ratio of the deep over the shallow model.
 
 Targets: peak RSS <= half the model's size on disk, and deep/shallow ratio <= 1.15.
@@ -83,6 +84,19 @@ def generate(folder: Path, hidden: int, layers: int, seed: int = 0) -> Path:
     AutoTokenizer.from_pretrained(_gguf_folder("smollm2-135m", ZOO["smollm2-135m"])).save_pretrained(tmp)
     tmp.replace(folder)
     return folder
+
+
+def prepare_tokens(folder: Path) -> None:
+    """Tokenize the Brown splits with the model's tokenizer into the token cache, as ``ptqbench prepare``
+    does before a sweep: the measured runs then hold no tokenizer peak (a cold cache adds about 0.8 GB
+    to the first run that tokenizes Brown's train split; see harness.token_cache)."""
+    from transformers import AutoTokenizer
+
+    from harness.data import token_stream
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for split in ("train", "test"):
+        token_stream("brown", split, tokenizer)
 
 
 def disk_size(folder: Path) -> int:

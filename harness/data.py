@@ -32,6 +32,7 @@ import torch
 
 from harness import brown
 from harness.errors import ResourceUnavailableError, UnknownNameError, did_you_mean
+from harness.token_cache import cached_ids
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ def _wikitext2(split: str) -> str:
     return "\n\n".join(ds["text"])  # the papers' exact joining
 
 
-def _c4_documents(split: str) -> list[str]:
+def c4_documents(split: str) -> list[str]:
+    """The documents of C4 en train shard 0 (``split="train"``) or validation shard 0 (hub or HF cache)."""
     from datasets import load_dataset
 
     data_file = C4_VALIDATION_FILE if split == "validation" else C4_TRAIN_FILE
@@ -159,10 +161,16 @@ def _cached(key: tuple, tokenizer: object, make: Callable[[], torch.Tensor]) -> 
 
 
 def token_stream(name: str, split: str, tokenizer: object) -> torch.Tensor:
-    """The whole ``split`` ("train" / "test") of corpus ``name`` as one tensor of token ids."""
+    """The whole ``split`` ("train" / "test") of corpus ``name`` as one tensor of token ids.
+
+    Tokenized once per cache, not once per run (``harness.token_cache``): every run of a sweep is a
+    process of its own, and the whole-text call the protocol makes is the largest transient of a
+    small run.
+    """
     def make() -> torch.Tensor:
         corpus = resolve_corpus(name)
-        return _ids(tokenizer, corpus.train() if split == "train" else corpus.test(), corpus.special_tokens)
+        text = corpus.train() if split == "train" else corpus.test()
+        return cached_ids(tokenizer, text, corpus.special_tokens, lambda: _ids(tokenizer, text, corpus.special_tokens))
 
     return _cached(("stream", name, split), tokenizer, make)
 
@@ -171,7 +179,7 @@ def eval_windows(name: str, tokenizer: object, seqlen: int, max_windows: int | N
     """(n, seqlen) token windows for perplexity on ``name``'s test text."""
     if name == "c4":
         windows = _cached(("c4-eval", seqlen), tokenizer,
-                          lambda: _c4_windows(_c4_documents("validation"), tokenizer, C4_EVAL_WINDOWS, seqlen, 0, longer_only=False))
+                          lambda: _c4_windows(c4_documents("validation"), tokenizer, C4_EVAL_WINDOWS, seqlen, 0, longer_only=False))
     else:
         ids = token_stream(name, "test", tokenizer)
         n = ids.numel() // seqlen
@@ -208,7 +216,7 @@ def calibration_windows(name: str, tokenizer: object, samples: int, seqlen: int,
     per window (QLLM datautils.py L49-57).
     """
     if name == "c4":
-        return _c4_windows(_c4_documents("train"), tokenizer, samples, seqlen, seed, longer_only=True)
+        return _c4_windows(c4_documents("train"), tokenizer, samples, seqlen, seed, longer_only=True)
     ids = token_stream(name, "train", tokenizer)
     if ids.numel() <= seqlen:
         raise ResourceUnavailableError(f"dataset {name!r}: train text has {ids.numel()} tokens, fewer than seqlen {seqlen}")

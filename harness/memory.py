@@ -33,7 +33,8 @@ GB = 2**30
 RUNTIME_BYTES = int(0.7 * GB)
 # Tokenizing a calibration corpus's whole train split at once (Brown: 1.2M tokens) peaks at about
 # this much on top of the runtime (measured: 1.40 vs 0.72 GB peak RSS for runs with and without
-# calibration on a tiny model).
+# calibration on a tiny model). Only a run that finds the token cache cold pays it (harness.token_cache;
+# `ptqbench prepare` fills the cache), but the estimate cannot tell, so it stays an upper bound.
 TOKENIZE_BYTES = int(0.7 * GB)
 # Windows assumed when the evaluation scores a whole corpus (max_windows: null).
 DEFAULT_EVAL_WINDOWS = 256

@@ -5,7 +5,7 @@ import shutil
 
 import click
 
-from harness.bench_scale import OPTIONS, bench_root, disk_size, generate, measure, table
+from harness.bench_scale import OPTIONS, bench_root, disk_size, generate, measure, prepare_tokens, table
 
 
 @click.command("bench-scale")
@@ -26,6 +26,7 @@ def command(hidden: int, layers: str, method_names: str, samples: int, seqlen: i
     for depth in (int(x) for x in layers.split(",")):
         folder = generate(bench_root() / f"llama-h{hidden}-l{depth}", hidden, depth)
         folders.append(folder)
+        prepare_tokens(folder)
         click.echo(f"{folder}: {disk_size(folder) / 2**30:.2f} GB on disk")
         for method in method_names.split(","):
             rows.append(measure(folder, method, samples, seqlen, windows))

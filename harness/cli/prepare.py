@@ -1,7 +1,9 @@
-"""``ptqbench prepare``: fill the shared cache before a sweep (Brown corpus, models, datasets).
+"""``ptqbench prepare``: fill the shared cache before a sweep (Brown corpus, models, datasets, token streams).
 
 Hundreds of cluster jobs should not all hit the hub at once: run this once on a login node, e.g.
-``ptqbench prepare --model llama-2-70b --dataset wikitext2 --dataset c4``.
+``ptqbench prepare --model llama-2-70b --dataset wikitext2 --dataset c4``. Each model's tokenizer
+then tokenizes each corpus once into the token cache (``harness.token_cache``), so no run of the
+sweep tokenizes it again.
 """
 from __future__ import annotations
 
@@ -10,27 +12,43 @@ from pathlib import Path
 import click
 
 from harness import brown
-from harness.data import resolve_corpus
+from harness.data import c4_documents, resolve_corpus, token_stream
 from harness.models import ZOO, hub_folder, load_model
+
+
+def _fetch_model(name: str) -> object | None:
+    """Fetch (hub) or convert (zoo) ``name`` into the cache; return its tokenizer, or None when unavailable."""
+    local = name in ZOO or Path(name).expanduser().exists()
+    hub_id = ZOO[name].hub_id if name in ZOO else (None if local or name.count("/") != 1 else name)
+    if hub_id is None:
+        loaded = load_model(name, lazy=True)
+        click.echo(f"{name}: {loaded.source}")
+        return loaded.tokenizer
+    folder = hub_folder(hub_id, download=True)
+    click.echo(f"{name}: {folder if folder else 'not available (offline, gated, or no safetensors weights)'}")
+    if folder is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 @click.command("prepare")
 @click.option("--model", "models", multiple=True, default=("smollm2-135m",), show_default=True,
               help="Models to fetch into the cache: zoo names or hub ids (hub models are downloaded, not loaded).")
 @click.option("--dataset", "datasets", multiple=True, default=("brown",), show_default=True,
-              help="Corpora whose train and test text to fetch (brown, wikitext2, c4).")
+              help="Corpora whose train and test text to fetch and tokenize (brown, wikitext2, c4, or a text file).")
 @click.option("--force", is_flag=True, help="Re-fetch the Brown corpus.")
 def command(models: tuple[str, ...], datasets: tuple[str, ...], force: bool) -> None:
-    """Prepare the Brown corpus, models and datasets in the cache (idempotent)."""
+    """Prepare the Brown corpus, models, datasets and their token streams in the cache (idempotent)."""
     click.echo(f"brown: {brown.prepare(force=force)}")
-    for name in models:
-        local = name in ZOO or Path(name).expanduser().exists()
-        hub_id = ZOO[name].hub_id if name in ZOO else (None if local or name.count("/") != 1 else name)
-        if hub_id is not None:
-            folder = hub_folder(hub_id, download=True)
-            click.echo(f"{name}: {folder if folder else 'not available (offline, gated, or no safetensors weights)'}")
-        else:
-            click.echo(f"{name}: {load_model(name, lazy=True).source}")
+    tokenizers = {name: tok for name in models if (tok := _fetch_model(name)) is not None}
     for name in datasets:
         corpus = resolve_corpus(name)
+        if name == "c4":  # sampled per document at run time (harness.data): fetch the two shards
+            click.echo(f"c4: {len(c4_documents('train'))} train / {len(c4_documents('validation'))} validation documents")
+            continue
         click.echo(f"{name}: {len(corpus.train())} train / {len(corpus.test())} test characters")
+        for model, tokenizer in tokenizers.items():
+            train, test = (token_stream(name, split, tokenizer).numel() for split in ("train", "test"))
+            click.echo(f"{name} tokens for {model}: {train} train / {test} test (token cache)")

@@ -34,3 +34,19 @@ def test_tags_are_kept_and_text_has_none():
     assert "/at " not in doc.text and "/nn" not in doc.text
     words = sum(len(s) for d in brown.documents() for s in d.sentences)
     assert 1_000_000 < words < 1_300_000  # ~1.16M tokens including punctuation
+
+
+def test_split_text_file_is_the_documents_text_and_is_read_back(tmp_path, monkeypatch):
+    import shutil
+
+    # a private copy of the prepared corpus, so the real cache's text files are not touched
+    home = tmp_path / "home"
+    shutil.copytree(brown.corpus_dir(), home / "data" / brown.corpus_dir().name,
+                    ignore=shutil.ignore_patterns("*.txt"))
+    monkeypatch.setenv("PTQBENCH_HOME", str(home))
+    expected = "\n\n".join(d.text for d in brown.documents() if d.split == "test")
+    assert brown.split_text("test") == expected
+    stored = brown.corpus_dir() / "test.txt"
+    assert stored.read_text(encoding="utf-8") == expected
+    stored.write_text("marker", encoding="utf-8")  # the next call reads the file, not the documents
+    assert brown.split_text("test") == "marker"

@@ -87,3 +87,18 @@ def test_seeds_option_overrides_the_yaml(tmp_path):
     assert sum(" seed 1 " in f"{line} " for line in lines) == len(lines) // 2
     bad = CliRunner().invoke(main, ["run", path, "--dry-run", "--seeds", "0,x"])
     assert bad.exit_code == 2 and bad.output.startswith("Error: --seeds")
+
+
+def test_prepare_fills_the_token_cache(tmp_path, smollm2_tokenizer):
+    from harness.token_cache import cache_file, tokenizer_digest
+
+    text = "A corpus of its own for this test, " + str(tmp_path) + ".\n\n" + "Some more words follow here. " * 50
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    entry = cache_file(tokenizer_digest(smollm2_tokenizer), text, False)
+    assert not entry.exists()
+    result = CliRunner().invoke(main, ["prepare", "--model", "tiny-random-llama", "--dataset", str(corpus)])
+    assert result.exit_code == 0, result.output
+    n = len(smollm2_tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert f"{corpus} tokens for tiny-random-llama: {n} train / {n} test (token cache)" in result.output
+    assert entry.exists()

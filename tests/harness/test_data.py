@@ -131,7 +131,7 @@ def test_wikitext2_and_c4_windows_match_the_official_loaders(monkeypatch):
     train_docs, val_docs = _fixture_docs(300, 1), _fixture_docs(300, 2)
     train_text, test_text = "\n\n".join(train_docs), "\n\n".join(val_docs)
     monkeypatch.setattr(data, "_wikitext2", lambda split: train_text if split == "train" else test_text)
-    monkeypatch.setattr(data, "_c4_documents", lambda split: train_docs if split == "train" else val_docs)
+    monkeypatch.setattr(data, "c4_documents", lambda split: train_docs if split == "train" else val_docs)
     tok, seqlen = BosTokenizer(), 64
     calib, test = _official_wikitext2(tok, train_text, test_text, nsamples=8, seed=2, seqlen=seqlen)
     assert test[0, 0] == 1 and (calib == 1).sum() <= 1  # the BOS starts the stream, and only there
