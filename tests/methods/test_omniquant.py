@@ -152,6 +152,7 @@ def test_export_is_plain_llama_with_frozen_quant_linears(tiny_model, tiny_tokens
     assert torch.unique(w[0]).numel() <= 16
     stats = result.stats
     assert len(stats["blocks"]) == 2 and {"init_loss", "epoch_losses", "seconds", "output_mse"} <= stats["blocks"][0].keys()
+    assert stats["blocks"][0]["init_loss"] is None  # not asked for (init_loss: false)
     assert stats["samples"] == len(tiny_tokens)
     torch.save(model.state_dict(), "/dev/null")  # no parametrization objects left to pickle
 
@@ -161,6 +162,7 @@ def test_export_is_plain_llama_with_frozen_quant_linears(tiny_model, tiny_tokens
     ({"alpha": 1.5}, "alpha"), ({"batch_size": 0}, "batch_size"), ({"max_samples": 0}, "max_samples"),
     ({"let_attention": "drop"}, "let_attention"), ({"aug_loss": "yes"}, "aug_loss"),
     ({"let_init": "signed"}, "let_init"), ({"shuffle": "no"}, "shuffle"), ({"zero_point_grad": "round"}, "zero_point_grad"),
+    ({"init_loss": "yes"}, "init_loss"),
 ])
 def test_bad_options_name_the_field(options, field):
     with pytest.raises(ConfigError, match=field):
@@ -273,3 +275,19 @@ def test_needs_calibration(tiny_model):
 def test_smollm2_w4a4_perplexity_below_rtn(w4a4_ppl):
     """Demo settings (1 epoch on 4 calibration windows); the runs are shared via tests/methods/conftest.py."""
     assert w4a4_ppl("omniquant") < w4a4_ppl("rtn")
+
+
+def test_init_loss_on_request_is_the_untrained_block_error_and_changes_nothing(tiny_model, tiny_tokens):
+    import copy
+
+    def run(options):
+        return get_method("omniquant").from_options(options).quantize(copy.deepcopy(tiny_model), W4A4, tiny_tokens,
+                                                                       QuantContext(progress=False))
+
+    plain, traced, untrained = run({"epochs": 1}), run({"epochs": 1, "init_loss": True}), run({"epochs": 0})
+    # block 0's student and FP inputs are both the embeddings, so its loss at the initialisation is the
+    # output error of the same block left untrained (epochs 0), up to folding the scales into the weights
+    assert traced.stats["blocks"][0]["init_loss"] == pytest.approx(untrained.stats["blocks"][0]["output_mse"], rel=1e-4)
+    assert all(b["init_loss"] > 0 for b in traced.stats["blocks"]) and all(b["init_loss"] is None for b in plain.stats["blocks"])
+    with torch.no_grad():
+        assert torch.equal(plain.model(tiny_tokens).logits, traced.model(tiny_tokens).logits)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from harness import BitSpec, LlamaAdapter, quantize_block
 from methods.qllm.method import SITES, QLLMConfig, apply_plan, reassemble_site, site_function
 from harness.calibration_stats import channel_abs_max as channel_max
-from methods.qllm.reassembly import OFFICIAL_LOSS_CAP, assemble_first_plan, make_plan, search, site_error, theta_grid
+from methods.qllm.reassembly import OFFICIAL_LOSS_CAP, assemble_first_plan, channel_distances, make_plan, search, site_error, \
+    theta_grid
 
 W4A4 = BitSpec.parse("W4A4")
 
@@ -278,3 +279,23 @@ def test_noop_candidate_false_keeps_the_official_loss_cap(tiny_model, tiny_token
     assert best > default.error_before and default.plan is None and default.error_after == default.error_before
     assert official.plan.theta == theta and official.error_after == pytest.approx(best) and best > official.error_before
     assert capped.error_before > OFFICIAL_LOSS_CAP and capped.plan is None and capped.candidates == len(candidates)
+
+
+@pytest.mark.parametrize("case", ["independent", "correlated", "duplicates", "tiny-and-huge"])
+def test_channel_distances_are_the_direct_float64_distances_bit_for_bit(case):
+    """The product-based distances with their error bound equal the direct loop's, rounded to float32."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 300, generator=g) * torch.rand(300, generator=g) * 4
+    if case == "correlated":  # channels sharing one dominant direction: |a|^2 + |b|^2 - 2ab cancels
+        x = x * 1e-3 + torch.randn(256, 1, generator=g) * torch.rand(300, generator=g)
+    if case == "duplicates":
+        x[:, 10] = x[:, 11]  # identical, nearly identical and all-zero channels
+        x[:, 20] = x[:, 21] + 1e-7
+        x[:, 30] = 0.0
+        x[:, 31] = 0.0
+    if case == "tiny-and-huge":
+        x[:, :50] *= 1e-6
+        x[:, 50:60] *= 1e4
+    xt = x.t().double()
+    expected = torch.cdist(xt, xt, compute_mode="donot_use_mm_for_euclid_dist").float()
+    assert torch.equal(channel_distances(x), expected)
