@@ -50,6 +50,7 @@ class Reference:
     cost_table: str
     cost_device: str
     baseline_method: str  # the method name the reference gives its FP16 column
+    cost_caveat: str = ""  # how far the cost numbers were checked, printed under the cost table
 
 
 def _number(text: str, where: str) -> float | None:
@@ -88,7 +89,7 @@ def load_reference(path: Any = REFERENCE_FILE) -> Reference:
     baseline = next(c["method"] for c in columns if c.get("baseline"))
     return Reference(data["source"], data["table"], pd.DataFrame(cells), tuple(data.get("notes", [])),
                      tuple(data["zeroshot_tasks"]), int(data["ppl_seqlen"]), pd.DataFrame(cost), tc["table"], tc["device"],
-                     baseline)
+                     baseline, str(tc.get("caveat", "")))
 
 
 def paper_model(name: str, ref: Reference) -> str | None:
@@ -248,7 +249,7 @@ def tables(records: list[RunRecord], ref: Reference | None = None) -> list[Table
     cost = cost_frame(records, ref)
     cost_notes = [f"Published: {ref.cost_table}, on {ref.cost_device}. Ours: device-hours of the calibrate + quantize "
                   "phases of the run (mean over seeds), on the device named (hours on different hardware are not directly comparable).",
-                  "Bold: fewest hours per model."]
+                  "Bold: fewest hours per model.", *([ref.cost_caveat] if ref.cost_caveat else [])]
     cost_table = Table(cost, "Training cost vs published", best=best_mask(cost, {"GPU-h ours": "min", "GPU-h paper": "min"}),
                        notes=cost_notes)
     return [comparison, cost_table]
