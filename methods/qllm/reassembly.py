@@ -74,7 +74,7 @@ def split_counts(x_max: torch.Tensor, theta: float) -> torch.Tensor:
     return torch.ceil(x_max / theta).clamp(min=1).long()
 
 
-def channel_distances(x: torch.Tensor) -> torch.Tensor:
+def channel_distances(x: torch.Tensor, rows_per_chunk: int = 512) -> torch.Tensor:
     """(C, C) L2 distances between the channels of ``x`` (tokens, C), over tokens.
 
     Computed once per site: an unsplit expanded channel is its original channel, and sub-channels
@@ -86,33 +86,36 @@ def channel_distances(x: torch.Tensor) -> torch.Tensor:
     direct loop is 4-5x slower than a matrix product and was a tenth of QLLM's time, so the
     distances come from the product in float64, with a rigorous bound on its error, and the few
     entries whose float32 rounding that bound leaves open (almost only near-identical channels:
-    about 20 of 2.4M on smollm2's down_proj inputs) are computed directly.
+    about 20 of 2.4M on smollm2's down_proj inputs) are computed directly. Rows go in chunks, so the
+    float64 temporaries stay small beside the (C, C) float32 result (C is the MLP width at down_proj).
     """
     xt = x.t().double()
-    k = xt.shape[1]
+    C, k = xt.shape
     eps = torch.finfo(torch.float64).eps
     norms = (xt * xt).sum(1)
-    total = norms[:, None] + norms[None, :]
-    d = (total - 2.0 * (xt @ xt.t())).clamp_min_(0.0).sqrt_()
-    f = d.float()
-    # |fl(d^2) - d^2| <= (2k + 3) eps (|a|^2 + |b|^2) for k-term dot products (2x margin below), so
-    # |error of d| <= that / d; plus the direct loop's own error on d, (k + 2) eps d, so that the
-    # result is the direct loop's and not merely the exact value's rounding
-    err = total.mul_(4.0 * (k + 4) * eps).div_(d).add_(d * ((k + 2) * eps))
-    # f is certain when [d - err, d + err] lies inside f's float32 rounding interval: half an ulp
-    # either side, but only a quarter below a power of two (the ulp below it is half as wide)
-    mantissa, exponent = torch.frexp(f)
-    half_ulp = torch.ldexp(torch.ones_like(d), exponent.to(torch.int64) - 25)
-    below_power = (mantissa == 0.5) & (d < f.double())
-    unsure = (d - f.double()).abs_().add_(err) >= torch.where(below_power, half_ulp / 2, half_ulp)
-    unsure |= d == 0  # identical (or all-zero) channels: err is inf or NaN there
-    unsure.fill_diagonal_(False)
-    f.fill_diagonal_(0.0)  # the direct loop's exact zero
-    i, j = unsure.nonzero(as_tuple=True)
-    if i.numel():
-        pairs = torch.cdist(xt[i][:, None], xt[j][:, None], compute_mode="donot_use_mm_for_euclid_dist")
-        f[i, j] = pairs.flatten().float()
-    return f
+    out = torch.empty(C, C, dtype=torch.float32, device=x.device)
+    for start in range(0, C, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, C))
+        total = norms[rows, None] + norms[None, :]
+        d = (total - 2.0 * (xt[rows] @ xt.t())).clamp_min_(0.0).sqrt_()
+        f = d.float()
+        # |fl(d^2) - d^2| <= (2k + 3) eps (|a|^2 + |b|^2) for k-term dot products (2x margin below), so
+        # |error of d| <= that / d; plus the direct loop's own error on d, (k + 2) eps d, so that the
+        # result is the direct loop's and not merely the exact value's rounding
+        err = total.mul_(4.0 * (k + 4) * eps).div_(d).add_(d * ((k + 2) * eps))
+        # f is certain when [d - err, d + err] lies inside f's float32 rounding interval: half an ulp
+        # either side, but only a quarter below a power of two (the ulp below it is half as wide)
+        mantissa, exponent = torch.frexp(f)
+        half_ulp = torch.ldexp(torch.ones_like(d), exponent.to(torch.int64) - 25)
+        half_ulp = torch.where((mantissa == 0.5) & (d < f.double()), half_ulp / 2, half_ulp)
+        unsure = (d - f.double()).abs_().add_(err) >= half_ulp
+        unsure |= d == 0  # identical (or all-zero) channels: err is inf or NaN there
+        i, j = unsure.nonzero(as_tuple=True)
+        if i.numel():
+            pairs = torch.cdist(xt[rows][i][:, None], xt[j][:, None], compute_mode="donot_use_mm_for_euclid_dist")
+            f[i, j] = pairs.flatten().float()
+        out[rows] = f
+    return out
 
 
 def match_channels(dist: torch.Tensor, wsum: torch.Tensor, src: torch.Tensor, frozen: torch.Tensor, r: int

@@ -299,3 +299,4 @@ def test_channel_distances_are_the_direct_float64_distances_bit_for_bit(case):
     xt = x.t().double()
     expected = torch.cdist(xt, xt, compute_mode="donot_use_mm_for_euclid_dist").float()
     assert torch.equal(channel_distances(x), expected)
+    assert torch.equal(channel_distances(x, rows_per_chunk=7), expected)  # chunks that do not divide C
