@@ -17,7 +17,7 @@ the last dimension and hands them to transformers' SDPA attention. Modules witho
 The attention kernel stays the model's: a model loaded (or set) with ``attn_implementation="eager"``
 gets transformers' eager attention behind the quantizer (``EAGER_IMPLEMENTATION``), every other one
 SDPA. Eager is the explicit matmul / fp32 softmax / matmul of the official QLLM and OmniQuant layers:
-with it ptqbench's RTN W4A4 model on smollm2-135m scores exactly the official code's perplexity, while
+with it ptqbench's RTN W4A4 model on smollm2-135m scored exactly the official code's perplexity (run on one machine), while
 SDPA's different rounding alone moves that (broken, ppl ~2000) model by ~7%.
 
 Grouped-query attention: here K and V are quantized *before* ``repeat_kv`` (SDPA repeats them),
