@@ -152,7 +152,8 @@ def split_text(split: str) -> str:
     """
     path = corpus_dir() / f"{split}.txt"
     if path.exists():
-        return path.read_text(encoding="utf-8")
+        with path.open(encoding="utf-8", newline="") as f:  # the bytes as written: no newline translation
+            return f.read()
     text = "\n\n".join(d.text for d in documents() if d.split == split)
     from harness.errors import StorageError
     from harness.results import write_text_atomic
