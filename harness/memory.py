@@ -95,7 +95,7 @@ def estimate(run: Any, config: Any | None = None) -> MemoryEstimate | None:
     group = block * getattr(run.config, "blocks_per_job", 1)
     eager = vocab * h * (1 if getattr(config, "tie_word_embeddings", False) else 2) + h
     host = RUNTIME_BYTES + eager * b + group * b
-    dev = group * 4 * (1 + _weight_copies(run.method))  # the group's float32 working copy, and the method's own copies
+    dev = group * 4 * (1 + _weight_copies(run))  # the group's float32 working copy, and the method's own copies
     calib = run.calibration
     acts = 0
     if calib is not None:
@@ -115,14 +115,17 @@ def estimate(run: Any, config: Any | None = None) -> MemoryEstimate | None:
     return MemoryEstimate(host, dev)
 
 
-def _weight_copies(method: str) -> float:
+def _weight_copies(run: Any) -> float:
+    """The run's method's ``weight_copies`` under the run's options (0 for a method not installed here)."""
     from harness.errors import UnknownNameError
     from harness.registry import get_method
 
     try:
-        return float(get_method(method).weight_copies)
+        cls = get_method(run.method)
     except UnknownNameError:
         return 0.0
+    config = run.config if isinstance(run.config, cls.config_class) else None
+    return float(cls(config).weight_copies)
 
 
 def available(device: torch.device) -> tuple[int, int | None]:

@@ -81,7 +81,7 @@ class Method(ABC):
     is_baseline: ClassVar[bool] = False
     # Float32 weight-sized copies of a block group the method holds at its peak beyond the group itself
     # (autograd's saved tensors of its weight transforms, cached quantized weights): harness.memory
-    # adds them to a run's estimate. Measured with `ptqbench bench-scale`.
+    # adds them to a run's estimate (a property where the options change it). Measured with `ptqbench bench-scale`.
     weight_copies: ClassVar[float] = 0.0
 
     def __init__(self, config: MethodConfig | None = None) -> None:

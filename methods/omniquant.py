@@ -102,6 +102,11 @@ class OmniQuantConfig(MethodConfig):
         in the run's stats, for a look at what training gains: one more pass of the block over every
         calibration sample (about 8% of the method's time at 2 epochs), so off by default; the
         official code has no such pass. It changes no result.
+    low_memory: keep no weight-sized tensor of the block's linears between a step's forward and
+        backward: each LET-scaled, clipped, fake-quantized weight is computed again in the backward
+        (``QuantLinear.recompute_weight``). The same results bit for bit (tested); the peak of a
+        training step drops by about three float32 copies of the block's weights, and a step costs
+        one more weight transform per linear (measured below in the README: about 15% more time on CPU).
     """
 
     epochs: int = 20
@@ -120,6 +125,7 @@ class OmniQuantConfig(MethodConfig):
     shuffle: bool = keyed_when_set(True)
     zero_point_grad: Literal["ste", "none"] = keyed_when_set("ste")
     init_loss: bool = keyed_when_set(False)
+    low_memory: bool = keyed_when_set(False)
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -261,6 +267,8 @@ def attach(layer: nn.Module, spec: BitSpec, adapter: LlamaAdapter, geometry: tup
         p.requires_grad_(False)  # only the clipping factors and scales are trained
     linears = quantize_block(layer, spec, adapter)
     linears.update({n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear) and n not in linears})
+    for q in linears.values():
+        q.recompute_weight = config.low_memory
     clips = []
     if config.lwc:
         for q in linears.values():
@@ -334,10 +342,12 @@ class OmniQuant(Method):
     name = "omniquant"
     description = "OmniQuant-style block-wise training of weight clipping (LWC) and channel scales (LET)"
     config_class = OmniQuantConfig
-    # The LET-scaled weights autograd keeps for the backward (the fused fake-quantization node keeps
-    # only its input). Measured: peak RSS 0.9 GB above RTN's on a 32-layer hidden-2048 model, blocks
-    # of 0.2 GB in float32 (1.5 GB before the node was fused, with weight_copies 4).
-    weight_copies = 1.0
+    @property
+    def weight_copies(self) -> float:  # type: ignore[override]
+        # What autograd keeps of the weights for a step's backward: the LET-scaled and fake-quantized
+        # weights and their intermediates (measured: peak RSS 0.9 GB above RTN's on a 32-layer
+        # hidden-2048 model, blocks of 0.2 GB in float32); with low_memory one linear's at a time.
+        return 0.5 if self.config.low_memory else 1.0
 
     def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
         calibration = self.require_calibration(calibration)

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import gc
+import weakref
+
+import pytest
 import torch
 from torch import nn
 
@@ -48,3 +52,101 @@ def test_freeze_whole_model(tiny_model, tiny_tokens):
         freeze(tiny_model)
         torch.testing.assert_close(tiny_model(tiny_tokens).logits, before)
     assert all(m.frozen for _, m in quant_linears(tiny_model))
+
+
+class _LearnedClip(nn.Module):
+    """A weight quantizer with trainable clipping factors (as OmniQuant's LWC)."""
+
+    def __init__(self, spec: BitSpec, rows: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.gamma = nn.Parameter(torch.linspace(1.0, 4.0, rows)[:, None])
+        self.beta = nn.Parameter(torch.linspace(3.0, 0.5, rows)[:, None])
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return quantize_weight(w, self.spec, clip_min=torch.sigmoid(self.beta), clip_max=torch.sigmoid(self.gamma))
+
+
+def _trainable_pair(spec: BitSpec) -> tuple[nn.Module, nn.Parameter, list[QuantLinear]]:
+    """Two QuantLinears reading one input, their weights scaled by one shared trainable column scale
+    (as LET's input_layernorm -> q/k/v) and clipped by trainable factors."""
+    torch.manual_seed(0)
+    scale = nn.Parameter(torch.rand(32) + 0.5)
+    layers = []
+    for out in (16, 24):
+        q = QuantLinear(nn.Linear(32, out, bias=False), spec)
+        q.weight.requires_grad_(False)
+        q.weight_quant = _LearnedClip(spec, out)
+        q.recompute_weight = True
+        torch.nn.utils.parametrize.register_parametrization(q, "weight", _ColumnScale(scale), unsafe=True)
+        layers.append(q)
+    return nn.ModuleList(layers), scale, layers
+
+
+class _ColumnScale(nn.Module):
+    def __init__(self, scale: nn.Parameter) -> None:
+        super().__init__()
+        self._scale = [scale]  # not registered: shared by both layers
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self._scale[0][None, :]
+
+
+def _loss_and_grads(layers, scale, x, forward, input_grad=True):
+    x = x.clone().requires_grad_(input_grad)
+    loss = sum((forward(q, x) ** 2).mean() for q in layers)
+    loss.backward()
+    params = [scale] + [p for q in layers for p in q.weight_quant.parameters()]
+    grads = [p.grad.clone() for p in params] + ([x.grad.clone()] if input_grad else [])
+    for p in params:
+        p.grad = None
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_recomputed_weight_gives_autograd_gradients(input_grad):
+    """The layer's own path (weight recomputed in the backward) against plain autograd through the
+    quantized weight: the same loss and the same gradients for the clip factors, the shared scale
+    and the input, also when the input has no gradient (a block's first linears)."""
+    spec = BitSpec.parse("W4A4")
+    module, scale, layers = _trainable_pair(spec)
+    x = torch.randn(3, 5, 32)
+
+    def plain(q: QuantLinear, inp: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(q.act_quant(inp), q.quantized_weight(), q.bias)
+
+    loss, grads = _loss_and_grads(layers, scale, x, lambda q, inp: q(inp), input_grad)
+    ref_loss, ref_grads = _loss_and_grads(layers, scale, x, plain, input_grad)
+    assert torch.equal(loss, ref_loss)
+    assert all(g.abs().sum() > 0 for g in ref_grads)
+    for g, ref in zip(grads, ref_grads):
+        assert torch.equal(g, ref)
+
+
+def test_recomputed_weight_keeps_no_weight_sized_tensor():
+    """What autograd keeps between forward and backward: with a trainable weight, the plain graph keeps
+    weight-sized tensors (scaled weight, fake-quantized weight); the layer keeps none."""
+    spec = BitSpec.parse("W4A16")
+    module, scale, layers = _trainable_pair(spec)
+    q = layers[0]
+    x = torch.randn(2, 3, 32, requires_grad=True)
+
+    def kept_weight_sized(forward) -> int:
+        """Weight-sized tensors the graph of ``forward()``'s output still holds (not the raw weight)."""
+        packed = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.numel() == q.weight.numel() and t.data_ptr() != q.parametrizations.weight.original.data_ptr():
+                packed.append(weakref.ref(t))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = forward()
+        gc.collect()
+        alive = sum(ref() is not None for ref in packed)
+        y.sum().backward()  # the graph works
+        return alive
+
+    assert kept_weight_sized(lambda: q(x)) == 0
+    q.recompute_weight = False  # the default: plain autograd through the weight
+    assert kept_weight_sized(lambda: q(x)) >= 2

@@ -162,7 +162,7 @@ def test_export_is_plain_llama_with_frozen_quant_linears(tiny_model, tiny_tokens
     ({"alpha": 1.5}, "alpha"), ({"batch_size": 0}, "batch_size"), ({"max_samples": 0}, "max_samples"),
     ({"let_attention": "drop"}, "let_attention"), ({"aug_loss": "yes"}, "aug_loss"),
     ({"let_init": "signed"}, "let_init"), ({"shuffle": "no"}, "shuffle"), ({"zero_point_grad": "round"}, "zero_point_grad"),
-    ({"init_loss": "yes"}, "init_loss"),
+    ({"init_loss": "yes"}, "init_loss"), ({"low_memory": 1}, "low_memory"),
 ])
 def test_bad_options_name_the_field(options, field):
     with pytest.raises(ConfigError, match=field):
@@ -291,3 +291,22 @@ def test_init_loss_on_request_is_the_untrained_block_error_and_changes_nothing(t
     assert all(b["init_loss"] > 0 for b in traced.stats["blocks"]) and all(b["init_loss"] is None for b in plain.stats["blocks"])
     with torch.no_grad():
         assert torch.equal(plain.model(tiny_tokens).logits, traced.model(tiny_tokens).logits)
+
+
+@pytest.mark.parametrize("let_attention", ["exact", "off"])
+def test_low_memory_gives_the_same_model_bit_for_bit(tiny_model, tiny_tokens, let_attention):
+    """Recomputing every weight in the backward (low_memory) trains the same clipping and scales: in the
+    "off" mode the attention linears' inputs carry no gradient, only their clipping factors do."""
+    import copy
+
+    def run(options):
+        options = {"epochs": 2, "let_attention": let_attention, **options}
+        return get_method("omniquant").from_options(options).quantize(copy.deepcopy(tiny_model), W4A4, tiny_tokens,
+                                                                       QuantContext(progress=False))
+
+    plain, low = run({}), run({"low_memory": True})
+    assert [b["epoch_losses"] for b in low.stats["blocks"]] == [b["epoch_losses"] for b in plain.stats["blocks"]]
+    with torch.no_grad():
+        assert torch.equal(plain.model(tiny_tokens).logits, low.model(tiny_tokens).logits)
+    assert OmniQuantConfig(low_memory=True).to_dict()["low_memory"] is True
+    assert "low_memory" not in OmniQuantConfig().to_dict()  # earlier runs keep their keys
