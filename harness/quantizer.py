@@ -190,6 +190,33 @@ def weight_quant_params(
     return quant_params(xmin, xmax, spec.w_bits, spec.w_symmetric)
 
 
+def weight_codes(w: torch.Tensor, spec: BitSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``quantize_weight(w, spec)`` as its integer grid values: (codes, scale, zero) with
+    ``dequantize_codes(codes, scale, zero, w.shape)`` equal to it bit for bit (the same float
+    operations as :class:`_FakeQuant`'s forward; the codes are small integers, exact in any dtype).
+
+    Codes take 1 byte per weight up to 8 bits (4 for a float32 weight): a frozen weight kept this
+    way costs a quarter of its fake-quantized copy. None when the range is not finite (the
+    fake-quantized weight is NaN there, which the codes cannot hold) or weights are not quantized.
+    """
+    if not spec.quantizes_weights:
+        return None
+    grouped, xmin, xmax = _weight_range(w, spec, None, None)
+    if not (torch.isfinite(xmin).all() and torch.isfinite(xmax).all()):
+        return None
+    scale, zero = quant_params(xmin, xmax, spec.w_bits, spec.w_symmetric)
+    qmax = 2 ** (spec.w_bits - 1) - 1
+    lo, hi = (-qmax, qmax) if spec.w_symmetric else (0, 2**spec.w_bits - 1)
+    dtype = torch.uint8 if 0 <= lo and hi <= 255 else torch.int8 if -128 <= lo and hi <= 127 else torch.int16
+    codes = (grouped / scale).round_().add_(zero).clamp_(lo, hi)
+    return codes.to(dtype), scale, zero
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``(codes - zero) * scale`` in the scale's dtype, reshaped to the weight's ``shape`` (see :func:`weight_codes`)."""
+    return codes.to(scale.dtype).sub_(zero).mul_(scale).reshape(shape)
+
+
 def quantize_activation(x: torch.Tensor, bits: int, symmetric: bool = False, zero_point_grad: bool = True) -> torch.Tensor:
     """Dynamic per-token fake quantization: one range per vector along the last dimension."""
     if bits >= 16:

@@ -81,6 +81,11 @@ class QLLMConfig(MethodConfig):
         gradient, as the official quantizer (quantize/quantizer.py L152-153). The same values, and in
         practice the same training: the zero point's gradient is non-zero only through values that
         fall off the grid, which per-token ranges without clipping do not produce (Q(W) is cached).
+    low_memory: keep the job's frozen Q(W) as integer codes (1 byte per weight instead of 4) and
+        dequantize it in each forward and again in the backward (``correction.CachedWeight``). The
+        same results bit for bit (tested); the error correction's peak drops by about three quarters
+        of the job's float32 weights, for two more elementwise passes per weight and step (about 8%
+        more time on CPU).
     """
 
     disassembly: bool = True
@@ -104,6 +109,7 @@ class QLLMConfig(MethodConfig):
     noop_candidate: bool = keyed_when_set(True)
     shuffle: bool = keyed_when_set(True)
     zero_point_grad: Literal["ste", "none"] = keyed_when_set("ste")
+    low_memory: bool = keyed_when_set(False)
 
     def __post_init__(self) -> None:
         for name, default in (("search_order", "applied"), ("noop_candidate", True)):
@@ -199,8 +205,10 @@ class QLLM(Method):
     name = "qllm"
     description = "QLLM: adaptive channel reassembly + low-rank error correction (Liu et al. 2023)"
     config_class = QLLMConfig
-    # Q(W) of the block group, cached while the error correction trains
-    weight_copies = 1.0
+    @property
+    def weight_copies(self) -> float:  # type: ignore[override]
+        # Q(W) of the block group, cached while the error correction trains (low_memory: as 1-byte codes)
+        return 0.25 if self.config.low_memory else 1.0
 
     def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
         calibration = self.require_calibration(calibration)
@@ -259,7 +267,7 @@ def correct_errors(job: BlockJob, cfg: QLLMConfig, context: QuantContext) -> lis
         if cfg.zero_point_grad == "none":
             set_zero_point_grad(layer, False)  # the linears' inputs and Q/K/V (Q(W) is cached, no gradient)
         for _, linear in quant_linears(layer):
-            lowrank = add_lowrank(linear, cfg.rank, cfg.alpha, generator)
+            lowrank = add_lowrank(linear, cfg.rank, cfg.alpha, generator, cfg.low_memory)
             params += [lowrank.lora_A, lowrank.lora_B]
             linears.append(linear)
         if cfg.train_norms:

@@ -53,6 +53,22 @@ def test_a_methods_weight_copies_add_float32_copies_of_its_block_group(monkeypat
     assert estimate(spec(), config).host_bytes - without.host_bytes == 2.5 * block * 4
 
 
+@pytest.mark.parametrize("method, options, saved", [
+    ("omniquant", {"low_memory": True}, 0.5),
+    ("qllm", {"low_memory": True, "blocks_per_job": 2}, 0.75),
+])
+def test_low_memory_lowers_the_estimate_by_the_copies_it_drops(method, options, saved):
+    from harness.registry import get_method
+
+    config = LlamaConfig(num_hidden_layers=8, **CONFIG)
+    block = 4 * 1024 * 1024 + 3 * 1024 * 2816 + 2 * 1024
+    cls = get_method(method)
+    default = {k: v for k, v in options.items() if k != "low_memory"}
+    runs = [dataclasses.replace(spec(), method=method, config=cls.config_class.from_dict(o)) for o in (default, options)]
+    plain, low = (estimate(r, config).host_bytes for r in runs)
+    assert plain - low == saved * block * 4 * options.get("blocks_per_job", 1)
+
+
 def test_run_that_does_not_fit_is_refused_in_one_line(monkeypatch):
     monkeypatch.setattr("harness.memory.available", lambda device: (10 * 2**20, None))
     with pytest.raises(ResourceUnavailableError, match=r"needs about .* GB of host memory, 0\.0 GB available") as err:

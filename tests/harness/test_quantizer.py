@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from harness.bits import BitSpec
-from harness.quantizer import ActQuantizer, quantize_activation, quantize_weight, round_ste
+from harness.quantizer import ActQuantizer, dequantize_codes, quantize_activation, quantize_weight, round_ste, weight_codes
 
 
 def reference_asym(x: np.ndarray, bits: int) -> np.ndarray:
@@ -214,3 +214,26 @@ def test_set_zero_point_grad_reaches_every_quantizer_of_a_block(tiny_model):
     assert set_zero_point_grad(layer, False) == len(quantizers)
     assert not any(q.zero_point_grad for q in quantizers)
     assert all(q.zero_point_grad for q in tiny_model.model.layers[1].modules() if hasattr(q, "zero_point_grad"))
+
+
+@pytest.mark.parametrize("scheme", [
+    ("W4A16", {}), ("W3A16", {"w_symmetric": True}), ("W4A16g16", {}), ("W8A8", {"w_symmetric": True}),
+    ("W2A16", {"w_granularity": "tensor"}),
+])
+def test_weight_codes_dequantize_to_the_fake_quantized_weight_bit_for_bit(scheme):
+    name, fields = scheme
+    spec = BitSpec.parse(name, **fields)
+    w = torch.randn(24, 48, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3.0, 48)
+    w[3] = 0.0  # an all-zero row: the scale clamps to SCALE_MIN
+    codes, scale, zero = weight_codes(w, spec)
+    assert codes.element_size() == 1 and codes.dtype == (torch.int8 if spec.w_symmetric else torch.uint8)
+    assert int(codes.min()) >= (-(2 ** (spec.w_bits - 1)) if spec.w_symmetric else 0)
+    assert int(codes.max()) <= (2 ** (spec.w_bits - 1) - 1 if spec.w_symmetric else 2**spec.w_bits - 1)
+    assert torch.equal(dequantize_codes(codes, scale, zero, w.shape), quantize_weight(w, spec))
+
+
+def test_weight_codes_refuse_what_they_cannot_hold():
+    w = torch.randn(8, 16)
+    assert weight_codes(w, BitSpec.parse("W16A16")) is None  # weights not quantized
+    w[2, 5] = float("inf")  # the fake-quantized row is NaN, no integer grid holds it
+    assert weight_codes(w, BitSpec.parse("W4A16")) is None

@@ -36,6 +36,7 @@ W4A4 = BitSpec.parse("W4A4")
     ({"theta": "fixed", "theta_value": 2.0, "noop_candidate": False}, "noop_candidate"),
     ({"shuffle": 0}, "shuffle"),
     ({"zero_point_grad": "round"}, "zero_point_grad"),
+    ({"low_memory": "yes"}, "low_memory"),
 ])
 def test_bad_options_name_the_field(options, field):
     with pytest.raises(ConfigError, match=field):
@@ -288,3 +289,17 @@ def test_smollm2_w4a4_beats_rtn(w4a4_ppl):
     """Demo settings (coarse theta grid, 1 epoch); the runs are shared via tests/methods/conftest.py."""
     qllm, rtn = w4a4_ppl("qllm"), w4a4_ppl("rtn")
     assert qllm < rtn, f"qllm {qllm:.2f} vs rtn {rtn:.2f}"
+
+
+def test_low_memory_gives_the_same_model_bit_for_bit(tiny_model, tiny_tokens):
+    """Q(W) as codes, dequantized in the forward and again in the backward (low_memory): the same losses
+    and the same quantized model as the float cache; no linear is left recomputing after the merge."""
+    spec = BitSpec.parse("W4A4", attention=True)
+    _, plain, plain_result = run_qllm(copy.deepcopy(tiny_model), tiny_tokens, spec, epochs=2)
+    _, low, low_result = run_qllm(copy.deepcopy(tiny_model), tiny_tokens, spec, epochs=2, low_memory=True)
+    losses = [(j.get("loss_first"), j.get("loss")) for j in plain_result.stats["jobs"]]
+    assert losses == [(j.get("loss_first"), j.get("loss")) for j in low_result.stats["jobs"]] and losses[0][1] is not None
+    with torch.no_grad():
+        assert torch.equal(plain(tiny_tokens).logits, low(tiny_tokens).logits)
+    assert not any(m.recompute_weight for _, m in quant_linears(low))
+    assert "low_memory" not in QLLMConfig().to_dict()

@@ -64,6 +64,63 @@ def test_training_path_equals_the_official_merged_weight_form_with_its_gradients
     assert linear.weight.grad is None  # the frozen weight gets no weight-sized gradient
 
 
+class _FloatCache(nn.Module):
+    """Q(W) cached as a float tensor (CachedWeight before it kept codes): the reference."""
+
+    def __init__(self, quantized: torch.Tensor) -> None:
+        super().__init__()
+        self.quantized = quantized
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.quantized
+
+
+@pytest.mark.parametrize("spec", ["W4A4", "W3A8g16"])
+def test_low_memory_cache_keeps_codes_and_trains_exactly_as_a_float_cache(spec):
+    """low_memory: Q(W) is kept as 1-byte codes and dequantized per call; the forward, the input's gradient and the
+    low-rank gradients are the float cache's bit for bit, and the graph keeps no dequantized weight."""
+    ours, ref = make_linear(spec), make_linear(spec)
+    quantized = ref.weight_quant(ref.weight).detach()
+    lowrank = add_lowrank(ours, rank=2, alpha=1.0, generator=torch.Generator().manual_seed(0), low_memory=True)
+    ref_lowrank = add_lowrank(ref, rank=2, alpha=1.0, generator=torch.Generator().manual_seed(0))
+    ref.weight_quant = _FloatCache(quantized)
+    randomize(lowrank, 2)
+    randomize(ref_lowrank, 2)
+    cached = ours.weight_quant
+    assert isinstance(cached, CachedWeight) and cached.compact and cached.codes.element_size() == 1
+    assert not hasattr(cached, "base")
+    assert torch.equal(cached(ours.weight), quantized)
+
+    grads = []
+    for linear in (ours, ref):
+        x = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+        kept = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.numel() == linear.weight.numel() and t.data_ptr() != linear.weight.data_ptr():
+                kept.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = linear(x * 1.0)
+        y.square().sum().backward()
+        grads.append((y.detach(), x.grad, linear.side.lora_A.grad, linear.side.lora_B.grad, len(kept)))
+    (y, gx, ga, gb, kept), (ref_y, ref_gx, ref_ga, ref_gb, _) = grads
+    assert torch.equal(y, ref_y) and torch.equal(gx, ref_gx) and torch.equal(ga, ref_ga) and torch.equal(gb, ref_gb)
+    assert kept == 0  # the float cache's graph keeps its Q(W) (one reference, no copy); ours keeps nothing
+    assert ours.weight.grad is None
+
+
+def test_cached_weight_falls_back_to_a_float_copy_when_codes_cannot_hold_it():
+    linear = make_linear("W4A16")
+    with torch.no_grad():
+        linear.weight[0, 0] = float("inf")
+    expected = linear.weight_quant(linear.weight)
+    add_lowrank(linear, rank=2, alpha=1.0, generator=torch.Generator().manual_seed(0), low_memory=True)
+    assert not linear.weight_quant.compact
+    torch.testing.assert_close(linear.weight_quant(linear.weight), expected, equal_nan=True)
+
+
 def test_final_norm_bias_folds_into_the_head_exactly():
     torch.manual_seed(0)
     norm = nn.RMSNorm(16)
