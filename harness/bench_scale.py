@@ -25,12 +25,25 @@ from pathlib import Path
 
 import torch
 
+from harness.errors import ConfigError
 from harness.memory import GB, estimate
 from harness.paths import cache_home
 
 log = logging.getLogger(__name__)
 
+# What ``--methods`` names: a method's defaults at the benchmark's size, or a variant of it
+# ("<method>:low-memory", the method's ``low_memory`` option: the same results, less memory, more time).
 OPTIONS = {"rtn": {}, "smoothquant": {}, "omniquant": {"epochs": 1}, "qllm": {"epochs": 1, "grid_steps": 10}}
+VARIANTS = {"low-memory": {"low_memory": True}}
+
+
+def method_options(label: str) -> tuple[str, dict]:
+    """``"qllm:low-memory"`` -> ("qllm", its benchmark options with the variant's)."""
+    method, _, variant = label.partition(":")
+    if method not in OPTIONS or (variant and variant not in VARIANTS):
+        raise ConfigError(f"--methods: {label!r} is not allowed; use one of {', '.join(OPTIONS)}, "
+                          f"each optionally with :{' or :'.join(VARIANTS)}")
+    return method, {**OPTIONS[method], **VARIANTS.get(variant, {})}
 
 
 def synthetic_config(hidden: int, layers: int):
@@ -103,16 +116,17 @@ def disk_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def run_spec(folder: Path, method: str, samples: int, seqlen: int, windows: int, work_root: Path):
+def run_spec(folder: Path, label: str, samples: int, seqlen: int, windows: int, work_root: Path):
     from harness.bits import BitSpec
     from harness.config import CalibrationConfig, EvaluationConfig, PerplexityConfig
     from harness.execute import RunSpec
     from harness.registry import get_method
 
+    method, options = method_options(label)
     cls = get_method(method)
     evaluation = EvaluationConfig(ppl=PerplexityConfig(datasets=("brown",), seqlen=seqlen, max_windows=windows))
     calibration = CalibrationConfig("brown", samples, seqlen) if cls.needs_calibration else None
-    return RunSpec(str(folder), method, cls.config_class.from_dict(OPTIONS.get(method, {})), BitSpec.parse("W4A8"),
+    return RunSpec(str(folder), method, cls.config_class.from_dict(options), BitSpec.parse("W4A8"),
                    calibration, evaluation, device="cpu", dtype="float32", work_root=str(work_root))
 
 

@@ -5,13 +5,14 @@ import shutil
 
 import click
 
-from harness.bench_scale import OPTIONS, bench_root, disk_size, generate, measure, prepare_tokens, table
+from harness.bench_scale import OPTIONS, bench_root, disk_size, generate, measure, method_options, prepare_tokens, table
 
 
 @click.command("bench-scale")
 @click.option("--hidden", default=2048, show_default=True)
 @click.option("--layers", default="32,8", show_default=True, help="Comma-separated depths; the first two give the ratio.")
-@click.option("--methods", "method_names", default=",".join(OPTIONS), show_default=True)
+@click.option("--methods", "method_names", default=",".join(OPTIONS), show_default=True,
+              help="Comma-separated; 'omniquant:low-memory' runs a method with its low_memory option.")
 @click.option("--samples", default=4, show_default=True, help="Calibration windows.")
 @click.option("--seqlen", default=128, show_default=True)
 @click.option("--windows", default=2, show_default=True, help="Perplexity windows.")
@@ -21,6 +22,9 @@ def command(hidden: int, layers: str, method_names: str, samples: int, seqlen: i
 
     Targets: peak RSS <= half the size on disk; deep/shallow ratio <= 1.15.
     """
+    labels = method_names.split(",")
+    for label in labels:
+        method_options(label)  # a bad name fails before any model is generated
     rows = []
     folders = []
     for depth in (int(x) for x in layers.split(",")):
@@ -28,7 +32,7 @@ def command(hidden: int, layers: str, method_names: str, samples: int, seqlen: i
         folders.append(folder)
         prepare_tokens(folder)
         click.echo(f"{folder}: {disk_size(folder) / 2**30:.2f} GB on disk")
-        for method in method_names.split(","):
+        for method in labels:
             rows.append(measure(folder, method, samples, seqlen, windows))
             click.echo(f"  {method}: peak RSS {rows[-1].peak_rss / 2**30:.2f} GB", err=True)
     click.echo(table(rows))
