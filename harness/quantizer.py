@@ -87,6 +87,19 @@ def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return grad.sum_to_size(like.shape) if grad.shape != like.shape else grad
 
 
+def grid_bounds(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The integer grid [lo, hi] of ``bits``: [-(2^(b-1) - 1), 2^(b-1) - 1] symmetric, else [0, 2^b - 1]."""
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        return -qmax, qmax
+    return 0, 2**bits - 1
+
+
+def grid_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """``clamp(round(x / s) + z, lo, hi)``: the grid values (as floats) fake quantization maps back."""
+    return (x / scale).round_().add_(zero).clamp_(lo, hi)
+
+
 class _FakeQuant(torch.autograd.Function):
     """``(clamp(round(x / s) + z, lo, hi) - z) * s`` with a straight-through round, in one node.
 
@@ -102,8 +115,7 @@ class _FakeQuant(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, scale, zero)
         ctx.lo, ctx.hi = lo, hi
-        q = (x / scale).round_().add_(zero).clamp_(lo, hi)
-        return q.sub_(zero).mul_(scale)
+        return grid_codes(x, scale, zero, lo, hi).sub_(zero).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -130,10 +142,7 @@ def fake_quantize(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, bits:
     # A range with an inf in it gives NaN, as the written-out form does (round_ste computes inf - inf),
     # so a broken weight or activation ends as a NaN metric instead of rounding to a finite grid value.
     scale = torch.where(torch.isfinite(xmin) & torch.isfinite(xmax), scale, torch.nan)
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        return _FakeQuant.apply(x, scale, zero, -qmax, qmax)
-    return _FakeQuant.apply(x, scale, zero, 0, 2**bits - 1)
+    return _FakeQuant.apply(x, scale, zero, *grid_bounds(bits, symmetric))
 
 
 def group_view(w: torch.Tensor, spec: BitSpec) -> torch.Tensor:
@@ -193,7 +202,7 @@ def weight_quant_params(
 def weight_codes(w: torch.Tensor, spec: BitSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """``quantize_weight(w, spec)`` as its integer grid values: (codes, scale, zero) with
     ``dequantize_codes(codes, scale, zero, w.shape)`` equal to it bit for bit (the same float
-    operations as :class:`_FakeQuant`'s forward; the codes are small integers, exact in any dtype).
+    :func:`grid_codes` as :class:`_FakeQuant`'s forward; the codes are small integers, exact in any dtype).
 
     Codes take 1 byte per weight up to 8 bits (4 for a float32 weight): a frozen weight kept this
     way costs a quarter of its fake-quantized copy. None when the range is not finite (the
@@ -205,11 +214,9 @@ def weight_codes(w: torch.Tensor, spec: BitSpec) -> tuple[torch.Tensor, torch.Te
     if not (torch.isfinite(xmin).all() and torch.isfinite(xmax).all()):
         return None
     scale, zero = quant_params(xmin, xmax, spec.w_bits, spec.w_symmetric)
-    qmax = 2 ** (spec.w_bits - 1) - 1
-    lo, hi = (-qmax, qmax) if spec.w_symmetric else (0, 2**spec.w_bits - 1)
+    lo, hi = grid_bounds(spec.w_bits, spec.w_symmetric)
     dtype = torch.uint8 if 0 <= lo and hi <= 255 else torch.int8 if -128 <= lo and hi <= 127 else torch.int16
-    codes = (grouped / scale).round_().add_(zero).clamp_(lo, hi)
-    return codes.to(dtype), scale, zero
+    return grid_codes(grouped, scale, zero, lo, hi).to(dtype), scale, zero
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: torch.Size) -> torch.Tensor:
