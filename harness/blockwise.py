@@ -41,7 +41,7 @@ from harness.adapter import LlamaAdapter, get_adapter
 from harness.calibration_stats import InputRecord, recording_inputs
 from harness.errors import TrainingDivergedError
 from harness.checkpoint import Checkpoint, EngineState, kill_point
-from harness.lazy import BlockStore, block_store, materialized
+from harness.lazy import BlockStore, block_store, embedding_offloaded, materialized
 from harness.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -191,37 +191,38 @@ def run_blockwise(
     all_stats, first = _resume(ckpt, store, layers, fp_x, q_x, state)
     bar = Progress(range(first, len(layers), blocks_per_job), desc=desc, enabled=progress, unit="group",
                    initial=len(range(0, first, blocks_per_job)))  # groups a killed attempt finished
-    for start in bar:
-        with materialized(model, start, list(layers[start : start + blocks_per_job]), finish=True) as group:
-            dtypes = [next(layer.parameters()).dtype for layer in group]
-            for layer in group:
-                layer.to(device=device, dtype=torch.float32)
-            job = BlockJob(start, group, fp_x, q_x, targets, position_embeddings, adapter, device, model.config)
-            with contextlib.ExitStack() as stack:
-                job.inputs = [stack.enter_context(recording_inputs(layer, record, keep_samples)) for layer in group]
-                job.forward_all(fp_x, out=targets)
-            stats = process(job) or {}
-            job.forward_all(q_x, out=q_x)
-            stats.setdefault("output_mse", mean_squared_error(q_x, targets))
-            kill_point("mid", start)
-            for layer, layer_dtype in zip(group, dtypes):
-                # gradients a method's training left on the block's own weights would otherwise stay
-                # in CPU memory for every block already done, so memory would grow with depth
-                for p in layer.parameters():
-                    p.grad = None
-                layer.to(device="cpu", dtype=layer_dtype)
-        fp_x, targets = targets, fp_x
-        all_stats.append({"block": start, **stats})
-        if ckpt is not None:
-            for offset, layer in enumerate(group):
-                ckpt.save_structure(start + offset, layer)
-            ckpt.save(EngineState(start + len(group), fp_x, q_x, all_stats, state, torch.get_rng_state()))
-            kill_point("block", start)
-        if "loss" in stats:
-            bar.set_postfix(loss=f"{stats['loss']:.3g}")
-        del job
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    with embedding_offloaded(model):  # not needed again until evaluation
+        for start in bar:
+            with materialized(model, start, list(layers[start : start + blocks_per_job]), finish=True) as group:
+                dtypes = [next(layer.parameters()).dtype for layer in group]
+                for layer in group:
+                    layer.to(device=device, dtype=torch.float32)
+                job = BlockJob(start, group, fp_x, q_x, targets, position_embeddings, adapter, device, model.config)
+                with contextlib.ExitStack() as stack:
+                    job.inputs = [stack.enter_context(recording_inputs(layer, record, keep_samples)) for layer in group]
+                    job.forward_all(fp_x, out=targets)
+                stats = process(job) or {}
+                job.forward_all(q_x, out=q_x)
+                stats.setdefault("output_mse", mean_squared_error(q_x, targets))
+                kill_point("mid", start)
+                for layer, layer_dtype in zip(group, dtypes):
+                    # gradients a method's training left on the block's own weights would otherwise stay
+                    # in CPU memory for every block already done, so memory would grow with depth
+                    for p in layer.parameters():
+                        p.grad = None
+                    layer.to(device="cpu", dtype=layer_dtype)
+            fp_x, targets = targets, fp_x
+            all_stats.append({"block": start, **stats})
+            if ckpt is not None:
+                for offset, layer in enumerate(group):
+                    ckpt.save_structure(start + offset, layer)
+                ckpt.save(EngineState(start + len(group), fp_x, q_x, all_stats, state, torch.get_rng_state()))
+                kill_point("block", start)
+            if "loss" in stats:
+                bar.set_postfix(loss=f"{stats['loss']:.3g}")
+            del job
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return all_stats
 
 

@@ -9,7 +9,7 @@ import torch
 
 from harness import BitSpec, QuantContext, get_method
 from harness.evaluate import perplexity, perplexity_blockwise
-from harness.lazy import block_store, is_lazy, materialized, weight_map
+from harness.lazy import block_store, embedding_offloaded, is_lazy, materialized, weight_map
 from harness.models import load_model, tiny_llama
 
 CPU = torch.device("cpu")
@@ -90,6 +90,47 @@ def test_methods_on_a_lazy_model_match_the_eager_model(method, options, folder, 
     with torch.no_grad():  # the quantization did something
         fp = load_model(str(folder), dtype="float32", device="cpu").model
         assert not torch.allclose(eager(tiny_tokens).logits, fp(tiny_tokens).logits, rtol=0, atol=1e-4)
+    expected = perplexity(eager, tiny_tokens, device=CPU, progress=False)
+    assert perplexity_blockwise(lazy, tiny_tokens, device=CPU, progress=False) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tied_folder(tmp_path_factory, smollm2_tokenizer):
+    """As ``folder``, with the head tied to the embedding (smollm2's and the scale benchmark's layout)."""
+    path = tmp_path_factory.mktemp("lazy-tied") / "model"
+    model = tiny_llama(0, num_hidden_layers=3)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(path, max_shard_size="2MB")
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_the_embedding_is_released_while_blocks_run_and_read_back_equal(tied, folder, tied_folder):
+    model = load_model(str(tied_folder if tied else folder), dtype="float32", device="cpu", lazy=True).model
+    before = model.model.embed_tokens.weight.detach().clone()
+    head = model.lm_head.weight.detach().clone()
+    with embedding_offloaded(model):
+        assert model.model.embed_tokens.weight.is_meta
+        assert model.lm_head.weight.is_meta == tied  # an untied head is not the embedding: it stays
+    assert torch.equal(model.model.embed_tokens.weight, before) and torch.equal(model.lm_head.weight, head)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    eager = load_model(str(folder), dtype="float32", device="cpu").model  # an eager model keeps its embedding
+    with embedding_offloaded(eager):
+        assert not eager.model.embed_tokens.weight.is_meta
+
+
+def test_qllm_on_a_lazy_tied_model_matches_the_eager_model(tied_folder, tiny_tokens, tmp_path):
+    """QLLM folds its final-norm bias into the head after the blocks: with a tied head that needs the
+    embedding back, and the same weight object in both places."""
+    spec, options = BitSpec.parse("W4A8"), {"epochs": 1, "grid_steps": 4}
+    eager = load_model(str(tied_folder), dtype="float32", device="cpu").model
+    lazy = load_model(str(tied_folder), dtype="float32", device="cpu", lazy=True).model
+    block_store(lazy).set_work_dir(tmp_path / "blocks")
+    get_method("qllm").from_options(options).quantize(eager, spec, tiny_tokens, CTX)
+    get_method("qllm").from_options(options).quantize(lazy, spec, tiny_tokens, CTX)
+    assert lazy.lm_head.bias is not None and torch.equal(lazy.lm_head.bias, eager.lm_head.bias)
+    assert lazy.lm_head.weight is lazy.model.embed_tokens.weight
     expected = perplexity(eager, tiny_tokens, device=CPU, progress=False)
     assert perplexity_blockwise(lazy, tiny_tokens, device=CPU, progress=False) == pytest.approx(expected, rel=1e-4)
 
