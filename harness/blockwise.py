@@ -168,6 +168,8 @@ def run_blockwise(
     directory and released after it, and the engine checkpoints after every group
     (``harness.checkpoint``): a killed run continues where it stopped. ``state`` is the method's
     own tensors that must survive with it (QLLM's last-block outputs), saved and restored in place.
+    While the jobs run, a lazy model's input embedding, and a head tied to it, are on the meta device
+    (``harness.lazy.embedding_offloaded``): ``process`` must not use them; they are back when this returns.
     """
     if blocks_per_job < 1:
         raise ValueError("blocks_per_job must be >= 1")
