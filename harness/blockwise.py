@@ -41,7 +41,7 @@ from harness.adapter import LlamaAdapter, get_adapter
 from harness.calibration_stats import InputRecord, recording_inputs
 from harness.errors import TrainingDivergedError
 from harness.checkpoint import Checkpoint, EngineState, kill_point
-from harness.lazy import BlockStore, block_store, embedding_offloaded, materialized
+from harness.lazy import BlockStore, block_store, embedding_and_head_offloaded, materialized
 from harness.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,8 @@ def run_blockwise(
     directory and released after it, and the engine checkpoints after every group
     (``harness.checkpoint``): a killed run continues where it stopped. ``state`` is the method's
     own tensors that must survive with it (QLLM's last-block outputs), saved and restored in place.
-    While the jobs run, a lazy model's input embedding, and a head tied to it, are on the meta device
-    (``harness.lazy.embedding_offloaded``): ``process`` must not use them; they are back when this returns.
+    While the jobs run, a lazy model's input embedding and ``lm_head`` weight are on the meta device
+    (``harness.lazy.embedding_and_head_offloaded``): ``process`` must not use them; they are back when this returns.
     """
     if blocks_per_job < 1:
         raise ValueError("blocks_per_job must be >= 1")
@@ -193,7 +193,7 @@ def run_blockwise(
     all_stats, first = _resume(ckpt, store, layers, fp_x, q_x, state)
     bar = Progress(range(first, len(layers), blocks_per_job), desc=desc, enabled=progress, unit="group",
                    initial=len(range(0, first, blocks_per_job)))  # groups a killed attempt finished
-    with embedding_offloaded(model):  # not needed again until evaluation
+    with embedding_and_head_offloaded(model):  # not needed again until evaluation
         for start in bar:
             with materialized(model, start, list(layers[start : start + blocks_per_job]), finish=True) as group:
                 dtypes = [next(layer.parameters()).dtype for layer in group]

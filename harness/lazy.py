@@ -190,37 +190,61 @@ def materialized(model: nn.Module, start: int, layers: list[nn.Module], finish: 
         store.release(layer)
 
 
+def matches_source(store: BlockStore, name: str, tensor: torch.Tensor, rows_per_read: int = 4096) -> bool:
+    """Whether ``tensor`` still equals source tensor ``name`` (cast to the store's dtype), read in row slices.
+
+    Slices keep the check's extra memory small (4096 x 2048 floats, not a second embedding).
+    """
+    from safetensors import safe_open
+
+    with safe_open(store.folder / store.files[name], framework="pt") as f:
+        source = f.get_slice(name)
+        if list(source.get_shape()) != list(tensor.shape):
+            return False
+        for start in range(0, tensor.shape[0], rows_per_read):
+            chunk = source[start : start + rows_per_read].to(device=tensor.device, dtype=tensor.dtype)
+            if not torch.equal(chunk, tensor[start : start + rows_per_read]):
+                return False
+    return True
+
+
 @contextlib.contextmanager
-def embedding_offloaded(model: nn.Module) -> Iterator[None]:
-    """A lazy model's input embedding (and a head tied to it) released for the ``with`` body, read again after.
+def embedding_and_head_offloaded(model: nn.Module) -> Iterator[None]:
+    """A lazy model's input embedding and ``lm_head`` weight released for the ``with`` body, read again after.
 
     The block-wise engine needs the embedding once, to embed the calibration tokens, and evaluation
-    needs it again; in between it would be the largest tensor in host memory that no block uses (a
-    float32 49152 x 2048 embedding is 0.4 GB, an eighth of the scale benchmark's model on disk).
-    Reading it back from its source shard gives the same tensor; a head tied to it is tied again.
-    An eager model, or an embedding the shards do not name, stays where it is.
+    needs both again; in between they are the largest tensors in host memory that no block uses (a
+    float32 49152 x 2048 embedding is 0.4 GB, an eighth of the scale benchmark's model on disk;
+    LLaMA-2-70B's untied 32000 x 8192 head is 1 GB more). Reading them back from their source shards
+    gives the same tensors; a head tied to the embedding is tied again. Only a weight that still
+    equals its source is released: one a method changed before the blocks (a rotation folded into
+    the embedding, say) exists nowhere else, so it stays. Eager models are left alone.
     """
     from harness.adapter import get_adapter
 
     store = block_store(model)
-    adapter = get_adapter(model)
-    embed, head = adapter.embed(model), adapter.lm_head(model)
-    path = next((n for n, m in model.named_modules() if m is embed), None)
-    name = f"{path}.weight" if path else None
-    if store is None or name not in store.files or embed.weight.is_meta:
+    if store is None:
         yield
         return
+    adapter = get_adapter(model)
+    embed, head = adapter.embed(model), adapter.lm_head(model)
     tied = head.weight is embed.weight
-    embed.to("meta")  # a new (meta) Parameter: the head must drop its reference to the old one too
-    if tied:
+    names = {id(m): f"{n}.weight" for n, m in model.named_modules()}
+    released = {names[id(m)]: (m, m.weight.dtype, m.weight.device) for m in ([embed] if tied else [embed, head])
+                if names[id(m)] in store.files and not m.weight.is_meta
+                and matches_source(store, names[id(m)], m.weight.detach())}
+    for module, _, _ in released.values():
+        # a new (meta) Parameter: a tied head must drop its reference to the old one too
+        module.weight = nn.Parameter(module.weight.detach().to("meta"), requires_grad=module.weight.requires_grad)
+    if tied and released:
         head.weight = embed.weight
     release_freed_memory()
     try:
         yield
     finally:
-        tensors = read_tensors(store.folder, [name], store.files, store.dtype)
-        assign_tensors(model, tensors)
-        if tied:
+        for name, (_, dtype, device) in released.items():  # the dtype it had, so the tensor is the same
+            assign_tensors(model, {name: read_tensors(store.folder, [name], store.files, dtype)[name].to(device)})
+        if tied and released:
             head.weight = embed.weight
 
 

@@ -9,7 +9,7 @@ import torch
 
 from harness import BitSpec, QuantContext, get_method
 from harness.evaluate import perplexity, perplexity_blockwise
-from harness.lazy import block_store, embedding_offloaded, is_lazy, materialized, weight_map
+from harness.lazy import block_store, embedding_and_head_offloaded, is_lazy, materialized, weight_map
 from harness.models import load_model, tiny_llama
 
 CPU = torch.device("cpu")
@@ -105,19 +105,31 @@ def tied_folder(tmp_path_factory, smollm2_tokenizer):
     return path
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_the_embedding_is_released_while_blocks_run_and_read_back_equal(tied, folder, tied_folder):
-    model = load_model(str(tied_folder if tied else folder), dtype="float32", device="cpu", lazy=True).model
+def test_the_embedding_and_head_are_released_while_blocks_run_and_read_back_equal(tied, dtype, folder, tied_folder):
+    model = load_model(str(tied_folder if tied else folder), dtype=dtype, device="cpu", lazy=True).model
     before = model.model.embed_tokens.weight.detach().clone()
     head = model.lm_head.weight.detach().clone()
-    with embedding_offloaded(model):
-        assert model.model.embed_tokens.weight.is_meta
-        assert model.lm_head.weight.is_meta == tied  # an untied head is not the embedding: it stays
+    with embedding_and_head_offloaded(model):
+        assert model.model.embed_tokens.weight.is_meta and model.lm_head.weight.is_meta
     assert torch.equal(model.model.embed_tokens.weight, before) and torch.equal(model.lm_head.weight, head)
+    assert model.lm_head.weight.dtype == getattr(torch, dtype)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     eager = load_model(str(folder), dtype="float32", device="cpu").model  # an eager model keeps its embedding
-    with embedding_offloaded(eager):
+    with embedding_and_head_offloaded(eager):
         assert not eager.model.embed_tokens.weight.is_meta
+
+
+def test_a_weight_changed_before_the_blocks_is_not_released(lazy):
+    """Its only copy is in memory (a method folded something into it): reading the shard would undo that."""
+    with torch.no_grad():
+        lazy.model.embed_tokens.weight[7].mul_(2)  # one row differs from the shard
+    changed = lazy.model.embed_tokens.weight.detach().clone()
+    with embedding_and_head_offloaded(lazy):
+        assert not lazy.model.embed_tokens.weight.is_meta
+        assert lazy.lm_head.weight.is_meta  # the unchanged head still goes
+    assert torch.equal(lazy.model.embed_tokens.weight, changed)
 
 
 def test_qllm_on_a_lazy_tied_model_matches_the_eager_model(tied_folder, tiny_tokens, tmp_path):
