@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from harness.allocator import allocator_env
 from harness.errors import ConfigError
 from harness.memory import GB, estimate
 from harness.paths import cache_home
@@ -141,12 +142,17 @@ class Measured:
     ppl: float
 
 
-def measure(folder: Path, method: str, samples: int, seqlen: int, windows: int) -> Measured:
-    """Run one method on ``folder`` in a fresh process, which reports its own peak RSS (VmHWM)."""
+def measure(folder: Path, method: str, samples: int, seqlen: int, windows: int, allocator: str = "default") -> Measured:
+    """Run one method on ``folder`` in a fresh process, which reports its own peak RSS (VmHWM).
+
+    ``allocator``: the host allocator that process starts with (``harness.allocator``, as
+    ``executor.host_allocator`` gives a sweep's runs).
+    """
     work = folder.parent / "work"
     spec = run_spec(folder, method, samples, seqlen, windows, work)
     args = json.dumps({"folder": str(folder), "method": method, "samples": samples, "seqlen": seqlen, "windows": windows})
-    proc = subprocess.Popen([sys.executable, "-m", "harness.bench_scale", args], stdout=subprocess.PIPE, text=True)
+    env = {**os.environ, **allocator_env(allocator)}
+    proc = subprocess.Popen([sys.executable, "-m", "harness.bench_scale", args], stdout=subprocess.PIPE, text=True, env=env)
     out = proc.stdout.read()
     status = proc.wait()
     if status != 0:

@@ -135,6 +135,9 @@ class ExecutorConfig:
         tokenized data is shared across runs).
     resources: per-model (and bit spec) requests for Ray tasks and Slurm jobs (``Resources``);
         the local executor ignores them.
+    host_allocator: default, or compact: each run's process starts with glibc tunables that give
+        freed buffers of 1 MB or more back to the OS at once (less peak host memory for more time;
+        see harness/allocator.py). local needs isolate: true for it (the driver has started already).
     """
 
     kind: Literal["local", "ray", "slurm"] = "local"
@@ -143,10 +146,14 @@ class ExecutorConfig:
     ray: RayOptions = field(default_factory=RayOptions)
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
     resources: tuple[Resources, ...] = ()
+    host_allocator: Literal["default", "compact"] = "default"
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:
             raise ConfigError(f"max_retries: {self.max_retries} is not allowed; use an integer >= 0")
+        if self.host_allocator != "default" and self.kind == "local" and not self.isolate:
+            raise ConfigError(f"host_allocator: {self.host_allocator} needs isolate: true with kind: local "
+                              "(the allocator is set when a run's process starts; the driver's has)")
 
     def resources_for(self, model: str, bits: str) -> Resources:
         """The merged request of every entry matching one run (fields still null: the executor's defaults)."""

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from harness.allocator import allocator_provenance
+
 PACKAGES = ("ptqbench", "torch", "transformers", "lm_eval", "datasets", "accelerate", "tokenizers", "numpy", "gguf")
 
 
@@ -81,4 +83,4 @@ def determinism() -> dict:
 def provenance() -> dict:
     packages = package_versions()
     return {"packages": packages, "code_version": packages.get("ptqbench"), "git": git_revision(),
-            "hardware": hardware(), "determinism": determinism(), "argv": sys.argv}
+            "hardware": hardware(), "determinism": determinism(), "allocator": allocator_provenance(), "argv": sys.argv}

@@ -5,6 +5,7 @@ import shutil
 
 import click
 
+from harness.allocator import ALLOCATORS
 from harness.bench_scale import OPTIONS, bench_root, disk_size, generate, measure, method_options, prepare_tokens, table
 
 
@@ -16,8 +17,11 @@ from harness.bench_scale import OPTIONS, bench_root, disk_size, generate, measur
 @click.option("--samples", default=4, show_default=True, help="Calibration windows.")
 @click.option("--seqlen", default=128, show_default=True)
 @click.option("--windows", default=2, show_default=True, help="Perplexity windows.")
+@click.option("--host-allocator", type=click.Choice(sorted(ALLOCATORS)), default="default", show_default=True,
+              help="The allocator each measured process starts with (executor.host_allocator; see harness/allocator.py).")
 @click.option("--keep-models/--delete-models", default=True, show_default=True, help="Keep the generated models in the cache.")
-def command(hidden: int, layers: str, method_names: str, samples: int, seqlen: int, windows: int, keep_models: bool) -> None:
+def command(hidden: int, layers: str, method_names: str, samples: int, seqlen: int, windows: int, host_allocator: str,
+            keep_models: bool) -> None:
     """Print model size on disk, peak RSS, the dry-run estimate and the deep/shallow peak-RSS ratio per method.
 
     Targets: peak RSS <= half the size on disk; deep/shallow ratio <= 1.15.
@@ -33,7 +37,7 @@ def command(hidden: int, layers: str, method_names: str, samples: int, seqlen: i
         prepare_tokens(folder)
         click.echo(f"{folder}: {disk_size(folder) / 2**30:.2f} GB on disk")
         for method in labels:
-            rows.append(measure(folder, method, samples, seqlen, windows))
+            rows.append(measure(folder, method, samples, seqlen, windows, host_allocator))
             click.echo(f"  {method}: peak RSS {rows[-1].peak_rss / 2**30:.2f} GB", err=True)
     click.echo(table(rows))
     if not keep_models:

@@ -18,6 +18,7 @@ from collections.abc import Hashable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
+from harness.allocator import allocator_env, environment
 from harness.executors.base import Executor, Outcome, run_task
 from harness.execute import RunSpec
 from harness.method import Method
@@ -65,9 +66,12 @@ class LocalExecutor(Executor):
         try:
             pickle.dumps(args)
         except (pickle.PicklingError, AttributeError, TypeError) as err:
-            log.warning("run %s executes in the driver process (peak memory includes earlier runs): %s", run.label, err)
+            log.warning("run %s executes in the driver process (peak memory includes earlier runs%s): %s", run.label,
+                        "; executor.host_allocator does not apply" if self.config.host_allocator != "default" else "", err)
             return run_task(run, self.progress)
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # the run's process starts inside this environment (executor.host_allocator)
+        with environment(allocator_env(self.config.host_allocator)), \
+                ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
             try:
                 return pool.submit(isolated_task, *args).result()
             except BrokenProcessPool as err:  # killed (out of memory, a signal): recorded under failed/

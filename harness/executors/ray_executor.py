@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import harness
+from harness.allocator import allocator_env
 from harness.errors import ResourceUnavailableError
 from harness.executors.base import Executor, Outcome, require
 from harness.execute import RunSpec
@@ -70,6 +71,8 @@ class RayExecutor(Executor):
         options: dict[str, Any] = dict(name=req["task_name"], num_cpus=req["cpus"], num_gpus=req["gpus"], max_retries=0)
         if req["mem_gb"] is not None:
             options["memory"] = req["mem_gb"] * 2**30  # Ray's memory resource is in bytes
+        if env := allocator_env(self.config.host_allocator):
+            options["runtime_env"] = {"env_vars": env}  # merged with the job's env_vars; a worker started with them
         return self._remote.options(**options).remote(run, False)  # per-run bars from many workers would interleave
 
     def wait(self, handles: list[Hashable]) -> list[tuple[Hashable, Outcome]]:

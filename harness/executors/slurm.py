@@ -20,6 +20,7 @@ import time
 from collections.abc import Hashable
 from typing import Any
 
+from harness.allocator import allocator_env, environment
 from harness.errors import ResourceUnavailableError
 from harness.executors.base import Executor, Outcome, Task, require
 from harness.results import write_json_atomic
@@ -118,7 +119,8 @@ class SlurmExecutor(Executor):
                 return job
         try:
             self._ex.update_parameters(**self._parameters(run))
-            job = self._ex.submit(RunJob(self.task, run))
+            with environment(allocator_env(self.config.host_allocator)):  # sbatch exports the submitter's environment
+                job = self._ex.submit(RunJob(self.task, run))
         except Exception as err:  # sbatch refused (bad partition, account, limits): a setup problem, stop here
             lines = [line for line in str(err).splitlines() if line.strip()] or [err.__class__.__name__]
             detail = next((line for line in lines if "error" in line.lower()), lines[-1]).strip()

@@ -51,6 +51,8 @@ def test_resources_match_by_model_and_bits_and_later_entries_win_field_by_field(
 @pytest.mark.parametrize("section, message", [
     ({"kind": "dask"}, r"executor.kind: 'dask' is not allowed; use one of \['local', 'ray', 'slurm'\]"),
     ({"max_retries": -1}, r"executor.max_retries: -1 is not allowed"),
+    ({"host_allocator": "jemalloc"}, r"executor.host_allocator: 'jemalloc' is not allowed; use one of \['default', 'compact'\]"),
+    ({"host_allocator": "compact", "isolate": False}, r"executor.host_allocator: compact needs isolate: true with kind: local"),
     ({"ray": {"num_gpu": 1}}, r"executor.ray.num_gpu: unknown option \(did you mean 'num_gpus'\?\)"),
     ({"ray": {"num_cpus": 0}}, r"executor.ray.num_cpus: 0.0 is not allowed"),
     ({"slurm": {"cluster": "pbs"}}, r"executor.slurm.cluster: 'pbs' is not allowed"),

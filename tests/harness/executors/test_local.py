@@ -16,7 +16,9 @@ from harness.executors import make_executor
 from harness.method import Method, MethodConfig, QuantizeResult
 from harness.executors.base import Outcome
 from harness.execute import plan
-from tests.harness.executors.conftest import tiny_raw, tiny_sweep
+from harness.allocator import TUNABLES, allocator_env
+from harness.sweep import run_sweep
+from tests.harness.executors.conftest import stored, tiny_raw, tiny_sweep
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -35,6 +37,17 @@ def test_runs_in_order_and_each_is_stored_before_the_next_starts(tmp_path):
     a, b, c = (r.key for r in runs)
     # local never retries within a sweep (max_retries is for lost workers and jobs), and runs strictly in turn
     assert events == [("start", a), ("done", a), ("start", b), ("failed", b), ("start", c), ("done", c)]
+
+
+def test_the_compact_allocator_reaches_each_runs_process_and_changes_no_result(tmp_path, local_reference):
+    driver = os.environ.get(TUNABLES)
+    summary = run_sweep(tiny_sweep(host_allocator="compact"), tmp_path, progress=False)
+    assert sorted(summary.done) == sorted(local_reference) and not summary.failed
+    for key, record in stored(tmp_path).items():
+        assert record["provenance"]["allocator"][TUNABLES] == allocator_env("compact")[TUNABLES]
+        assert local_reference[key]["provenance"]["allocator"][TUNABLES] == driver  # the default adds nothing
+        assert record["metrics"] == local_reference[key]["metrics"]
+    assert os.environ.get(TUNABLES) == driver  # only the runs' processes had it
 
 
 def test_killed_driver_resumes_without_redoing_finished_runs(tmp_path):

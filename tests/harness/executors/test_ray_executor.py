@@ -12,6 +12,7 @@ from harness.executors import make_executor
 from harness.executors.base import Outcome
 from harness.execute import plan
 from harness.sweep import run_sweep
+from harness.allocator import TUNABLES, allocator_env
 from tests.harness.executors.conftest import stored, tiny_sweep
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -32,7 +33,7 @@ def ray_sweep(ray_cluster, tmp_path_factory):
     """The tiny sweep plus a model at a missing path (whose runs must fail), run on Ray with 1 retry."""
     out = tmp_path_factory.mktemp("ray")
     config = tiny_sweep(models=["tiny-random-llama", MISSING], kind="ray", max_retries=1,
-                        resources=[{"models": ["tiny-random-llama"], "cpus": 2, "mem_gb": 1}])
+                        resources=[{"models": ["tiny-random-llama"], "cpus": 2, "mem_gb": 1}], host_allocator="compact")
     summary = run_sweep(config, out, progress=False)
     return config, out, summary
 
@@ -45,6 +46,7 @@ def test_ray_gives_the_same_metrics_as_local(ray_sweep, local_reference):
     for key, ref in local_reference.items():
         assert records[key]["metrics"]["ppl"]["brown"] == pytest.approx(ref["metrics"]["ppl"]["brown"], rel=1e-6)
         assert records[key]["provenance"]["executor"] == "ray"
+        assert records[key]["provenance"]["allocator"][TUNABLES] == allocator_env("compact")[TUNABLES]  # the task's runtime_env
         assert records[key]["key"] == key  # the worker computed the same key as the driver
         # the task asked for its model's resources: both CPUs of this cluster and 1 GiB of Ray's memory resource
         assert records[key]["provenance"]["resources"] == {"task_name": f"ptqbench-{runs[key].slug}", "gpus": 0, "cpus": 2, "mem_gb": 1}

@@ -17,6 +17,7 @@ from harness.executors import make_executor
 from harness.executors.base import run_task
 from harness.executors.slurm import RunJob
 from harness.sweep import run_sweep
+from harness.allocator import TUNABLES, allocator_env
 from tests.harness.executors.conftest import stored, tiny_sweep
 from tests.harness.test_checkpoint import sweep as checkpoint_sweep
 
@@ -25,13 +26,15 @@ BIG = "ptqbench-no-such-org/no-such-model"  # stands in for a 70B: passes valida
 
 
 def test_jobs_store_results_skip_done_runs_and_are_collected_after_a_driver_death(tmp_path, local_reference):
-    config = tiny_sweep(kind="slurm", slurm={"cluster": "local", "time_min": 10, "gpus": 0, "poll_s": 0.2})
+    config = tiny_sweep(kind="slurm", slurm={"cluster": "local", "time_min": 10, "gpus": 0, "poll_s": 0.2},
+                        host_allocator="compact")
     summary = run_sweep(config, tmp_path, progress=False)
     assert sorted(summary.done) == sorted(local_reference) and not summary.failed
     records = stored(tmp_path)
     for key, ref in local_reference.items():
         assert records[key]["metrics"]["ppl"]["brown"] == pytest.approx(ref["metrics"]["ppl"]["brown"], rel=1e-6)
         assert records[key]["provenance"]["executor"] == "slurm" and records[key]["key"] == key
+        assert records[key]["provenance"]["allocator"][TUNABLES] == allocator_env("compact")[TUNABLES]  # the job's environment
     jobs = json.loads((tmp_path / "slurm" / "jobs.json").read_text())
     assert sorted(jobs) == sorted(local_reference)
 
