@@ -15,9 +15,11 @@ Run:  python -m harness.cli run configs/ablation-qllm.yaml   (see README, sectio
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -27,9 +29,11 @@ from torch import nn
 from harness import BitSpec, ConfigError, LlamaAdapter, Method, MethodConfig, QuantContext, QuantizeResult, freeze, get_adapter, \
     quant_linears, quantize_block, quantizers_disabled, register_method
 from harness.blockwise import BlockJob, run_blockwise, train
+from harness.costs import release_freed_memory
+from harness.lazy import block_store
 from harness.method import keyed_when_set
 from harness.quantizer import set_zero_point_grad
-from methods.qllm.correction import NormWithBias, add_lowrank, fold_bias_into_head, merge_lowrank
+from methods.qllm.correction import NormWithBias, add_lowrank, fold_bias_into_head, merge_lowrank, weights_offloaded
 from methods.qllm.reassembly import Plan, Reassembled, SiteFn, attention_fn, gated_fn, linear_fn, make_plan, ratio_theta, \
     search, site_error, theta_grid
 
@@ -82,10 +86,12 @@ class QLLMConfig(MethodConfig):
         practice the same training: the zero point's gradient is non-zero only through values that
         fall off the grid, which per-token ranges without clipping do not produce (Q(W) is cached).
     low_memory: keep the job's frozen Q(W) as integer codes (1 byte per weight instead of 4) and
-        dequantize it in each forward and again in the backward (``correction.CachedWeight``). The
-        same results bit for bit (tested); the error correction's peak drops by about three quarters
-        of the job's float32 weights, for two more elementwise passes per weight and step (about 8%
-        more time on CPU).
+        dequantize it in each forward and again in the backward (``correction.CachedWeight``), and
+        keep W itself out of memory until the merge (``correction.weights_offloaded``: host memory
+        for a GPU job, the run's work directory for a CPU one). The same results bit for bit
+        (tested); while the corrections train, the job holds a quarter of its float32 weights
+        instead of twice them, for two more elementwise passes per weight and step (about 8% more
+        time on CPU) and one write and read of W per job.
     """
 
     disassembly: bool = True
@@ -216,6 +222,8 @@ class QLLM(Method):
         adapter = get_adapter(model)
         last_block = len(adapter.layers(model)) - 1
         final: dict[str, torch.Tensor] = {}
+        store = block_store(model)
+        scratch = store.work if store is not None else None  # the run's work directory, on its disk
 
         def process(job: BlockJob) -> dict:
             sites, started = [], time.time()
@@ -229,7 +237,7 @@ class QLLM(Method):
                         x_max, feats = recorded.abs_max[name], recorded.first_samples(name)
                         stats = reassemble_site(layer, site, x_max, feats, spec, cfg, job.position_embeddings, adapter)
                         sites.append({"layer": job.index + offset, **stats})
-            losses = correct_errors(job, cfg, context) if cfg.error_correction else []
+            losses = correct_errors(job, cfg, context, scratch) if cfg.error_correction else []
             for layer in job.layers:
                 freeze(layer)
             if cfg.final_norm != "off" and job.index + len(job.layers) - 1 == last_block:
@@ -256,8 +264,10 @@ class QLLM(Method):
         return QuantizeResult(model, stats)
 
 
-def correct_errors(job: BlockJob, cfg: QLLMConfig, context: QuantContext) -> list[float]:
-    """Train low-rank corrections (+ norm weights) of the job's blocks, then merge them; return epoch losses."""
+def correct_errors(job: BlockJob, cfg: QLLMConfig, context: QuantContext, scratch: Path | None = None) -> list[float]:
+    """Train low-rank corrections (+ norm weights) of the job's blocks, then merge them; return epoch losses.
+
+    ``scratch``: where ``low_memory`` keeps the frozen weights while the corrections train."""
     generator = torch.Generator().manual_seed(context.seed * 1000 + job.index)
     params: list[nn.Parameter] = []
     linears = []
@@ -280,13 +290,18 @@ def correct_errors(job: BlockJob, cfg: QLLMConfig, context: QuantContext) -> lis
     def loss_fn(idx: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(job.forward(job.rows(job.q_inputs, idx)), job.rows(job.targets, idx))
 
-    losses = train([{"params": params, "lr": cfg.lr}], loss_fn, len(job.q_inputs), epochs=cfg.epochs,
-                   batch_size=cfg.batch_size, linear_decay=True, seed=context.seed + job.index, shuffle=cfg.shuffle,
-                   label=job.label, device=job.device, progress=context.progress)
-    for p in params:
-        p.requires_grad_(False)
-    for linear in linears:
-        merge_lowrank(linear)
+    # low_memory: W waits outside the process until its merge (training reads only the cached Q(W))
+    with weights_offloaded(linears, scratch) if cfg.low_memory else contextlib.nullcontext(lambda linear: None) as restore:
+        losses = train([{"params": params, "lr": cfg.lr}], loss_fn, len(job.q_inputs), epochs=cfg.epochs,
+                       batch_size=cfg.batch_size, linear_decay=True, seed=context.seed + job.index, shuffle=cfg.shuffle,
+                       label=job.label, device=job.device, progress=context.progress)
+        for p in params:
+            p.requires_grad_(False)
+        if cfg.low_memory:
+            release_freed_memory()  # the steps' freed buffers, before the weights come back
+        for linear in linears:
+            restore(linear)
+            merge_lowrank(linear)  # drops the linear's codes
     return losses
 
 

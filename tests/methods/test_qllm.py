@@ -303,3 +303,18 @@ def test_low_memory_gives_the_same_model_bit_for_bit(tiny_model, tiny_tokens):
         assert torch.equal(plain(tiny_tokens).logits, low(tiny_tokens).logits)
     assert not any(m.recompute_weight for _, m in quant_linears(low))
     assert "low_memory" not in QLLMConfig().to_dict()
+
+
+def test_low_memory_trains_with_the_weights_out_of_memory(monkeypatch, tiny_model, tiny_tokens):
+    model, seen = with_outliers(copy.deepcopy(tiny_model)), []
+    real = methods.qllm.method.train
+
+    def spy(*args, **kwargs):
+        seen.append([m.weight.is_meta for _, m in quant_linears(model) if m.side is not None])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(methods.qllm.method, "train", spy)
+    get_method("qllm").from_options({**BASE, "low_memory": True}).quantize(model, W4A4, tiny_tokens, QuantContext(progress=False))
+    jobs = [flags for flags in seen if flags]  # the final norm's training has no corrections left
+    assert len(jobs) == 1 and all(jobs[0])  # the tiny model's 2 blocks are one job
+    assert not any(m.weight.is_meta for _, m in quant_linears(model))

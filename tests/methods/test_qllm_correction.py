@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from harness import BitSpec, QuantLinear, quantizers_disabled
-from methods.qllm.correction import CachedWeight, LowRank, NormWithBias, add_lowrank, fold_bias_into_head, merge_lowrank
+from methods.qllm.correction import CachedWeight, LowRank, NormWithBias, add_lowrank, fold_bias_into_head, merge_lowrank, \
+    weights_offloaded
 
 
 def make_linear(spec: str, seed: int = 0) -> QuantLinear:
@@ -119,6 +120,34 @@ def test_cached_weight_falls_back_to_a_float_copy_when_codes_cannot_hold_it():
     add_lowrank(linear, rank=2, alpha=1.0, generator=torch.Generator().manual_seed(0), low_memory=True)
     assert not linear.weight_quant.compact
     torch.testing.assert_close(linear.weight_quant(linear.weight), expected, equal_nan=True)
+
+
+def test_offloaded_weights_leave_memory_and_come_back_bit_for_bit(tmp_path):
+    linears = [make_linear("W4A8", seed) for seed in range(3)]
+    for linear in linears:
+        add_lowrank(linear, rank=2, alpha=1.0, generator=torch.Generator().manual_seed(0), low_memory=True)
+    before = [linear.weight.detach().clone() for linear in linears]
+    x = torch.randn(5, 48)
+    expected = [linear(x) for linear in linears]
+    with weights_offloaded(linears, tmp_path) as restore:
+        assert all(linear.weight.is_meta for linear in linears)
+        assert len(list(tmp_path.rglob("*.safetensors"))) == 1  # in the scratch folder, not in memory
+        for linear, want in zip(linears, expected):  # the forward reads only the cached Q(W)
+            assert torch.equal(linear(x), want)
+        restore(linears[1])  # one back early (before its merge); the others when the block ends
+        assert torch.equal(linears[1].weight, before[1]) and linears[0].weight.is_meta
+    assert not list(tmp_path.iterdir())  # the file is gone
+    for linear, want in zip(linears, before):
+        assert torch.equal(linear.weight, want) and not linear.weight.requires_grad
+
+
+def test_offloaded_weights_come_back_when_the_body_fails(tmp_path):
+    linear = make_linear("W4A8")
+    add_lowrank(linear, rank=2, alpha=1.0, generator=torch.Generator().manual_seed(0), low_memory=True)
+    before = linear.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="diverged"), weights_offloaded([linear], tmp_path):
+        raise RuntimeError("diverged")
+    assert torch.equal(linear.weight, before) and not list(tmp_path.iterdir())
 
 
 def test_final_norm_bias_folds_into_the_head_exactly():
