@@ -118,42 +118,43 @@ def weights_offloaded(linears: list[QuantLinear], scratch: Path | None = None) -
     While the corrections train, each linear computes with its cached Q(W) (:class:`CachedWeight`)
     and W is needed again only for the merge, W + s B A: on the scale benchmark a 4-block job's W is
     0.8 GB of float32 that no training step reads. Weights on a GPU wait in host memory; weights in
-    host memory wait in a safetensors file in ``scratch`` (the run's work directory; None = the
-    system's temporary directory), so the page cache holds them, not the process.
+    host memory wait in ``scratch`` (the run's work directory; None = the system's temporary
+    directory), so the page cache holds them, not the process. One raw file per weight, written
+    from and read into the tensor's own bytes: a safetensors file would be mapped whole while it
+    is read, and its pages would count in the process's memory beside the copies read from it.
 
     The body gets ``restore(linear)``, to bring one weight back right before its merge (so the
     weights come back while the codes go, not all of them on top of the codes); the rest come
     back when the body ends, however it ends.
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    import numpy as np
 
-    homes = {id(linear): linear.weight.device for linear in linears}
-    kept = {id(linear): linear.weight.detach().to("cpu") for linear in linears if homes[id(linear)].type != "cpu"}
-    on_host = [linear for linear in linears if id(linear) not in kept]
     folder = tempfile.TemporaryDirectory(prefix="ptqbench-qllm-weights-", dir=scratch)
-    path = Path(folder.name) / "weights.safetensors"
-    offloaded: set[int] = set()
-    with contextlib.ExitStack() as stack:
-        stack.callback(folder.cleanup)
-        if on_host:
-            save_file({str(id(linear)): linear.weight.detach().contiguous() for linear in on_host}, path)
-        source = stack.enter_context(safe_open(path, framework="pt")) if on_host else None
+    saved: dict[int, tuple[torch.Tensor | Path, torch.Size, torch.dtype, torch.device]] = {}
 
-        def restore(linear: QuantLinear) -> None:
-            if id(linear) in offloaded:
-                weight = kept.pop(id(linear)) if id(linear) in kept else source.get_tensor(str(id(linear)))
-                linear.weight = nn.Parameter(weight.to(homes[id(linear)]), requires_grad=False)
-                offloaded.discard(id(linear))
+    def restore(linear: QuantLinear) -> None:
+        if id(linear) not in saved:
+            return
+        where, shape, dtype, home = saved.pop(id(linear))
+        if isinstance(where, Path):
+            where = torch.from_numpy(np.fromfile(where, dtype=np.uint8)).view(dtype).reshape(shape)
+        linear.weight = nn.Parameter(where.to(home), requires_grad=False)
 
+    try:
+        for i, linear in enumerate(linears):
+            w = linear.weight.detach()
+            if w.device.type == "cpu":
+                where: torch.Tensor | Path = Path(folder.name) / f"{i}.bin"
+                w.contiguous().view(torch.uint8).numpy().tofile(where)
+            else:
+                where = w.to("cpu")
+            saved[id(linear)] = (where, w.shape, w.dtype, w.device)
+            linear.weight = nn.Parameter(w.to("meta"), requires_grad=False)
+        yield restore
+    finally:
         for linear in linears:
-            linear.weight = nn.Parameter(linear.weight.detach().to("meta"), requires_grad=False)
-            offloaded.add(id(linear))
-        try:
-            yield restore
-        finally:
-            for linear in linears:
-                restore(linear)
+            restore(linear)
+        folder.cleanup()
 
 
 @torch.no_grad()

@@ -131,7 +131,7 @@ def test_offloaded_weights_leave_memory_and_come_back_bit_for_bit(tmp_path):
     expected = [linear(x) for linear in linears]
     with weights_offloaded(linears, tmp_path) as restore:
         assert all(linear.weight.is_meta for linear in linears)
-        assert len(list(tmp_path.rglob("*.safetensors"))) == 1  # in the scratch folder, not in memory
+        assert len(list(tmp_path.rglob("*.bin"))) == 3  # in the scratch folder, not in memory
         for linear, want in zip(linears, expected):  # the forward reads only the cached Q(W)
             assert torch.equal(linear(x), want)
         restore(linears[1])  # one back early (before its merge); the others when the block ends
