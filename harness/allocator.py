@@ -22,9 +22,8 @@ buffers live, not what they hold); every record says what its process ran with (
 """
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 TUNABLES = "GLIBC_TUNABLES"
 ALLOCATORS = {"default": "", "compact": "glibc.malloc.mmap_threshold=1048576:glibc.malloc.hugetlb=1"}
@@ -40,21 +39,6 @@ def allocator_env(kind: str, environ: Mapping[str, str] = os.environ) -> dict[st
         return {}
     current = environ.get(TUNABLES, "")
     return {TUNABLES: f"{current}:{tunables}" if current else tunables}
-
-
-@contextlib.contextmanager
-def environment(extra: Mapping[str, str]) -> Iterator[None]:
-    """``os.environ`` with ``extra`` set for the ``with`` body (processes started inside inherit it)."""
-    saved = {name: os.environ.get(name) for name in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def allocator_provenance() -> dict[str, str | None]:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from harness.environ import environment
 from harness.errors import ConfigError, did_you_mean
 from harness.paths import cache_home
 from harness.zeroshot_tasks import BROWN_TASKS, brown_task_dir, write_task_data_yamls
@@ -126,21 +127,15 @@ def _datasets_env(offline: bool) -> Iterator[None]:
     import datasets
     import huggingface_hub.constants as hub
 
-    saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     saved = (datasets.config.HF_DATASETS_CACHE, datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE)
     datasets.config.HF_DATASETS_CACHE = datasets_cache()
     if offline:
-        os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
         datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
     try:
-        yield
+        with environment({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"} if offline else {}):
+            yield
     finally:
         datasets.config.HF_DATASETS_CACHE, datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _task_manager_for(cfg: ZeroShotConfig) -> tuple[Any, bool]:

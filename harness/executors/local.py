@@ -18,7 +18,8 @@ from collections.abc import Hashable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from harness.allocator import allocator_env, environment
+from harness.allocator import allocator_env
+from harness.environ import environment
 from harness.executors.base import Executor, Outcome, run_task
 from harness.execute import RunSpec
 from harness.method import Method

@@ -20,7 +20,8 @@ import time
 from collections.abc import Hashable
 from typing import Any
 
-from harness.allocator import allocator_env, environment
+from harness.allocator import allocator_env
+from harness.environ import environment
 from harness.errors import ResourceUnavailableError
 from harness.executors.base import Executor, Outcome, Task, require
 from harness.results import write_json_atomic

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from harness.allocator import ALLOCATORS, TUNABLES, allocator_env, environment
+from harness.allocator import ALLOCATORS, TUNABLES, allocator_env
 
 # A child that fills and frees a 24 MB buffer twice and reports how much memory stays resident. The
 # first free (of a mapped buffer) raises glibc's dynamic mmap threshold, so by default the second
@@ -30,14 +30,6 @@ def test_default_adds_nothing_and_compact_keeps_the_users_tunables_before_its_ow
     assert allocator_env("compact", {}) == {TUNABLES: ALLOCATORS["compact"]}
     assert allocator_env("compact", {TUNABLES: "glibc.malloc.arena_max=2"}) == {
         TUNABLES: "glibc.malloc.arena_max=2:" + ALLOCATORS["compact"]}
-
-
-def test_environment_is_restored_after_the_block(monkeypatch):
-    monkeypatch.delenv("PTQBENCH_TEST_ABSENT", raising=False)
-    monkeypatch.setenv("PTQBENCH_TEST_SET", "before")
-    with environment({"PTQBENCH_TEST_ABSENT": "x", "PTQBENCH_TEST_SET": "y"}):
-        assert os.environ["PTQBENCH_TEST_ABSENT"] == "x" and os.environ["PTQBENCH_TEST_SET"] == "y"
-    assert "PTQBENCH_TEST_ABSENT" not in os.environ and os.environ["PTQBENCH_TEST_SET"] == "before"
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the tunables are glibc's")
