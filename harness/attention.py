@@ -72,7 +72,9 @@ def quantized_eager(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _register() -> None:
+def register() -> None:
+    """Make ptqbench's kernels known to transformers (idempotent): before quantizing, and before a
+    fresh process runs blocks restored from a checkpoint, whose configs already name them."""
     # each with the masks of its kernel (a name unknown to the mask interface would get no mask at
     # all, which breaks causality and padded batches such as lm-eval's)
     AttentionInterface.register(IMPLEMENTATION, quantized_sdpa)
@@ -84,7 +86,7 @@ def _register() -> None:
 def install(attn: nn.Module, bits: int, symmetric: bool) -> ActQuantizer:
     """Quantize ``attn``'s Q/K/V from now on; the model config (shared by all blocks) switches to our function
     (the eager one when the model computes attention with the eager kernel)."""
-    _register()
+    register()
     quantizer = ActQuantizer(bits, symmetric)
     setattr(attn, ATTRIBUTE, quantizer)
     config = getattr(attn, "config", None)

@@ -185,11 +185,13 @@ def table(rows: list[Measured]) -> str:
 
 def child(args: dict) -> None:
     """The measured process: one run through ``execute``; prints one JSON line."""
-    from harness.execute import execute
+    from harness.execute import execute, work_dir
+    from harness.workdir import discard
 
     spec = run_spec(Path(args["folder"]), args["method"], args["samples"], args["seqlen"], args["windows"],
                     Path(args["folder"]).parent / "work")
     record = execute(spec, progress=False)
+    discard(work_dir(spec))
     peak = vm_hwm()
     print(f"bench-scale child {args['method']} {Path(args['folder']).name}: VmHWM {peak / GB:.2f} GB", file=sys.stderr)
     print(json.dumps({"ppl": record.metrics["ppl"]["brown"], "quantize_s": record.cost["phases_s"]["quantize"],

@@ -38,9 +38,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from harness.adapter import LlamaAdapter, get_adapter
+from harness.attention import register as register_attention
 from harness.calibration_stats import InputRecord, recording_inputs
 from harness.errors import TrainingDivergedError
-from harness.checkpoint import Checkpoint, EngineState, kill_point
+from harness.checkpoint import Checkpoint, EngineState
+from harness.killpoints import kill_point
 from harness.lazy import BlockStore, block_store, embedding_and_head_offloaded, materialized
 from harness.progress import Progress
 
@@ -189,7 +191,8 @@ def run_blockwise(
     position_embeddings = tuple(t.to(device).float() for t in position_embeddings)
     state = {} if state is None else state
     store = block_store(model)
-    ckpt = Checkpoint(store.work.parent / "engine", store.work) if store is not None and store.work is not None else None
+    ckpt = (Checkpoint(store.work.parent / "engine", store.work, key=store.run_key)
+            if store is not None and store.work is not None else None)
     all_stats, first = _resume(ckpt, store, layers, fp_x, q_x, state)
     bar = Progress(range(first, len(layers), blocks_per_job), desc=desc, enabled=progress, unit="group",
                    initial=len(range(0, first, blocks_per_job)))  # groups a killed attempt finished
@@ -206,7 +209,7 @@ def run_blockwise(
                 stats = process(job) or {}
                 job.forward_all(q_x, out=q_x)
                 stats.setdefault("output_mse", mean_squared_error(q_x, targets))
-                kill_point("mid", start)
+                kill_point(f"mid:{start}")
                 for layer, layer_dtype in zip(group, dtypes):
                     # gradients a method's training left on the block's own weights would otherwise stay
                     # in CPU memory for every block already done, so memory would grow with depth
@@ -218,8 +221,9 @@ def run_blockwise(
             if ckpt is not None:
                 for offset, layer in enumerate(group):
                     ckpt.save_structure(start + offset, layer)
-                ckpt.save(EngineState(start + len(group), fp_x, q_x, all_stats, state, torch.get_rng_state()))
-                kill_point("block", start)
+                ckpt.save(EngineState(start + len(group), fp_x, q_x, all_stats, state, torch.get_rng_state()),
+                          finished=range(start, start + len(group)))
+                kill_point(f"block:{start}")
             if "loss" in stats:
                 bar.set_postfix(loss=f"{stats['loss']:.3g}")
             del job
@@ -241,6 +245,7 @@ def _resume(ckpt: Checkpoint | None, store: BlockStore | None, layers: nn.Module
     q_x.copy_(saved.q_x)
     state.update(saved.state)
     torch.set_rng_state(saved.rng)
+    register_attention()  # restored blocks may name ptqbench's attention kernels, unknown to a fresh process
     for i in range(first):
         layers[i] = ckpt.load_structure(i)
     log.info("resuming from the checkpoint: blocks 0-%d are done", first - 1)

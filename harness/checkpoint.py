@@ -8,37 +8,41 @@ run's work directory:
   (``QuantLinear``s, QLLM's wrappers; no tensors), which a fresh process cannot rebuild otherwise,
 - ``engine/state_<n>.safetensors``: the next group's FP and student inputs, the method's state
   tensors (``run_blockwise(state=...)``) and the torch RNG state,
-- ``engine/state.json``: the index ``n`` of the next group and the finished jobs' stats (as the
-  result JSON will hold them: ``default=str``); written
-  last (tmp file + rename), so it always names a complete state file.
+- ``engine/state.json``, the manifest: the run key, the index ``n`` of the next group, the finished
+  jobs' stats (as the result JSON will hold them: ``default=str``) and, for every finished block,
+  its two files' sizes and digests (the sha256 of the safetensors header, of the structure file);
+  written last (tmp file + rename), so it always names files that were complete when it was written.
 
-A run started again finds ``state.json``, restores the buffers, the RNG, the stats and the
-finished blocks' structure, and continues with group ``n``: its result equals an uninterrupted
-run's bit for bit (same seed, same device). Structure files are pickles, read back with torch's
-restricted unpickler (``weights_only=True``) that admits only the classes the file names from
-torch, transformers, harness and the packages of registered methods (a plugin method's own module
-classes included); a file naming anything else is refused with the class it names.
+A run started again finds ``state.json`` and checks it before trusting it (``Checkpoint.load``):
+it must belong to the same run key, and every block it names must exist with the recorded size
+and digests (a header read, not the weights), as must the state file. It then restores the
+buffers, the RNG, the stats and the finished blocks' structure, and continues with group ``n``:
+its result equals an uninterrupted run's bit for bit (same seed, same device). A checkpoint that
+fails a check is logged in one line (which file, why) and the run starts from block 0: the engine
+keeps the activations of its last group only (they are the size of the calibration set, too large
+to keep per group), so no earlier point can be continued from. Structure files are pickles, read
+back with torch's restricted unpickler (``weights_only=True``) that admits only the classes the
+file names from torch, transformers, harness and the packages of registered methods (a plugin
+method's own module classes included); a file naming anything else is refused with the class it names.
 
-Test hook: ``PTQBENCH_TEST_KILL_AT=block:N`` makes the engine SIGKILL its own process right after
-the checkpoint of the group starting at block N, ``mid:N`` in the middle of that group (after
-the method processed it, before anything of it is written): the durability tests kill real runs
-with it. ``PTQBENCH_TEST_KILL_SIGNAL=SIGUSR2`` sends that signal instead, the one Slurm (through
-submitit) uses to preempt a job or warn it of its time limit: the requeue test preempts a real run.
+Test hooks (``harness.killpoints``): ``block:N`` right after the checkpoint of the group starting
+at block N, ``mid:N`` in the middle of that group (after the method processed it, before anything
+of it is written).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
-import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from harness.errors import PtqbenchError
+from harness.errors import PtqbenchError, ResourceUnavailableError
+from harness.fingerprint import safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +51,7 @@ class CheckpointError(PtqbenchError):
     """A checkpoint file that cannot be trusted or read."""
 
 
-KILL_ENV = "PTQBENCH_TEST_KILL_AT"
-KILL_SIGNAL_ENV = "PTQBENCH_TEST_KILL_SIGNAL"
+MANIFEST_VERSION = 2  # state.json with the run key and each block's files (version 1 had neither)
 
 
 @dataclass
@@ -62,12 +65,20 @@ class EngineState:
 
 
 class Checkpoint:
-    """The engine's checkpoint in ``<work>/engine`` (block structures next to the blocks in ``blocks_dir``)."""
+    """The engine's checkpoint in ``<work>/engine`` (block structures next to the blocks in ``blocks_dir``).
 
-    def __init__(self, folder: Path, blocks_dir: Path) -> None:
+    ``key`` is the run's key: a manifest of another run (a copied or reused folder) is never resumed.
+    """
+
+    def __init__(self, folder: Path, blocks_dir: Path, key: str | None = None) -> None:
         self.folder = Path(folder)
         self.blocks_dir = Path(blocks_dir)
+        self.key = key
+        self.blocks: dict[int, dict] = {}  # block index -> its files' sizes and digests (the manifest's "blocks")
         self.folder.mkdir(parents=True, exist_ok=True)
+
+    def block_file(self, index: int) -> Path:
+        return self.blocks_dir / f"block_{index:04d}.safetensors"
 
     def structure_file(self, index: int) -> Path:
         return self.blocks_dir / f"block_{index:04d}.structure.pt"
@@ -85,17 +96,23 @@ class Checkpoint:
         with torch.serialization.safe_globals(classes):
             return torch.load(path, map_location="meta", weights_only=True)
 
-    def save(self, s: EngineState) -> int:
-        """Write the state for continuing at ``s.next_start``; return the checkpoint's size in bytes."""
+    def save(self, s: EngineState, finished: range = range(0)) -> int:
+        """Write the state for continuing at ``s.next_start`` (blocks ``finished`` were just written); return its size in bytes."""
         from safetensors.torch import save_file
 
+        for index in finished:  # digests of what was just written, so a resume can tell a damaged file
+            self.blocks[index] = {"block": _describe(self.block_file(index), header=True),
+                                  "structure": _describe(self.structure_file(index), header=False)}
         name = f"state_{s.next_start:04d}.safetensors"
         tensors = {"fp_x": s.fp_x, "q_x": s.q_x, "rng": s.rng, **{f"state.{k}": v for k, v in s.state.items()}}
         tmp = self.folder / (name + ".tmp")
         save_file(_unshared(tensors), tmp)
         tmp.replace(self.folder / name)
+        manifest = {"version": MANIFEST_VERSION, "key": self.key, "next_start": s.next_start, "file": name,
+                    "state": _describe(self.folder / name, header=True), "stats": s.stats,
+                    "blocks": {str(i): self.blocks[i] for i in range(s.next_start) if i in self.blocks}}
         meta = self.folder / "state.json.tmp"
-        meta.write_text(json.dumps({"next_start": s.next_start, "file": name, "stats": s.stats}, default=str))
+        meta.write_text(json.dumps(manifest, default=str))
         meta.replace(self.folder / "state.json")
         for old in self.folder.glob("state_*.safetensors"):
             if old.name != name:
@@ -105,16 +122,73 @@ class Checkpoint:
         return size
 
     def load(self) -> EngineState | None:
-        """The last complete state, or None when the run has none."""
+        """The last complete state, or None when the run has none or its checkpoint fails a check (logged)."""
         from safetensors.torch import load_file
 
         meta = self.folder / "state.json"
         if not meta.exists():
             return None
+        problem = self.problem()
+        if problem is not None:
+            log.warning("checkpoint in %s not used: %s; the run starts from block 0 (only the last group's state is kept)",
+                        self.folder.parent, problem)
+            self.discard()
+            return None
         info = json.loads(meta.read_text())
+        self.blocks = {int(i): entry for i, entry in info["blocks"].items()}
         tensors = load_file(self.folder / info["file"])
         state = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
         return EngineState(info["next_start"], tensors["fp_x"], tensors["q_x"], info["stats"], state, tensors["rng"])
+
+    def problem(self) -> str | None:
+        """Why the manifest cannot be resumed from (one line naming the file), or None when every check passes."""
+        try:
+            info = json.loads((self.folder / "state.json").read_text())
+            if info.get("version", 1) != MANIFEST_VERSION:
+                return f"state.json is manifest version {info.get('version', 1)}, this ptqbench reads {MANIFEST_VERSION}"
+            if info["key"] != self.key:
+                return f"state.json belongs to run {info['key']}, not {self.key}"
+            if (why := _mismatch(self.folder / info["file"], info["state"], header=True)) is not None:
+                return why
+            for index in range(info["next_start"]):
+                entry = info["blocks"].get(str(index))
+                if entry is None:
+                    return f"block {index}: not in state.json"
+                for path, recorded, header in ((self.block_file(index), entry["block"], True),
+                                               (self.structure_file(index), entry["structure"], False)):
+                    if (why := _mismatch(path, recorded, header)) is not None:
+                        return f"block {index}: {why}"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            return f"state.json is unreadable ({err.__class__.__name__}: {err})"
+        return None
+
+    def discard(self) -> None:
+        """Forget the checkpoint: the manifest and state files go (the caller forgets the blocks)."""
+        (self.folder / "state.json").unlink(missing_ok=True)
+        for old in self.folder.glob("state_*.safetensors*"):
+            old.unlink(missing_ok=True)
+        self.blocks = {}
+
+
+def _describe(path: Path, header: bool) -> dict:
+    """A file's size and digest: of its safetensors header (cheap for any size), or of the whole (small) file."""
+    data = safetensors_header(path) if header else path.read_bytes()
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _mismatch(path: Path, recorded: dict, header: bool) -> str | None:
+    """How ``path`` differs from what the manifest recorded for it, or None."""
+    if not path.is_file():
+        return f"{path.parent.name}/{path.name} is missing"
+    if path.stat().st_size != recorded["bytes"]:
+        return f"{path.parent.name}/{path.name} has {path.stat().st_size} bytes, the manifest recorded {recorded['bytes']}"
+    try:
+        digest = _describe(path, header)["sha256"]
+    except ResourceUnavailableError as err:
+        return str(err)
+    if digest != recorded["sha256"]:
+        return f"{path.parent.name}/{path.name} differs from the file the manifest recorded ({'header' if header else 'content'} digest)"
+    return None
 
 
 def _trusted_class(name: str, path: Path) -> type:
@@ -142,11 +216,3 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[name] = t.clone() if ptr in seen else t
         seen.add(ptr)
     return out
-
-
-def kill_point(where: str, start: int) -> None:
-    """The test hook: SIGKILL (or ``PTQBENCH_TEST_KILL_SIGNAL``) this process when ``PTQBENCH_TEST_KILL_AT`` names this point."""
-    if os.environ.get(KILL_ENV) == f"{where}:{start}":
-        sig = signal.Signals[os.environ.get(KILL_SIGNAL_ENV, "SIGKILL")]
-        log.warning("%s=%s: sending %s to this process", KILL_ENV, os.environ[KILL_ENV], sig.name)
-        os.kill(os.getpid(), sig)

@@ -128,11 +128,13 @@ class QuantSchemeConfig:
 
 @dataclass(frozen=True)
 class MethodEntry:
-    """One method of the sweep: its registered name, its parsed options, and optionally its own bit specs."""
+    """One method of the sweep: its registered name, its parsed options, and optionally its own bit specs
+    and its own ``keep_quantized`` (None: the sweep's)."""
 
     name: str
     config: MethodConfig
     bits: tuple[BitSpec, ...] | None = None
+    keep_quantized: bool | None = None
 
     @property
     def method_class(self) -> type[Method]:
@@ -140,7 +142,8 @@ class MethodEntry:
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML form: ``{name: ..., <every option>, bits: [...]}`` (options made explicit)."""
-        return {"name": self.name, **self.config.to_dict(), **({"bits": [b.name for b in self.bits]} if self.bits else {})}
+        return {"name": self.name, **self.config.to_dict(), **({"bits": [b.name for b in self.bits]} if self.bits else {}),
+                **({"keep_quantized": self.keep_quantized} if self.keep_quantized is not None else {})}
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,7 @@ class SweepConfig:
     attention_kernel: str = "sdpa"
     trust_remote_code: bool = False
     keep_work: bool = False  # keep each run's work directory (<out>/work/<key>: finished blocks) after it finished
+    keep_quantized: bool = False  # keep each quantized run's model in <out>/quantized/<key>/ (export format)
     models: tuple[str, ...] = ()
     methods: tuple[MethodEntry, ...] = ()  # parsed by parse_config, not by the schema
     bits: tuple[BitSpec, ...] = ()
@@ -252,10 +256,13 @@ def _method_entry(item: Any, quant: QuantSchemeConfig, where: str) -> MethodEntr
     if not isinstance(item, dict) or not isinstance(item.get("name"), str):
         raise ConfigError(f"{where}: expected a method name or a mapping with a 'name' key")
     method_cls = _get(lambda: get_method(item["name"]), f"{where}.name")
-    options = {k: v for k, v in item.items() if k not in ("name", "bits")}
+    options = {k: v for k, v in item.items() if k not in ("name", "bits", "keep_quantized")}
     config = method_cls.config_class.from_dict(options, where)
     bits = _bit_specs(item["bits"], quant, f"{where}.bits") if item.get("bits") is not None else None
-    return MethodEntry(item["name"], config, bits)
+    keep = item.get("keep_quantized")
+    if keep is not None and not isinstance(keep, bool):
+        raise ConfigError(f"{where}.keep_quantized: {keep!r} is not allowed; use true or false")
+    return MethodEntry(item["name"], config, bits, keep)
 
 
 def _sweep_bits(config: SweepConfig) -> set[str]:

@@ -17,6 +17,7 @@ from torch import nn
 
 from harness.adapter import get_adapter
 from harness.blockwise import embed_calibration, model_dtype
+from harness.killpoints import kill_point
 from harness.lazy import dispatch, materialized
 from harness.progress import Progress
 if TYPE_CHECKING:
@@ -75,6 +76,8 @@ def perplexity_blockwise(model: nn.Module, windows: torch.Tensor, *, device: tor
                 rows = slice(start, start + batch_size)
                 hidden[rows] = adapter.run_layer(layer, hidden[rows], position_embeddings)
             layer.to("cpu")
+        if i == len(layers) // 2:
+            kill_point("eval:mid")
     norm, head = adapter.final_norm(model), adapter.lm_head(model)
     homes = [next(m.parameters()).device for m in (norm, head)]
     norm.to(device), head.to(device)

@@ -13,7 +13,6 @@ import datetime as dt
 import logging
 import math
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from harness.data import CORPORA, calibration_windows
 from harness.errors import NonFiniteMetricError
 from harness.evaluate import evaluate_model
 from harness.fingerprint import fingerprint, hub_commit
+from harness.killpoints import kill_point
 from harness.lazy import block_store
 from harness.memory import check_fits
 from harness.method import Method, MethodConfig, QuantContext
@@ -58,7 +58,9 @@ class RunSpec:
     inputs: tuple[tuple[str, str], ...] = ()  # (local file or folder, fingerprint), from local_inputs()
     # Where the run keeps its finished blocks while it runs (``<out>/work``; not part of the key).
     work_root: str | None = None
-    keep_work: bool = False  # keep <work_root>/<key> after the run finished (else it is deleted)
+    keep_work: bool = False  # keep <work_root>/<key> after the run's result is stored (else the driver deletes it)
+    keep_quantized: bool = False  # write the quantized model to <quantized_root>/<key> in the export format
+    quantized_root: str | None = None  # ``<out>/quantized`` (set by the sweep; not part of the key)
     log_file: str | None = None  # where the worker appends the run's log (harness.runlog; not part of the key)
 
     @property
@@ -136,9 +138,11 @@ def plan(config: SweepConfig) -> list[RunSpec]:
                     continue
                 calibration = config.calibration if cls.needs_calibration else None
                 inputs = local_inputs(model, calibration, config.evaluation)
+                keep = config.keep_quantized if entry.keep_quantized is None else entry.keep_quantized
                 for spec in entry.bits or config.bits:
                     options = config.method_config(entry, model, spec)  # the sweep's per-model/bits overrides
-                    runs.append(RunSpec(model, entry.name, options, spec, calibration, **common, inputs=inputs))
+                    runs.append(RunSpec(model, entry.name, options, spec, calibration, **common, inputs=inputs,
+                                        keep_quantized=keep))
     unique = {r.key: r for r in runs}  # a method listed twice with the same options runs once
     return list(unique.values())
 
@@ -148,13 +152,21 @@ def work_dir(run: RunSpec) -> Path:
     return Path(run.work_root) / run.key if run.work_root else cache_home() / "work" / run.key
 
 
+def quantized_dir(run: RunSpec) -> Path:
+    """Where ``keep_quantized`` keeps the run's model: ``<quantized_root>/<key>``, or under the cache outside a sweep."""
+    return Path(run.quantized_root) / run.key if run.quantized_root else cache_home() / "quantized" / run.key
+
+
 def execute(run: RunSpec, progress: bool = True) -> RunRecord:
     """Run one quantize-and-evaluate job and return its record (token streams are cached by ``harness.data``).
 
     Models with a safetensors folder load lazily (``harness.lazy``): each decoder block is read when
-    the method reaches it and its finished version is written to the run's work directory, which is
-    deleted when the run is done (unless ``keep_work``). Perplexity goes block by block, so neither
-    the host nor the device ever holds the whole model.
+    the method reaches it and its finished version is written to the run's work directory, which
+    stays: the caller removes it once the returned record is stored (``harness.workdir.discard``;
+    the sweep driver does, unless ``keep_work``), so a kill at any point before then resumes from
+    it. Perplexity goes block by block, so neither the host nor the device ever holds the whole
+    model. With ``keep_quantized`` the quantized model is also written to ``quantized_dir(run)`` in
+    the export format (whole in host memory while it is written, as ``ptqbench export`` holds it).
     """
     device = resolve_device(run.device)
     cls = run.method_class
@@ -172,7 +184,7 @@ def execute(run: RunSpec, progress: bool = True) -> RunRecord:
             store = block_store(loaded.model)
             if store is not None:
                 # a killed attempt of this same run (same key) left its checkpoint here: the engine continues from it
-                store.set_work_dir(work / "blocks")
+                store.set_work_dir(work / "blocks", key=run.key)
         calib = None
         if run.calibration is not None:
             c = run.calibration
@@ -188,8 +200,9 @@ def execute(run: RunSpec, progress: bool = True) -> RunRecord:
             metrics = evaluate_model(model, loaded.tokenizer, run.evaluation, device=device, label=run.label, progress=progress)
         samples = metrics.get("zeroshot", {}).pop("samples", {})
     check_finite(metrics)
-    if store is not None and not run.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
+    if run.keep_quantized:
+        keep_model(run, model, loaded.tokenizer)
+    kill_point("eval:done")
     return RunRecord(
         key=run.key, model=run.model, model_source=loaded.source, method=run.method, baseline=cls.is_baseline,
         options=run.config.to_dict(), bits=run.bits.name, bit_spec=run.bits.to_dict(),
@@ -198,6 +211,20 @@ def execute(run: RunSpec, progress: bool = True) -> RunRecord:
         started_at=started.isoformat(), finished_at=dt.datetime.now(dt.timezone.utc).isoformat(), samples=samples,
         provenance=_inputs_provenance(run, device),
     )
+
+
+def keep_model(run: RunSpec, model: torch.nn.Module, tokenizer: Any) -> None:
+    """``keep_quantized``: the run's model in the export format at ``quantized_dir(run)`` (replaced whole if there)."""
+    from harness.export import export_model
+    from harness.lazy import materialize_all
+
+    if run.method_class.is_baseline:
+        return
+    target = quantized_dir(run)
+    result = export_model(materialize_all(model).cpu(), tokenizer, target, overwrite=True,
+                          source={"key": run.key, "model": run.model, "method": run.method, "bits": run.bits.name,
+                                  "seed": run.seed})
+    log.info("%s: quantized model kept in %s (%s, %d bytes)", run.label, target, result.format, result.size_bytes)
 
 
 def _inputs_provenance(run: RunSpec, device: torch.device) -> dict[str, Any]:

@@ -37,12 +37,14 @@ was needed, and the run it came from when known). Unquantized models are written
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,11 +113,7 @@ def export_model(model: nn.Module, tokenizer: Any, out: str | Path, *, source: d
     freeze(model)
     linears = dict(quant_linears(model))
     blocker = compressed_tensors_blocker(model, linears) if linears else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    mask = current_umask()
-    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; an export is an ordinary folder
-    try:
+    with staged(out) as tmp:
         if not linears:
             fmt = DENSE
             _save_dense(model, _state_dict(model), tmp)
@@ -129,7 +127,21 @@ def export_model(model: nn.Module, tokenizer: Any, out: str | Path, *, source: d
         size = folder_size(tmp)
         info = {"format": fmt, "size_bytes": size, "reason": blocker or "", "source": source or {}}
         (tmp / INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        for path in tmp.rglob("*"):  # ordinary files too: safetensors 0.8 writes model.safetensors 0600
+    size = folder_size(out)
+    log.info("exported %s (%s, %s)%s", out, fmt, human_size(size), f"; ptqbench format because {blocker}" if blocker else "")
+    return ExportResult(out, fmt, size, blocker or "")
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` for the body to fill: renamed into place (replacing ``out``) when the
+    body returns, deleted when it raises, so ``out`` is never half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        mask = current_umask()
+        for path in [tmp, *tmp.rglob("*")]:  # ordinary permissions: mkdtemp makes 0700, safetensors 0.8 writes 0600
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
         if out.exists():
             shutil.rmtree(out)
@@ -137,9 +149,6 @@ def export_model(model: nn.Module, tokenizer: Any, out: str | Path, *, source: d
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    size = folder_size(out)
-    log.info("exported %s (%s, %s)%s", out, fmt, human_size(size), f"; ptqbench format because {blocker}" if blocker else "")
-    return ExportResult(out, fmt, size, blocker or "")
 
 
 def check_target(out: str | Path, overwrite: bool = False) -> Path:

@@ -103,10 +103,12 @@ class BlockStore:
         self.layers_path = layers_path
         self.files = weight_map(self.folder)
         self.work: Path | None = None  # set by the run (execute) or lazily to a temporary folder
+        self.run_key: str | None = None  # the run whose blocks ``work`` holds (its checkpoint manifest names it)
         self.finished: set[int] = set()
 
-    def set_work_dir(self, work: Path) -> None:
+    def set_work_dir(self, work: Path, key: str | None = None) -> None:
         self.work = Path(work)
+        self.run_key = key
         self.work.mkdir(parents=True, exist_ok=True)
         self.finished = {int(p.stem.split("_")[1]) for p in self.work.glob("block_*.safetensors")}
 

@@ -2,7 +2,9 @@
 
 Each run to do is locked first (``locks/<key>.lock``), so a second sweep on the same folder skips
 the runs this one holds and says so; a failure to write (read-only folder, disk full) stops the
-sweep with a ``StorageError`` and leaves every stored result as it was.
+sweep with a ``StorageError`` and leaves every stored result as it was. A run's work directory
+(``<out>/work/<key>``, what a killed run resumes from) is removed only after its result is stored;
+one left beside a stored result is removed without redoing the run (``harness.workdir``).
 
 ``run_sweep`` is the driver. The unit of work it hands out (``RunSpec``, ``execute``) lives in
 ``harness.execute``, so executors import that and this module imports the executors.
@@ -21,9 +23,11 @@ from harness.config import SweepConfig
 from harness.execute import RunSpec, plan
 from harness.executors import make_executor
 from harness.executors.base import Executor, Outcome
+from harness.killpoints import kill_point
 from harness.record import RunRecord
 from harness.preflight import check_device
 from harness.results import ResultStore, RunLock, write_json_atomic, write_text_atomic
+from harness.workdir import clean_trash, discard
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +62,15 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
         store.clean_temp()
         write_json_atomic(store.root / "plan.json", [{"key": r.key, "label": r.label} for r in runs], "plan")
         write_text_atomic(store.root / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False), "config copy")
+        # each run keeps its block checkpoints in <out>/work/<key> (resumed after a crash, deleted once its
+        # result is stored), its worker appends its log to <out>/logs/<slug>-<key>.log, and keep_quantized
+        # writes <out>/quantized/<key> (absolute paths: workers run elsewhere)
+        work_root = store.root.resolve() / "work"
+        clean_trash(work_root)
         try:
-            # each run keeps its block checkpoints in <out>/work/<key> (resumed after a crash, deleted when done)
-            # and its worker appends its log to <out>/logs/<slug>-<key>.log (absolute: workers run elsewhere)
-            work_root = str(store.root.resolve() / "work")
-            todo = [dataclasses.replace(run, work_root=work_root, log_file=str(store.log_path(run.key, run.slug).resolve()))
-                    for run in _claim(runs, store, summary, locks, force)]
+            todo = [dataclasses.replace(run, work_root=str(work_root), quantized_root=str(store.root.resolve() / "quantized"),
+                                        log_file=str(store.log_path(run.key, run.slug).resolve()))
+                    for run in _claim(runs, store, summary, locks, force, work_root)]
             _execute(todo, config, store, summary, ex)
         finally:
             for lock in locks:
@@ -73,8 +80,12 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
     return summary
 
 
-def _claim(runs: list[RunSpec], store: ResultStore, summary: SweepSummary, locks: list[RunLock], force: bool) -> list[RunSpec]:
-    """The runs this sweep will execute, each locked; done ones and those another process holds are skipped."""
+def _claim(runs: list[RunSpec], store: ResultStore, summary: SweepSummary, locks: list[RunLock], force: bool,
+           work_root: Path) -> list[RunSpec]:
+    """The runs this sweep will execute, each locked; done ones and those another process holds are skipped.
+
+    A done run's work directory, left by a kill between its result write and the removal, is removed here.
+    """
     todo = []
     for run in runs:
         lock = store.lock(run.key)
@@ -86,6 +97,8 @@ def _claim(runs: list[RunSpec], store: ResultStore, summary: SweepSummary, locks
         locks.append(lock)  # before anything that can raise, so the caller releases it
         # Checked under the lock: the other process may have finished this run a moment ago.
         if store.has(run.key) and not force:
+            if not run.keep_work and discard(work_root / run.key):
+                log.info("removed the work directory of %s, whose result is stored", run.label)
             lock.release()
             log.info("skip %s (done: runs/%s.json)", run.label, run.key)
             summary.skipped.append(run.key)
@@ -99,7 +112,11 @@ def _execute(todo: list[RunSpec], config: SweepConfig, store: ResultStore, summa
     def done(run: RunSpec, record: RunRecord) -> None:
         record.provenance = {**record.provenance, "argv": sys.argv, "config": config.to_dict(),
                              "seed": run.seed, "executor": ex.kind, **ex.provenance(run)}
+        kill_point("result:before")
         store.write(run.key, record)
+        kill_point("result:written")
+        if not run.keep_work:  # only now: until the result is stored, a killed run resumes from it
+            discard(Path(run.work_root) / run.key)
         summary.done.append(run.key)
 
     def failed(run: RunSpec, outcome: Outcome) -> None:
@@ -113,15 +130,17 @@ def _execute(todo: list[RunSpec], config: SweepConfig, store: ResultStore, summa
 
 
 def export_runs(runs: list[RunSpec], store: ResultStore, summary: SweepSummary, *, progress: bool = True) -> None:
-    """``export: true``: each stored quantized run not exported yet goes to <out>/export/<key>/ (quantized again, here)."""
-    from harness.export_run import export_run
+    """``export: true``: each stored quantized run not exported yet goes to <out>/export/<key>/ (the model the
+    sweep kept, copied, or quantized again here)."""
+    from harness.export_run import export_run, kept_model
 
     for run in runs:
         target = store.root / "export" / run.key
         if run.method_class.is_baseline or not store.has(run.key) or target.exists():
             continue
         try:
-            result = export_run(store.read(store.runs / f"{run.key}.json"), target, progress=progress)
+            result = export_run(store.read(store.runs / f"{run.key}.json"), target, progress=progress,
+                                kept=kept_model(store.root, run.key))
         except Exception as err:  # an export that fails must not lose the sweep's results; say why and go on
             log.error("export of %s failed: %s", run.label, err)
             summary.export_failed[run.key] = f"{err.__class__.__name__}: {err}".splitlines()[0]

@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from harness.checkpoint import KILL_ENV, Checkpoint, CheckpointError
+from harness.checkpoint import Checkpoint, CheckpointError
+from harness.killpoints import KILL_ENV
 from harness.models import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,3 +116,65 @@ def test_structure_round_trip_of_a_quantized_block(tmp_path):
     back = ckpt.load_structure(0)
     assert type(back.self_attn.q_proj).__name__ == "QuantLinear" and back.self_attn.q_proj.spec == layer.self_attn.q_proj.spec
     assert [n for n, _ in back.named_modules()] == [n for n, _ in layer.named_modules()]
+
+
+def saved_checkpoint(tmp_path: Path, key: str = "k1") -> Checkpoint:
+    """A checkpoint of two finished blocks (real files: safetensors blocks, pickled structures) and its state."""
+    from safetensors.torch import save_file
+
+    from harness.checkpoint import EngineState
+
+    blocks = tmp_path / "blocks"
+    blocks.mkdir()
+    ckpt = Checkpoint(tmp_path / "engine", blocks, key=key)
+    for i in range(2):
+        save_file({"w": torch.full((4, 4), float(i))}, ckpt.block_file(i))
+        ckpt.save_structure(i, torch.nn.Linear(4, 4).to("meta"))
+    x = torch.randn(2, 3, 4)
+    ckpt.save(EngineState(2, x, x + 1, [{"block": 0}], {"last": x * 2}, torch.get_rng_state()), finished=range(2))
+    return ckpt
+
+
+def test_a_sound_checkpoint_is_resumed_with_its_tensors(tmp_path):
+    saved = saved_checkpoint(tmp_path)
+    state = Checkpoint(saved.folder, saved.blocks_dir, key="k1").load()
+    assert state is not None and state.next_start == 2 and state.stats == [{"block": 0}]
+    assert torch.equal(state.q_x, state.fp_x + 1) and torch.equal(state.state["last"], state.fp_x * 2)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-8])
+
+
+def rewrite_with_other_shape(path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2, 8)}, path)  # same byte count, another header
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda c: c.block_file(1).unlink(), "block 1: blocks/block_0001.safetensors is missing"),
+    (lambda c: c.structure_file(0).unlink(), "block 0: blocks/block_0000.structure.pt is missing"),
+    (lambda c: truncate(c.block_file(0)), "block 0: blocks/block_0000.safetensors has"),
+    (lambda c: rewrite_with_other_shape(c.block_file(1)), "block 1: blocks/block_0001.safetensors differs from the file"),
+    (lambda c: torch.save(torch.nn.Linear(4, 3).to("meta"), c.structure_file(1)), "block 1: blocks/block_0001.structure.pt"),
+    (lambda c: next(c.folder.glob("state_*.safetensors")).unlink(), "engine/state_0002.safetensors is missing"),
+    (lambda c: (c.folder / "state.json").write_text("{"), "state.json is unreadable"),
+    (lambda c: (c.folder / "state.json").write_text(json.dumps({"next_start": 2, "file": "state_0002.safetensors", "stats": []})),
+     "manifest version 1"),
+])
+def test_a_damaged_checkpoint_is_named_in_one_line_and_not_resumed(tmp_path, caplog, damage, why):
+    saved = saved_checkpoint(tmp_path)
+    damage(saved)
+    ckpt = Checkpoint(saved.folder, saved.blocks_dir, key="k1")
+    assert why in ckpt.problem()
+    with caplog.at_level("WARNING"):
+        assert ckpt.load() is None
+    (line,) = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+    assert why in line and "starts from block 0" in line and "\n" not in line
+    assert not (saved.folder / "state.json").exists() and not list(saved.folder.glob("state_*"))  # forgotten
+
+
+def test_a_checkpoint_of_another_run_key_is_not_resumed(tmp_path):
+    saved = saved_checkpoint(tmp_path, key="k1")
+    assert Checkpoint(saved.folder, saved.blocks_dir, key="k2").problem() == "state.json belongs to run k1, not k2"

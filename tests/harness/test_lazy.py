@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -148,19 +147,21 @@ def test_qllm_on_a_lazy_tied_model_matches_the_eager_model(tied_folder, tiny_tok
     assert perplexity_blockwise(lazy, tiny_tokens, device=CPU, progress=False) == pytest.approx(expected, rel=1e-4)
 
 
-def test_execute_on_a_folder_runs_lazily_and_cleans_its_work_dir(folder, tmp_path):
+def test_execute_on_a_folder_runs_lazily_and_leaves_its_work_dir_to_the_caller(folder, tmp_path):
+    """execute writes the finished blocks and leaves them: only the caller knows when the result is stored."""
     from harness.config import EvaluationConfig, PerplexityConfig
     from harness.execute import RunSpec, execute, work_dir
+    from harness.workdir import discard
     from methods.rtn import RTNConfig
 
     evaluation = EvaluationConfig(ppl=PerplexityConfig(datasets=("brown",), seqlen=32, max_windows=2))
     run = RunSpec(str(folder), "rtn", RTNConfig(), BitSpec.parse("W4A8"), None, evaluation, device="cpu",
                   dtype="float32", work_root=str(tmp_path / "work"))
-    kept = execute(dataclasses.replace(run, keep_work=True), progress=False)
+    kept = execute(run, progress=False)
     assert len(list((work_dir(run) / "blocks").glob("block_*.safetensors"))) == 3
-    again = execute(run, progress=False)
-    assert not work_dir(run).exists()
+    again = execute(run, progress=False)  # RTN keeps no checkpoint: an earlier attempt's blocks are redone
     assert again.metrics["ppl"]["brown"] == kept.metrics["ppl"]["brown"]
+    assert discard(work_dir(run)) and not work_dir(run).exists()
     eager = copy.deepcopy(load_model(str(folder), dtype="float32", device="cpu").model)
     get_method("rtn").from_options({}).quantize(eager, BitSpec.parse("W4A8"), None, CTX)
     from harness.data import eval_windows

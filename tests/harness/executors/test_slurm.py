@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.checkpoint import KILL_ENV, KILL_SIGNAL_ENV
+from harness.killpoints import KILL_ENV, KILL_SIGNAL_ENV
 from harness.config import parse_config
 from harness.errors import ResourceUnavailableError
 from harness.execute import plan
