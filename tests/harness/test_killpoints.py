@@ -29,8 +29,8 @@ def reference(lazy_folder, tmp_path_factory) -> tuple[Path, Path]:
     return config, tmp / "out"
 
 
-def killed_sweep(reference: tuple[Path, Path], out: Path, point: str) -> str:
-    """Run the sweep into ``out`` (FP already stored) and kill it at ``point``; return the OmniQuant run's key."""
+def killed_sweep(reference: tuple[Path, Path], out: Path, point: str, method: str = METHOD["name"]) -> str:
+    """Run the sweep into ``out`` (FP already stored) and kill it at ``point``; return the method's run key."""
     config, ref_out = reference
     fp = next(p for p in (ref_out / "runs").glob("*.json") if json.loads(p.read_text())["method"] == "fp")
     (out / "runs").mkdir(parents=True)
@@ -40,7 +40,7 @@ def killed_sweep(reference: tuple[Path, Path], out: Path, point: str) -> str:
     assert f"PTQBENCH_TEST_KILL_AT={point}: sending SIGKILL" in killed.stderr
     for path in (out / "runs").glob("*.json"):  # a result file is complete or absent, never partial
         assert {"key", "metrics", "provenance"} <= set(json.loads(path.read_text()))
-    return result(ref_out, METHOD["name"])["key"]
+    return result(ref_out, method)["key"]
 
 
 @pytest.mark.parametrize("point", ["block:0", "eval:mid", "eval:done", "result:before"])
@@ -91,3 +91,20 @@ def test_a_checkpoint_with_missing_block_files_restarts_cleanly(reference, tmp_p
     assert "not used: block 1: blocks/block_0001.safetensors is missing; the run starts from block 0" in resumed.stderr
     assert "Traceback" not in resumed.stderr and "resuming from the checkpoint" not in resumed.stderr
     assert result(out, METHOD["name"])["metrics"] == result(reference[1], METHOD["name"])["metrics"]
+
+
+def test_a_qllm_run_killed_after_its_evaluation_resumes_with_its_final_norm_state(lazy_folder, tmp_path):
+    """The reported case: QLLM (blocks in pairs, its final-norm state in the checkpoint) killed after evaluating."""
+    method = {"name": "qllm", "epochs": 1, "grid_steps": 4, "blocks_per_job": 2}
+    config = sweep(tmp_path, lazy_folder, method)
+    reference = run(config, tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    out = tmp_path / "out"
+    key = killed_sweep((config, tmp_path / "reference"), out, "eval:done", "qllm")
+    assert json.loads((out / "work" / key / "engine" / "state.json").read_text())["next_start"] == 4
+
+    resumed = run(config, out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from the checkpoint: blocks 0-3 are done" in resumed.stderr
+    a, b = result(tmp_path / "reference", "qllm"), result(out, "qllm")
+    assert a["metrics"] == b["metrics"] and a["stats"]["final_norm_loss"] == b["stats"]["final_norm_loss"]
