@@ -1,0 +1,2 @@
+"""Benchmarks: quantized throughput, the engine's memory behaviour, and out-of-core scale.
+"""
