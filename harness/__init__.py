@@ -4,10 +4,10 @@ The public surface, in the order data flows through a run::
 
     BitSpec.parse("W4A4")                     # harness.bits
     load_model("smollm2-135m")                # harness.models
-    calibration_windows("brown", tok, ...)    # harness.data
+    calibration_windows("brown", tok, ...)    # harness.data.windows
     get_method("rtn").from_options({})        # harness.registry / harness.method
       .quantize(model, spec, calib, ctx)      #   uses quantize_linears / QuantLinear / adapters
-    perplexity(model, windows, device=...)    # harness.evaluate
+    perplexity(model, windows, device=...)    # harness.evaluation.evaluate
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from harness.adapter import LlamaAdapter, ScalePair, get_adapter
 from harness.bits import FP, BitSpec
 from harness.errors import ConfigError, PtqbenchError, ResourceUnavailableError, UnknownNameError
 from harness.method import Method, MethodConfig, QuantContext, QuantizeResult
-from harness.qlinear import QuantLinear, freeze, quant_linears, quantize_block, quantize_linears, quantizers_disabled
-from harness.quantizer import ActQuantizer, WeightQuantizer, fake_quantize, quantize_activation, quantize_weight, round_ste
+from harness.quant.qlinear import QuantLinear, freeze, quant_linears, quantize_block, quantize_linears, quantizers_disabled
+from harness.quant.quantizer import ActQuantizer, WeightQuantizer, fake_quantize, quantize_activation, quantize_weight, round_ste
 from harness.registry import REGISTRY, get_method, register_method
 
 __version__ = "0.1.0"

@@ -72,7 +72,7 @@ class LlamaAdapter:
         # transformers' eager kernel has no implicit mask, so an eager block gets an explicit one.
         mask = None
         if getattr(getattr(layer.get_submodule(self.attention_path), "config", None), "_attn_implementation", None) == "eager":
-            from harness.attention import causal_mask
+            from harness.quant.attention import causal_mask
 
             mask = causal_mask(hidden.shape[1], hidden.shape[1], hidden.dtype, hidden.device)
         out = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, use_cache=False)
@@ -92,7 +92,7 @@ class LlamaAdapter:
 
 # model_type values whose blocks have exactly the LLaMA layout above.
 _LLAMA_LIKE = ("llama", "mistral")
-SUPPORTED_MODEL_TYPES = _LLAMA_LIKE  # checked against a model's config.json before any work (harness.preflight)
+SUPPORTED_MODEL_TYPES = _LLAMA_LIKE  # checked against a model's config.json before any work (harness.run.preflight)
 
 
 def get_adapter(model: nn.Module) -> LlamaAdapter:

@@ -30,7 +30,7 @@ class BitSpec:
         w_symmetric: symmetric weight quantization (zero point 0) instead of asymmetric.
         a_symmetric: symmetric per-token activation quantization instead of asymmetric.
         attention: also quantize the attention inputs (Q and K after RoPE, V; per token and head)
-            at ``a_bits`` with ``a_symmetric`` (see harness/attention.py). The sweep's
+            at ``a_bits`` with ``a_symmetric`` (see harness/quant/attention.py). The sweep's
             ``quant.attention: auto`` sets it whenever activations are quantized.
         attention_scope: "head" = Q/K after RoPE and V, one range per token and head (QLLM /
             OmniQuant); "projection" = the q/k/v projection outputs, one range per token over all

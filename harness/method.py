@@ -31,7 +31,7 @@ _KEYED_WHEN_SET = "ptqbench_keyed_when_set"
 def keyed_when_set(default: Any) -> Any:
     """A config field left out of ``to_dict()`` while it has its default.
 
-    A run's key hashes its method's ``to_dict()`` (``harness.execute``), and so does the report's
+    A run's key hashes its method's ``to_dict()`` (``harness.run.execute``), and so does the report's
     variant label: an option added later with this default keeps every earlier run's key and label,
     and a run that sets it to anything else gets a key of its own.
     """
@@ -80,7 +80,7 @@ class Method(ABC):
     # True for the FP baseline: it runs once per model at W16A16 whatever the sweep's bits.
     is_baseline: ClassVar[bool] = False
     # Float32 weight-sized copies of a block group the method holds at its peak beyond the group itself
-    # (autograd's saved tensors of its weight transforms, cached quantized weights): harness.memory
+    # (autograd's saved tensors of its weight transforms, cached quantized weights): harness.engine.memory
     # adds them to a run's estimate (a property where the options change it). Measured with `ptqbench bench-scale`.
     weight_copies: ClassVar[float] = 0.0
 

@@ -159,7 +159,7 @@ def _decompress(model: nn.Module) -> None:
 
 def _bad_weights(path: str) -> str | None:
     """The first ``*.safetensors`` file of a local folder that fails the header check, to name it."""
-    from harness.fingerprint import safetensors_header
+    from harness.run.fingerprint import safetensors_header
 
     for file in sorted(Path(path).glob("*.safetensors")):
         try:
@@ -171,12 +171,12 @@ def _bad_weights(path: str) -> str | None:
 
 def _load_lazy(folder: Path, *, dtype: torch.dtype, trust_remote_code: bool, what: str,
                attention_kernel: str = "sdpa") -> tuple[nn.Module, object]:
-    """The model skeleton on the meta device with its embedding, final norm and head loaded (see harness.lazy)."""
+    """The model skeleton on the meta device with its embedding, final norm and head loaded (see harness.engine.lazy)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from harness.adapter import get_adapter
-    from harness.lazy import STORE_ATTR, BlockStore, assign_tensors, read_tensors
+    from harness.engine.lazy import STORE_ATTR, BlockStore, assign_tensors, read_tensors
 
     if bad := _bad_weights(str(folder)):  # one line naming the file, not safetensors' own error later
         raise ResourceUnavailableError(f"model {what}: {bad} is not a valid safetensors file")
@@ -249,7 +249,7 @@ def model_config(name: str) -> dict | None:
     elif entry is None and Path(name).expanduser().is_dir():
         path = Path(name).expanduser() / "config.json"
     else:
-        from harness.fingerprint import hub_config_path
+        from harness.run.fingerprint import hub_config_path
 
         cached = hub_config_path(entry.hub_id if entry is not None else name)
         path = Path(cached) if cached else None
@@ -270,7 +270,7 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", seed: in
 
     ``lazy``: a model with a safetensors folder (a local folder, smollm2's cache folder, a hub
     model's snapshot in the local HF cache) is loaded as a skeleton whose decoder blocks stay on disk
-    until used (``harness.lazy``); models without one (the tiny random model) load eagerly. The tokenizer of ``tiny-random-llama`` is smollm2's
+    until used (``harness.engine.lazy``); models without one (the tiny random model) load eagerly. The tokenizer of ``tiny-random-llama`` is smollm2's
     (the vocabularies match).
 
     ``attention_kernel``: transformers' ``attn_implementation``, "sdpa" (ptqbench's default) or

@@ -3,7 +3,7 @@
 Ray tasks and Slurm jobs run without bars (many workers' bars would interleave, and a job's
 stderr is a file). There the loop logs one INFO line at most every ``LOG_EVERY_S`` seconds and
 one at its end, with the count, the elapsed time and the time left; the run's log file
-(``harness.runlog``) keeps them, so a nine-hour job can be followed with ``tail -f``.
+(``harness.run.runlog``) keeps them, so a nine-hour job can be followed with ``tail -f``.
 
     for start in (bar := Progress(range(0, n, step), desc="omniquant", enabled=progress, unit="group")):
         ...

@@ -1,7 +1,7 @@
 """OmniQuant-style calibration: learnable weight clipping (LWC) + learnable equivalent transform (LET).
 
 After OpenGVLab/OmniQuant (Shao et al., ICLR 2024), trained block by block on the shared engine
-(``harness.blockwise``): for every decoder block the quantized block, fed the inputs the quantized
+(``harness.engine.blockwise``): for every decoder block the quantized block, fed the inputs the quantized
 model produced so far, is trained to reproduce the FP block's outputs on the FP inputs
 (MSE, AdamW, weight decay 0, activation quantizers on while training, as the official W4A4 runs).
 
@@ -35,7 +35,7 @@ behaviour (Args below): the SmoothQuant initial scale takes max|W| over all cons
 (``let_init``; the official code takes one linear per pair), sample order is shuffled per epoch with
 the run's seed (``shuffle``; the official loop goes in order), the zero point rounds with a
 straight-through estimator (``zero_point_grad``; the official one has no gradient). Q/K/V are
-quantized (per token and head) when the bit spec says so (``quant.attention``, harness/attention.py),
+quantized (per token and head) when the bit spec says so (``quant.attention``, harness/quant/attention.py),
 as in the official layer, and LET trains with them on.
 """
 from __future__ import annotations
@@ -52,10 +52,10 @@ from torch.nn.utils import parametrize
 
 from harness import BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, QuantLinear, get_adapter, quantize_block, quantize_weight, register_method
 from harness.adapter import LlamaAdapter, ScalePair
-from harness.blockwise import BlockJob, mean_squared_error, run_blockwise, train
-from harness.calibration_stats import SCALE_CLAMP_MIN, smoothing_scales
+from harness.engine.blockwise import BlockJob, mean_squared_error, run_blockwise, train
+from harness.engine.calibration_stats import SCALE_CLAMP_MIN, smoothing_scales
 from harness.method import keyed_when_set
-from harness.quantizer import group_view, set_zero_point_grad, weight_quant_params
+from harness.quant.quantizer import group_view, set_zero_point_grad, weight_quant_params
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class OmniQuantConfig(MethodConfig):
 class LearnableClipQuantizer(nn.Module):
     """Weight quantizer with learnable clipping factors per row of the grouped weight (LWC)."""
 
-    zero_point_grad: bool = True  # off: no gradient through the zero point (harness.quantizer)
+    zero_point_grad: bool = True  # off: no gradient through the zero point (harness.quant.quantizer)
 
     def __init__(self, spec: BitSpec, weight: torch.Tensor, init: float = 4.0) -> None:
         super().__init__()

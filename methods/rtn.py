@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness import BitSpec, Method, MethodConfig, QuantContext, QuantizeResult, freeze, get_adapter, quantize_block, register_method
-from harness.lazy import map_blocks
+from harness.engine.lazy import map_blocks
 
 
 @dataclass(frozen=True)

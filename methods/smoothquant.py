@@ -40,9 +40,9 @@ from harness import (
     BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, ScalePair, freeze, get_adapter, quantize_block,
     register_method,
 )
-from harness.blockwise import BlockJob, run_blockwise
-from harness.calibration_stats import max_over_median, smoothing_scales
-from harness.qlinear import quant_linears
+from harness.engine.blockwise import BlockJob, run_blockwise
+from harness.engine.calibration_stats import max_over_median, smoothing_scales
+from harness.quant.qlinear import quant_linears
 
 log = logging.getLogger(__name__)
 

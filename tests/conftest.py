@@ -87,13 +87,13 @@ def lazy_folder(tmp_path_factory, smollm2_tokenizer):
 
 @pytest.fixture(scope="session")
 def brown_calib(smollm2_tokenizer) -> torch.Tensor:
-    from harness.data import calibration_windows
+    from harness.data.windows import calibration_windows
 
     return calibration_windows("brown", smollm2_tokenizer, samples=16, seqlen=256, seed=0)
 
 
 @pytest.fixture(scope="session")
 def brown_eval(smollm2_tokenizer) -> torch.Tensor:
-    from harness.data import eval_windows
+    from harness.data.windows import eval_windows
 
     return eval_windows("brown", smollm2_tokenizer, seqlen=256, max_windows=24)

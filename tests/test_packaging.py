@@ -34,7 +34,7 @@ def run_installed(target: Path, cwd: Path, *args: str) -> subprocess.CompletedPr
 
 def test_installed_copy_is_the_one_imported_and_has_its_reference_data(installed, tmp_path):
     out = run_installed(installed, tmp_path, "-c",
-                        "import harness, harness.paper as p; print(harness.__file__); print(p.REFERENCE_FILE.is_file())")
+                        "import harness, harness.report.paper as p; print(harness.__file__); print(p.REFERENCE_FILE.is_file())")
     assert out.returncode == 0, out.stderr
     where, has_data = out.stdout.split()
     assert Path(where).is_relative_to(installed) and has_data == "True"

@@ -27,7 +27,7 @@ from torch import nn
 
 from harness.bits import BitSpec
 from harness.errors import ConfigError, PtqbenchError
-from harness.export import ExportResult, export_model, load_quantized
+from harness.export.formats import ExportResult, export_model, load_quantized
 from harness.method import Method, MethodConfig, QuantContext
 from harness.models import LoadedModel, load_model
 from harness.registry import get_method, register_method
@@ -50,7 +50,7 @@ def _calibration(calibration: torch.Tensor | str | None, tokenizer: Any, samples
         return calibration
     if tokenizer is None:
         raise ConfigError(f"calibration: {calibration!r} is a dataset name; pass tokenizer= to tokenize it (or pass token ids)")
-    from harness.data import calibration_windows, check_dataset_name
+    from harness.data.windows import calibration_windows, check_dataset_name
 
     check_dataset_name(calibration)
     return calibration_windows(calibration, tokenizer, samples, seqlen, seed)
@@ -83,14 +83,14 @@ def quantize(model: nn.Module, method: str | Method, bits: str | BitSpec, calibr
 
 
 def export(model: nn.Module, out: str | Path, *, tokenizer: Any = None, overwrite: bool = False) -> ExportResult:
-    """Write a quantized model as a Hugging Face folder (see ``harness.export``); returns path, format and size."""
+    """Write a quantized model as a Hugging Face folder (see ``harness.export.formats``); returns path, format and size."""
     return export_model(model, tokenizer, out, overwrite=overwrite)
 
 
 def run(config: str | Path | dict | Any, out: str | Path, *, force: bool = False, progress: bool = True) -> Any:
     """Run a sweep (a YAML path, a mapping as YAML would give, or a parsed ``SweepConfig``); returns its summary."""
-    from harness.config import SweepConfig, load_config, parse_config
-    from harness.sweep import run_sweep
+    from harness.run.config import SweepConfig, load_config, parse_config
+    from harness.run.sweep import run_sweep
 
     if isinstance(config, (str, Path)):
         config = load_config(config)
@@ -104,7 +104,7 @@ def run(config: str | Path | dict | Any, out: str | Path, *, force: bool = False
 def load_results(results_dir: str | Path, aggregate: bool = False) -> Any:
     """The runs stored in a results directory as a pandas DataFrame: the tidy frame, one row per run
     (the same columns as ``ptqbench report --format csv``); ``aggregate=True``: mean, std and n over seeds."""
-    from harness import frame
+    from harness.report import frame
 
     runs = frame.load_frame(results_dir)
     return frame.aggregate(runs) if aggregate else runs

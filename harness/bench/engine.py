@@ -37,10 +37,10 @@ def _measure(layers: int, hidden: int, samples: int, seqlen: int, device: str) -
     import time
 
     from harness.bits import BitSpec
-    from harness.blockwise import run_blockwise, train
-    from harness.costs import PeakRSS, current_rss
+    from harness.engine.blockwise import run_blockwise, train
+    from harness.run.costs import PeakRSS, current_rss
     from harness.models import tiny_llama
-    from harness.qlinear import quantize_block
+    from harness.quant.qlinear import quantize_block
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     dev = torch.device(device)

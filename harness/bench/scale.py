@@ -5,11 +5,11 @@ Run it with ``ptqbench bench-scale`` (it is slow on CPU: it writes a >= 3 GB mod
 1. generates random LLaMAs (hidden 2048, fp16, one safetensors shard per block, smollm2's
    tokenizer) at 32 and 8 layers into ``<cache>/bench-scale/`` (once; reused afterwards),
 2. fills the token cache with the Brown splits (as ``ptqbench prepare`` would before a sweep),
-3. runs each method end to end (``harness.execute``: lazy load, quantize, block-wise perplexity;
+3. runs each method end to end (``harness.run.execute``: lazy load, quantize, block-wise perplexity;
    float32 compute, since CPU fp16 matmuls are slow) in a fresh subprocess, which reports its
    peak RSS (``VmHWM``),
 4. prints per run the model's size on disk, the peak RSS, their ratio, the dry-run estimate
-   (``harness.memory``), and per method the peak-RSS ratio of the deep over the shallow model.
+   (``harness.engine.memory``), and per method the peak-RSS ratio of the deep over the shallow model.
 
 Targets: peak RSS <= half the model's size on disk, and deep/shallow ratio <= 1.15.
 """
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from harness.allocator import allocator_env
+from harness.engine.allocator import allocator_env
 from harness.errors import ConfigError
-from harness.memory import GB, estimate
+from harness.engine.memory import GB, estimate
 from harness.paths import cache_home
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,10 @@ def generate(folder: Path, hidden: int, layers: int, seed: int = 0) -> Path:
 def prepare_tokens(folder: Path) -> None:
     """Tokenize the Brown splits with the model's tokenizer into the token cache, as ``ptqbench prepare``
     does before a sweep: the measured runs then hold no tokenizer peak (a cold cache adds about 0.8 GB
-    to the first run that tokenizes Brown's train split; see harness.token_cache)."""
+    to the first run that tokenizes Brown's train split; see harness.data.token_cache)."""
     from transformers import AutoTokenizer
 
-    from harness.data import token_stream
+    from harness.data.windows import token_stream
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     for split in ("train", "test"):
@@ -119,8 +119,8 @@ def disk_size(folder: Path) -> int:
 
 def run_spec(folder: Path, label: str, samples: int, seqlen: int, windows: int, work_root: Path):
     from harness.bits import BitSpec
-    from harness.config import CalibrationConfig, EvaluationConfig, PerplexityConfig
-    from harness.execute import RunSpec
+    from harness.run.config import CalibrationConfig, EvaluationConfig, PerplexityConfig
+    from harness.run.execute import RunSpec
     from harness.registry import get_method
 
     method, options = method_options(label)
@@ -145,14 +145,14 @@ class Measured:
 def measure(folder: Path, method: str, samples: int, seqlen: int, windows: int, allocator: str = "default") -> Measured:
     """Run one method on ``folder`` in a fresh process, which reports its own peak RSS (VmHWM).
 
-    ``allocator``: the host allocator that process starts with (``harness.allocator``, as
+    ``allocator``: the host allocator that process starts with (``harness.engine.allocator``, as
     ``executor.host_allocator`` gives a sweep's runs).
     """
     work = folder.parent / "work"
     spec = run_spec(folder, method, samples, seqlen, windows, work)
     args = json.dumps({"folder": str(folder), "method": method, "samples": samples, "seqlen": seqlen, "windows": windows})
     env = {**os.environ, **allocator_env(allocator)}
-    proc = subprocess.Popen([sys.executable, "-m", "harness.bench_scale", args], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "harness.bench.scale", args], stdout=subprocess.PIPE, text=True, env=env)
     out = proc.stdout.read()
     status = proc.wait()
     if status != 0:
@@ -185,8 +185,8 @@ def table(rows: list[Measured]) -> str:
 
 def child(args: dict) -> None:
     """The measured process: one run through ``execute``; prints one JSON line."""
-    from harness.execute import execute, work_dir
-    from harness.workdir import discard
+    from harness.run.execute import execute, work_dir
+    from harness.run.workdir import discard
 
     spec = run_spec(Path(args["folder"]), args["method"], args["samples"], args["seqlen"], args["windows"],
                     Path(args["folder"]).parent / "work")

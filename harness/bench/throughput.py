@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from harness.bits import BitSpec
-from harness.data import eval_windows
-from harness.evaluate import perplexity
+from harness.data.windows import eval_windows
+from harness.evaluation.evaluate import perplexity
 from harness.method import QuantContext
 from harness.models import load_model, resolve_device
 from harness.registry import get_method

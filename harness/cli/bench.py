@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from harness.bench import throughput_ratio
+from harness.bench.throughput import throughput_ratio
 
 
 @click.command("bench")

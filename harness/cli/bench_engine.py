@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from harness.bench_engine import engine_memory
+from harness.bench.engine import engine_memory
 
 
 @click.command("bench-engine")

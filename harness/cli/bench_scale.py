@@ -1,12 +1,12 @@
-"""``ptqbench bench-scale``: peak host memory of whole runs on synthetic 32- and 8-layer LLaMAs (see harness.bench_scale)."""
+"""``ptqbench bench-scale``: peak host memory of whole runs on synthetic 32- and 8-layer LLaMAs (see harness.bench.scale)."""
 from __future__ import annotations
 
 import shutil
 
 import click
 
-from harness.allocator import ALLOCATORS
-from harness.bench_scale import OPTIONS, bench_root, disk_size, generate, measure, method_options, prepare_tokens, table
+from harness.engine.allocator import ALLOCATORS
+from harness.bench.scale import OPTIONS, bench_root, disk_size, generate, measure, method_options, prepare_tokens, table
 
 
 @click.command("bench-scale")
@@ -18,7 +18,7 @@ from harness.bench_scale import OPTIONS, bench_root, disk_size, generate, measur
 @click.option("--seqlen", default=128, show_default=True)
 @click.option("--windows", default=2, show_default=True, help="Perplexity windows.")
 @click.option("--host-allocator", type=click.Choice(sorted(ALLOCATORS)), default="default", show_default=True,
-              help="The allocator each measured process starts with (executor.host_allocator; see harness/allocator.py).")
+              help="The allocator each measured process starts with (executor.host_allocator; see harness/engine/allocator.py).")
 @click.option("--keep-models/--delete-models", default=True, show_default=True, help="Keep the generated models in the cache.")
 def command(hidden: int, layers: str, method_names: str, samples: int, seqlen: int, windows: int, host_allocator: str,
             keep_models: bool) -> None:

@@ -11,10 +11,10 @@ from pathlib import Path
 import click
 
 from harness import schema
-from harness.config import EvaluationConfig
-from harness.eval_saved import evaluate_saved
+from harness.run.config import EvaluationConfig
+from harness.evaluation.eval_saved import evaluate_saved
 from harness.quiet import quiet_requested
-from harness.results import ResultStore
+from harness.run.results import ResultStore
 
 
 @click.command("eval")
@@ -35,9 +35,9 @@ from harness.results import ResultStore
 def command(target: str, ppl: tuple[str, ...], seqlen: int, max_windows: int | None, tasks: str, limit: int | None,
             task_data: Path | None, log_samples: bool, device: str, dtype: str, seed: int, out_dir: Path) -> None:
     """Evaluate DIR_OR_MODEL (perplexity and zero-shot) and store the result like a sweep run."""
-    from harness.data import check_dataset_name
+    from harness.data.windows import check_dataset_name
     from harness.models import check_model_name
-    from harness.zeroshot import check_tasks
+    from harness.evaluation.zeroshot import check_tasks
 
     evaluation = schema.from_dict(EvaluationConfig, {
         "ppl": {"datasets": list(ppl), "seqlen": seqlen, "max_windows": max_windows},

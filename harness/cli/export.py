@@ -2,8 +2,8 @@
 
 RUN is a result JSON (``runs/demo/runs/<key>.json``) or a run key (looked up in ``--results``, by
 default every results dir under ``runs/``). The model its sweep kept (``keep_quantized``) is
-copied; otherwise the run is quantized again from its stored config (see ``harness.export_run``); the folder is compressed-tensors when the format can express the
-model, else ptqbench's own (``harness.export``). Prints the format and the folder's size.
+copied; otherwise the run is quantized again from its stored config (see ``harness.export.from_run``); the folder is compressed-tensors when the format can express the
+model, else ptqbench's own (``harness.export.formats``). Prints the format and the folder's size.
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
-from harness.export import human_size
-from harness.export_run import export_run, kept_model, locate
-from harness.results import ResultStore
+from harness.export.formats import human_size
+from harness.export.from_run import export_run, kept_model, locate
+from harness.run.results import ResultStore
 from harness.quiet import quiet_requested
 
 

@@ -2,7 +2,7 @@
 
 Hundreds of cluster jobs should not all hit the hub at once: run this once on a login node, e.g.
 ``ptqbench prepare --model llama-2-70b --dataset wikitext2 --dataset c4``. Each model's tokenizer
-then tokenizes each corpus once into the token cache (``harness.token_cache``), so no run of the
+then tokenizes each corpus once into the token cache (``harness.data.token_cache``), so no run of the
 sweep tokenizes it again.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from harness import brown
-from harness.data import c4_documents, resolve_corpus, token_stream
+from harness.data import brown
+from harness.data.windows import c4_documents, resolve_corpus, token_stream
 from harness.models import ZOO, hub_folder, load_model
 
 
@@ -45,7 +45,7 @@ def command(models: tuple[str, ...], datasets: tuple[str, ...], force: bool) -> 
     tokenizers = {name: tok for name in models if (tok := _fetch_model(name)) is not None}
     for name in datasets:
         corpus = resolve_corpus(name)
-        if name == "c4":  # sampled per document at run time (harness.data): fetch the two shards
+        if name == "c4":  # sampled per document at run time (harness.data.windows): fetch the two shards
             click.echo(f"c4: {len(c4_documents('train'))} train / {len(c4_documents('validation'))} validation documents")
             continue
         click.echo(f"{name}: {len(corpus.train())} train / {len(corpus.test())} test characters")

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import click
 
-from harness.config import SweepConfig, load_config, with_task_data
+from harness.run.config import SweepConfig, load_config, with_task_data
 from harness.errors import ConfigError
-from harness.execute import plan
-from harness.memory import estimate
-from harness.preflight import check_device
+from harness.run.execute import plan
+from harness.engine.memory import estimate
+from harness.run.preflight import check_device
 from harness.quiet import quiet_requested
-from harness.sweep import run_sweep
+from harness.run.sweep import run_sweep
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from harness import brown
+from harness.data import brown
 from harness.errors import ResourceUnavailableError, UnknownNameError, did_you_mean
-from harness.token_cache import cached_ids
+from harness.data.token_cache import cached_ids
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def _cached(key: tuple, tokenizer: object, make: Callable[[], torch.Tensor]) -> 
 def token_stream(name: str, split: str, tokenizer: object) -> torch.Tensor:
     """The whole ``split`` ("train" / "test") of corpus ``name`` as one tensor of token ids.
 
-    Tokenized once per cache, not once per run (``harness.token_cache``): every run of a sweep is a
+    Tokenized once per cache, not once per run (``harness.data.token_cache``): every run of a sweep is a
     process of its own, and the whole-text call the protocol makes is the largest transient of a
     small run.
     """

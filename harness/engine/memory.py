@@ -2,7 +2,7 @@
 
 ``ptqbench run --dry-run`` prints :func:`estimate` per run, and ``execute`` refuses a run that the
 machine cannot hold (:func:`check_fits`) before spending hours on it. The estimate follows what the
-out-of-core engine keeps (``harness.lazy``, ``harness.blockwise``, ``harness.evaluate``):
+out-of-core engine keeps (``harness.engine.lazy``, ``harness.engine.blockwise``, ``harness.evaluation.evaluate``):
 
 - host: the Python/torch runtime (plus the tokenizer's peak on the calibration text), the eagerly loaded embedding / final norm / head, one block
   group as loaded plus its float32 working copy, and (CPU runs, or CUDA runs whose activations
@@ -11,7 +11,7 @@ out-of-core engine keeps (``harness.lazy``, ``harness.blockwise``, ``harness.eva
   temporaries of a training step (attention and MLP intermediates with their gradients), and
   the evaluation's hidden states and logits of one batch.
 
-On CPU the device is the host, so both numbers are added into the host figure. ``harness.bench_scale``
+On CPU the device is the host, so both numbers are added into the host figure. ``harness.bench.scale``
 prints the estimate beside measured peaks.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ GB = 2**30
 RUNTIME_BYTES = int(0.7 * GB)
 # Tokenizing a calibration corpus's whole train split at once (Brown: 1.2M tokens) peaks at about
 # this much on top of the runtime (measured: 1.40 vs 0.72 GB peak RSS for runs with and without
-# calibration on a tiny model). Only a run that finds the token cache cold pays it (harness.token_cache;
+# calibration on a tiny model). Only a run that finds the token cache cold pays it (harness.data.token_cache;
 # `ptqbench prepare` fills the cache), but the estimate cannot tell, so it stays an upper bound.
 TOKENIZE_BYTES = int(0.7 * GB)
 # Windows assumed when the evaluation scores a whole corpus (max_windows: null).

@@ -2,7 +2,7 @@
 
     record = evaluate_saved("exports/rtn-w4a16", EvaluationConfig(), device="cpu")
 
-The metrics come from ``harness.evaluate.evaluate_model``, the code a sweep's runs use, and the
+The metrics come from ``harness.evaluation.evaluate.evaluate_model``, the code a sweep's runs use, and the
 result is a ``RunRecord`` a results directory and ``ptqbench report`` take as they are. For a
 ptqbench export the record names the run it came from (model, method, options, bit spec, from
 ``ptqbench_export.json``), so it sits in the same report row group as the sweep's own runs; any other
@@ -16,14 +16,14 @@ from typing import Any
 
 from harness import schema
 from harness.bits import FP
-from harness.config import EvaluationConfig
-from harness.costs import CostMeter
-from harness.evaluate import evaluate_model
-from harness.export import export_info, is_ptqbench_folder, load_quantized
+from harness.run.config import EvaluationConfig
+from harness.run.costs import CostMeter
+from harness.evaluation.evaluate import evaluate_model
+from harness.export.formats import export_info, is_ptqbench_folder, load_quantized
 from harness.models import load_model, resolve_device
-from harness.provenance import provenance
-from harness.record import RunRecord
-from harness.results import run_key
+from harness.run.provenance import provenance
+from harness.run.record import RunRecord
+from harness.run.results import run_key
 
 PRETRAINED = "pretrained"  # the method of a model that did not come from a ptqbench run
 

@@ -1,4 +1,4 @@
-"""Evaluation of a model: perplexity on pre-cut token windows (see ``harness.data`` for the protocol),
+"""Evaluation of a model: perplexity on pre-cut token windows (see ``harness.data.windows`` for the protocol),
 and ``evaluate_model``, everything a run's ``evaluation:`` section asks for (a sweep's runs and
 ``ptqbench eval`` both go through it, so their metrics mean the same thing).
 
@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.adapter import get_adapter
-from harness.blockwise import embed_calibration, model_dtype
-from harness.killpoints import kill_point
-from harness.lazy import dispatch, materialized
+from harness.engine.blockwise import embed_calibration, model_dtype
+from harness.run.killpoints import kill_point
+from harness.engine.lazy import dispatch, materialized
 from harness.progress import Progress
 if TYPE_CHECKING:
-    from harness.config import EvaluationConfig
+    from harness.run.config import EvaluationConfig
 
 
 def _perplexity_of(logits_of: Callable[[torch.Tensor, slice], torch.Tensor], windows: torch.Tensor, device: torch.device,
@@ -90,8 +90,8 @@ def perplexity_blockwise(model: nn.Module, windows: torch.Tensor, *, device: tor
 def evaluate_model(model: nn.Module, tokenizer: Any, evaluation: EvaluationConfig, *, device: torch.device,
                    label: str = "", progress: bool = True) -> dict[str, Any]:
     """``metrics`` of a run: perplexity per dataset (+ windows scored) and, when tasks are listed, lm-eval zero-shot."""
-    from harness.data import eval_windows
-    from harness.zeroshot import zeroshot
+    from harness.data.windows import eval_windows
+    from harness.evaluation.zeroshot import zeroshot
 
     metrics: dict[str, Any] = {"ppl": {}}
     p = evaluation.ppl
@@ -101,6 +101,6 @@ def evaluate_model(model: nn.Module, tokenizer: Any, evaluation: EvaluationConfi
                                                     desc=f"ppl {name} ({label})", progress=progress)
         metrics.setdefault("ppl_windows", {})[name] = len(windows)
     if evaluation.zeroshot.tasks:
-        # lm-eval needs the whole model: spread over the GPUs and host memory (harness.lazy.dispatch)
+        # lm-eval needs the whole model: spread over the GPUs and host memory (harness.engine.lazy.dispatch)
         metrics["zeroshot"] = zeroshot(dispatch(model, device), tokenizer, evaluation.zeroshot, device=device)
     return metrics

@@ -7,7 +7,7 @@ with ``simple_evaluate``, so prompts, normalisation and metrics are lm-eval's ow
 
 Task names are any lm-eval task (``piqa``, ``arc_easy``, ``arc_challenge``, ``hellaswag``,
 ``winogrande``, ... read from the hub or the HF cache), the offline ``brown_nextsent`` and
-``brown_cloze`` (see ``harness.zeroshot_tasks``), or standard tasks read from local files given by
+``brown_cloze`` (see ``harness.evaluation.zeroshot_tasks``), or standard tasks read from local files given by
 ``task_data``. Datasets lm-eval converts are cached under ``$PTQBENCH_HOME/hf-datasets`` (or
 ``$HF_DATASETS_CACHE`` when the user set it). The hub is switched to offline mode only while every
 requested task is local, so users with hub access still get the standard tasks.
@@ -29,7 +29,7 @@ from torch import nn
 from harness.environ import environment
 from harness.errors import ConfigError, did_you_mean
 from harness.paths import cache_home
-from harness.zeroshot_tasks import BROWN_TASKS, brown_task_dir, write_task_data_yamls
+from harness.evaluation.zeroshot_tasks import BROWN_TASKS, brown_task_dir, write_task_data_yamls
 
 # The metric compared with the papers' tables (README, "Zero-shot accuracy"): their old lm-eval fork
 # reported both; their FP16 rows match acc_norm for HellaSwag and acc for PIQA and ARC-c. The

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from harness.brown import Document, detokenize, documents
+from harness.data.brown import Document, detokenize, documents
 from harness.errors import ConfigError
 from harness.paths import cache_home
 

@@ -5,7 +5,7 @@
 - ``slurm``: each run is a Slurm job submitted with submitit.
 
 Whatever the kind, results come back to the driver, which stores each one the moment it arrives
-(``harness.sweep.run_sweep``). Ray and submitit are optional extras, imported only when chosen.
+(``harness.run.sweep.run_sweep``). Ray and submitit are optional extras, imported only when chosen.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from harness.executor_config import ExecutorConfig
+    from harness.run.executor_config import ExecutorConfig
     from harness.executors.base import Executor
 
 _MODULES = {"local": "harness.executors.local", "ray": "harness.executors.ray_executor", "slurm": "harness.executors.slurm"}

@@ -7,7 +7,7 @@ stores it atomically right then, so a killed driver loses no finished run), fail
 their error and retried up to ``max_retries`` times, then handed to the failure callback. An
 executor may cap how many attempts are in flight at once (``max_in_flight``: Slurm's
 ``max_concurrent``) and say what each run asks for (``requested``: ``executor.resources``).
-Wherever a run lands, ``run_task`` appends its log to the run's own file (``harness.runlog``).
+Wherever a run lands, ``run_task`` appends its log to the run's own file (``harness.run.runlog``).
 """
 from __future__ import annotations
 
@@ -28,14 +28,14 @@ from typing import Any, ClassVar
 
 from tqdm.auto import tqdm
 
-from harness.executor_config import ExecutorConfig
+from harness.run.executor_config import ExecutorConfig
 from harness.errors import PtqbenchError, ResourceUnavailableError
-from harness.execute import RunSpec, execute
-from harness.memory import GB, estimate
+from harness.run.execute import RunSpec, execute
+from harness.engine.memory import GB, estimate
 from harness.progress import duration
-from harness.provenance import provenance
-from harness.record import RunRecord
-from harness.runlog import run_log
+from harness.run.provenance import provenance
+from harness.run.record import RunRecord
+from harness.run.runlog import run_log
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class Executor(ABC):
                     bar.set_postfix_str(run.label)
 
     def _check_memory(self, run: RunSpec) -> None:
-        """Warn before submitting when a run asks for less host memory than its estimated peak (harness.memory)."""
+        """Warn before submitting when a run asks for less host memory than its estimated peak (harness.engine.memory)."""
         mem_gb = self.requested(run).get("mem_gb")
         est = estimate(run) if mem_gb else None
         if est is not None and est.host_bytes > mem_gb * GB:

@@ -18,10 +18,10 @@ from collections.abc import Hashable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from harness.allocator import allocator_env
+from harness.engine.allocator import allocator_env
 from harness.environ import environment
 from harness.executors.base import Executor, Outcome, run_task
-from harness.execute import RunSpec
+from harness.run.execute import RunSpec
 from harness.method import Method
 from harness.quiet import quiet_requested, silence_progress
 from harness.registry import REGISTRY

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import harness
-from harness.allocator import allocator_env
+from harness.engine.allocator import allocator_env
 from harness.errors import ResourceUnavailableError
 from harness.executors.base import Executor, Outcome, require
-from harness.execute import RunSpec
+from harness.run.execute import RunSpec
 
 log = logging.getLogger(__name__)
 

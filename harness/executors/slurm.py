@@ -20,12 +20,12 @@ import time
 from collections.abc import Hashable
 from typing import Any
 
-from harness.allocator import allocator_env
+from harness.engine.allocator import allocator_env
 from harness.environ import environment
 from harness.errors import ResourceUnavailableError
 from harness.executors.base import Executor, Outcome, Task, require
-from harness.results import write_json_atomic
-from harness.execute import RunSpec
+from harness.run.results import write_json_atomic
+from harness.run.execute import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class RunJob:
     On preemption, or when Slurm signals (USR2, 90 s ahead) that the time limit is near, submitit
     calls ``checkpoint`` and requeues the job with what it returns: the same run, unchanged. Same
     key and work directory, so the requeued job continues from the last finished block group
-    (``harness.checkpoint``); only the group in progress is redone. submitit requeues a job at
+    (``harness.engine.checkpoint``); only the group in progress is redone. submitit requeues a job at
     most 3 times for its time limit (preemptions are not counted); after that the job fails and
     the driver's ``max_retries`` take over, which resume from the same checkpoints.
     """

@@ -54,9 +54,9 @@ from torch import nn
 
 from harness.bits import BitSpec
 from harness.errors import PtqbenchError, ResourceUnavailableError
-from harness.qlinear import QuantLinear, freeze, quant_linears
-from harness.reassembly import Reassembled, Reassembly
-from harness.results import current_umask
+from harness.quant.qlinear import QuantLinear, freeze, quant_linears
+from harness.quant.reassembly import Reassembled, Reassembly
+from harness.run.results import current_umask
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ SDPA's different rounding alone moves that (broken, ppl ~2000) model by ~7%.
 Grouped-query attention: here K and V are quantized *before* ``repeat_kv`` (SDPA repeats them),
 the official layers after it. ``repeat_kv`` only copies whole heads, and the range is per
 (token, head) vector, so every copy gets the range of its source head: the results are identical
-(tests/harness/test_attention.py checks it).
+(tests/harness/quant/test_attention.py checks it).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.modeling_utils import AttentionInterface
 
-from harness.quantizer import ActQuantizer
+from harness.quant.quantizer import ActQuantizer
 
 IMPLEMENTATION = "ptqbench_qkv_sdpa"
 EAGER_IMPLEMENTATION = "ptqbench_qkv_eager"

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import attention
+from harness.quant import attention
 from harness.adapter import LlamaAdapter, get_adapter
 from harness.bits import BitSpec
-from harness.quantizer import ActQuantizer, WeightQuantizer
+from harness.quant.quantizer import ActQuantizer, WeightQuantizer
 
 
 class _RecomputedWeightLinear(torch.autograd.Function):
@@ -37,7 +37,7 @@ class _RecomputedWeightLinear(torch.autograd.Function):
     scales), as reentrant activation checkpointing does. The products are the ones autograd takes
     for a linear of a contiguous weight, in its order (aten mm_mat2_backward of ``x @ W.t()``): grad_x =
     grad @ W, grad_W = grad^T @ x over the flattened tokens, so the gradients are autograd's bit for bit.
-    Like reentrant checkpointing, it works with ``loss.backward()`` (what ``harness.blockwise.train``
+    Like reentrant checkpointing, it works with ``loss.backward()`` (what ``harness.engine.blockwise.train``
     calls), not with ``torch.autograd.grad``: the leaves' gradients are accumulated into ``.grad``.
     """
 
@@ -115,7 +115,7 @@ class QuantLinear(nn.Module):
 
         A quantizer that can say its scale and zero point (``quant_params``) leaves them behind as
         ``weight_scale`` / ``weight_zero`` (non-persistent buffers, per row of the grouped weight) so
-        ``harness.export`` can write integer weights that dequantize to exactly this weight.
+        ``harness.export.formats`` can write integer weights that dequantize to exactly this weight.
         """
         if not self.frozen:
             params = getattr(self.weight_quant, "quant_params", None)
@@ -148,7 +148,7 @@ def quantize_block(
     """Swap one decoder block's linears for ``QuantLinear`` in place; return them by name.
 
     With ``spec.quantizes_attention`` the block's attention also gets its Q/K/V quantizer
-    (``harness.attention``), installed here so every method quantizes exactly the same tensors.
+    (``harness.quant.attention``), installed here so every method quantizes exactly the same tensors.
     """
     adapter = adapter or LlamaAdapter()
     per_head = spec.quantizes_attention and spec.attention_scope == "head"

@@ -3,7 +3,7 @@
 ``Reassembly`` maps a width-C input to width C' by x'[group[e]] += x[src[e]] * scale[e] for every
 expanded channel e, then divides by the number of channels that landed in each output channel
 (``count``). ``Reassembled`` puts one in front of a module's input or behind its output. They live
-in ``harness`` (the search that builds them is ``methods/qllm``) so that ``harness.export`` can
+in ``harness`` (the search that builds them is ``methods/qllm``) so that ``harness.export.formats`` can
 save and rebuild a reassembled model without importing a method.
 """
 from __future__ import annotations

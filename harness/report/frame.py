@@ -1,6 +1,6 @@
 """Results as pandas frames: the tidy per-run frame, and its aggregate over seeds.
 
-The data layer under every report, plot, paper table and export (``harness.report`` composes them)::
+The data layer under every report, plot, paper table and export (``harness.report.render`` composes them)::
 
     runs = tidy_frame(ResultStore("runs/demo").records())   # one row per run
     cells = aggregate(runs)                                  # one row per model x method x variant x bits
@@ -31,9 +31,9 @@ import pandas as pd
 
 from harness.bits import BitSpec
 from harness.errors import ConfigError, PtqbenchError
-from harness.record import RunRecord
+from harness.run.record import RunRecord
 from harness.registry import get_method
-from harness.results import ResultStore
+from harness.run.results import ResultStore
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ import html
 
 import pandas as pd
 
-from harness import plots
-from harness.frame import aggregate, tidy_frame
-from harness.record import RunRecord
-from harness.tables import Table, to_html
+from harness.report import plots
+from harness.report.frame import aggregate, tidy_frame
+from harness.run.record import RunRecord
+from harness.report.tables import Table, to_html
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1150px;

@@ -1,6 +1,6 @@
 """Our results beside the published ones: QLLM's (arXiv 2310.08041) LLaMA-1 and LLaMA-2 tables and its training cost.
 
-The published numbers are package data, ``harness/reference/qllm.yaml``. Our runs map onto the
+The published numbers are package data, ``harness/report/reference/qllm.yaml``. Our runs map onto the
 paper's cells by (model, method, bit spec, metric): the paper's FP16 column is our baseline run
 (whatever method the sweep used as its baseline, ``Method.is_baseline``), its rows
 are our zoo names (hub ids of the zoo map too), and its WikiText-2 / C4 / Avg columns are our
@@ -25,15 +25,15 @@ import yaml
 
 from harness.bits import BitSpec
 from harness.errors import ConfigError
-from harness.frame import quantize_hours, variant_label, zeroshot_average
+from harness.report.frame import quantize_hours, variant_label, zeroshot_average
 from harness.models import ZOO
-from harness.record import RunRecord
-from harness.tables import BASELINE, MISSING, Table, best_mask, bold_note
+from harness.run.record import RunRecord
+from harness.report.tables import BASELINE, MISSING, Table, best_mask, bold_note
 
 log = logging.getLogger(__name__)
 
 # Package data (pyproject [tool.setuptools.package-data]), so it ships with a plain `pip install .`.
-REFERENCE_FILE: Any = resources.files("harness") / "reference" / "qllm.yaml"
+REFERENCE_FILE: Any = resources.files("harness.report") / "reference" / "qllm.yaml"
 LABELS = {"wikitext2": "WikiText-2", "c4": "C4", "avg": "Avg"}
 DIRECTION = {"wikitext2": "min", "c4": "min", "avg": "max"}
 

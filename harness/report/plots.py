@@ -1,4 +1,4 @@
-"""Matplotlib figures of aggregated results (``harness.frame.aggregate``), as PNG bytes for the HTML report.
+"""Matplotlib figures of aggregated results (``harness.report.frame.aggregate``), as PNG bytes for the HTML report.
 
 - ``ppl_figure``: perplexity vs bit spec, one line per method (and variant), log y; the FP baseline dashed.
 - ``zeroshot_figure``: zero-shot average accuracy per method and bit spec (grouped bars).
@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
 from harness.bits import bits_order
-from harness.frame import BASELINE, ZS_AVG
+from harness.report.frame import BASELINE, ZS_AVG
 
 PANEL = (5.2, 3.4)  # inches per panel
 

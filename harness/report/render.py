@@ -1,18 +1,18 @@
 """Comparison reports from a results directory: pivot tables per metric, then one row per model x
 method x variant x bit spec.
 
-Data come from ``harness.frame``: the tidy per-run frame and its aggregate over seeds. Runs that
+Data come from ``harness.report.frame``: the tidy per-run frame and its aggregate over seeds. Runs that
 differ only in their seed are one row whose cells read ``mean ± std`` (with an ``n`` column); a
 sweep with one seed reads as plain numbers. First a pivot table per metric (perplexity per dataset,
 zero-shot average; rows method + variant, columns bit specs, like a paper's table), then the long
 table with every metric and cost (device, wall time per phase, device-hours, peak memory).
 
-Formats (``harness.tables``): Markdown, LaTeX, a self-contained HTML page with plots
-(``harness.htmlpage``), and the tidy per-run frame as CSV (empty cells for missing values) or
+Formats (``harness.report.tables``): Markdown, LaTeX, a self-contained HTML page with plots
+(``harness.report.htmlpage``), and the tidy per-run frame as CSV (empty cells for missing values) or
 Parquet. Bold marks the best value per column within each model and bit spec, among quantized
-methods (never the baseline), with the spread rule of ``harness.tables.best_mask`` when cells
+methods (never the baseline), with the spread rule of ``harness.report.tables.best_mask`` when cells
 aggregate several seeds. With ``reference="paper"`` the published QLLM numbers (LLaMA-1 and LLaMA-2 tables) are put
-beside ours (``harness.paper``).
+beside ours (``harness.report.paper``).
 Run: ``ptqbench report DIR [--format md|csv|tex|html|parquet] [-o FILE] [--reference paper]``.
 """
 from __future__ import annotations
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness import paper
+from harness.report import paper
 from harness.bits import bits_order
 from harness.errors import ConfigError
-from harness.frame import BASELINE, ZS_AVG, aggregate, directions, load_records, means_and_spreads, tidy_frame
-from harness.htmlpage import page
-from harness.results import ResultStore
-from harness.tables import MISSING, RENDERERS, Table, best_mask, bold_note, to_markdown
+from harness.report.frame import BASELINE, ZS_AVG, aggregate, directions, load_records, means_and_spreads, tidy_frame
+from harness.report.htmlpage import page
+from harness.run.results import ResultStore
+from harness.report.tables import MISSING, RENDERERS, Table, best_mask, bold_note, to_markdown
 
 FORMATS = ("md", "csv", "html", "tex", "parquet")
 REFERENCES = ("paper",)

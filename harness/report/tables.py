@@ -224,7 +224,7 @@ def to_latex(table: Table) -> str:
 
 
 def to_html(table: Table) -> str:
-    """An HTML fragment: heading, table, notes (the page around it is ``harness.htmlpage``)."""
+    """An HTML fragment: heading, table, notes (the page around it is ``harness.report.htmlpage``)."""
     cols = list(table.frame.columns)
     numeric = [_numeric(table.frame, c) for c in cols]
     out = [f"<h2>{html.escape(table.title)}</h2>", "<table>", "<thead><tr>"]

@@ -24,14 +24,14 @@ import yaml
 
 from harness import schema
 from harness.bits import FP, BitSpec
-from harness.data import check_dataset_name
+from harness.data.windows import check_dataset_name
 from harness.errors import ConfigError, PtqbenchError
-from harness.executor_config import ExecutorConfig, check_resources
+from harness.run.executor_config import ExecutorConfig, check_resources
 from harness.method import Method, MethodConfig
 from harness.models import check_model_name
-from harness.preflight import check_model
+from harness.run.preflight import check_model
 from harness.registry import get_method
-from harness.zeroshot import ZeroShotConfig, check_tasks
+from harness.evaluation.zeroshot import ZeroShotConfig, check_tasks
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -101,7 +101,7 @@ class QuantSchemeConfig:
 
     Args:
     attention: quantize the attention inputs too (Q and K after RoPE, V; per token and head, at the
-        activation bits; harness/attention.py). auto = whenever activations are quantized below
+        activation bits; harness/quant/attention.py). auto = whenever activations are quantized below
         16 bits, the protocol of the QLLM and OmniQuant papers and codes; false = the linears'
         inputs only (ptqbench before this setting existed); true = always set (a no-op at A16).
     attention_scope: head = Q/K after RoPE and V per token and head (QLLM, OmniQuant); projection =
@@ -194,7 +194,7 @@ class SweepConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     overrides: tuple[Override, ...] = ()  # parsed by parse_config, not by the schema
-    export: bool = False  # also write every quantized run's model to <out>/export/<key>/ (harness.export_run)
+    export: bool = False  # also write every quantized run's model to <out>/export/<key>/ (harness.export.from_run)
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -342,7 +342,7 @@ def parse_config(raw: Any, source: str = "config") -> SweepConfig:
 
 
 def _check_against_models(config: SweepConfig) -> None:
-    """Each model's config.json against the bit specs and window lengths it will see (``harness.preflight``)."""
+    """Each model's config.json against the bit specs and window lengths it will see (``harness.run.preflight``)."""
     specs = [(f"bits[{i}]", s) for i, s in enumerate(config.bits)]
     specs += [(f"methods[{j}].bits[{i}]", s) for j, m in enumerate(config.methods) for i, s in enumerate(m.bits or ())]
     seqlens = [("evaluation.ppl.seqlen", config.evaluation.ppl.seqlen)] if config.evaluation.ppl.datasets else []

@@ -2,10 +2,10 @@
 how a run executes (``execute``: model -> calibration -> method -> evaluation -> ``RunRecord``).
 
 ``execute`` is a pure function of its ``RunSpec`` (it loads its own model and data), so an executor
-can ship it to a Ray worker or a Slurm job; the sweep driver (``harness.sweep``) stores what comes back.
+can ship it to a Ray worker or a Slurm job; the sweep driver (``harness.run.sweep``) stores what comes back.
 A run whose metrics include NaN or inf raises ``NonFiniteMetricError``: a failure, never a result.
 Local inputs (data files, model folders) are fingerprinted once when the sweep is planned
-(``harness.fingerprint``) and their prints are part of the run key, so a changed file is a new run.
+(``harness.run.fingerprint``) and their prints are part of the run key, so a changed file is a new run.
 """
 from __future__ import annotations
 
@@ -19,23 +19,25 @@ from typing import Any
 
 import torch
 
-from harness import brown, schema
+from harness import schema
+
+from harness.data import brown
 from harness.bits import FP, BitSpec
-from harness.config import CalibrationConfig, EvaluationConfig, SweepConfig
-from harness.costs import CostMeter
-from harness.data import CORPORA, calibration_windows
+from harness.run.config import CalibrationConfig, EvaluationConfig, SweepConfig
+from harness.run.costs import CostMeter
+from harness.data.windows import CORPORA, calibration_windows
 from harness.errors import NonFiniteMetricError
-from harness.evaluate import evaluate_model
-from harness.fingerprint import fingerprint, hub_commit
-from harness.killpoints import kill_point
-from harness.lazy import block_store
-from harness.memory import check_fits
+from harness.evaluation.evaluate import evaluate_model
+from harness.run.fingerprint import fingerprint, hub_commit
+from harness.run.killpoints import kill_point
+from harness.engine.lazy import block_store
+from harness.engine.memory import check_fits
 from harness.method import Method, MethodConfig, QuantContext
 from harness.models import ZOO, load_model, resolve_device, resolve_dtype
 from harness.paths import cache_home
-from harness.record import RunRecord
+from harness.run.record import RunRecord
 from harness.registry import REGISTRY, get_method
-from harness.results import run_key
+from harness.run.results import run_key
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ class RunSpec:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
-    attention_kernel: str = "sdpa"  # transformers' attn_implementation (harness.config.ATTENTION_KERNELS)
+    attention_kernel: str = "sdpa"  # transformers' attn_implementation (harness.run.config.ATTENTION_KERNELS)
     trust_remote_code: bool = False
     inputs: tuple[tuple[str, str], ...] = ()  # (local file or folder, fingerprint), from local_inputs()
     # Where the run keeps its finished blocks while it runs (``<out>/work``; not part of the key).
@@ -61,7 +63,7 @@ class RunSpec:
     keep_work: bool = False  # keep <work_root>/<key> after the run's result is stored (else the driver deletes it)
     keep_quantized: bool = False  # write the quantized model to <quantized_root>/<key> in the export format
     quantized_root: str | None = None  # ``<out>/quantized`` (set by the sweep; not part of the key)
-    log_file: str | None = None  # where the worker appends the run's log (harness.runlog; not part of the key)
+    log_file: str | None = None  # where the worker appends the run's log (harness.run.runlog; not part of the key)
 
     @property
     def method_class(self) -> type[Method]:
@@ -158,11 +160,11 @@ def quantized_dir(run: RunSpec) -> Path:
 
 
 def execute(run: RunSpec, progress: bool = True) -> RunRecord:
-    """Run one quantize-and-evaluate job and return its record (token streams are cached by ``harness.data``).
+    """Run one quantize-and-evaluate job and return its record (token streams are cached by ``harness.data.windows``).
 
-    Models with a safetensors folder load lazily (``harness.lazy``): each decoder block is read when
+    Models with a safetensors folder load lazily (``harness.engine.lazy``): each decoder block is read when
     the method reaches it and its finished version is written to the run's work directory, which
-    stays: the caller removes it once the returned record is stored (``harness.workdir.discard``;
+    stays: the caller removes it once the returned record is stored (``harness.run.workdir.discard``;
     the sweep driver does, unless ``keep_work``), so a kill at any point before then resumes from
     it. Perplexity goes block by block, so neither the host nor the device ever holds the whole
     model. With ``keep_quantized`` the quantized model is also written to ``quantized_dir(run)`` in
@@ -215,8 +217,8 @@ def execute(run: RunSpec, progress: bool = True) -> RunRecord:
 
 def keep_model(run: RunSpec, model: torch.nn.Module, tokenizer: Any) -> None:
     """``keep_quantized``: the run's model in the export format at ``quantized_dir(run)`` (replaced whole if there)."""
-    from harness.export import export_model
-    from harness.lazy import materialize_all
+    from harness.export.formats import export_model
+    from harness.engine.lazy import materialize_all
 
     if run.method_class.is_baseline:
         return

@@ -137,7 +137,7 @@ class ExecutorConfig:
         the local executor ignores them.
     host_allocator: default, or compact: each run's process starts with glibc tunables that give
         freed buffers of 1 MB or more back to the OS at once (less peak host memory for more time;
-        see harness/allocator.py). local needs isolate: true for it (the driver has started already).
+        see harness/engine/allocator.py). local needs isolate: true for it (the driver has started already).
     """
 
     kind: Literal["local", "ray", "slurm"] = "local"

@@ -11,7 +11,7 @@ through submitit to preempt a job or warn it of its time limit). The points, in 
 ``eval:done``       evaluation finished, the run's record not yet returned
 ``result:before``   sweep driver: the record came back, the result file not yet written
 ``result:written``  sweep driver: the result is stored, the run's work directory not yet removed
-``remove:mid``      the work directory renamed aside and half deleted (``harness.workdir.discard``)
+``remove:mid``      the work directory renamed aside and half deleted (``harness.run.workdir.discard``)
 ==================  ============================================================================
 
 Unset (always, outside the tests) each point costs one dictionary lookup.

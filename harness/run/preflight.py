@@ -1,6 +1,6 @@
 """Checks of a sweep against the models and machine it will run on, before any work.
 
-``harness.config.parse_config`` calls ``check_model`` for every model (its ``config.json`` read
+``harness.run.config.parse_config`` calls ``check_model`` for every model (its ``config.json`` read
 without weights): the family must be one ptqbench describes, every weight group size must divide
 the widths a group runs along (hidden, intermediate, attention output), and no window may be
 longer than the model's positions. The run command and the sweep driver call ``check_device``

@@ -1,6 +1,6 @@
 """Provenance recorded with every result: versions, git revision, hardware, determinism settings.
 
-``harness.execute`` adds what the run read: input fingerprints, the hub commit, the resolved dtype
+``harness.run.execute`` adds what the run read: input fingerprints, the hub commit, the resolved dtype
 and the corpus package.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from harness.allocator import allocator_provenance
+from harness.engine.allocator import allocator_provenance
 
 PACKAGES = ("ptqbench", "torch", "transformers", "lm_eval", "datasets", "accelerate", "tokenizers", "numpy", "gguf")
 

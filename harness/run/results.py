@@ -7,7 +7,7 @@ Layout of a sweep's output directory::
     invalid/<name>.<time>.json  results that failed validation on resume, moved aside (the run is redone)
     locks/<key>.lock     per-run locks (flock), so two sweeps on one folder never run a key twice
     samples/<key>/<task>.jsonl   lm-eval's per-sample logs (evaluation.zeroshot.log_samples)
-    logs/<slug>-<key>.log        each run's own log, appended by its worker (harness.runlog)
+    logs/<slug>-<key>.log        each run's own log, appended by its worker (harness.run.runlog)
     config.yaml          the sweep config as last run
 
 A run's key hashes model, method and options, bit spec, calibration, evaluation settings and
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import StorageError
-from harness.record import RecordError, RunRecord
+from harness.run.record import RecordError, RunRecord
 
 log = logging.getLogger(__name__)
 

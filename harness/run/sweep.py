@@ -4,10 +4,10 @@ Each run to do is locked first (``locks/<key>.lock``), so a second sweep on the 
 the runs this one holds and says so; a failure to write (read-only folder, disk full) stops the
 sweep with a ``StorageError`` and leaves every stored result as it was. A run's work directory
 (``<out>/work/<key>``, what a killed run resumes from) is removed only after its result is stored;
-one left beside a stored result is removed without redoing the run (``harness.workdir``).
+one left beside a stored result is removed without redoing the run (``harness.run.workdir``).
 
 ``run_sweep`` is the driver. The unit of work it hands out (``RunSpec``, ``execute``) lives in
-``harness.execute``, so executors import that and this module imports the executors.
+``harness.run.execute``, so executors import that and this module imports the executors.
 """
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ from pathlib import Path
 
 import yaml
 
-from harness.config import SweepConfig
-from harness.execute import RunSpec, plan
+from harness.run.config import SweepConfig
+from harness.run.execute import RunSpec, plan
 from harness.executors import make_executor
 from harness.executors.base import Executor, Outcome
-from harness.killpoints import kill_point
-from harness.record import RunRecord
-from harness.preflight import check_device
-from harness.results import ResultStore, RunLock, write_json_atomic, write_text_atomic
-from harness.workdir import clean_trash, discard
+from harness.run.killpoints import kill_point
+from harness.run.record import RunRecord
+from harness.run.preflight import check_device
+from harness.run.results import ResultStore, RunLock, write_json_atomic, write_text_atomic
+from harness.run.workdir import clean_trash, discard
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def _execute(todo: list[RunSpec], config: SweepConfig, store: ResultStore, summa
 def export_runs(runs: list[RunSpec], store: ResultStore, summary: SweepSummary, *, progress: bool = True) -> None:
     """``export: true``: each stored quantized run not exported yet goes to <out>/export/<key>/ (the model the
     sweep kept, copied, or quantized again here)."""
-    from harness.export_run import export_run, kept_model
+    from harness.export.from_run import export_run, kept_model
 
     for run in runs:
         target = store.root / "export" / run.key

@@ -1,7 +1,7 @@
 """A run's work directory (``<out>/work/<key>``: finished blocks and the engine's checkpoint), and its removal.
 
 The work directory is what a killed run resumes from, so it goes only after the run's result is
-stored (the sweep driver removes it, ``harness.sweep``), and it goes in one step as far as any
+stored (the sweep driver removes it, ``harness.run.sweep``), and it goes in one step as far as any
 reader can tell: ``discard`` renames it to ``<out>/work/.trash-<key>-<pid>`` first, then deletes
 that. A kill during the deletion leaves a ``.trash-*`` folder that no run ever reads, and
 ``clean_trash`` removes it when the next sweep on the folder starts. A work directory left beside a
@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from harness.killpoints import kill_point
+from harness.run.killpoints import kill_point
 
 log = logging.getLogger(__name__)
 

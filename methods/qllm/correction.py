@@ -24,14 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness import QuantLinear
-from harness.quantizer import WeightQuantizer, dequantize_codes, weight_codes
+from harness.quant.quantizer import WeightQuantizer, dequantize_codes, weight_codes
 
 
 class CachedWeight(nn.Module):
     """A ``QuantLinear.weight_quant`` that returns Q(W) computed once: W is frozen while the correction trains.
 
     ``compact`` (QLLM's ``low_memory``) keeps Q(W) of a plain min/max weight quantizer as its integer
-    codes with per-row scale and zero point (``harness.quantizer.weight_codes``), dequantized on each
+    codes with per-row scale and zero point (``harness.quant.quantizer.weight_codes``), dequantized on each
     call: bit for bit the same weight, for 1 byte per weight instead of 4; with the layer's
     ``recompute_weight`` the dequantized weight is dropped after the forward and made again for the
     backward, so a job of four blocks holds a quarter of their float32 size in Q(W) instead of all

@@ -1,6 +1,6 @@
 """The QLLM method (Liu et al., arXiv 2310.08041): adaptive channel reassembly + efficient error correction.
 
-Per group of decoder blocks (the shared block-wise engine, ``harness.blockwise``):
+Per group of decoder blocks (the shared block-wise engine, ``harness.engine.blockwise``):
 
 1. the engine's teacher pass (FP blocks on FP inputs) records, at the inputs of q/k/v (after
    input_layernorm), gate/up (after post_attention_layernorm) and down_proj, the per-channel
@@ -28,11 +28,11 @@ from torch import nn
 
 from harness import BitSpec, ConfigError, LlamaAdapter, Method, MethodConfig, QuantContext, QuantizeResult, freeze, get_adapter, \
     quant_linears, quantize_block, quantizers_disabled, register_method
-from harness.blockwise import BlockJob, run_blockwise, train
-from harness.costs import release_freed_memory
-from harness.lazy import block_store
+from harness.engine.blockwise import BlockJob, run_blockwise, train
+from harness.run.costs import release_freed_memory
+from harness.engine.lazy import block_store
 from harness.method import keyed_when_set
-from harness.quantizer import set_zero_point_grad
+from harness.quant.quantizer import set_zero_point_grad
 from methods.qllm.correction import NormWithBias, add_lowrank, fold_bias_into_head, merge_lowrank, weights_offloaded
 from methods.qllm.reassembly import Plan, Reassembled, SiteFn, attention_fn, gated_fn, linear_fn, make_plan, ratio_theta, \
     search, site_error, theta_grid

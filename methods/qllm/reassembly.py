@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness import BitSpec, quantize_activation, quantize_weight
-from harness.reassembly import Reassembled, Reassembly  # noqa: F401  (re-exported: the inference modules live in harness so exports reload without methods)
+from harness.quant.reassembly import Reassembled, Reassembly  # noqa: F401  (re-exported: the inference modules live in harness so exports reload without methods)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.config import load_config
-from harness.execute import plan
+from harness.run.config import load_config
+from harness.run.execute import plan
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from harness import paper
+from harness.report import paper
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "paper"
 
@@ -44,8 +44,8 @@ def test_training_cost_config_matches_the_published_cost_table():
 
 def test_table1_overrides_reach_the_runs():
     """The official per-model scripts' settings land in the planned runs (options, hence keys and records)."""
-    from harness.config import load_config
-    from harness.execute import plan
+    from harness.run.config import load_config
+    from harness.run.execute import plan
 
     runs = {(r.model, r.method, r.bits.name): r for r in plan(load_config(CONFIGS / "qllm_table1.yaml"))}
     qllm_lr = {k[0::2]: r.config.lr for k, r in runs.items() if k[1] == "qllm"}

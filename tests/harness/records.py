@@ -1,9 +1,9 @@
-"""Hand-written result records (``harness.record.RunRecord``, as ``harness.execute.execute`` makes), for report tests."""
+"""Hand-written result records (``harness.run.record.RunRecord``, as ``harness.run.execute.execute`` makes), for report tests."""
 from __future__ import annotations
 
 from harness.bits import BitSpec
-from harness.record import RunRecord
-from harness.results import ResultStore, run_key
+from harness.run.record import RunRecord
+from harness.run.results import ResultStore, run_key
 
 PAPER_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
 
@@ -35,7 +35,7 @@ def record(model: str, method: str, bits: str, *, ppl: dict | None = None, zeros
 
 
 def zeroshot(acc: float, tasks: tuple[str, ...] = PAPER_TASKS) -> dict:
-    """``metrics["zeroshot"]`` as harness.zeroshot writes it, every task at ``acc`` (its compared metric)."""
+    """``metrics["zeroshot"]`` as harness.evaluation.zeroshot writes it, every task at ``acc`` (its compared metric)."""
     return {"tasks": {t: {"acc": acc, "metric": "acc"} for t in tasks}, "average": acc}
 
 

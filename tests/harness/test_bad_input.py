@@ -17,7 +17,7 @@ import yaml
 from click.testing import CliRunner
 
 from harness.cli import main
-from harness.data import calibration_windows
+from harness.data.windows import calibration_windows
 from harness.errors import ResourceUnavailableError
 from harness.models import load_model
 
@@ -189,10 +189,10 @@ class _WordTokenizer:
 def test_overlapping_calibration_windows_warn_naming_the_field(tmp_path, caplog):
     path = tmp_path / "small.txt"
     path.write_text(TEXT)  # 900 words = 900 tokens here
-    with caplog.at_level(logging.WARNING, logger="harness.data"):
+    with caplog.at_level(logging.WARNING, logger="harness.data.windows"):
         calibration_windows(str(path), _WordTokenizer(), samples=4, seqlen=100, seed=0)
     assert not caplog.records  # 400 of 900 tokens: no warning
-    with caplog.at_level(logging.WARNING, logger="harness.data"):
+    with caplog.at_level(logging.WARNING, logger="harness.data.windows"):
         windows = calibration_windows(str(path), _WordTokenizer(), samples=20, seqlen=100, seed=0)
     assert windows.shape == (20, 100)
     [warning] = caplog.records
@@ -200,7 +200,7 @@ def test_overlapping_calibration_windows_warn_naming_the_field(tmp_path, caplog)
 
 
 def test_widths_come_from_the_config_including_an_explicit_head_dim():
-    from harness.preflight import model_widths
+    from harness.run.preflight import model_widths
 
     assert model_widths({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}) == \
         {"hidden_size": 64, "intermediate_size": 128, "attention output": 64}

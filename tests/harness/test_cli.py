@@ -90,7 +90,7 @@ def test_seeds_option_overrides_the_yaml(tmp_path):
 
 
 def test_prepare_fills_the_token_cache(tmp_path, smollm2_tokenizer):
-    from harness.token_cache import cache_file, tokenizer_digest
+    from harness.data.token_cache import cache_file, tokenizer_digest
 
     text = "A corpus of its own for this test, " + str(tmp_path) + ".\n\n" + "Some more words follow here. " * 50
     corpus = tmp_path / "corpus.txt"

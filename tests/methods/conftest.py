@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from harness import BitSpec, QuantContext, get_method
-from harness.evaluate import perplexity
+from harness.evaluation.evaluate import perplexity
 
 W4A4 = BitSpec.parse("W4A4")
 # The demo's options (configs/demo.yaml); calibration is the conftest's Brown 16 x 256 windows.

@@ -8,8 +8,8 @@ from torch.nn.utils import parametrize
 
 import methods.omniquant
 from harness import BitSpec, ConfigError, QuantContext, QuantLinear, get_adapter, get_method, quantize_weight, quantizers_disabled
-from harness.blockwise import run_blockwise
-from harness.blockwise import train as real_train
+from harness.engine.blockwise import run_blockwise
+from harness.engine.blockwise import train as real_train
 from harness.models import tiny_llama
 from methods.omniquant import LearnableClipQuantizer, OmniQuantConfig, attach, fold
 

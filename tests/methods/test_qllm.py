@@ -8,8 +8,8 @@ import torch
 
 import methods.qllm.method
 from harness import BitSpec, ConfigError, LlamaAdapter, QuantContext, get_method, quant_linears
-from harness.calibration_stats import channel_abs_max as channel_max
-from harness.quantizer import quantize_weight
+from harness.engine.calibration_stats import channel_abs_max as channel_max
+from harness.quant.quantizer import quantize_weight
 from methods.qllm import QLLMConfig
 from methods.qllm.method import site_function
 from methods.qllm.reassembly import make_plan, site_error, theta_grid

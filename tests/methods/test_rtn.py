@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from harness import BitSpec, QuantContext, get_method, quant_linears
-from harness.evaluate import perplexity
-from harness.quantizer import quantize_weight
+from harness.evaluation.evaluate import perplexity
+from harness.quant.quantizer import quantize_weight
 
 
 def test_rtn_weights_lie_on_the_grid(tiny_model):

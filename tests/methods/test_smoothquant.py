@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from harness import FP, BitSpec, ConfigError, QuantContext, get_method
-from harness.evaluate import perplexity
+from harness.evaluation.evaluate import perplexity
 from methods.smoothquant import SmoothQuantConfig, smooth
 from tests.methods.quantized import assert_quantized
 

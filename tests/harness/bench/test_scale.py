@@ -1,4 +1,4 @@
-"""harness.bench_scale: what ``--methods`` accepts (the benchmark itself is a command, not a test)."""
+"""harness.bench.scale: what ``--methods`` accepts (the benchmark itself is a command, not a test)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from harness.bench_scale import method_options, run_spec
+from harness.bench.scale import method_options, run_spec
 from harness.cli import main
 from harness.errors import ConfigError
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from harness import BitSpec, freeze, quantize_linears
-from harness.bench import throughput_ratio
-from harness.data import eval_windows
-from harness.evaluate import perplexity
+from harness.bench.throughput import throughput_ratio
+from harness.data.windows import eval_windows
+from harness.evaluation.evaluate import perplexity
 from harness.models import load_model
 
 

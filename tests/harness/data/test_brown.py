@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from harness import brown
+from harness.data import brown
 
 
 def test_parse_and_detokenize():

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from harness.token_cache import cached_ids, tokenizer_digest
+from harness.data.token_cache import cached_ids, tokenizer_digest
 
 TEXT = "The Fulton County Grand Jury said Friday an investigation of recent primary elections produced no evidence.\n\n" * 40
 
@@ -63,7 +63,7 @@ def test_another_tokenizer_definition_gets_its_own_entry(cache, smollm2_tokenize
 
 def test_digest_is_the_same_in_another_process(smollm2_tokenizer, tmp_path):
     smollm2_tokenizer.save_pretrained(tmp_path / "tok")
-    code = ("import sys; from transformers import AutoTokenizer; from harness.token_cache import tokenizer_digest; "
+    code = ("import sys; from transformers import AutoTokenizer; from harness.data.token_cache import tokenizer_digest; "
             f"print(tokenizer_digest(AutoTokenizer.from_pretrained({str(tmp_path / 'tok')!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1]
     from transformers import AutoTokenizer
@@ -105,7 +105,7 @@ def test_tokenizer_without_a_fast_backend_is_not_cached(cache):
 
 
 def test_token_stream_uses_the_disk_cache(cache, smollm2_tokenizer, monkeypatch, tmp_path):
-    from harness import data
+    from harness.data import windows as data
 
     text_file = tmp_path / "corpus.txt"
     text_file.write_text(TEXT)

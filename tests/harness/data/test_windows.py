@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import brown
-from harness.data import calibration_windows, check_dataset_name, eval_windows, resolve_corpus
+from harness.data import brown
+from harness.data.windows import calibration_windows, check_dataset_name, eval_windows, resolve_corpus
 from harness.errors import ResourceUnavailableError, UnknownNameError
 
 
@@ -125,7 +125,7 @@ def _fixture_docs(n, seed):
 
 
 def test_wikitext2_and_c4_windows_match_the_official_loaders(monkeypatch):
-    from harness import data
+    from harness.data import windows as data
 
     data._CACHE.clear()
     train_docs, val_docs = _fixture_docs(300, 1), _fixture_docs(300, 2)

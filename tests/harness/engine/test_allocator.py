@@ -1,4 +1,4 @@
-"""harness.allocator: the environment a run's process starts with, and that glibc acts on it."""
+"""harness.engine.allocator: the environment a run's process starts with, and that glibc acts on it."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from harness.allocator import ALLOCATORS, TUNABLES, allocator_env
+from harness.engine.allocator import ALLOCATORS, TUNABLES, allocator_env
 
 # A child that fills and frees a 24 MB buffer twice and reports how much memory stays resident. The
 # first free (of a mapped buffer) raises glibc's dynamic mmap threshold, so by default the second

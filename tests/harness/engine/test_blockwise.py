@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from harness import BitSpec, freeze, quantize_block, quantize_linears
-from harness.blockwise import BlockJob, mean_squared_error, run_blockwise, train
+from harness.engine.blockwise import BlockJob, mean_squared_error, run_blockwise, train
 from harness.errors import TrainingDivergedError
 
 W4A4 = BitSpec.parse("W4A4")

@@ -1,11 +1,11 @@
-"""harness.calibration_stats: running per-channel abs-max of module inputs, checked against a direct computation."""
+"""harness.engine.calibration_stats: running per-channel abs-max of module inputs, checked against a direct computation."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from harness.calibration_stats import input_abs_max, max_over_median, recording_inputs, smoothing_scales
+from harness.engine.calibration_stats import input_abs_max, max_over_median, recording_inputs, smoothing_scales
 
 
 def _inputs_of(model: nn.Module, name: str, tokens: torch.Tensor) -> torch.Tensor:

@@ -13,11 +13,11 @@ import pytest
 import torch
 import yaml
 
-from harness.checkpoint import Checkpoint, CheckpointError
-from harness.killpoints import KILL_ENV
+from harness.engine.checkpoint import Checkpoint, CheckpointError
+from harness.run.killpoints import KILL_ENV
 from harness.models import tiny_llama
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def sweep(tmp: Path, folder: Path, method: dict) -> Path:
@@ -122,7 +122,7 @@ def saved_checkpoint(tmp_path: Path, key: str = "k1") -> Checkpoint:
     """A checkpoint of two finished blocks (real files: safetensors blocks, pickled structures) and its state."""
     from safetensors.torch import save_file
 
-    from harness.checkpoint import EngineState
+    from harness.engine.checkpoint import EngineState
 
     blocks = tmp_path / "blocks"
     blocks.mkdir()

@@ -1,4 +1,4 @@
-"""harness.lazy: a skeleton on meta whose blocks come from safetensors shards, checked against the eager model."""
+"""harness.engine.lazy: a skeleton on meta whose blocks come from safetensors shards, checked against the eager model."""
 from __future__ import annotations
 
 import copy
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from harness import BitSpec, QuantContext, get_method
-from harness.evaluate import perplexity, perplexity_blockwise
-from harness.lazy import block_store, embedding_and_head_offloaded, is_lazy, materialized, weight_map
+from harness.evaluation.evaluate import perplexity, perplexity_blockwise
+from harness.engine.lazy import block_store, embedding_and_head_offloaded, is_lazy, materialized, weight_map
 from harness.models import load_model, tiny_llama
 
 CPU = torch.device("cpu")
@@ -149,9 +149,9 @@ def test_qllm_on_a_lazy_tied_model_matches_the_eager_model(tied_folder, tiny_tok
 
 def test_execute_on_a_folder_runs_lazily_and_leaves_its_work_dir_to_the_caller(folder, tmp_path):
     """execute writes the finished blocks and leaves them: only the caller knows when the result is stored."""
-    from harness.config import EvaluationConfig, PerplexityConfig
-    from harness.execute import RunSpec, execute, work_dir
-    from harness.workdir import discard
+    from harness.run.config import EvaluationConfig, PerplexityConfig
+    from harness.run.execute import RunSpec, execute, work_dir
+    from harness.run.workdir import discard
     from methods.rtn import RTNConfig
 
     evaluation = EvaluationConfig(ppl=PerplexityConfig(datasets=("brown",), seqlen=32, max_windows=2))
@@ -164,7 +164,7 @@ def test_execute_on_a_folder_runs_lazily_and_leaves_its_work_dir_to_the_caller(f
     assert discard(work_dir(run)) and not work_dir(run).exists()
     eager = copy.deepcopy(load_model(str(folder), dtype="float32", device="cpu").model)
     get_method("rtn").from_options({}).quantize(eager, BitSpec.parse("W4A8"), None, CTX)
-    from harness.data import eval_windows
+    from harness.data.windows import eval_windows
 
     tokenizer = load_model(str(folder), dtype="float32", device="cpu").tokenizer
     windows = eval_windows("brown", tokenizer, 32, 2)
@@ -172,7 +172,7 @@ def test_execute_on_a_folder_runs_lazily_and_leaves_its_work_dir_to_the_caller(f
 
 
 def test_dispatch_on_cpu_gives_the_whole_model_for_lm_eval(lazy, eager, tiny_tokens):
-    from harness.lazy import _mapped_device, dispatch
+    from harness.engine.lazy import _mapped_device, dispatch
 
     model = dispatch(lazy, CPU)
     assert not is_lazy(model) and not any(p.is_meta for p in model.parameters())

@@ -1,4 +1,4 @@
-"""harness.memory: the dry-run estimate's invariants and the up-front refusal."""
+"""harness.engine.memory: the dry-run estimate's invariants and the up-front refusal."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,10 +9,10 @@ from transformers import LlamaConfig
 
 from harness import BitSpec
 from harness.cli import main
-from harness.config import CalibrationConfig, EvaluationConfig, PerplexityConfig
+from harness.run.config import CalibrationConfig, EvaluationConfig, PerplexityConfig
 from harness.errors import ResourceUnavailableError
-from harness.execute import RunSpec
-from harness.memory import RUNTIME_BYTES, check_fits, estimate
+from harness.run.execute import RunSpec
+from harness.engine.memory import RUNTIME_BYTES, check_fits, estimate
 from methods.omniquant import OmniQuantConfig
 
 CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=8,
@@ -70,11 +70,11 @@ def test_low_memory_lowers_the_estimate_by_the_copies_it_drops(method, options, 
 
 
 def test_run_that_does_not_fit_is_refused_in_one_line(monkeypatch):
-    monkeypatch.setattr("harness.memory.available", lambda device: (10 * 2**20, None))
+    monkeypatch.setattr("harness.engine.memory.available", lambda device: (10 * 2**20, None))
     with pytest.raises(ResourceUnavailableError, match=r"needs about .* GB of host memory, 0\.0 GB available") as err:
         check_fits(spec())
     assert "\n" not in str(err.value)
-    monkeypatch.setattr("harness.memory.available", lambda device: (2**50, None))
+    monkeypatch.setattr("harness.engine.memory.available", lambda device: (2**50, None))
     assert check_fits(dataclasses.replace(spec())) is not None
 
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from harness.evaluate import perplexity
+from harness.evaluation.evaluate import perplexity
 
 
 def test_perplexity_matches_the_models_own_loss(tiny_model, tiny_tokens):

@@ -13,9 +13,9 @@ import yaml
 from click.testing import CliRunner
 
 from harness import BitSpec, freeze, quantize_linears
-from harness.config import ZeroShotConfig, parse_config
+from harness.run.config import ZeroShotConfig, parse_config
 from harness.errors import ConfigError
-from harness.zeroshot import _datasets_env, datasets_cache, zeroshot
+from harness.evaluation.zeroshot import _datasets_env, datasets_cache, zeroshot
 
 FIXTURES = Path(__file__).parent / "zeroshot_data"
 STANDARD = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
@@ -122,7 +122,7 @@ def test_bad_options_name_their_field(options, field):
 
 
 def test_runs_without_zeroshot_keep_their_keys():
-    from harness.execute import plan
+    from harness.run.execute import plan
 
     plain = plan(parse_config(_sweep()))
     with_tasks = plan(parse_config(_sweep(tasks=["brown_cloze"])))
@@ -161,7 +161,7 @@ def test_w3a3_rtn_scores_lower_than_fp(_smollm2_loaded, brown_cfg, fp_result):
 
 
 def test_report_shows_each_task_and_the_average_in_percent():
-    from harness.frame import tidy_frame
+    from harness.report.frame import tidy_frame
     from tests.harness.records import record
 
     zs = {"average": 0.5, "tasks": {"hellaswag": {"acc": 0.3, "acc_norm": 0.4, "metric": "acc_norm"},
@@ -174,9 +174,9 @@ def test_report_shows_each_task_and_the_average_in_percent():
 
 
 def test_log_samples_writes_one_jsonl_line_per_item_and_keeps_the_run_key(tmp_path):
-    from harness.execute import plan
-    from harness.results import ResultStore
-    from harness.sweep import run_sweep
+    from harness.run.execute import plan
+    from harness.run.results import ResultStore
+    from harness.run.sweep import run_sweep
     from tests.harness.executors.conftest import tiny_raw
 
     def sweep(log: bool):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.brown import detokenize, documents
+from harness.data.brown import detokenize, documents
 from harness.errors import ConfigError
-from harness.zeroshot_tasks import (
+from harness.evaluation.zeroshot_tasks import (
     CHOICES, CLOZE_SENTENCES, CONTENT_TAGS, CONTEXT_SENTENCES, build_cloze, build_nextsent, task_data_yaml,
 )
 
@@ -101,7 +101,7 @@ def test_builds_are_deterministic(test_docs, nextsent, cloze):
 # --- task data -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def builtin_index():
-    from harness.zeroshot import _builtin_index
+    from harness.evaluation.zeroshot import _builtin_index
 
     return _builtin_index()
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from harness.config import SweepConfig, parse_config
+from harness.run.config import SweepConfig, parse_config
 
 
 def tiny_raw(models: list[str] | None = None, bits: list[str] | None = None, **executor: Any) -> dict:
@@ -36,7 +36,7 @@ def stored(out: Path) -> dict[str, dict]:
 @pytest.fixture(scope="session")
 def local_reference(tmp_path_factory) -> dict[str, dict]:
     """The tiny sweep run by the local executor: what every other executor must reproduce."""
-    from harness.sweep import run_sweep
+    from harness.run.sweep import run_sweep
 
     out = tmp_path_factory.mktemp("local")
     summary = run_sweep(tiny_sweep(), out, progress=False)

@@ -5,7 +5,7 @@ import dataclasses
 import logging
 
 from harness.executors.base import Executor, Outcome, run_task
-from harness.execute import plan
+from harness.run.execute import plan
 from tests.harness.executors.conftest import tiny_sweep
 
 MISSING = "ptqbench-no-such-org/no-such-model"  # passes config validation, cannot load offline
@@ -77,7 +77,7 @@ def test_run_task_appends_start_progress_and_result_to_the_runs_log_file(tmp_pat
 def test_a_request_below_the_estimated_peak_is_warned_about_before_submitting(caplog):
     runs = plan(tiny_sweep(bits=["W8A8"]))
     ex = Recorder(limit=None, flaky=None)
-    # every estimate counts the Python/torch runtime, 0.7 GB (harness.memory.RUNTIME_BYTES), so 0.5 GB is too little
+    # every estimate counts the Python/torch runtime, 0.7 GB (harness.engine.memory.RUNTIME_BYTES), so 0.5 GB is too little
     ex.requested = lambda run: {"mem_gb": 0.5 if run.method == "rtn" else 64}
     with caplog.at_level(logging.WARNING):
         ex.run(runs, lambda r, rec: None, lambda r, o: None)

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import yaml
 
-from harness.config import parse_config
+from harness.run.config import parse_config
 from harness.executors import make_executor
 from harness.method import Method, MethodConfig, QuantizeResult
 from harness.executors.base import Outcome
-from harness.execute import plan
-from harness.allocator import TUNABLES, allocator_env
-from harness.sweep import run_sweep
+from harness.run.execute import plan
+from harness.engine.allocator import TUNABLES, allocator_env
+from harness.run.sweep import run_sweep
 from tests.harness.executors.conftest import stored, tiny_raw, tiny_sweep
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -88,7 +88,7 @@ class PidMethod(Method):
 
 def test_each_run_executes_in_its_own_process(tmp_path, monkeypatch):
     from harness.registry import REGISTRY
-    from harness.sweep import run_sweep
+    from harness.run.sweep import run_sweep
 
     REGISTRY.names()  # load the built-ins first, then add the probe for this test only
     monkeypatch.setitem(REGISTRY._methods, PidMethod.name, PidMethod)

@@ -10,9 +10,9 @@ import ray
 
 from harness.executors import make_executor
 from harness.executors.base import Outcome
-from harness.execute import plan
-from harness.sweep import run_sweep
-from harness.allocator import TUNABLES, allocator_env
+from harness.run.execute import plan
+from harness.run.sweep import run_sweep
+from harness.engine.allocator import TUNABLES, allocator_env
 from tests.harness.executors.conftest import stored, tiny_sweep
 
 ROOT = Path(__file__).resolve().parents[3]

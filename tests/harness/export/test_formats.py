@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load_file
 
 from harness import BitSpec, QuantContext, get_method, quant_linears
-from harness.evaluate import perplexity
-from harness.export import (CT_INT, CT_PACKED, MANIFEST, PTQBENCH, TRANSFORMERS_DEQUANTIZE, ExportError, export_model,
+from harness.evaluation.evaluate import perplexity
+from harness.export.formats import (CT_INT, CT_PACKED, MANIFEST, PTQBENCH, TRANSFORMERS_DEQUANTIZE, ExportError, export_model,
                              load_quantized)
-from harness.reassembly import Reassembled
-from harness.results import current_umask
+from harness.quant.reassembly import Reassembled
+from harness.run.results import current_umask
 
 CPU = QuantContext(device=torch.device("cpu"), seed=0, progress=False)
 
@@ -143,7 +143,7 @@ def test_compressed_tensors_schemes_are_the_presets(bits, preset):
     the presets leave for compressed-tensors to infer and ptqbench declares."""
     from compressed_tensors.quantization import preset_name_to_scheme
 
-    from harness.export import _ct_scheme
+    from harness.export.formats import _ct_scheme
 
     name, _, sym = bits.partition("-")
     spec = BitSpec.parse(name, w_symmetric=bool(sym), a_symmetric=bool(sym))

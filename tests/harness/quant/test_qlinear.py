@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from harness.bits import BitSpec
-from harness.qlinear import QuantLinear, freeze, quant_linears, quantize_linears, quantizers_disabled
-from harness.quantizer import quantize_activation, quantize_weight
+from harness.quant.qlinear import QuantLinear, freeze, quant_linears, quantize_linears, quantizers_disabled
+from harness.quant.quantizer import quantize_activation, quantize_weight
 
 
 def test_quant_linear_computes_on_quantized_input_and_weight():

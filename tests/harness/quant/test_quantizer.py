@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from harness.bits import BitSpec
-from harness.quantizer import ActQuantizer, dequantize_codes, quantize_activation, quantize_weight, round_ste, weight_codes
+from harness.quant.quantizer import ActQuantizer, dequantize_codes, quantize_activation, quantize_weight, round_ste, weight_codes
 
 
 def reference_asym(x: np.ndarray, bits: int) -> np.ndarray:
@@ -93,7 +93,7 @@ def test_clip_factors_shrink_the_range():
 
 def _written_out(x, xmin, xmax, bits, symmetric):
     """fake_quantize as plain autograd ops (round_ste, clamp), independent of the fused node."""
-    from harness.quantizer import quant_params
+    from harness.quant.quantizer import quant_params
 
     scale, zero = quant_params(xmin, xmax, bits, symmetric)
     if symmetric:
@@ -107,7 +107,7 @@ def _written_out(x, xmin, xmax, bits, symmetric):
 def test_fused_fake_quant_equals_the_written_out_form_with_gradients(symmetric, shape):
     """The fused autograd node: same values bit for bit, same gradients (to float64 rounding) for x and
     for learnable clipping factors (through scale and zero point), with values clipped off the grid."""
-    from harness.quantizer import fake_quantize
+    from harness.quant.quantizer import fake_quantize
 
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(*shape, generator=gen, dtype=torch.float64) * 3
@@ -132,7 +132,7 @@ def test_fused_fake_quant_equals_the_written_out_form_with_gradients(symmetric, 
 def test_row_range_gradient_goes_to_the_extremes():
     """row_range: amin/amax values; without ties the same gradient as autograd's amin/amax, with a
     tie the whole gradient on the first occurrence (a subgradient too; the total is the same)."""
-    from harness.quantizer import row_range
+    from harness.quant.quantizer import row_range
 
     x0 = torch.tensor([[1.0, -2.0, 5.0, 0.5], [3.0, 3.0, -1.0, -1.0]], dtype=torch.float64)
     g_min, g_max = torch.tensor([[2.0], [3.0]], dtype=torch.float64), torch.tensor([[5.0], [7.0]], dtype=torch.float64)
@@ -151,7 +151,7 @@ def test_row_range_gradient_goes_to_the_extremes():
 def test_a_non_finite_value_makes_its_row_nan_not_a_grid_value(symmetric):
     """An inf must not quantize to a finite value (the written-out STE form gives inf - inf = NaN):
     a broken weight has to show up as a NaN metric."""
-    from harness.quantizer import fake_quantize
+    from harness.quant.quantizer import fake_quantize
 
     x = torch.randn(3, 8)
     x[1, 2] = float("inf")
@@ -172,7 +172,7 @@ def _official_asym(x, xmin, xmax, bits):
 def test_zero_point_without_gradient_is_the_official_round(dtype):
     """zero_point_grad=False: the values of the STE form bit for bit, the official quantizer's gradients,
     no gradient reaching the zero point; the STE form's gradients differ (values outside the clipped range)."""
-    from harness.quantizer import fake_quantize, quant_params
+    from harness.quant.quantizer import fake_quantize, quant_params
 
     gen = torch.Generator().manual_seed(0)
     x0 = (torch.randn(40, 24, generator=gen, dtype=torch.float64) * 3).to(dtype)
@@ -204,7 +204,7 @@ def test_zero_point_without_gradient_is_the_official_round(dtype):
 
 def test_set_zero_point_grad_reaches_every_quantizer_of_a_block(tiny_model):
     from harness import quantize_block
-    from harness.quantizer import WeightQuantizer, set_zero_point_grad
+    from harness.quant.quantizer import WeightQuantizer, set_zero_point_grad
 
     layer = tiny_model.model.layers[0]
     quantize_block(layer, BitSpec.parse("W4A4", attention=True))

@@ -1,4 +1,4 @@
-"""harness.frame: the zero-shot average, the tidy frame's rows and columns, variant labels, aggregation over seeds."""
+"""harness.report.frame: the zero-shot average, the tidy frame's rows and columns, variant labels, aggregation over seeds."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from harness.frame import aggregate, tidy_frame, variant_label, zeroshot_average
+from harness.report.frame import aggregate, tidy_frame, variant_label, zeroshot_average
 from harness.registry import get_method
 from tests.harness.records import PAPER_TASKS, record
 

@@ -7,7 +7,7 @@ from html.parser import HTMLParser
 
 from matplotlib.image import imread
 
-from harness.report import report
+from harness.report.render import report
 from tests.harness.records import record, store, zeroshot
 
 

@@ -9,8 +9,8 @@ import pytest
 from matplotlib.colors import to_hex
 from matplotlib.image import imread
 
-from harness import plots
-from harness.frame import aggregate, tidy_frame
+from harness.report import plots
+from harness.report.frame import aggregate, tidy_frame
 from tests.harness.records import record, zeroshot
 
 

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from harness.cli import main
 from harness.errors import ConfigError
-from harness.frame import ZS_AVG, load_frame, tidy_frame
-from harness.report import FORMATS, report
+from harness.report.frame import ZS_AVG, load_frame, tidy_frame
+from harness.report.render import FORMATS, report
 from tests.harness.records import bold, grid, record, store, zeroshot
 
 GiB = 2**30

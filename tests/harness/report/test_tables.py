@@ -8,7 +8,7 @@ import random
 import pandas as pd
 import pytest
 
-from harness.tables import (MISSING, Table, best_mask, format_spread, format_value, tex_escape, to_csv, to_html, to_latex,
+from harness.report.tables import (MISSING, Table, best_mask, format_spread, format_value, tex_escape, to_csv, to_html, to_latex,
                             to_markdown)
 
 

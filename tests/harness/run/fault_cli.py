@@ -1,4 +1,4 @@
-"""``python tests/harness/fault_cli.py FAULT MARKER ptqbench-args...``: the CLI with one fault injected, for fault tests.
+"""``python tests/harness/run/fault_cli.py FAULT MARKER ptqbench-args...``: the CLI with one fault injected, for fault tests.
 
 FAULT is ``block-run`` (each run waits inside ``execute`` until MARKER.go exists) or
 ``block-write`` (each result write waits after its temp file is written and synced, before the
@@ -22,12 +22,12 @@ def _wait(marker: Path) -> None:
 
 def main() -> None:
     fault, marker, args = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-    import harness.execute
+    import harness.run.execute
     import harness.executors.base
-    import harness.results
+    import harness.run.results
 
     if fault == "block-run":
-        real_execute = harness.execute.execute
+        real_execute = harness.run.execute.execute
 
         def execute(run, progress=True):
             _wait(marker)
@@ -42,9 +42,9 @@ def main() -> None:
                 _wait(marker)
             return real_replace(src, dst, *a, **kw)
 
-        harness.results.os = type(sys)("os_patched")
-        harness.results.os.__dict__.update(os.__dict__)
-        harness.results.os.replace = replace
+        harness.run.results.os = type(sys)("os_patched")
+        harness.run.results.os.__dict__.update(os.__dict__)
+        harness.run.results.os.replace = replace
     else:
         raise SystemExit(f"unknown fault {fault!r}")
     from harness.cli import main as cli

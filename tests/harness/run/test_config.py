@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from harness.config import load_config, parse_config
+from harness.run.config import load_config, parse_config
 from harness.errors import ConfigError
 
 GOOD = {

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from harness.costs import CostMeter, current_rss, device_name
+from harness.run.costs import CostMeter, current_rss, device_name
 
 
 def test_cost_summary_on_cpu():

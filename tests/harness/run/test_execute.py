@@ -1,4 +1,4 @@
-"""harness.execute: a sweep's plan and each run's key (what decides a result)."""
+"""harness.run.execute: a sweep's plan and each run's key (what decides a result)."""
 from __future__ import annotations
 
 import json
@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from harness.config import parse_config
-from harness.execute import execute, plan
-from tests.harness.test_sweep import TINY
+from harness.run.config import parse_config
+from harness.run.execute import execute, plan
+from tests.harness.run.test_sweep import TINY
 
 
 def test_plan_always_has_the_baseline_once_per_model():
@@ -108,8 +108,8 @@ OFFICIAL_SWITCHES = {
 def test_official_switches_at_their_defaults_keep_old_keys_and_labels(method):
     """A default config (and one that spells the new options out at their defaults) hashes exactly the old
     options, so its run key and report label are those of runs made before the options existed."""
-    from harness.frame import variant_label
-    from harness.results import run_key
+    from harness.report.frame import variant_label
+    from harness.run.results import run_key
 
     def run(options):
         return next(r for r in plan(parse_config({**TINY, "methods": [{"name": method, **options}]})) if r.method == method)

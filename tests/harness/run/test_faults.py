@@ -2,7 +2,7 @@
 concurrent sweeps, a NaN metric, a changed data file. In every one, earlier results stay byte-identical.
 
 Sweeps are the tiny random LLaMA scored on a small local text (seqlen 32, 2 windows): fp and rtn W8A8.
-Killed and concurrent sweeps are real ``python -m``-style subprocesses (``tests/harness/fault_cli.py``
+Killed and concurrent sweeps are real ``python -m``-style subprocesses (``tests/harness/run/fault_cli.py``
 injects the pause); the rest run in-process through Click's runner.
 """
 from __future__ import annotations

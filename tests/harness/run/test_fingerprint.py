@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import fingerprint as fp
-from harness.config import parse_config
+from harness.run import fingerprint as fp
+from harness.run.config import parse_config
 from harness.errors import ResourceUnavailableError
-from harness.execute import plan
+from harness.run.execute import plan
 
 
 def safetensors_bytes(values: bytes, name: str = "w") -> bytes:

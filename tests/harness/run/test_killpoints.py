@@ -1,5 +1,5 @@
 """A real, lazy, checkpointed ``ptqbench run`` killed with SIGKILL at each named kill point
-(``harness.killpoints``), then the same command again: the resumed sweep succeeds with the
+(``harness.run.killpoints``), then the same command again: the resumed sweep succeeds with the
 uninterrupted run's perplexity, no result file is ever partial, and a stored result is never redone.
 
 Each killed sweep starts with the FP baseline's result already stored (copied from the reference
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.test_checkpoint import result, run, sweep
+from tests.harness.engine.test_checkpoint import result, run, sweep
 
 METHOD = {"name": "omniquant", "epochs": 1}
 

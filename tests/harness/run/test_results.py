@@ -11,7 +11,7 @@ import time
 import pytest
 
 from harness.errors import StorageError
-from harness.results import ResultStore, run_key, write_json_atomic, write_text_atomic
+from harness.run.results import ResultStore, run_key, write_json_atomic, write_text_atomic
 from tests.harness.records import record
 
 
@@ -23,7 +23,7 @@ def test_key_is_order_independent_and_sensitive():
 @pytest.mark.parametrize("fails", ["fsync", "replace"])
 def test_atomic_write_never_leaves_partial_files(tmp_path, monkeypatch, fails):
     """A crash inside the write (after the temp file holds the new text) keeps the old file and no temp."""
-    import harness.results as results
+    import harness.run.results as results
 
     path = tmp_path / "r.json"
     write_json_atomic(path, {"x": 1})
@@ -85,7 +85,7 @@ def test_resume_sets_an_untrustworthy_result_aside(tmp_path, caplog, content):
     if content == "OTHER_KEY":  # a complete record stored under the wrong name (a copy, a rename)
         content = json.dumps(other.to_dict())
     bad.write_text(content)
-    with caplog.at_level(logging.WARNING, logger="harness.results"):
+    with caplog.at_level(logging.WARNING, logger="harness.run.results"):
         assert not store.has("0123456789abcdef")
     [moved] = store.invalid.glob("0123456789abcdef.*.json")
     assert moved.read_text() == content and not bad.exists()
@@ -98,7 +98,7 @@ def test_records_skip_a_corrupt_file_with_a_warning_naming_it(tmp_path, caplog):
     good = record("m", "rtn", "W4A4", ppl={"brown": 3.0})
     store.write(good.key, good)
     (store.runs / "bad.json").write_text('{"truncated": ')
-    with caplog.at_level(logging.WARNING, logger="harness.results"):
+    with caplog.at_level(logging.WARNING, logger="harness.run.results"):
         assert list(store.records()) == [good]
     assert any("bad.json" in r.getMessage() for r in caplog.records)
 
@@ -134,7 +134,7 @@ def test_a_lock_is_exclusive_across_processes_and_names_its_holder(tmp_path):
     store = ResultStore(tmp_path)
     lock = store.lock("k")
     assert lock.acquire()
-    probe = ("import sys; from harness.results import ResultStore; "
+    probe = ("import sys; from harness.run.results import ResultStore; "
              "l = ResultStore(sys.argv[1]).lock('k'); print(l.acquire(), l.holder())")
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     held = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, env=env, check=True)

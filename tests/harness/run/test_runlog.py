@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import logging
 
-from harness.runlog import run_log
+from harness.run.runlog import run_log
 
 
 def test_the_file_gets_info_the_terminal_keeps_its_level_and_everything_is_restored(tmp_path):

@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from harness.config import parse_config
+from harness.run.config import parse_config
 from harness.errors import ConfigError
-from harness.results import ResultStore
-from harness.execute import plan
-from harness.sweep import run_sweep
+from harness.run.results import ResultStore
+from harness.run.execute import plan
+from harness.run.sweep import run_sweep
 
 TINY = {
     "name": "tiny", "models": ["tiny-random-llama"], "methods": ["rtn", {"name": "clipped-rtn", "clip_ratio": 0.9}],
@@ -67,7 +67,7 @@ def test_invalid_config_runs_nothing(tmp_path):
 
 def test_a_plugin_baseline_replaces_fp_everywhere(tmp_path):
     """tests/plugin_example registers `fp32-reference` (is_baseline) through its entry point."""
-    from harness.report import report
+    from harness.report.render import report
     from tests.harness.records import grid
 
     config = parse_config({**TINY, "methods": ["fp32-reference", "rtn", {"name": "clipped-rtn", "clip_ratio": 0.9}],

@@ -5,8 +5,8 @@ import os
 import subprocess
 import sys
 
-from harness.killpoints import KILL_ENV
-from harness.workdir import clean_trash, discard
+from harness.run.killpoints import KILL_ENV
+from harness.run.workdir import clean_trash, discard
 
 
 def work_tree(root, key="abc"):
@@ -29,7 +29,7 @@ def test_discard_removes_the_folder_and_says_whether_there_was_one(tmp_path):
 def test_a_removal_killed_in_its_middle_leaves_only_trash_that_the_next_start_cleans(tmp_path):
     work = work_tree(tmp_path)
     env = {**os.environ, KILL_ENV: "remove:mid"}
-    code = f"from harness.workdir import discard; discard(__import__('pathlib').Path({str(work)!r}))"
+    code = f"from harness.run.workdir import discard; discard(__import__('pathlib').Path({str(work)!r}))"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == -9, done.stderr
     assert not work.exists()  # the run's own name is gone at once: nothing reads a half-deleted checkpoint
