@@ -14,7 +14,7 @@ from __future__ import annotations
 from harness.adapter import LlamaAdapter, ScalePair, get_adapter
 from harness.bits import FP, BitSpec
 from harness.errors import ConfigError, PtqbenchError, ResourceUnavailableError, UnknownNameError
-from harness.method import Method, MethodConfig, QuantContext, QuantizeResult
+from harness.method import Method, MethodConfig, QuantContext, QuantizeResult, keyed_when_set, option
 from harness.quant.qlinear import QuantLinear, freeze, quant_linears, quantize_block, quantize_linears, quantizers_disabled
 from harness.quant.quantizer import ActQuantizer, WeightQuantizer, fake_quantize, quantize_activation, quantize_weight, round_ste
 from harness.registry import REGISTRY, get_method, register_method
@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FP", "ActQuantizer", "BitSpec", "ConfigError", "LlamaAdapter", "Method", "MethodConfig", "PtqbenchError",
     "QuantContext", "QuantLinear", "QuantizeResult", "REGISTRY", "ResourceUnavailableError", "ScalePair",
-    "UnknownNameError", "WeightQuantizer", "fake_quantize", "freeze", "get_adapter", "get_method",
+    "UnknownNameError", "WeightQuantizer", "fake_quantize", "freeze", "get_adapter", "get_method", "keyed_when_set", "option",
     "quant_linears", "quantize_activation", "quantize_block", "quantize_linears", "quantize_weight", "quantizers_disabled",
     "register_method", "round_ste",
 ]

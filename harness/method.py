@@ -12,6 +12,8 @@ frozen ``QuantLinear`` (or FP for the baseline), and returns statistics worth ke
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -24,18 +26,54 @@ from harness.bits import BitSpec
 from harness.errors import ConfigError
 
 
-# Field metadata of an option added after results were keyed (see :func:`keyed_when_set`).
+# Field metadata: an option added after results were keyed (see :func:`keyed_when_set`), and its one-line meaning.
 _KEYED_WHEN_SET = "ptqbench_keyed_when_set"
+_HELP = "ptqbench_help"
 
 
-def keyed_when_set(default: Any) -> Any:
-    """A config field left out of ``to_dict()`` while it has its default.
+def option(default: Any, help: str) -> Any:
+    """A method option: its default and its one-line meaning, which ``ptqbench methods --options`` and the
+    method's page in docs/methods/ print (``harness.method.options``)."""
+    return field(default=default, metadata={_HELP: help})
+
+
+def keyed_when_set(default: Any, help: str = "") -> Any:
+    """An option (as :func:`option`) left out of ``to_dict()`` while it has its default.
 
     A run's key hashes its method's ``to_dict()`` (``harness.run.execute``), and so does the report's
     variant label: an option added later with this default keeps every earlier run's key and label,
     and a run that sets it to anything else gets a key of its own.
     """
-    return field(default=default, metadata={_KEYED_WHEN_SET: True})
+    return field(default=default, metadata={_KEYED_WHEN_SET: True, _HELP: help})
+
+
+@dataclass(frozen=True)
+class OptionDoc:
+    """One option as users see it: name, type, default and meaning (empty for a plugin that gives none)."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+
+
+def options(config_class: type[MethodConfig]) -> list[OptionDoc]:
+    """The options of a method config, in declaration order."""
+    hints = typing.get_type_hints(config_class)
+    docs = []
+    for f in dataclasses.fields(config_class):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        docs.append(OptionDoc(f.name, _type_name(hints[f.name]), default, f.metadata.get(_HELP, "")))
+    return docs
+
+
+def _type_name(tp: Any) -> str:
+    """``int``, ``float | None``, ``"exact" | "off"`` (a Literal's values)."""
+    if typing.get_origin(tp) is typing.Literal:
+        return " | ".join(f'"{v}"' if isinstance(v, str) else repr(v) for v in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ from harness import BitSpec, ConfigError, Method, MethodConfig, QuantContext, Qu
 from harness.adapter import LlamaAdapter, ScalePair
 from harness.engine.blockwise import BlockJob, mean_squared_error, run_blockwise, train
 from harness.engine.calibration_stats import SCALE_CLAMP_MIN, smoothing_scales
-from harness.method import keyed_when_set
+from harness.method import keyed_when_set, option
 from harness.quant.quantizer import group_view, set_zero_point_grad, weight_quant_params
 
 log = logging.getLogger(__name__)
@@ -66,67 +66,51 @@ SCALE_FLOOR = 1e-2
 
 @dataclass(frozen=True)
 class OmniQuantConfig(MethodConfig):
-    """Args:
-    epochs: training epochs per block (official: 20; 0 = initialisation only).
-    lwc: learn weight clipping.
-    let: learn the equivalent transform (channel scales).
-    lwc_lr: AdamW learning rate of the clipping parameters (official 1e-2).
-    let_lr: AdamW learning rate of the scales (official 5e-3; 1e-3 for LLaMA-2 W4A4).
-    alpha: SmoothQuant migration strength of the initial scales (official 0.5; 0.75 for LLaMA-2 W4A4).
-    batch_size: calibration samples per step (official 1).
-    lwc_init: initial gamma and beta (sigmoid(4) = 0.982 of the min/max range).
-    max_samples: train on the first N calibration windows only (null = all, as the official code);
-        fake-quantized training is slow on CPU, so the CPU demo uses a few windows.
-    aug_loss: add a second MSE term against the FP block applied to the *quantized* inputs
-        (official --aug_loss, used by the LLaMA-1 W4A4 scripts).
-    let_attention: "exact" = LET also on input_layernorm -> q/k/v, v -> o and q/k, GQA-aware
-        (ptqbench's default); "off" = LET only on post_attention_layernorm -> gate/up (the QLLM
-        paper's "OmniQuant*" rows on LLaMA-2-70B).
-    let_init: max|W| of the initial scales. "pair" (default) = over every consumer of the pair
-        (q/k/v, gate/up, o); "official" = of one linear per pair, max|X| clamped to >= 1e-5 as well:
-        the official code matches its pairs dict {"q_proj": "qkv", "o_proj": "out", "up_proj":
-        "fc1"} against the linears' names and takes ``module.weight.abs().max(dim=0)[0]`` of q_proj,
-        o_proj and up_proj (OpenGVLab/OmniQuant 95fae1bd quantize/omniquant.py L64-68, L225-231; the
-        first commit took the signed max, changed to abs in ae39458). Under GQA the official v -> o
-        scale (one entry per o_proj input column) does not fit v_proj's fewer output rows; both modes
-        take max|X| and max|W| over the query heads sharing a KV head, which is the official scale
-        when every query head has its own KV head.
-    shuffle: true (default) = a new sample order every epoch, seeded by the run's seed; false = the
-        samples in order every epoch, as the official loop (quantize/omniquant.py L254-255,
-        ``index = j * batch_size``).
-    zero_point_grad: "ste" (default) = the zero point rounds with a straight-through estimator, so
-        the range gets a gradient through it; "none" = plain round() without a gradient, as the
-        official UniformAffineQuantizer (quantize/quantizer.py L155-159), set on every quantizer of
-        the block while it trains (LWC weights, activations, Q/K/V). Forward values are the same.
-    init_loss: also record each block's loss at the initialisation (SmoothQuant scales, clip 0.982)
-        in the run's stats, for a look at what training gains: one more pass of the block over every
-        calibration sample (about 8% of the method's time at 2 epochs), so off by default; the
-        official code has no such pass. It changes no result.
-    low_memory: keep no weight-sized tensor of the block's linears between a step's forward and
-        backward: each LET-scaled, clipped, fake-quantized weight is computed again in the backward
+    """OmniQuant-style options, each with its one-line meaning; the longer notes:
+
+    max_samples: fake-quantized training is slow on CPU, so the CPU demo trains on a few windows.
+    let_attention: "off" is the QLLM paper's "OmniQuant*" rows on LLaMA-2-70B.
+    let_init: "official" takes max|W| of one linear per pair, with max|X| clamped to >= 1e-5 as well:
+        the official code matches its pairs dict {"q_proj": "qkv", "o_proj": "out", "up_proj": "fc1"}
+        against the linears' names and takes ``module.weight.abs().max(dim=0)[0]`` of q_proj, o_proj
+        and up_proj (OpenGVLab/OmniQuant 95fae1bd quantize/omniquant.py L64-68, L225-231; the first
+        commit took the signed max, changed to abs in ae39458). Under GQA the official v -> o scale
+        (one entry per o_proj input column) does not fit v_proj's fewer output rows; both modes take
+        max|X| and max|W| over the query heads sharing a KV head, which is the official scale when
+        every query head has its own KV head.
+    shuffle: false is the official loop (quantize/omniquant.py L254-255, ``index = j * batch_size``).
+    zero_point_grad: "none" is the official UniformAffineQuantizer (quantize/quantizer.py L155-159),
+        set on every quantizer of the block while it trains (LWC weights, activations, Q/K/V).
+        Forward values are the same.
+    init_loss: one more pass of the block over every calibration sample (about 8% of the method's
+        time at 2 epochs); the official code has no such pass. It changes no result.
+    low_memory: each LET-scaled, clipped, fake-quantized weight is computed again in the backward
         (``QuantLinear.recompute_weight``). The same results bit for bit (tested); the peak of a
         training step drops by about three float32 copies of the block's weights, and a step costs
-        one more weight transform per linear (measured on CPU, README: 7% more time on smollm2-135m,
-        38% at hidden 2048, where the transforms of 46 MB weights are memory-bound).
+        one more weight transform per linear (measured on CPU: 7% more time on smollm2-135m, 38% at
+        hidden 2048, where the transforms of 46 MB weights are memory-bound).
     """
 
-    epochs: int = 20
-    lwc: bool = True
-    let: bool = True
-    lwc_lr: float = 1e-2
-    let_lr: float = 5e-3
-    alpha: float = 0.5
-    batch_size: int = 1
-    lwc_init: float = 4.0
-    max_samples: int | None = None
-    aug_loss: bool = False
-    let_attention: Literal["exact", "off"] = "exact"
+    epochs: int = option(20, "training epochs per block (official: 20; 0 = initialisation only)")
+    lwc: bool = option(True, "learn weight clipping (LWC)")
+    let: bool = option(True, "learn the equivalent transform: channel scales between each norm or linear and its consumers (LET)")
+    lwc_lr: float = option(1e-2, "AdamW learning rate of the clipping parameters (official 1e-2)")
+    let_lr: float = option(5e-3, "AdamW learning rate of the scales (official 5e-3; 1e-3 for LLaMA-2 W4A4)")
+    alpha: float = option(0.5, "SmoothQuant migration strength of the initial scales (official 0.5; 0.75 for LLaMA-2 W4A4)")
+    batch_size: int = option(1, "calibration samples per step (official 1)")
+    lwc_init: float = option(4.0, "initial clipping gamma and beta (sigmoid(4) = 0.982 of the min/max range)")
+    max_samples: int | None = option(None, "train on the first N calibration windows only (null = all, as the official code)")
+    aug_loss: bool = option(False, "add an MSE term against the FP block on the quantized inputs (official --aug_loss, LLaMA-1 W4A4)")
+    let_attention: Literal["exact", "off"] = option(
+        "exact", "LET also on input_layernorm -> q/k/v, v -> o and q/k, GQA-aware; off = only post_attention_layernorm -> gate/up")
     # added after runs were keyed: at their defaults they stay out of run keys (harness.method)
-    let_init: Literal["pair", "official"] = keyed_when_set("pair")
-    shuffle: bool = keyed_when_set(True)
-    zero_point_grad: Literal["ste", "none"] = keyed_when_set("ste")
-    init_loss: bool = keyed_when_set(False)
-    low_memory: bool = keyed_when_set(False)
+    let_init: Literal["pair", "official"] = keyed_when_set(
+        "pair", "max|W| of the initial scales over every consumer of the pair; official = of one linear per pair (notes above)")
+    shuffle: bool = keyed_when_set(True, "a new sample order every epoch, seeded by the run's seed; false = in order (official)")
+    zero_point_grad: Literal["ste", "none"] = keyed_when_set(
+        "ste", "zero points round with a straight-through estimator, so the range gets a gradient; none = official plain round")
+    init_loss: bool = keyed_when_set(False, "also record each block's loss at the initialisation (one more pass; changes no result)")
+    low_memory: bool = keyed_when_set(False, "recompute the scaled, clipped weights in the backward: same results, less memory, more time")
 
     def __post_init__(self) -> None:
         if self.epochs < 0:

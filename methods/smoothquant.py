@@ -41,6 +41,7 @@ from harness import (
     register_method,
 )
 from harness.engine.blockwise import BlockJob, run_blockwise
+from harness.method import option
 from harness.engine.calibration_stats import max_over_median, smoothing_scales
 from harness.quant.qlinear import quant_linears
 
@@ -48,12 +49,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SmoothQuantConfig(MethodConfig):
-    """Args:
-    alpha: migration strength in [0, 1]; 0 leaves activations alone (s = 1 / max|W|), 1 moves all
-        of their range into the weights. Official: 0.5 default, 0.85 LLaMA-2 7B/13B, 0.9 LLaMA-2 70B.
-    """
+    """SmoothQuant's one option. Official alpha: 0.5 default, 0.85 LLaMA-2 7B/13B, 0.9 LLaMA-2 70B."""
 
-    alpha: float = 0.5
+    alpha: float = option(0.5, "migration strength in [0, 1]: 0 leaves activations alone (s = 1 / max|W|), 1 moves all their range into the weights")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:

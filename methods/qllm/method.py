@@ -31,7 +31,7 @@ from harness import BitSpec, ConfigError, LlamaAdapter, Method, MethodConfig, Qu
 from harness.engine.blockwise import BlockJob, run_blockwise, train
 from harness.run.costs import release_freed_memory
 from harness.engine.lazy import block_store
-from harness.method import keyed_when_set
+from harness.method import keyed_when_set, option
 from harness.quant.quantizer import set_zero_point_grad
 from methods.qllm.correction import NormWithBias, add_lowrank, fold_bias_into_head, merge_lowrank, weights_offloaded
 from methods.qllm.reassembly import Plan, Reassembled, SiteFn, attention_fn, gated_fn, linear_fn, make_plan, ratio_theta, \
@@ -49,73 +49,61 @@ def site_input(site: str, adapter: LlamaAdapter) -> str:
 
 @dataclass(frozen=True)
 class QLLMConfig(MethodConfig):
-    """Args:
-    disassembly: split outlier channels (CD).
-    assembly: merge as many similar channel pairs as disassembly added (CA); needs disassembly.
-    theta: "adaptive" (per-site MSE grid search, official), "ratio" (the lowest grid theta that adds
-        at most channel_ratio * width channels, the official non-adaptive CD) or "fixed" (theta_value).
-    theta_value: the threshold for theta="fixed".
-    channel_ratio: most channels disassembly may add, as a fraction of the width (official scripts: 0.2).
-    grid_steps: theta grid resolution; 0 = official max(100, int(max_stat / 0.5)).
-    search_samples: calibration samples whose features score theta and the matching (official: 1).
-    error_correction: train low-rank corrections (EC).
-    rank: rank r of the corrections (official 4).
-    alpha: scaling numerator, s = alpha / rank (official 1).
-    blocks_per_job: decoder blocks trained jointly (official scripts: 4).
-    epochs: passes over the calibration samples per job (official 10).
-    lr: AdamW learning rate, decayed linearly to 0 per job (official 5e-4).
-    batch_size: calibration samples per optimizer step (official 1).
-    train_norms: also train the blocks' RMSNorm weights (official: yes).
-    final_norm: tune the final RMSNorm after the last block: "weight_bias" (official), "weight", "off".
-    search_order: the transform each theta candidate is scored with (theta="adaptive" only).
-        "applied" (default) = the one that is applied, disassemble then assemble; "official" = the
-        official proxy, assemble then disassemble (ModelTC/QLLM 653a329e reassembly/cr_module.py
-        L179-236), while the chosen theta is applied disassemble then assemble as the official code
-        does (models/int_qllm_llama_layer.py L211-229). The sites' ``error_after`` is then the applied
-        plan's error, ``error_scored`` the proxy's. No difference with assembly: false.
-    noop_candidate: true (default) = leaving the site alone is a candidate and wins ties, so a site is
-        never made worse on the search features; false = the official search, which starts from
-        min_loss = 100000 and best_th = max (the no-op, never scored) and keeps the no-op only when
-        every candidate scores >= 100000 (reassembly/cr_module.py L170-171, L238-241; theta="adaptive" only).
-    shuffle: a new sample order per epoch, seeded by the run's seed (default true, as the official
-        loop, which draws torch.randperm from the global generator: quantize/qllm.py L388, and L733 for
-        the final norm); false = the samples in order.
-    zero_point_grad: "ste" (default) = the activation quantizers' zero points round with a
-        straight-through estimator while the corrections train; "none" = plain round() without a
-        gradient, as the official quantizer (quantize/quantizer.py L152-153). The same values, and in
-        practice the same training: the zero point's gradient is non-zero only through values that
-        fall off the grid, which per-token ranges without clipping do not produce (Q(W) is cached).
-    low_memory: keep the job's frozen Q(W) as integer codes (1 byte per weight instead of 4) and
-        dequantize it in each forward and again in the backward (``correction.CachedWeight``), and
-        keep W itself out of memory until the merge (``correction.weights_offloaded``: host memory
-        for a GPU job, the run's work directory for a CPU one). The same results bit for bit
-        (tested); while the corrections train, the job holds a quarter of its float32 weights
-        instead of twice them, for two more elementwise passes per weight and step (about 8% more
-        time on CPU) and one write and read of W per job.
+    """QLLM's options, each with its one-line meaning; the longer notes:
+
+    theta: "ratio" is the lowest grid theta that adds at most ``channel_ratio * width`` channels (the
+        official non-adaptive CD).
+    search_order: "applied" scores each theta candidate with the transform that is applied,
+        disassemble then assemble; "official" scores with the official proxy, assemble then
+        disassemble (ModelTC/QLLM 653a329e reassembly/cr_module.py L179-236), while the chosen theta
+        is applied disassemble then assemble as the official code does (models/int_qllm_llama_layer.py
+        L211-229). The sites' ``error_after`` is then the applied plan's error, ``error_scored`` the
+        proxy's. No difference with assembly: false.
+    noop_candidate: false is the official search, which starts from min_loss = 100000 and best_th =
+        max (the no-op, never scored) and keeps the no-op only when every candidate scores >= 100000
+        (reassembly/cr_module.py L170-171, L238-241; theta="adaptive" only).
+    shuffle: the official loop draws torch.randperm from the global generator (quantize/qllm.py L388,
+        and L733 for the final norm).
+    zero_point_grad: "none" is plain round() without a gradient, as the official quantizer
+        (quantize/quantizer.py L152-153). The same values, and in practice the same training: the
+        zero point's gradient is non-zero only through values that fall off the grid, which per-token
+        ranges without clipping do not produce (Q(W) is cached).
+    low_memory: the job's frozen Q(W) is kept as integer codes (1 byte per weight instead of 4) and
+        dequantized in each forward and again in the backward (``correction.CachedWeight``), and W
+        itself stays out of memory until the merge (``correction.weights_offloaded``: host memory for
+        a GPU job, the run's work directory for a CPU one). The same results bit for bit (tested);
+        while the corrections train, the job holds a quarter of its float32 weights instead of twice
+        them, for two more elementwise passes per weight and step (about 8% more time on CPU) and one
+        write and read of W per job.
     """
 
-    disassembly: bool = True
-    assembly: bool = True
-    theta: Literal["adaptive", "ratio", "fixed"] = "adaptive"
-    theta_value: float | None = None
-    channel_ratio: float = 0.2
-    grid_steps: int = 0
-    search_samples: int = 1
-    error_correction: bool = True
-    rank: int = 4
-    alpha: float = 1.0
-    blocks_per_job: int = 4
-    epochs: int = 10
-    lr: float = 5e-4
-    batch_size: int = 1
-    train_norms: bool = True
-    final_norm: Literal["weight_bias", "weight", "off"] = "weight_bias"
+    disassembly: bool = option(True, "split outlier input channels into sub-channels (channel disassembly, CD)")
+    assembly: bool = option(True, "merge as many similar channel pairs as disassembly added (channel assembly, CA); needs disassembly")
+    theta: Literal["adaptive", "ratio", "fixed"] = option(
+        "adaptive", "how each site's outlier threshold is chosen: per-site grid search on the reassembly error (official), "
+        "a channel budget, or theta_value")
+    theta_value: float | None = option(None, "the threshold for theta: fixed")
+    channel_ratio: float = option(0.2, "most channels disassembly may add, as a fraction of the width (official scripts: 0.2)")
+    grid_steps: int = option(0, "theta grid resolution; 0 = official max(100, int(max|x| / 0.5))")
+    search_samples: int = option(1, "calibration samples whose features score theta and the channel matching (official: 1)")
+    error_correction: bool = option(True, "train low-rank corrections W + s B A against the FP block outputs (EC)")
+    rank: int = option(4, "rank r of the corrections (official 4)")
+    alpha: float = option(1.0, "scaling numerator of the corrections, s = alpha / rank (official 1)")
+    blocks_per_job: int = option(4, "decoder blocks trained jointly (official scripts: 4)")
+    epochs: int = option(10, "passes over the calibration samples per job (official 10)")
+    lr: float = option(5e-4, "AdamW learning rate, decayed linearly to 0 per job (official 5e-4)")
+    batch_size: int = option(1, "calibration samples per optimizer step (official 1)")
+    train_norms: bool = option(True, "also train the blocks' RMSNorm weights (official: yes)")
+    final_norm: Literal["weight_bias", "weight", "off"] = option(
+        "weight_bias", "tune the final RMSNorm after the last block: weight and a head bias (official), weight only, or not")
     # added after runs were keyed: at their defaults they stay out of run keys (harness.method)
-    search_order: Literal["applied", "official"] = keyed_when_set("applied")
-    noop_candidate: bool = keyed_when_set(True)
-    shuffle: bool = keyed_when_set(True)
-    zero_point_grad: Literal["ste", "none"] = keyed_when_set("ste")
-    low_memory: bool = keyed_when_set(False)
+    search_order: Literal["applied", "official"] = keyed_when_set(
+        "applied", "the transform each theta candidate is scored with: the applied one, or the official proxy (notes above)")
+    noop_candidate: bool = keyed_when_set(True, "leaving a site alone is a theta candidate and wins ties (false: the official search)")
+    shuffle: bool = keyed_when_set(True, "a new sample order per epoch, seeded by the run's seed (official); false = in order")
+    zero_point_grad: Literal["ste", "none"] = keyed_when_set(
+        "ste", "activation zero points round with a straight-through estimator while training; none = the official plain round")
+    low_memory: bool = keyed_when_set(False, "Q(W) as 1-byte codes and W out of memory while training: same results, less memory")
 
     def __post_init__(self) -> None:
         for name, default in (("search_order", "applied"), ("noop_candidate", True)):

@@ -73,9 +73,27 @@ def test_dry_run_lists_runs(tmp_path):
     assert result.exit_code == 0 and "tiny-random-llama fp W16A16" in result.output and "rtn W4A4" in result.output
 
 
-def test_methods_lists_builtins():
+def test_methods_lists_builtins_with_each_options_default_type_and_meaning():
     result = CliRunner().invoke(main, ["methods", "--options"])
-    assert result.exit_code == 0 and "rtn" in result.output and "clip_ratio = 0.9" in result.output
+    assert result.exit_code == 0 and "rtn" in result.output
+    lines = [" ".join(line.split()) for line in result.output.splitlines()]
+    assert "clip_ratio = 0.9 (float) fraction of the min/max range kept, in (0, 1]" in lines  # a plugin's option
+    assert 'let_attention = \'exact\' ("exact" | "off") LET also on input_layernorm -> q/k/v, v -> o and q/k, GQA-aware; ' \
+           "off = only post_attention_layernorm -> gate/up" in lines
+
+
+def test_methods_write_docs_fills_the_marked_block_and_refuses_a_page_without_it(tmp_path):
+    from harness.cli.methods import BEGIN, END
+
+    (tmp_path / "smoothquant.md").write_text(f"# SmoothQuant\n\n{BEGIN}\nstale\n{END}\n\nMore prose.\n")
+    (tmp_path / "unrelated.md").write_text("not a method page\n")
+    result = CliRunner().invoke(main, ["methods", "--write-docs", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "smoothquant.md").read_text()
+    assert "stale" not in page and "| `alpha` | `0.5` | float | migration strength in [0, 1]" in page and page.endswith("More prose.\n")
+    (tmp_path / "qllm.md").write_text("# QLLM without the block\n")
+    bad = CliRunner().invoke(main, ["methods", "--write-docs", str(tmp_path)])
+    assert bad.exit_code == 1 and "the page of qllm has no" in bad.output
 
 
 def test_seeds_option_overrides_the_yaml(tmp_path):

@@ -11,16 +11,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from harness import BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, freeze, quantize_linears, quantize_weight
+from harness import BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, freeze, option, quantize_linears, \
+    quantize_weight
 
 
 @dataclass(frozen=True)
 class ClippedRTNConfig(MethodConfig):
-    """Args:
-    clip_ratio: fraction of the min/max range kept, in (0, 1].
-    """
+    """The plugin's one option; ``option`` gives it the line ``ptqbench methods --options`` prints."""
 
-    clip_ratio: float = 0.9
+    clip_ratio: float = option(0.9, "fraction of the min/max range kept, in (0, 1]")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.clip_ratio <= 1.0:
