@@ -117,10 +117,19 @@ class Method(ABC):
     needs_calibration: ClassVar[bool] = True
     # True for the FP baseline: it runs once per model at W16A16 whatever the sweep's bits.
     is_baseline: ClassVar[bool] = False
+    # False for methods that draw nothing from the seed (no random init, no sampling). With
+    # needs_calibration False too the seed cannot change the result: a seed sweep runs them once
+    # (at its first seed) and reports say that one run stands for every seed (``seed_independent``).
+    seeded: ClassVar[bool] = True
     # Float32 weight-sized copies of a block group the method holds at its peak beyond the group itself
     # (autograd's saved tensors of its weight transforms, cached quantized weights): harness.engine.memory
     # adds them to a run's estimate (a property where the options change it). Measured with `ptqbench bench-scale`.
     weight_copies: ClassVar[float] = 0.0
+
+    @classmethod
+    def seed_independent(cls) -> bool:
+        """Whether the seed cannot change this method's result (no calibration data, no randomness)."""
+        return not cls.needs_calibration and not cls.seeded
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()

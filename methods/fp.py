@@ -18,6 +18,7 @@ class FP(Method):
     config_class = FPConfig
     needs_calibration = False
     is_baseline = True
+    seeded = False
 
     def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
         return QuantizeResult(model, {})

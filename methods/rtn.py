@@ -22,6 +22,7 @@ class RTN(Method):
     description = "Round-to-nearest min/max quantization, no calibration data"
     config_class = RTNConfig
     needs_calibration = False
+    seeded = False
 
     def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
         adapter, swapped = get_adapter(model), {}

@@ -41,7 +41,8 @@ ZS_AVG = "zeroshot_avg_pct"
 PHASES = {"load": "load_s", "calibrate": "calibrate_s", "quantize": "quantize_s", "evaluate": "evaluate_s"}
 BASELINE = "baseline"  # the frame's bool column
 KEYS = ("model", "method", "variant", "bits")  # what a row of the aggregate is; runs within one differ by seed
-LABELS = ("run_key", *KEYS, "seed", BASELINE, "device")  # the non-metric columns of the tidy frame
+SEED_INDEPENDENT = "seed_independent"  # the frame's bool column: one run stands for every seed (Method.seed_independent)
+LABELS = ("run_key", *KEYS, "seed", BASELINE, SEED_INDEPENDENT, "device")  # the non-metric columns of the tidy frame
 
 
 def _scores(tasks: dict[str, dict]) -> dict[str, float]:
@@ -97,7 +98,8 @@ def _snake(name: str) -> str:
 
 def _row(r: RunRecord) -> dict[str, Any]:
     row: dict[str, Any] = {"run_key": r.key, "model": r.model, "method": r.method, "variant": variant_label(r.method, r.options),
-                           "bits": r.bits, "seed": r.seed, BASELINE: r.baseline}
+                           "bits": r.bits, "seed": r.seed, BASELINE: r.baseline,
+                           SEED_INDEPENDENT: bool(r.provenance.get(SEED_INDEPENDENT, False))}
     for name, value in r.ppl.items():
         row[f"ppl_{_snake(name)}"] = value
     for task, entry in r.zeroshot_tasks.items():
@@ -166,13 +168,15 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
     A metric missing in some runs is averaged over the runs that have it; NaN where none has it.
     """
     metrics = metric_columns(frame)
-    columns = [*KEYS, BASELINE, "n", "seeds", *(f"{m}_{s}" for m in metrics for s in ("mean", "std")), "device"]
+    columns = [*KEYS, BASELINE, SEED_INDEPENDENT, "n", "seeds", *(f"{m}_{s}" for m in metrics for s in ("mean", "std")),
+               "device"]
     if frame.empty:
         return pd.DataFrame(columns=columns)
     rows = []
     for keys, group in frame.groupby(list(KEYS), sort=False, dropna=False):
         row = dict(zip(KEYS, keys))
         row[BASELINE] = bool(group[BASELINE].astype(bool).any())
+        row[SEED_INDEPENDENT] = bool(group[SEED_INDEPENDENT].astype(bool).all())
         row["n"] = len(group)
         if group["seed"].duplicated().any():  # same seed twice: runs differing in calibration or evaluation settings
             log.warning("%s: %d runs but seeds %s; they differ in settings other than the options (calibration, "

@@ -25,7 +25,7 @@ import pandas as pd
 from harness.report import paper
 from harness.bits import bits_order
 from harness.errors import ConfigError
-from harness.report.frame import BASELINE, ZS_AVG, aggregate, directions, load_records, means_and_spreads, tidy_frame
+from harness.report.frame import BASELINE, SEED_INDEPENDENT, ZS_AVG, aggregate, directions, load_records, means_and_spreads, tidy_frame
 from harness.report.htmlpage import page
 from harness.run.results import ResultStore
 from harness.report.tables import MISSING, RENDERERS, Table, best_mask, bold_note, to_markdown
@@ -42,7 +42,12 @@ def _spread_note(agg: pd.DataFrame) -> list[str]:
         return []
     counts = sorted(set(agg["n"]))
     n = str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
-    return [f"Cells: mean ± std over seeds (sample std, ddof 1; n = {n} runs per row); a cell of one run shows its value alone."]
+    notes = [f"Cells: mean ± std over seeds (sample std, ddof 1; n = {n} runs per row); a cell of one run shows its value alone."]
+    shared = list(dict.fromkeys(agg.loc[agg[SEED_INDEPENDENT].astype(bool), "method"]))
+    if shared:
+        notes.append(f"{', '.join(shared)}: the seed cannot change {'it' if len(shared) == 1 else 'them'} (no calibration "
+                     "data, no randomness), so one run, at the first seed, stands for every seed (n = 1).")
+    return notes
 
 
 def results_table(agg: pd.DataFrame, title: str, compact: bool = True, failed: int = 0) -> Table:
@@ -52,7 +57,7 @@ def results_table(agg: pd.DataFrame, title: str, compact: bool = True, failed: i
         return Table(pd.DataFrame(columns=["model", "method", "variant", "bits"]), title,
                      notes=["No finished runs in this directory.", *failed_note])
     frame, spread = means_and_spreads(agg)
-    drop = ["seeds", "quantize_device_hours"] + ([] if (agg["n"] > 1).any() else ["n"])
+    drop = ["seeds", SEED_INDEPENDENT, "quantize_device_hours"] + ([] if (agg["n"] > 1).any() else ["n"])
     notes = failed_note
     if compact and agg["device"].nunique(dropna=False) == 1 and (agg["device"] != "").all():
         notes.append(f"All runs on {agg['device'].iloc[0]}; device_hours = wall time x devices.")

@@ -123,20 +123,23 @@ def plan(config: SweepConfig) -> list[RunSpec]:
     """Every run of the sweep: per seed and model the baseline once (at W16A16), then each method at each of its bit specs.
 
     A run's options are its method entry's, with the sweep's matching ``overrides`` applied, so
-    the key and the recorded options carry them.
+    the key and the recorded options carry them. A method the seed cannot change
+    (``Method.seed_independent``: FP, RTN) runs at the first seed only; its record stands for every seed.
     """
     runs: list[RunSpec] = []
     baseline, baseline_config = _baseline(config)
     for seed in config.run_seeds:  # seed-major: an interrupted sweep has whole seeds, not a ragged mix
+        first = seed == config.run_seeds[0]
         common = dict(evaluation=config.evaluation, seed=seed, device=config.device, dtype=config.dtype,
                       attention_kernel=config.attention_kernel, trust_remote_code=config.trust_remote_code,
                       keep_work=config.keep_work)
         for model in config.models:
             inputs = local_inputs(model, None, config.evaluation)
-            runs.append(RunSpec(model, baseline, baseline_config, FP, None, **common, inputs=inputs))
+            if first or not get_method(baseline).seed_independent():
+                runs.append(RunSpec(model, baseline, baseline_config, FP, None, **common, inputs=inputs))
             for entry in config.methods:
                 cls = entry.method_class
-                if cls.is_baseline:
+                if cls.is_baseline or (cls.seed_independent() and not first):
                     continue
                 calibration = config.calibration if cls.needs_calibration else None
                 inputs = local_inputs(model, calibration, config.evaluation)
@@ -235,7 +238,8 @@ def _inputs_provenance(run: RunSpec, device: torch.device) -> dict[str, Any]:
     datasets = {*run.evaluation.ppl.datasets, *([run.calibration.dataset] if run.calibration else [])}
     return {"inputs": dict(run.inputs), "model_commit": hub_commit(hub_id) if hub_id else None,
             "dtype": str(resolve_dtype(run.dtype, device)).removeprefix("torch."),
-            "corpus_packages": {"brown": brown.NPM_PACKAGE} if "brown" in datasets else {}}
+            "corpus_packages": {"brown": brown.NPM_PACKAGE} if "brown" in datasets else {},
+            "seed_independent": run.method_class.seed_independent()}
 
 
 def check_finite(metrics: dict[str, Any]) -> None:

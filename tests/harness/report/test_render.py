@@ -201,6 +201,19 @@ def test_seeds_show_mean_std_and_n_and_bold_only_beyond_the_spread(tmp_path, fmt
     rows = grid(text, fmt, table=1)
     assert {r["n"] for r in rows} == {"3"}
     assert "mean ± std over seeds" in text and "larger of the two stds" in text
+    assert "stands for every seed" not in text  # these records do not say they are seed-independent
+
+
+def test_a_seed_independent_run_is_one_run_that_the_report_says_stands_for_every_seed(tmp_path):
+    records = [r for r in seeded() if r.method not in ("fp", "rtn") or r.seed == 0]
+    for r in records:
+        if r.method in ("fp", "rtn"):
+            r.provenance = {**r.provenance, "seed_independent": True}  # as execute records it for FP and RTN
+    text = report(store(tmp_path, records), "md")
+    rows = {(r["method"], r["variant"]): r for r in grid(text, "md", table=1)}
+    assert rows["fp", ""]["n"] == "1" and rows["rtn", ""]["n"] == "1" and rows["smoothquant", ""]["n"] == "3"
+    assert "fp, rtn: the seed cannot change them (no calibration data, no randomness), so one run, at the first seed, " \
+           "stands for every seed (n = 1)." in text
 
 
 def test_bold_with_seeds_needs_a_lead_beyond_both_stds(tmp_path):

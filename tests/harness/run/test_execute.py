@@ -80,12 +80,28 @@ def test_attention_kernel_reaches_the_model_and_agrees_with_sdpa_in_fp():
 
 
 def test_seeds_multiply_the_plan_and_one_seed_keeps_todays_keys():
-    one = plan(parse_config(TINY))
-    assert plan(parse_config({**TINY, "seeds": [0]})) == one  # seeds: [0] is the sweep seed: 0 always was
-    three = plan(parse_config({**TINY, "seeds": [0, 1, 2]}))
-    assert len(three) == 3 * len(one) and [r.seed for r in three] == [s for s in (0, 1, 2) for _ in one]
+    seeded = {**TINY, "methods": ["smoothquant", "clipped-rtn"]}  # calibration data, or a plugin that may use the seed
+    one = plan(parse_config(seeded))
+    assert plan(parse_config({**seeded, "seeds": [0]})) == one  # seeds: [0] is the sweep seed: 0 always was
+    three = plan(parse_config({**seeded, "seeds": [0, 1, 2]}))
+    fp = [r for r in three if r.method == "fp"]
+    others = [r for r in three if r.method != "fp"]
+    assert len(others) == 3 * (len(one) - 1) and [r.seed for r in others] == [s for s in (0, 1, 2) for _ in one[1:]]
     assert [r.key for r in three[: len(one)]] == [r.key for r in one]
     assert len({r.key for r in three}) == len(three)  # the seed is part of every key
+    assert [r.seed for r in fp] == [0]  # the FP baseline: no data, no randomness
+
+
+def test_a_method_the_seed_cannot_change_runs_once_per_seed_sweep():
+    from harness.registry import get_method
+
+    assert get_method("rtn").seed_independent() and get_method("fp").seed_independent()
+    assert not get_method("smoothquant").seed_independent()  # its calibration windows are drawn with the seed
+    assert not get_method("clipped-rtn").seed_independent()  # a plugin that does not say so keeps a run per seed
+    three = plan(parse_config({**TINY, "methods": ["rtn", "smoothquant"], "seeds": [3, 1, 2]}))
+    assert [(r.method, r.seed) for r in three] == [("fp", 3), ("rtn", 3), ("smoothquant", 3), ("smoothquant", 1),
+                                                   ("smoothquant", 2)]
+    assert three[1].key == plan(parse_config({**TINY, "methods": ["rtn"], "seed": 3}))[1].key  # the one-seed run's key
 
 
 # The options of runs keyed before let_init, shuffle, zero_point_grad, search_order and noop_candidate
