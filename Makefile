@@ -1,5 +1,5 @@
-# ptqbench: `make demo` (set up + demo sweep + report), `make demo-seeds` (the W4A4 demo over three seeds),
-# `make test` (set up + tests).
+# ptqbench: `make demo` (set up + the 10-minute demo sweep + report), `make demo-full` (every method at every
+# bit spec, with zero-shot), `make demo-seeds` (the W4A4 demo over three seeds), `make test` (set up + tests).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_CACHE ?= $(PTQBENCH_HOME)/hf-datasets
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo demo-seeds test bench clean
+.PHONY: setup demo demo-full demo-seeds test bench clean
 
 $(BIN)/ptqbench: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ demo: setup
 	$(BIN)/ptqbench report runs/demo -o reports/demo.md
 	$(BIN)/ptqbench report runs/demo -o reports/demo.html
 
+demo-full: setup
+	$(BIN)/ptqbench run configs/demo-full.yaml --out runs/demo-full
+	$(BIN)/ptqbench report runs/demo-full -o reports/demo-full.md
+	$(BIN)/ptqbench report runs/demo-full -o reports/demo-full.html
+
 demo-seeds: setup
 	$(BIN)/ptqbench run configs/demo-seeds.yaml --out runs/demo-seeds
 	$(BIN)/ptqbench report runs/demo-seeds -o reports/demo-seeds.md
@@ -42,4 +47,4 @@ bench: setup
 	$(BIN)/ptqbench bench
 
 clean:
-	rm -rf runs/demo runs/demo-seeds
+	rm -rf runs/demo runs/demo-full runs/demo-seeds
