@@ -66,7 +66,7 @@ def test_tidy_columns_are_snake_case_with_units():
     zs = {"tasks": {"arc_easy": {"acc": 0.5, "metric": "acc"}, "hellaswag": {"acc": 0.2, "acc_norm": 0.3, "metric": "acc_norm"}}}
     frame = tidy_frame([record("m", "rtn", "W4A4", ppl={"brown": 20.0, "/data/my-text.txt": 30.0}, zeroshot=zs)])
     assert list(frame.columns) == [
-        "run_key", "model", "method", "variant", "bits", "seed", "baseline", "ppl_brown", "ppl_data_my_text_txt",
+        "run_key", "model", "method", "variant", "bits", "seed", "baseline", "seed_independent", "ppl_brown", "ppl_data_my_text_txt",
         "arc_easy_acc_pct", "hellaswag_acc_norm_pct", "zeroshot_avg_pct", "wall_s", "load_s", "calibrate_s", "quantize_s",
         "evaluate_s", "device_hours", "quantize_device_hours", "peak_memory_gib", "device"]
     assert all(re.fullmatch(r"[a-z0-9_]+", c) for c in frame.columns)
