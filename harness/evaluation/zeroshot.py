@@ -31,7 +31,7 @@ from harness.errors import ConfigError, did_you_mean
 from harness.paths import cache_home
 from harness.evaluation.zeroshot_tasks import BROWN_TASKS, brown_task_dir, write_task_data_yamls
 
-# The metric compared with the papers' tables (README, "Zero-shot accuracy"): their old lm-eval fork
+# The metric compared with the papers' tables (docs/zeroshot.md): their old lm-eval fork
 # reported both; their FP16 rows match acc_norm for HellaSwag and acc for PIQA and ARC-c. The
 # HellaSwag-like Brown task follows HellaSwag.
 HEADLINE_METRIC = {"hellaswag": "acc_norm", "brown_nextsent": "acc_norm"}

@@ -1,4 +1,4 @@
-"""configs/official-omniquant-qllm-w4a4.yaml: the README's check against the official codes, with every switch official."""
+"""configs/official-omniquant-qllm-w4a4.yaml: the check against the official codes (docs/fidelity.md), with every switch official."""
 from __future__ import annotations
 
 from pathlib import Path
