@@ -40,8 +40,9 @@ demo-seeds: setup
 	$(BIN)/ptqbench report runs/demo-seeds -o reports/demo-seeds.md
 	$(BIN)/ptqbench report runs/demo-seeds -o reports/demo-seeds.html
 
+# Test files spread over one worker per core (pytest-xdist; each worker computes on one thread).
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 bench: setup
 	$(BIN)/ptqbench bench

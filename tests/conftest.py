@@ -22,6 +22,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: N workers share the cores, so each (and each process its tests start) computes on
+    # one thread; two processes of several threads each on the same cores slow each other 5-20x
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 SMOLLM2_FIXTURES = frozenset({"_smollm2_loaded", "smollm2", "brown_calib", "brown_eval", "fp_ppl", "w4a4_ppl"})
