@@ -126,6 +126,12 @@ class Method(ABC):
     # adds them to a run's estimate (a property where the options change it). Measured with `ptqbench bench-scale`.
     weight_copies: ClassVar[float] = 0.0
 
+    def working_bytes(self, model_config: Any) -> int:
+        """Bytes the method holds at its peak beyond the block group and its ``weight_copies`` (GPTQ: the
+        Hessians of the linears it solves together), for the memory estimate; ``model_config`` is the
+        model's transformers config. 0 by default."""
+        return 0
+
     @classmethod
     def seed_independent(cls) -> bool:
         """Whether the seed cannot change this method's result (no calibration data, no randomness)."""

@@ -111,8 +111,11 @@ class OmniQuantConfig(MethodConfig):
         "ste", "zero points round with a straight-through estimator, so the range gets a gradient; none = official plain round")
     init_loss: bool = keyed_when_set(False, "also record each block's loss at the initialisation (one more pass; changes no result)")
     low_memory: bool = keyed_when_set(False, "recompute the scaled, clipped weights in the backward: same results, less memory, more time")
+    weight_solver: str = keyed_when_set("rtn", "rtn only: its learned weight clipping (LWC) is how it rounds weights")
 
     def __post_init__(self) -> None:
+        if self.weight_solver != "rtn":
+            raise ConfigError(f"weight_solver: {self.weight_solver!r} is not allowed for omniquant: its learned weight clipping (LWC) is how it rounds weights; use rtn")
         if self.epochs < 0:
             raise ConfigError(f"epochs: {self.epochs} is not allowed; use an integer >= 0")
         for name in ("lwc_lr", "let_lr"):

@@ -32,16 +32,17 @@ from __future__ import annotations
 import logging
 import statistics
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from harness import (
-    BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, ScalePair, freeze, get_adapter, quantize_block,
-    register_method,
+    BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, ScalePair, get_adapter, register_method,
 )
 from harness.engine.blockwise import BlockJob, run_blockwise
-from harness.method import option
+from harness.engine.solvers import SOLVERS, SolverOptions, solve_block
+from harness.method import keyed_when_set, option
 from harness.engine.calibration_stats import max_over_median, smoothing_scales
 from harness.quant.qlinear import quant_linears
 
@@ -52,10 +53,15 @@ class SmoothQuantConfig(MethodConfig):
     """SmoothQuant's one option. Official alpha: 0.5 default, 0.85 LLaMA-2 7B/13B, 0.9 LLaMA-2 70B."""
 
     alpha: float = option(0.5, "migration strength in [0, 1]: 0 leaves activations alone (s = 1 / max|W|), 1 moves all their range into the weights")
+    # added after runs were keyed: at its default it stays out of run keys (harness.method)
+    weight_solver: Literal["rtn", "gptq"] = keyed_when_set(
+        "rtn", "how the smoothed weights are rounded: rtn, or gptq (harness.engine.solvers, the official GPTQ defaults)")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha: {self.alpha} is not allowed; use a number in [0, 1]")
+        if self.weight_solver not in SOLVERS:
+            raise ConfigError(f"weight_solver: {self.weight_solver!r} is not allowed; use one of {SOLVERS}")
 
 
 @torch.no_grad()
@@ -69,7 +75,8 @@ def smooth_pair(layer: nn.Module, pair: ScalePair, scales: torch.Tensor) -> None
 
 
 @torch.no_grad()
-def smooth(model: nn.Module, calibration: torch.Tensor, alpha: float, context: QuantContext, spec: BitSpec | None = None) -> dict:
+def smooth(model: nn.Module, calibration: torch.Tensor, alpha: float, context: QuantContext, spec: BitSpec | None = None,
+           solver: SolverOptions = SolverOptions()) -> dict:
     """Smooth every norm-fed pair of every block in place (and quantize it for ``spec``); return outlier stats.
 
     The statistics come from the block-wise engine's teacher pass (FP blocks on the FP model's
@@ -93,9 +100,8 @@ def smooth(model: nn.Module, calibration: torch.Tensor, alpha: float, context: Q
                 smooth_pair(layer, pair, scales)
                 ratios[pair.name]["before"].append(max_over_median(x_max))
                 ratios[pair.name]["after"].append(max_over_median(x_max / scales))
-            if spec is not None:
-                quantize_block(layer, spec, adapter)
-                freeze(layer)
+            if spec is not None:  # the job's inputs are the student's: what the smoothed, quantized model so far feeds
+                solve_block(job, layer, spec, solver)
         return {"ratios": ratios}
 
     jobs = run_blockwise(model, calibration, process, device=context.device, record=tuple(p.consumers[0] for p in pairs),
@@ -116,6 +122,6 @@ class SmoothQuant(Method):
 
     def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
         calibration = self.require_calibration(calibration)
-        stats = smooth(model, calibration, self.config.alpha, context, spec)
+        stats = smooth(model, calibration, self.config.alpha, context, spec, SolverOptions(self.config.weight_solver))
         swapped = sum(1 for _ in quant_linears(model))
         return QuantizeResult(model, {"alpha": self.config.alpha, "quantized_linears": swapped, **stats})

@@ -96,6 +96,7 @@ def estimate(run: Any, config: Any | None = None) -> MemoryEstimate | None:
     eager = vocab * h * (1 if getattr(config, "tie_word_embeddings", False) else 2) + h
     host = RUNTIME_BYTES + eager * b + group * b
     dev = group * 4 * (1 + _weight_copies(run))  # the group's float32 working copy, and the method's own copies
+    dev += _working_bytes(run, config)  # the method's own working set (GPTQ's Hessians)
     calib = run.calibration
     acts = 0
     if calib is not None:
@@ -115,17 +116,27 @@ def estimate(run: Any, config: Any | None = None) -> MemoryEstimate | None:
     return MemoryEstimate(host, dev)
 
 
-def _weight_copies(run: Any) -> float:
-    """The run's method's ``weight_copies`` under the run's options (0 for a method not installed here)."""
+def _method(run: Any) -> Any:
+    """The run's method under the run's options, or None for a method not installed here."""
     from harness.errors import UnknownNameError
     from harness.registry import get_method
 
     try:
         cls = get_method(run.method)
     except UnknownNameError:
-        return 0.0
-    config = run.config if isinstance(run.config, cls.config_class) else None
-    return float(cls(config).weight_copies)
+        return None
+    return cls(run.config if isinstance(run.config, cls.config_class) else None)
+
+
+def _working_bytes(run: Any, config: Any) -> int:
+    method = _method(run)
+    return int(method.working_bytes(config)) if method is not None else 0
+
+
+def _weight_copies(run: Any) -> float:
+    """The run's method's ``weight_copies`` under the run's options (0 for a method not installed here)."""
+    method = _method(run)
+    return float(method.weight_copies) if method is not None else 0.0
 
 
 def available(device: torch.device) -> tuple[int, int | None]:

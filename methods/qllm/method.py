@@ -104,8 +104,11 @@ class QLLMConfig(MethodConfig):
     zero_point_grad: Literal["ste", "none"] = keyed_when_set(
         "ste", "activation zero points round with a straight-through estimator while training; none = the official plain round")
     low_memory: bool = keyed_when_set(False, "Q(W) as 1-byte codes and W out of memory while training: same results, less memory")
+    weight_solver: str = keyed_when_set("rtn", "rtn only: its low-rank corrections are trained against its own rounded weights")
 
     def __post_init__(self) -> None:
+        if self.weight_solver != "rtn":
+            raise ConfigError(f"weight_solver: {self.weight_solver!r} is not allowed for qllm: its low-rank corrections are trained against its own rounded weights; use rtn")
         for name, default in (("search_order", "applied"), ("noop_candidate", True)):
             if self.theta != "adaptive" and getattr(self, name) != default:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is only allowed with theta: adaptive (it changes the search)")

@@ -77,7 +77,8 @@ def test_lazy_perplexity_equals_eager(lazy, eager, tiny_tokens):
 
 @pytest.mark.parametrize("method,options", [("rtn", {}), ("smoothquant", {}), ("omniquant", {"epochs": 1}),
                                             ("qllm", {"epochs": 1, "grid_steps": 4}),
-                                            ("qllm", {"epochs": 1, "grid_steps": 4, "low_memory": True})])
+                                            ("qllm", {"epochs": 1, "grid_steps": 4, "low_memory": True}),
+                                            ("gptq", {"true_sequential": True}), ("smoothquant", {"weight_solver": "gptq"})])
 def test_methods_on_a_lazy_model_match_the_eager_model(method, options, folder, lazy, eager, tiny_tokens, tmp_path):
     spec = BitSpec.parse("W4A8")
     m = get_method(method).from_options(options)

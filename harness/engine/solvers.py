@@ -1,0 +1,84 @@
+"""Weight solvers: how a method rounds the weights of a block it has prepared (smoothed, rotated, ...).
+
+``solve_block(job, layer, spec, solver)`` leaves every linear of ``layer`` a frozen ``QuantLinear``:
+
+- ``rtn``: round to nearest on the bit spec's min/max grid (``quantize_block`` + ``freeze``);
+- ``gptq``: GPTQ (``harness.quant.gptq``) as the official ``llama_sequential`` applies it
+  (IST-DASLab/gptq 2d65066 ``llama.py``): per group of linears, hooks take each linear's inputs
+  while the block runs on the student inputs (what the quantized model so far feeds it: earlier
+  groups of the same block already quantized, later ones still FP), accumulate its Hessian sample
+  by sample, and the group is solved, swapped for ``QuantLinear``s on the solver's grid and frozen.
+  ``true_sequential`` takes the official groups k/v/q, o, up/gate, down; otherwise all seven
+  linears see the same pass.
+
+A method that wants a choice offers ``weight_solver: rtn | gptq`` and calls this; a plugin can too.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from harness.bits import BitSpec
+from harness.engine.blockwise import BlockJob
+from harness.quant.gptq import FixedGridQuantizer, GPTQOptions, Hessian, gptq_solve
+from harness.quant.qlinear import freeze, quantize_block
+
+SOLVERS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """What ``solve_block`` needs besides the block: the solver, GPTQ's options and its grouping."""
+
+    solver: str = "rtn"
+    gptq: GPTQOptions = GPTQOptions()
+    true_sequential: bool = False
+
+
+def sequential_groups(job: BlockJob, true_sequential: bool) -> list[tuple[str, ...]]:
+    """The groups of linears solved one after another (the official ``sequential`` lists)."""
+    a = job.adapter
+    if not true_sequential:
+        return [a.linear_names]
+    return [a.attn_in.consumers, a.attn_out.consumers, a.mlp_in.consumers, a.mlp_out.consumers]
+
+
+def solve_block(job: BlockJob, layer: nn.Module, spec: BitSpec, options: SolverOptions) -> list[dict]:
+    """Quantize every linear of ``layer`` (one of ``job.layers``) with ``options.solver``; return per-linear stats."""
+    if options.solver == "rtn" or not spec.quantizes_weights:
+        quantize_block(layer, spec, job.adapter)
+        freeze(layer)
+        return []
+    stats = []
+    position = job.layers.index(layer)
+    for names in sequential_groups(job, options.true_sequential):
+        hessians = _collect(job, position, layer, names)
+        for name in names:
+            started = time.perf_counter()
+            linear = layer.get_submodule(name)
+            q, scale, zero, loss = gptq_solve(linear.weight.data.to(job.device), hessians.pop(name).matrix, spec, options.gptq)
+            (qlinear,) = quantize_block(layer, spec, job.adapter, include=lambda n, _l, name=name: n == name).values()
+            qlinear.weight.data = q.to(qlinear.weight.device, qlinear.weight.dtype)
+            qlinear.weight_quant = FixedGridQuantizer(spec, scale, zero)
+            qlinear.freeze()
+            stats.append({"linear": name, "loss": loss, "seconds": time.perf_counter() - started})
+    return stats
+
+
+@torch.no_grad()
+def _collect(job: BlockJob, position: int, layer: nn.Module, names: tuple[str, ...]) -> dict[str, Hessian]:
+    """The Hessians of ``names``' inputs, sample by sample, with the job's earlier blocks already quantized."""
+    hessians = {name: Hessian(layer.get_submodule(name).in_features, job.device) for name in names}
+    hooks = [layer.get_submodule(name).register_forward_pre_hook(lambda _m, args, h=hessians[name]: h.add(args[0]))
+             for name in names]
+    try:
+        for i in range(len(job.q_inputs)):
+            x = job.forward(job.rows(job.q_inputs, slice(i, i + 1)), job.layers[:position])  # earlier blocks of the job
+            job.forward(x, [layer])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return hessians
