@@ -25,7 +25,6 @@ from harness import schema
 from harness.bits import BitSpec
 from harness.errors import ConfigError
 
-
 # Field metadata: an option added after results were keyed (see :func:`keyed_when_set`), and its one-line meaning.
 _KEYED_WHEN_SET = "ptqbench_keyed_when_set"
 _HELP = "ptqbench_help"

@@ -50,7 +50,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from harness import BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, QuantLinear, get_adapter, quantize_block, quantize_weight, register_method
+from harness import (
+    BitSpec,
+    ConfigError,
+    Method,
+    MethodConfig,
+    QuantContext,
+    QuantizeResult,
+    QuantLinear,
+    get_adapter,
+    quantize_block,
+    quantize_weight,
+    register_method,
+)
 from harness.adapter import LlamaAdapter, ScalePair
 from harness.engine.blockwise import BlockJob, mean_squared_error, run_blockwise, train
 from harness.engine.calibration_stats import SCALE_CLAMP_MIN, smoothing_scales

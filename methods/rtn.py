@@ -7,7 +7,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness import BitSpec, Method, MethodConfig, QuantContext, QuantizeResult, freeze, get_adapter, quantize_block, register_method
+from harness import (
+    BitSpec,
+    Method,
+    MethodConfig,
+    QuantContext,
+    QuantizeResult,
+    freeze,
+    get_adapter,
+    quantize_block,
+    register_method,
+)
 from harness.engine.lazy import map_blocks
 
 

@@ -38,12 +38,20 @@ import torch
 from torch import nn
 
 from harness import (
-    BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, ScalePair, get_adapter, register_method,
+    BitSpec,
+    ConfigError,
+    Method,
+    MethodConfig,
+    QuantContext,
+    QuantizeResult,
+    ScalePair,
+    get_adapter,
+    register_method,
 )
 from harness.engine.blockwise import BlockJob, run_blockwise
+from harness.engine.calibration_stats import max_over_median, smoothing_scales
 from harness.engine.solvers import SOLVERS, SolverOptions, solve_block
 from harness.method import keyed_when_set, option
-from harness.engine.calibration_stats import max_over_median, smoothing_scales
 from harness.quant.qlinear import quant_linears
 
 log = logging.getLogger(__name__)

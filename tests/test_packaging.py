@@ -57,7 +57,6 @@ def test_ptqbench_api_imports_from_a_plain_install(installed, tmp_path):
 
 def test_pyproject_lists_every_package_folder():
     import tomllib
-
     from setuptools import find_packages
 
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])

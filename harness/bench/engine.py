@@ -38,9 +38,9 @@ def _measure(layers: int, hidden: int, samples: int, seqlen: int, device: str) -
 
     from harness.bits import BitSpec
     from harness.engine.blockwise import run_blockwise, train
-    from harness.run.costs import PeakRSS, current_rss
     from harness.models import tiny_llama
     from harness.quant.qlinear import quantize_block
+    from harness.run.costs import PeakRSS, current_rss
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     dev = torch.device(device)

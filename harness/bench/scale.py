@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from harness.engine.allocator import allocator_env
-from harness.errors import ConfigError
 from harness.engine.memory import GB, estimate
+from harness.errors import ConfigError
 from harness.paths import cache_home
 
 log = logging.getLogger(__name__)
@@ -119,9 +119,9 @@ def disk_size(folder: Path) -> int:
 
 def run_spec(folder: Path, label: str, samples: int, seqlen: int, windows: int, work_root: Path):
     from harness.bits import BitSpec
+    from harness.registry import get_method
     from harness.run.config import CalibrationConfig, EvaluationConfig, PerplexityConfig
     from harness.run.execute import RunSpec
-    from harness.registry import get_method
 
     method, options = method_options(label)
     cls = get_method(method)

@@ -5,8 +5,8 @@ import shutil
 
 import click
 
-from harness.engine.allocator import ALLOCATORS
 from harness.bench.scale import OPTIONS, bench_root, disk_size, generate, measure, method_options, prepare_tokens, table
+from harness.engine.allocator import ALLOCATORS
 
 
 @click.command("bench-scale")

@@ -11,9 +11,9 @@ from pathlib import Path
 import click
 
 from harness import schema
-from harness.run.config import EvaluationConfig
 from harness.evaluation.eval_saved import evaluate_saved
 from harness.quiet import quiet_requested
+from harness.run.config import EvaluationConfig
 from harness.run.results import ResultStore
 
 
@@ -36,8 +36,8 @@ def command(target: str, ppl: tuple[str, ...], seqlen: int, max_windows: int | N
             task_data: Path | None, log_samples: bool, device: str, dtype: str, seed: int, out_dir: Path) -> None:
     """Evaluate DIR_OR_MODEL (perplexity and zero-shot) and store the result like a sweep run."""
     from harness.data.windows import check_dataset_name
-    from harness.models import check_model_name
     from harness.evaluation.zeroshot import check_tasks
+    from harness.models import check_model_name
 
     evaluation = schema.from_dict(EvaluationConfig, {
         "ppl": {"datasets": list(ppl), "seqlen": seqlen, "max_windows": max_windows},

@@ -13,8 +13,8 @@ import click
 
 from harness.export.formats import human_size
 from harness.export.from_run import export_run, kept_model, locate
-from harness.run.results import ResultStore
 from harness.quiet import quiet_requested
+from harness.run.results import ResultStore
 
 
 @click.command("export")

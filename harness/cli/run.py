@@ -7,12 +7,12 @@ from pathlib import Path
 
 import click
 
-from harness.run.config import SweepConfig, load_config, with_task_data
-from harness.errors import ConfigError
-from harness.run.execute import plan
 from harness.engine.memory import estimate
-from harness.run.preflight import check_device
+from harness.errors import ConfigError
 from harness.quiet import quiet_requested
+from harness.run.config import SweepConfig, load_config, with_task_data
+from harness.run.execute import plan
+from harness.run.preflight import check_device
 from harness.run.sweep import run_sweep
 
 log = logging.getLogger(__name__)

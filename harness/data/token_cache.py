@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from harness.run.costs import release_freed_memory
 from harness.paths import cache_home
+from harness.run.costs import release_freed_memory
 
 log = logging.getLogger(__name__)
 

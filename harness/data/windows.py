@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from harness.data import brown
-from harness.errors import ResourceUnavailableError, UnknownNameError, did_you_mean
 from harness.data.token_cache import cached_ids
+from harness.errors import ResourceUnavailableError, UnknownNameError, did_you_mean
 
 log = logging.getLogger(__name__)
 

@@ -38,13 +38,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from harness.adapter import LlamaAdapter, get_adapter
-from harness.quant.attention import register as register_attention
 from harness.engine.calibration_stats import InputRecord, recording_inputs
-from harness.errors import TrainingDivergedError
 from harness.engine.checkpoint import Checkpoint, EngineState
-from harness.run.killpoints import kill_point
 from harness.engine.lazy import BlockStore, block_store, embedding_and_head_offloaded, materialized
+from harness.errors import TrainingDivergedError
 from harness.progress import Progress
+from harness.quant.attention import register as register_attention
+from harness.run.killpoints import kill_point
 
 log = logging.getLogger(__name__)
 

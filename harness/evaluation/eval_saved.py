@@ -16,11 +16,11 @@ from typing import Any
 
 from harness import schema
 from harness.bits import FP
-from harness.run.config import EvaluationConfig
-from harness.run.costs import CostMeter
 from harness.evaluation.evaluate import evaluate_model
 from harness.export.formats import export_info, is_ptqbench_folder, load_quantized
 from harness.models import load_model, resolve_device
+from harness.run.config import EvaluationConfig
+from harness.run.costs import CostMeter
 from harness.run.provenance import provenance
 from harness.run.record import RunRecord
 from harness.run.results import run_key

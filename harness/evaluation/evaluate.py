@@ -17,9 +17,10 @@ from torch import nn
 
 from harness.adapter import get_adapter
 from harness.engine.blockwise import embed_calibration, model_dtype
-from harness.run.killpoints import kill_point
 from harness.engine.lazy import dispatch, materialized
 from harness.progress import Progress
+from harness.run.killpoints import kill_point
+
 if TYPE_CHECKING:
     from harness.run.config import EvaluationConfig
 

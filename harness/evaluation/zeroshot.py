@@ -18,9 +18,9 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,8 +28,8 @@ from torch import nn
 
 from harness.environ import environment
 from harness.errors import ConfigError, did_you_mean
-from harness.paths import cache_home
 from harness.evaluation.zeroshot_tasks import BROWN_TASKS, brown_task_dir, write_task_data_yamls
+from harness.paths import cache_home
 
 # The metric compared with the papers' tables (docs/zeroshot.md): their old lm-eval fork
 # reported both; their FP16 rows match acc_norm for HellaSwag and acc for PIQA and ARC-c. The

@@ -28,11 +28,11 @@ from typing import Any, ClassVar
 
 from tqdm.auto import tqdm
 
-from harness.run.executor_config import ExecutorConfig
-from harness.errors import PtqbenchError, ResourceUnavailableError
-from harness.run.execute import RunSpec, execute
 from harness.engine.memory import GB, estimate
+from harness.errors import PtqbenchError, ResourceUnavailableError
 from harness.progress import duration
+from harness.run.execute import RunSpec, execute
+from harness.run.executor_config import ExecutorConfig
 from harness.run.provenance import provenance
 from harness.run.record import RunRecord
 from harness.run.runlog import run_log

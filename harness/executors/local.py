@@ -21,10 +21,10 @@ from concurrent.futures.process import BrokenProcessPool
 from harness.engine.allocator import allocator_env
 from harness.environ import environment
 from harness.executors.base import Executor, Outcome, run_task
-from harness.run.execute import RunSpec
 from harness.method import Method
 from harness.quiet import quiet_requested, silence_progress
 from harness.registry import REGISTRY
+from harness.run.execute import RunSpec
 
 log = logging.getLogger(__name__)
 

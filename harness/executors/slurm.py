@@ -24,8 +24,8 @@ from harness.engine.allocator import allocator_env
 from harness.environ import environment
 from harness.errors import ResourceUnavailableError
 from harness.executors.base import Executor, Outcome, Task, require
-from harness.run.results import write_json_atomic
 from harness.run.execute import RunSpec
+from harness.run.results import write_json_atomic
 
 log = logging.getLogger(__name__)
 

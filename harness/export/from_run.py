@@ -25,15 +25,15 @@ from typing import Any
 import torch
 
 from harness import schema
-from harness.run.config import CalibrationConfig, EvaluationConfig
 from harness.data.windows import calibration_windows
 from harness.errors import PtqbenchError
-from harness.run.execute import RunSpec, local_inputs
 from harness.export.formats import INFO, ExportResult, check_target, export_info, export_model, folder_size, staged
 from harness.method import QuantContext
 from harness.models import load_model, resolve_device
-from harness.run.record import RunRecord
 from harness.registry import get_method
+from harness.run.config import CalibrationConfig, EvaluationConfig
+from harness.run.execute import RunSpec, local_inputs
+from harness.run.record import RunRecord
 from harness.run.results import ResultStore
 
 log = logging.getLogger(__name__)

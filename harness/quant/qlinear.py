@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.quant import attention
 from harness.adapter import LlamaAdapter, get_adapter
 from harness.bits import BitSpec
+from harness.quant import attention
 from harness.quant.quantizer import ActQuantizer, WeightQuantizer
 
 

@@ -31,8 +31,8 @@ import pandas as pd
 
 from harness.bits import BitSpec
 from harness.errors import ConfigError, PtqbenchError
-from harness.run.record import RunRecord
 from harness.registry import get_method
+from harness.run.record import RunRecord
 from harness.run.results import ResultStore
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ import pandas as pd
 
 from harness.report import plots
 from harness.report.frame import aggregate, tidy_frame
-from harness.run.record import RunRecord
 from harness.report.tables import Table, to_html
+from harness.run.record import RunRecord
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1150px;

@@ -25,10 +25,10 @@ import yaml
 
 from harness.bits import BitSpec
 from harness.errors import ConfigError
-from harness.report.frame import quantize_hours, variant_label, zeroshot_average
 from harness.models import ZOO
-from harness.run.record import RunRecord
+from harness.report.frame import quantize_hours, variant_label, zeroshot_average
 from harness.report.tables import BASELINE, MISSING, Table, best_mask, bold_note
+from harness.run.record import RunRecord
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,22 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.report import paper
 from harness.bits import bits_order
 from harness.errors import ConfigError
-from harness.report.frame import BASELINE, SEED_INDEPENDENT, ZS_AVG, aggregate, directions, load_records, means_and_spreads, tidy_frame
+from harness.report import paper
+from harness.report.frame import (
+    BASELINE,
+    SEED_INDEPENDENT,
+    ZS_AVG,
+    aggregate,
+    directions,
+    load_records,
+    means_and_spreads,
+    tidy_frame,
+)
 from harness.report.htmlpage import page
-from harness.run.results import ResultStore
 from harness.report.tables import MISSING, RENDERERS, Table, best_mask, bold_note, to_markdown
+from harness.run.results import ResultStore
 
 FORMATS = ("md", "csv", "html", "tex", "parquet")
 REFERENCES = ("paper",)

@@ -26,12 +26,12 @@ from harness import schema
 from harness.bits import FP, BitSpec
 from harness.data.windows import check_dataset_name
 from harness.errors import ConfigError, PtqbenchError
-from harness.run.executor_config import ExecutorConfig, check_resources
+from harness.evaluation.zeroshot import ZeroShotConfig, check_tasks
 from harness.method import Method, MethodConfig
 from harness.models import check_model_name
-from harness.run.preflight import check_model
 from harness.registry import get_method
-from harness.evaluation.zeroshot import ZeroShotConfig, check_tasks
+from harness.run.executor_config import ExecutorConfig, check_resources
+from harness.run.preflight import check_model
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float16", "bfloat16", "float32")

@@ -20,23 +20,22 @@ from typing import Any
 import torch
 
 from harness import schema
-
-from harness.data import brown
 from harness.bits import FP, BitSpec
-from harness.run.config import CalibrationConfig, EvaluationConfig, SweepConfig
-from harness.run.costs import CostMeter
+from harness.data import brown
 from harness.data.windows import CORPORA, calibration_windows
-from harness.errors import NonFiniteMetricError
-from harness.evaluation.evaluate import evaluate_model
-from harness.run.fingerprint import fingerprint, hub_commit
-from harness.run.killpoints import kill_point
 from harness.engine.lazy import block_store
 from harness.engine.memory import check_fits
+from harness.errors import NonFiniteMetricError
+from harness.evaluation.evaluate import evaluate_model
 from harness.method import Method, MethodConfig, QuantContext
 from harness.models import ZOO, load_model, resolve_device, resolve_dtype
 from harness.paths import cache_home
-from harness.run.record import RunRecord
 from harness.registry import REGISTRY, get_method
+from harness.run.config import CalibrationConfig, EvaluationConfig, SweepConfig
+from harness.run.costs import CostMeter
+from harness.run.fingerprint import fingerprint, hub_commit
+from harness.run.killpoints import kill_point
+from harness.run.record import RunRecord
 from harness.run.results import run_key
 
 log = logging.getLogger(__name__)
@@ -220,8 +219,8 @@ def execute(run: RunSpec, progress: bool = True) -> RunRecord:
 
 def keep_model(run: RunSpec, model: torch.nn.Module, tokenizer: Any) -> None:
     """``keep_quantized``: the run's model in the export format at ``quantized_dir(run)`` (replaced whole if there)."""
-    from harness.export.formats import export_model
     from harness.engine.lazy import materialize_all
+    from harness.export.formats import export_model
 
     if run.method_class.is_baseline:
         return

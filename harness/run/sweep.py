@@ -19,13 +19,13 @@ from pathlib import Path
 
 import yaml
 
-from harness.run.config import SweepConfig
-from harness.run.execute import RunSpec, plan
 from harness.executors import make_executor
 from harness.executors.base import Executor, Outcome
+from harness.run.config import SweepConfig
+from harness.run.execute import RunSpec, plan
 from harness.run.killpoints import kill_point
-from harness.run.record import RunRecord
 from harness.run.preflight import check_device
+from harness.run.record import RunRecord
 from harness.run.results import ResultStore, RunLock, write_json_atomic, write_text_atomic
 from harness.run.workdir import clean_trash, discard
 

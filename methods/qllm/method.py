@@ -26,16 +26,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import BitSpec, ConfigError, LlamaAdapter, Method, MethodConfig, QuantContext, QuantizeResult, freeze, get_adapter, \
-    quant_linears, quantize_block, quantizers_disabled, register_method
+from harness import (
+    BitSpec,
+    ConfigError,
+    LlamaAdapter,
+    Method,
+    MethodConfig,
+    QuantContext,
+    QuantizeResult,
+    freeze,
+    get_adapter,
+    quant_linears,
+    quantize_block,
+    quantizers_disabled,
+    register_method,
+)
 from harness.engine.blockwise import BlockJob, run_blockwise, train
-from harness.run.costs import release_freed_memory
 from harness.engine.lazy import block_store
 from harness.method import keyed_when_set, option
 from harness.quant.quantizer import set_zero_point_grad
+from harness.run.costs import release_freed_memory
 from methods.qllm.correction import NormWithBias, add_lowrank, fold_bias_into_head, merge_lowrank, weights_offloaded
-from methods.qllm.reassembly import Plan, Reassembled, SiteFn, attention_fn, gated_fn, linear_fn, make_plan, ratio_theta, \
-    search, site_error, theta_grid
+from methods.qllm.reassembly import (
+    Plan,
+    Reassembled,
+    SiteFn,
+    attention_fn,
+    gated_fn,
+    linear_fn,
+    make_plan,
+    ratio_theta,
+    search,
+    site_error,
+    theta_grid,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,6 @@
 """OmniQuant-style method: LET is an exact equivalence (GQA included), LWC, training, export, perplexity."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch.nn.utils import parametrize

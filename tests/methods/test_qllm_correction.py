@@ -6,8 +6,15 @@ import torch
 from torch import nn
 
 from harness import BitSpec, QuantLinear, quantizers_disabled
-from methods.qllm.correction import CachedWeight, LowRank, NormWithBias, add_lowrank, fold_bias_into_head, merge_lowrank, \
-    weights_offloaded
+from methods.qllm.correction import (
+    CachedWeight,
+    LowRank,
+    NormWithBias,
+    add_lowrank,
+    fold_bias_into_head,
+    merge_lowrank,
+    weights_offloaded,
+)
 
 
 def make_linear(spec: str, seed: int = 0) -> QuantLinear:

@@ -8,10 +8,17 @@ import torch
 import torch.nn.functional as F
 
 from harness import BitSpec, LlamaAdapter, quantize_block
-from methods.qllm.method import SITES, QLLMConfig, apply_plan, reassemble_site, site_function
 from harness.engine.calibration_stats import channel_abs_max as channel_max
-from methods.qllm.reassembly import OFFICIAL_LOSS_CAP, assemble_first_plan, channel_distances, make_plan, search, site_error, \
-    theta_grid
+from methods.qllm.method import SITES, QLLMConfig, apply_plan, reassemble_site, site_function
+from methods.qllm.reassembly import (
+    OFFICIAL_LOSS_CAP,
+    assemble_first_plan,
+    channel_distances,
+    make_plan,
+    search,
+    site_error,
+    theta_grid,
+)
 
 W4A4 = BitSpec.parse("W4A4")
 

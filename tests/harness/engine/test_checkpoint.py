@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from harness.engine.checkpoint import Checkpoint, CheckpointError
-from harness.run.killpoints import KILL_ENV
 from harness.models import tiny_llama
+from harness.run.killpoints import KILL_ENV
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from harness import BitSpec, QuantContext, get_method
-from harness.evaluation.evaluate import perplexity, perplexity_blockwise
 from harness.engine.lazy import block_store, embedding_and_head_offloaded, is_lazy, materialized, weight_map
+from harness.evaluation.evaluate import perplexity, perplexity_blockwise
 from harness.models import load_model, tiny_llama
 
 CPU = torch.device("cpu")

@@ -9,10 +9,10 @@ from transformers import LlamaConfig
 
 from harness import BitSpec
 from harness.cli import main
-from harness.run.config import CalibrationConfig, EvaluationConfig, PerplexityConfig
-from harness.errors import ResourceUnavailableError
-from harness.run.execute import RunSpec
 from harness.engine.memory import RUNTIME_BYTES, check_fits, estimate
+from harness.errors import ResourceUnavailableError
+from harness.run.config import CalibrationConfig, EvaluationConfig, PerplexityConfig
+from harness.run.execute import RunSpec
 from methods.omniquant import OmniQuantConfig
 
 CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=8,

@@ -13,9 +13,9 @@ import yaml
 from click.testing import CliRunner
 
 from harness import BitSpec, freeze, quantize_linears
-from harness.run.config import ZeroShotConfig, parse_config
 from harness.errors import ConfigError
 from harness.evaluation.zeroshot import _datasets_env, datasets_cache, zeroshot
+from harness.run.config import ZeroShotConfig, parse_config
 
 FIXTURES = Path(__file__).parent / "zeroshot_data"
 STANDARD = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")

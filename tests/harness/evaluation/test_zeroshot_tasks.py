@@ -11,7 +11,13 @@ import yaml
 from harness.data.brown import detokenize, documents
 from harness.errors import ConfigError
 from harness.evaluation.zeroshot_tasks import (
-    CHOICES, CLOZE_SENTENCES, CONTENT_TAGS, CONTEXT_SENTENCES, build_cloze, build_nextsent, task_data_yaml,
+    CHOICES,
+    CLOZE_SENTENCES,
+    CONTENT_TAGS,
+    CONTEXT_SENTENCES,
+    build_cloze,
+    build_nextsent,
+    task_data_yaml,
 )
 
 FIXTURES = Path(__file__).parent / "zeroshot_data"

@@ -9,10 +9,10 @@ from click.testing import CliRunner
 
 from harness.cli import main
 from harness.cli.run import with_executor
-from harness.run.executor_config import ExecutorConfig, Resources
 from harness.errors import ConfigError, ResourceUnavailableError
 from harness.executors import make_executor
 from harness.run.execute import plan
+from harness.run.executor_config import ExecutorConfig, Resources
 from tests.harness.executors.conftest import tiny_raw, tiny_sweep
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import yaml
 
-from harness.run.config import parse_config
-from harness.executors import make_executor
-from harness.method import Method, MethodConfig, QuantizeResult
-from harness.executors.base import Outcome
-from harness.run.execute import plan
 from harness.engine.allocator import TUNABLES, allocator_env
+from harness.executors import make_executor
+from harness.executors.base import Outcome
+from harness.method import Method, MethodConfig, QuantizeResult
+from harness.run.config import parse_config
+from harness.run.execute import plan
 from harness.run.sweep import run_sweep
 from tests.harness.executors.conftest import stored, tiny_raw, tiny_sweep
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import ray
 
+from harness.engine.allocator import TUNABLES, allocator_env
 from harness.executors import make_executor
 from harness.executors.base import Outcome
 from harness.run.execute import plan
 from harness.run.sweep import run_sweep
-from harness.engine.allocator import TUNABLES, allocator_env
 from tests.harness.executors.conftest import stored, tiny_sweep
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.run.killpoints import KILL_ENV, KILL_SIGNAL_ENV
-from harness.run.config import parse_config
+from harness.engine.allocator import TUNABLES, allocator_env
 from harness.errors import ResourceUnavailableError
-from harness.run.execute import plan
 from harness.executors import make_executor
 from harness.executors.base import run_task
 from harness.executors.slurm import RunJob
+from harness.run.config import parse_config
+from harness.run.execute import plan
+from harness.run.killpoints import KILL_ENV, KILL_SIGNAL_ENV
 from harness.run.sweep import run_sweep
-from harness.engine.allocator import TUNABLES, allocator_env
-from tests.harness.executors.conftest import stored, tiny_sweep
 from tests.harness.engine.test_checkpoint import sweep as checkpoint_sweep
+from tests.harness.executors.conftest import stored, tiny_sweep
 
 ROOT = Path(__file__).resolve().parents[3]
 BIG = "ptqbench-no-such-org/no-such-model"  # stands in for a 70B: passes validation offline, never loaded here

@@ -19,8 +19,16 @@ from safetensors.torch import load_file
 
 from harness import BitSpec, QuantContext, get_method, quant_linears
 from harness.evaluation.evaluate import perplexity
-from harness.export.formats import (CT_INT, CT_PACKED, MANIFEST, PTQBENCH, TRANSFORMERS_DEQUANTIZE, ExportError, export_model,
-                             load_quantized)
+from harness.export.formats import (
+    CT_INT,
+    CT_PACKED,
+    MANIFEST,
+    PTQBENCH,
+    TRANSFORMERS_DEQUANTIZE,
+    ExportError,
+    export_model,
+    load_quantized,
+)
 from harness.quant.reassembly import Reassembled
 from harness.run.results import current_umask
 
@@ -163,8 +171,12 @@ def test_compressed_tensors_export_is_what_llm_compressor_writes(tiny_model, tmp
     import copy
 
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                 apply_quantization_config)
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
 
     spec = BitSpec.parse(bits, **scheme)
     reference = copy.deepcopy(tiny_model)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from harness.quant.attention import EAGER_IMPLEMENTATION, IMPLEMENTATION, attention_quantizers
 from harness.bits import BitSpec
-from harness.run.config import QuantSchemeConfig
+from harness.quant.attention import EAGER_IMPLEMENTATION, IMPLEMENTATION, attention_quantizers
 from harness.quant.qlinear import quantize_block, quantize_linears, quantizers_disabled
 from harness.quant.quantizer import quantize_activation
+from harness.run.config import QuantSchemeConfig
 
 
 def numpy_per_row_asym(x: np.ndarray, bits: int) -> np.ndarray:

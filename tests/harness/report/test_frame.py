@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from harness.report.frame import aggregate, tidy_frame, variant_label, zeroshot_average
 from harness.registry import get_method
+from harness.report.frame import aggregate, tidy_frame, variant_label, zeroshot_average
 from tests.harness.records import PAPER_TASKS, record
 
 

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from harness.report import paper
 from harness.cli import main
+from harness.report import paper
 from harness.report.render import report
 from tests.harness.records import PAPER_TASKS, bold, grid, record, store, zeroshot
 

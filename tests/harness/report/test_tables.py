@@ -8,8 +8,18 @@ import random
 import pandas as pd
 import pytest
 
-from harness.report.tables import (MISSING, Table, best_mask, format_spread, format_value, tex_escape, to_csv, to_html, to_latex,
-                            to_markdown)
+from harness.report.tables import (
+    MISSING,
+    Table,
+    best_mask,
+    format_spread,
+    format_value,
+    tex_escape,
+    to_csv,
+    to_html,
+    to_latex,
+    to_markdown,
+)
 
 
 def brute_best(rows: list[dict], column: str, direction: str) -> set[int]:

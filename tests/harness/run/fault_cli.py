@@ -22,8 +22,8 @@ def _wait(marker: Path) -> None:
 
 def main() -> None:
     fault, marker, args = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-    import harness.run.execute
     import harness.executors.base
+    import harness.run.execute
     import harness.run.results
 
     if fault == "block-run":

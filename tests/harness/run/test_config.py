@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from harness.run.config import load_config, parse_config
 from harness.errors import ConfigError
+from harness.run.config import load_config, parse_config
 
 GOOD = {
     "name": "t", "models": ["tiny-random-llama"], "methods": ["rtn", {"name": "clipped-rtn", "clip_ratio": 0.8, "bits": ["W4A16"]}],

@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from harness.run.config import parse_config
 from harness.errors import ConfigError
-from harness.run.results import ResultStore
+from harness.run.config import parse_config
 from harness.run.execute import plan
+from harness.run.results import ResultStore
 from harness.run.sweep import run_sweep
 
 TINY = {
