@@ -8,8 +8,9 @@
 - ``device``: CUDA when present, else CPU (tests run the same code on both).
 
 A test that uses the real model (``SMOLLM2_FIXTURES``, directly or through another fixture) must
-carry the ``smollm2`` marker, so ``-m "not smollm2"`` really skips the slow tests; collection
-fails with the list of tests that do not.
+carry the ``smollm2`` marker, so ``-m "not smollm2"`` really skips the real-model tests; collection
+fails with the list of tests that do not. Tests that start real processes or run whole sweeps carry
+``slow``: ``pytest -n auto -m "not smollm2 and not slow"`` is the inner loop.
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from harness import __version__
@@ -25,6 +26,7 @@ def test_quiet_disables_bars_even_when_a_library_asks_for_them():
     assert out.stdout.split() == ["False", "True", "True", "1"]
 
 
+@pytest.mark.slow
 def test_quiet_run_prints_no_progress(tmp_path):
     import yaml
 

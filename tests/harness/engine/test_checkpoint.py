@@ -55,6 +55,7 @@ def without_timings(stats: object) -> object:
     return stats
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,kill_at", [({"name": "omniquant", "epochs": 1}, "block:1"),
                                             ({"name": "qllm", "epochs": 1, "grid_steps": 4, "blocks_per_job": 2}, "mid:2")])
 def test_killed_run_resumes_and_equals_an_uninterrupted_run(lazy_folder, tmp_path, method, kill_at):

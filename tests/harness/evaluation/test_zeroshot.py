@@ -173,6 +173,7 @@ def test_report_shows_each_task_and_the_average_in_percent():
 
 
 
+@pytest.mark.slow
 def test_log_samples_writes_one_jsonl_line_per_item_and_keeps_the_run_key(tmp_path):
     from harness.run.execute import plan
     from harness.run.results import ResultStore

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from harness.engine.allocator import TUNABLES, allocator_env
@@ -19,6 +20,8 @@ from harness.run.config import parse_config
 from harness.run.execute import plan
 from harness.run.sweep import run_sweep
 from tests.harness.executors.conftest import stored, tiny_raw, tiny_sweep
+
+pytestmark = pytest.mark.slow  # real processes or whole sweeps: outside the inner loop (-m "not slow")
 
 ROOT = Path(__file__).resolve().parents[3]
 

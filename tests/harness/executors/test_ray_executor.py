@@ -15,6 +15,8 @@ from harness.run.execute import plan
 from harness.run.sweep import run_sweep
 from tests.harness.executors.conftest import stored, tiny_sweep
 
+pytestmark = pytest.mark.slow  # real processes or whole sweeps: outside the inner loop (-m "not slow")
+
 ROOT = Path(__file__).resolve().parents[3]
 # A hub id that passes config validation but cannot load offline: its runs fail on the worker.
 MISSING = "ptqbench-no-such-org/no-such-model"

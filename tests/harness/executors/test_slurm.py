@@ -21,6 +21,8 @@ from harness.run.sweep import run_sweep
 from tests.harness.engine.test_checkpoint import sweep as checkpoint_sweep
 from tests.harness.executors.conftest import stored, tiny_sweep
 
+pytestmark = pytest.mark.slow  # real processes or whole sweeps: outside the inner loop (-m "not slow")
+
 ROOT = Path(__file__).resolve().parents[3]
 BIG = "ptqbench-no-such-org/no-such-model"  # stands in for a 70B: passes validation offline, never loaded here
 

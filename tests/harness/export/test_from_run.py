@@ -16,6 +16,8 @@ from harness.run.results import ResultStore
 from harness.run.sweep import run_sweep
 from tests.harness.executors.conftest import tiny_sweep
 
+pytestmark = pytest.mark.slow  # real processes or whole sweeps: outside the inner loop (-m "not slow")
+
 
 def test_sweep_export_then_eval_reproduces_the_recorded_perplexity(tmp_path):
     import dataclasses

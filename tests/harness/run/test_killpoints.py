@@ -16,6 +16,8 @@ import pytest
 
 from tests.harness.engine.test_checkpoint import result, run, sweep
 
+pytestmark = pytest.mark.slow  # real processes or whole sweeps: outside the inner loop (-m "not slow")
+
 METHOD = {"name": "omniquant", "epochs": 1}
 
 

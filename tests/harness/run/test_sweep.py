@@ -19,6 +19,7 @@ TINY = {
 }
 
 
+@pytest.mark.slow
 def test_sweep_records_results_and_resumes(tmp_path):
     config = parse_config(TINY)
     summary = run_sweep(config, tmp_path, progress=False)
@@ -47,6 +48,7 @@ def test_sweep_records_results_and_resumes(tmp_path):
     assert len(forced.done) == 5
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     good = run_sweep(parse_config(TINY), tmp_path, progress=False)
     before = {p.name: p.read_text() for p in ResultStore(tmp_path).runs.glob("*.json")}
@@ -65,6 +67,7 @@ def test_invalid_config_runs_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_a_plugin_baseline_replaces_fp_everywhere(tmp_path):
     """tests/plugin_example registers `fp32-reference` (is_baseline) through its entry point."""
     from harness.report.render import report
