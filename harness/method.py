@@ -125,6 +125,10 @@ class Method(ABC):
     # adds them to a run's estimate (a property where the options change it). Measured with `ptqbench bench-scale`.
     weight_copies: ClassVar[float] = 0.0
 
+    def check(self, spec: BitSpec) -> None:
+        """Refuse, with a one-line ``ConfigError``, a bit spec these options cannot serve; the sweep calls it
+        for every planned run when the config is parsed, before any work. Accepts everything by default."""
+
     def working_bytes(self, model_config: Any) -> int:
         """Bytes the method holds at its peak beyond the block group and its ``weight_copies`` (GPTQ: the
         Hessians of the linears it solves together), for the memory estimate; ``model_config`` is the

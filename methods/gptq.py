@@ -52,12 +52,15 @@ class GPTQ(Method):
     description = "GPTQ: weights rounded column by column with second-order error compensation (Frantar et al. 2022)"
     config_class = GPTQConfig
 
-    def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
-        calibration = self.require_calibration(calibration)
+    def check(self, spec: BitSpec) -> None:
         if not spec.quantizes_weights:
             raise ConfigError(f"bits: {spec.name} quantizes no weights; GPTQ rounds weights (e.g. W4A16, W3A16, W4A16g128)")
+        self.config.solver().gptq.check(spec)
+
+    def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
+        calibration = self.require_calibration(calibration)
+        self.check(spec)  # a sweep checked it when parsing its config; a direct call is checked here
         options = self.config.solver()
-        options.gptq.check(spec)  # one line before any work
 
         def process(job: BlockJob) -> dict:
             linears = [s for layer in job.layers for s in solve_block(job, layer, spec, options)]

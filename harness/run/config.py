@@ -338,7 +338,17 @@ def parse_config(raw: Any, source: str = "config") -> SweepConfig:
         _get(lambda n=name: check_dataset_name(n), f"evaluation.ppl.datasets[{i}]")
     check_tasks(config.evaluation.zeroshot)
     _check_against_models(config)
+    _check_methods_against_bits(config)
     return config
+
+
+def _check_methods_against_bits(config: SweepConfig) -> None:
+    """Each method entry's options against each bit spec it runs (``Method.check``), overrides applied."""
+    for i, entry in enumerate(config.methods):
+        for spec in entry.bits or config.bits:
+            for model in config.models:
+                method = entry.method_class(config.method_config(entry, model, spec))
+                _get(lambda m=method, s=spec: m.check(s), f"methods[{i}] at {spec.name}")
 
 
 def _check_against_models(config: SweepConfig) -> None:

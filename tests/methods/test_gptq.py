@@ -79,3 +79,14 @@ def test_the_memory_estimate_counts_the_hessians():
     assert sequential == 4 * (28672**2 + 2 * 28672**2)  # down_proj's Hessian (3.3 GB) and the solver's two copies
     assert together == sequential + 4 * 6 * 8192**2
     assert get_method("rtn")().working_bytes(config) == 0
+
+
+def test_a_sweep_refuses_gptq_options_its_bits_cannot_take_when_parsed():
+    from harness.run.config import parse_config
+    from tests.harness.executors.conftest import tiny_raw
+
+    raw = {**tiny_raw(bits=["W4A16", "W4A16g32"]), "methods": [{"name": "gptq", "act_order": True}]}
+    with pytest.raises(ConfigError, match=r"^methods\[0\] at W4A16g32: act_order: with groups \(W4A16g32\) it needs static_groups"):
+        parse_config(raw)
+    parse_config({**raw, "methods": [{"name": "gptq", "act_order": True, "static_groups": True}]})  # accepted
+    parse_config({**raw, "bits": ["W4A16"]})  # per channel: act_order alone is fine
