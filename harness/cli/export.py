@@ -2,8 +2,9 @@
 
 RUN is a result JSON (``runs/demo/runs/<key>.json``) or a run key (looked up in ``--results``, by
 default every results dir under ``runs/``). The model its sweep kept (``keep_quantized``) is
-copied; otherwise the run is quantized again from its stored config (see ``harness.export.from_run``); the folder is compressed-tensors when the format can express the
-model, else ptqbench's own (``harness.export.formats``). Prints the format and the folder's size.
+copied; otherwise the run is quantized again from its stored config (``harness.export.from_run``).
+The folder is compressed-tensors when the format can express the model, else ptqbench's own
+(``harness.export.formats``). Prints the format and the folder's size.
 """
 from __future__ import annotations
 

@@ -125,16 +125,14 @@ class Checkpoint:
         """The last complete state, or None when the run has none or its checkpoint fails a check (logged)."""
         from safetensors.torch import load_file
 
-        meta = self.folder / "state.json"
-        if not meta.exists():
+        if not (self.folder / "state.json").exists():
             return None
-        problem = self.problem()
+        info, problem = self._checked()
         if problem is not None:
             log.warning("checkpoint in %s not used: %s; the run starts from block 0 (only the last group's state is kept)",
                         self.folder.parent, problem)
             self.discard()
             return None
-        info = json.loads(meta.read_text())
         self.blocks = {int(i): entry for i, entry in info["blocks"].items()}
         tensors = load_file(self.folder / info["file"])
         state = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
@@ -142,25 +140,30 @@ class Checkpoint:
 
     def problem(self) -> str | None:
         """Why the manifest cannot be resumed from (one line naming the file), or None when every check passes."""
+        return self._checked()[1]
+
+    def _checked(self) -> tuple[dict, str | None]:
+        """The manifest, read once, and why it cannot be resumed from (None when every check passes)."""
+        info: dict = {}
         try:
             info = json.loads((self.folder / "state.json").read_text())
             if info.get("version", 1) != MANIFEST_VERSION:
-                return f"state.json is manifest version {info.get('version', 1)}, this ptqbench reads {MANIFEST_VERSION}"
+                return info, f"state.json is manifest version {info.get('version', 1)}, this ptqbench reads {MANIFEST_VERSION}"
             if info["key"] != self.key:
-                return f"state.json belongs to run {info['key']}, not {self.key}"
+                return info, f"state.json belongs to run {info['key']}, not {self.key}"
             if (why := _mismatch(self.folder / info["file"], info["state"], header=True)) is not None:
-                return why
+                return info, why
             for index in range(info["next_start"]):
                 entry = info["blocks"].get(str(index))
                 if entry is None:
-                    return f"block {index}: not in state.json"
+                    return info, f"block {index}: not in state.json"
                 for path, recorded, header in ((self.block_file(index), entry["block"], True),
                                                (self.structure_file(index), entry["structure"], False)):
                     if (why := _mismatch(path, recorded, header)) is not None:
-                        return f"block {index}: {why}"
+                        return info, f"block {index}: {why}"
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            return f"state.json is unreadable ({err.__class__.__name__}: {err})"
-        return None
+            return info, f"state.json is unreadable ({err.__class__.__name__}: {err})"
+        return info, None
 
     def discard(self) -> None:
         """Forget the checkpoint: the manifest and state files go (the caller forgets the blocks)."""

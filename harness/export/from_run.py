@@ -1,6 +1,7 @@
 """Export a stored run: the model its sweep kept, or its ``RunSpec`` rebuilt from the result JSON and quantized again.
 
-    export_run(find_record("3f2a9c...", "runs/demo"), "exports/qllm-w4a4", kept=kept_model(...))
+    path = locate("3f2a9c...", "runs/demo")
+    export_run(ResultStore(path.parent.parent).read(path), "exports/qllm-w4a4", kept=kept_model("runs/demo", "3f2a9c..."))
 
 A sweep with ``keep_quantized: true`` wrote each run's quantized model to ``<out>/quantized/<key>/``
 in the export format; exporting such a run copies that folder (no second quantization). Otherwise
@@ -39,14 +40,9 @@ from harness.run.results import ResultStore
 log = logging.getLogger(__name__)
 
 
-def find_record(run: str, results: str | Path | None = None) -> RunRecord:
-    """``run`` is a result JSON path, or a run key looked up in ``results`` (default: every results dir under runs/)."""
-    path = locate(run, results)
-    return ResultStore(path.parent.parent).read(path)
-
-
 def locate(run: str, results: str | Path | None = None) -> Path:
-    """The result JSON ``run`` names (``<results>/runs/<key>.json``); one line naming RUN when there is none or several."""
+    """The result JSON ``run`` names: a result JSON path, or a run key looked up in ``results`` (default: every
+    results dir under runs/); one line naming RUN when there is none or several."""
     path = Path(run)
     if path.suffix == ".json" and path.is_file():
         return path
@@ -96,7 +92,7 @@ def source_of(record: RunRecord) -> dict[str, Any]:
 
 def kept_model(results: str | Path, key: str) -> Path | None:
     """The folder a ``keep_quantized`` sweep kept for run ``key`` under ``results``, or None."""
-    folder = Path(results) / "quantized" / key
+    folder = ResultStore(results).quantized / key
     return folder if (folder / INFO).is_file() else None
 
 

@@ -7,6 +7,7 @@ Layout of a sweep's output directory::
     invalid/<name>.<time>.json  results that failed validation on resume, moved aside (the run is redone)
     locks/<key>.lock     per-run locks (flock), so two sweeps on one folder never run a key twice
     samples/<key>/<task>.jsonl   lm-eval's per-sample logs (evaluation.zeroshot.log_samples)
+    quantized/<key>/     the quantized model of runs whose sweep says keep_quantized (export format)
     logs/<slug>-<key>.log        each run's own log, appended by its worker (harness.run.runlog)
     config.yaml          the sweep config as last run
 
@@ -141,6 +142,11 @@ class ResultStore:
     @property
     def invalid(self) -> Path:
         return self.root / "invalid"
+
+    @property
+    def quantized(self) -> Path:
+        """``quantized/``: each run's quantized model in the export format, where the sweep says ``keep_quantized``."""
+        return self.root / "quantized"
 
     def log_path(self, key: str, slug: str) -> Path:
         """A run's log file (``logs/<slug>-<key>.log``): the slug to find it by eye, the key to make it unique."""

@@ -68,7 +68,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
         work_root = store.root.resolve() / "work"
         clean_trash(work_root)
         try:
-            todo = [dataclasses.replace(run, work_root=str(work_root), quantized_root=str(store.root.resolve() / "quantized"),
+            todo = [dataclasses.replace(run, work_root=str(work_root), quantized_root=str(store.quantized.resolve()),
                                         log_file=str(store.log_path(run.key, run.slug).resolve()))
                     for run in _claim(runs, store, summary, locks, force, work_root)]
             _execute(todo, config, store, summary, ex)
