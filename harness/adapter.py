@@ -66,17 +66,30 @@ class LlamaAdapter:
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         return model.model.rotary_emb(hidden, positions)
 
+    @property
+    def mlp_path(self) -> str:
+        """The MLP module of a block (the parent of gate/up/down)."""
+        return self.mlp_in.consumers[0].rpartition(".")[0]
+
     def run_layer(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """One decoder block on its own (causal attention, no KV cache)."""
+        out = layer(hidden, attention_mask=self._mask(layer, hidden), position_embeddings=position_embeddings, use_cache=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    def run_attention(self, layer: nn.Module, normed: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """A block's attention alone on its normed input: o_proj's output, before the residual add."""
+        attention = layer.get_submodule(self.attention_path)
+        out = attention(hidden_states=normed, attention_mask=self._mask(layer, normed), position_embeddings=position_embeddings)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _mask(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
         # attention_mask=None lets SDPA use its causal kernel (every sequence here is full length);
         # transformers' eager kernel has no implicit mask, so an eager block gets an explicit one.
-        mask = None
-        if getattr(getattr(layer.get_submodule(self.attention_path), "config", None), "_attn_implementation", None) == "eager":
-            from harness.quant.attention import causal_mask
+        if getattr(getattr(layer.get_submodule(self.attention_path), "config", None), "_attn_implementation", None) != "eager":
+            return None
+        from harness.quant.attention import causal_mask
 
-            mask = causal_mask(hidden.shape[1], hidden.shape[1], hidden.dtype, hidden.device)
-        out = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, use_cache=False)
-        return out[0] if isinstance(out, tuple) else out
+        return causal_mask(hidden.shape[1], hidden.shape[1], hidden.dtype, hidden.device)
 
     def attention_geometry(self, config: object) -> tuple[int, int, int]:
         """(num_heads, num_kv_heads, head_dim) from a model config (or a model, which has one).
