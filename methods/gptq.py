@@ -66,7 +66,9 @@ class GPTQ(Method):
             linears = [s for layer in job.layers for s in solve_block(job, layer, spec, options)]
             return {"linears": linears, "loss": statistics.fmean(s["loss"] for s in linears)}
 
-        jobs = run_blockwise(model, calibration, process, device=context.device, desc="gptq", progress=context.progress)
+        # no teacher pass: the official loop never runs the FP block (its Hessians and outputs are the quantized model's)
+        jobs = run_blockwise(model, calibration, process, device=context.device, desc="gptq", progress=context.progress,
+                             teacher=False)
         return QuantizeResult(model, {"jobs": jobs, "quantized_linears": sum(len(j["linears"]) for j in jobs)})
 
     def working_bytes(self, model_config) -> int:

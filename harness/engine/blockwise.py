@@ -155,6 +155,7 @@ def run_blockwise(
     desc: str = "blocks",
     progress: bool = True,
     state: dict[str, torch.Tensor] | None = None,
+    teacher: bool = True,
 ) -> list[dict]:
     """Quantize ``model`` block by block with ``process``; return each job's stats (with its index).
 
@@ -165,6 +166,9 @@ def run_blockwise(
     ``QuantLinear``s); the engine then computes the student inputs of the next job from them.
     Every job's stats also get ``output_mse``: the mean squared error between the quantized
     blocks' outputs on the quantized inputs and the FP targets (what the next job starts from).
+    ``teacher=False`` skips the teacher pass for a method that uses neither the FP inputs nor the
+    targets (GPTQ, as the official loop): one forward pass per block less, no ``output_mse``, and
+    nothing to ``record``.
 
     On a lazy model (``harness.engine.lazy``) each group is loaded before its job and written to the work
     directory and released after it, and the engine checkpoints after every group
@@ -175,6 +179,8 @@ def run_blockwise(
     """
     if blocks_per_job < 1:
         raise ValueError("blocks_per_job must be >= 1")
+    if record and not teacher:
+        raise ValueError("record needs the teacher pass")
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     dtype = model_dtype(model)
@@ -203,12 +209,14 @@ def run_blockwise(
                 for layer in group:
                     layer.to(device=device, dtype=torch.float32)
                 job = BlockJob(start, group, fp_x, q_x, targets, position_embeddings, adapter, device, model.config)
-                with contextlib.ExitStack() as stack:
-                    job.inputs = [stack.enter_context(recording_inputs(layer, record, keep_samples)) for layer in group]
-                    job.forward_all(fp_x, out=targets)
+                if teacher:
+                    with contextlib.ExitStack() as stack:
+                        job.inputs = [stack.enter_context(recording_inputs(layer, record, keep_samples)) for layer in group]
+                        job.forward_all(fp_x, out=targets)
                 stats = process(job) or {}
                 job.forward_all(q_x, out=q_x)
-                stats.setdefault("output_mse", mean_squared_error(q_x, targets))
+                if teacher:
+                    stats.setdefault("output_mse", mean_squared_error(q_x, targets))
                 kill_point(f"mid:{start}")
                 for layer, layer_dtype in zip(group, dtypes):
                     # gradients a method's training left on the block's own weights would otherwise stay
@@ -216,7 +224,8 @@ def run_blockwise(
                     for p in layer.parameters():
                         p.grad = None
                     layer.to(device="cpu", dtype=layer_dtype)
-            fp_x, targets = targets, fp_x
+            if teacher:
+                fp_x, targets = targets, fp_x
             all_stats.append({"block": start, **stats})
             if ckpt is not None:
                 for offset, layer in enumerate(group):

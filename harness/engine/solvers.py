@@ -27,6 +27,8 @@ from harness.quant.gptq import FixedGridQuantizer, GPTQOptions, Hessian, gptq_so
 from harness.quant.qlinear import freeze, quantize_block
 
 SOLVERS = ("rtn", "gptq")
+# Calibration tokens per forward pass while the Hessians are taken.
+HESSIAN_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -70,13 +72,24 @@ def solve_block(job: BlockJob, layer: nn.Module, spec: BitSpec, options: SolverO
 
 @torch.no_grad()
 def _collect(job: BlockJob, position: int, layer: nn.Module, names: tuple[str, ...]) -> dict[str, Hessian]:
-    """The Hessians of ``names``' inputs, sample by sample, with the job's earlier blocks already quantized."""
+    """The Hessians of ``names``' inputs, with the job's earlier blocks already quantized.
+
+    The block runs on batches of about ``HESSIAN_TOKENS`` tokens (the official loop runs one sample
+    at a time; a batch computes the same inputs in fewer, larger matmuls), and each sample is added
+    on its own, in order, so the running mean is the official one.
+    """
     hessians = {name: Hessian(layer.get_submodule(name).in_features, job.device) for name in names}
-    hooks = [layer.get_submodule(name).register_forward_pre_hook(lambda _m, args, h=hessians[name]: h.add(args[0]))
+
+    def add(h: Hessian, x: torch.Tensor) -> None:
+        for sample in x.split(1):
+            h.add(sample)
+
+    hooks = [layer.get_submodule(name).register_forward_pre_hook(lambda _m, args, h=hessians[name]: add(h, args[0]))
              for name in names]
+    rows = max(1, HESSIAN_TOKENS // job.q_inputs.shape[1])
     try:
-        for i in range(len(job.q_inputs)):
-            x = job.forward(job.rows(job.q_inputs, slice(i, i + 1)), job.layers[:position])  # earlier blocks of the job
+        for i in range(0, len(job.q_inputs), rows):
+            x = job.forward(job.rows(job.q_inputs, slice(i, i + rows)), job.layers[:position])  # earlier blocks of the job
             job.forward(x, [layer])
     finally:
         for hook in hooks:

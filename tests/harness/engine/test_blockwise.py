@@ -36,6 +36,28 @@ def test_blockwise_rtn_equals_global_rtn(tiny_model, tiny_tokens, device, blocks
         assert torch.equal(tiny_model(tiny_tokens).logits, global_rtn(tiny_tokens).logits)
 
 
+def test_without_the_teacher_pass_the_student_path_is_the_same(tiny_model, tiny_tokens):
+    """teacher=False: no FP pass, so no recorded inputs and no output_mse; the student inputs each job sees are
+    the quantized model's, exactly as with the teacher pass."""
+    seen = {}
+
+    def process(job: BlockJob, teacher: bool) -> dict:
+        seen.setdefault(teacher, []).append((job.q_inputs.clone(), len(job.inputs)))
+        return rtn_process(job)
+
+    with_teacher = copy.deepcopy(tiny_model)
+    a = run_blockwise(with_teacher, tiny_tokens, lambda j: process(j, True), device=torch.device("cpu"), progress=False)
+    b = run_blockwise(tiny_model, tiny_tokens, lambda j: process(j, False), device=torch.device("cpu"), progress=False,
+                      teacher=False)
+    assert all("output_mse" in s for s in a) and not any("output_mse" in s for s in b)
+    for (x_teacher, _), (x_plain, records) in zip(seen[True], seen[False]):
+        assert torch.equal(x_teacher, x_plain) and records == 0
+    with torch.no_grad():
+        assert torch.equal(tiny_model(tiny_tokens).logits, with_teacher(tiny_tokens).logits)
+    with pytest.raises(ValueError, match="record needs the teacher pass"):
+        run_blockwise(tiny_model, tiny_tokens, rtn_process, device=torch.device("cpu"), record=("mlp.down_proj",), teacher=False)
+
+
 def test_inputs_targets_and_output_mse_follow_the_protocol(tiny_model, tiny_tokens):
     """Block i gets the FP model's hidden state i as FP input and the quantized model's as student input."""
     fp_model = copy.deepcopy(tiny_model)
