@@ -1,5 +1,6 @@
 # ptqbench: `make demo` (set up + the 10-minute demo sweep + report), `make demo-full` (every method at every
-# bit spec, with zero-shot), `make demo-seeds` (the W4A4 demo over three seeds), `make test` (set up + tests).
+# bit spec, with zero-shot), `make demo-seeds` (the W4A4 demo over three seeds), `make baselines` (RTN, GPTQ, AWQ,
+# SmoothQuant, OS+ head to head), `make test` (set up + tests).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_CACHE ?= $(PTQBENCH_HOME)/hf-datasets
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo demo-full demo-seeds test bench clean
+.PHONY: setup demo demo-full demo-seeds baselines test bench clean
 
 $(BIN)/ptqbench: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,10 @@ demo-seeds: setup
 	$(BIN)/ptqbench report runs/demo-seeds -o reports/demo-seeds.md
 	$(BIN)/ptqbench report runs/demo-seeds -o reports/demo-seeds.html
 
+baselines: setup
+	$(BIN)/ptqbench run configs/baselines.yaml --out runs/baselines
+	$(BIN)/ptqbench report runs/baselines -o reports/baselines.md
+
 # Test files spread over one worker per core (pytest-xdist; each worker computes on one thread).
 test: setup
 	$(BIN)/python -m pytest -n auto --dist loadfile
@@ -48,4 +53,4 @@ bench: setup
 	$(BIN)/ptqbench bench
 
 clean:
-	rm -rf runs/demo runs/demo-full runs/demo-seeds
+	rm -rf runs/demo runs/demo-full runs/demo-seeds runs/baselines
