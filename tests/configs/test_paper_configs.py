@@ -1,6 +1,6 @@
 """configs/paper/ plans exactly the published cells we can run, with the paper's protocol.
 
-Read as plain YAML: the methods (smoothquant, omniquant, qllm) and ``evaluation.zeroshot`` come
+Read as plain YAML: the methods (smoothquant, os+, omniquant, qllm) and ``evaluation.zeroshot`` come
 from plugins and sections that may not be installed where this test runs.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ def test_table1_config_covers_every_runnable_published_cell():
     config = yaml.safe_load((CONFIGS / "qllm_table1.yaml").read_text())
     ref = paper.load_reference()
     external = {c["method"] for c in yaml.safe_load(paper.REFERENCE_FILE.read_text())["columns"] if c.get("ptqbench") is False}
-    assert external == {"os+", "llm-qat", "llm-qat+sq"}
+    assert external == {"llm-qat", "llm-qat+sq"}
     published = {(c.zoo, c.method, c.bits) for c in ref.cells.itertuples() if c.method not in external | {"fp"}}
     assert planned(config) == published  # fp is always part of a sweep
     assert config["calibration"] == {"dataset": "wikitext2", "samples": 128, "seqlen": 2048}
