@@ -1,0 +1,81 @@
+"""Hadamard matrices and the fast transform: orthogonality, the official transform, the official choice of base."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from harness.errors import ConfigError
+from harness.quant import hadamard as had
+
+
+def official_matmul_hadU(x: torch.Tensor, base: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Transcription of QuaRot's fake_quant/hadamard_utils.py matmul_hadU (the CPU butterfly), its base passed in."""
+    n = x.shape[-1]
+    inp = x.clone().view(-1, n, 1)
+    out = inp.clone()
+    while inp.shape[1] > k:
+        inp = inp.view(inp.shape[0], inp.shape[1] // 2, 2, inp.shape[2])
+        out = out.view(inp.shape)
+        out[:, :, 0, :] = inp[:, :, 0, :] + inp[:, :, 1, :]
+        out[:, :, 1, :] = inp[:, :, 0, :] - inp[:, :, 1, :]
+        out = out.view(inp.shape[0], inp.shape[1], -1)
+        inp, out = out, inp
+    if k > 1:
+        inp = base.view(1, k, k).to(inp) @ inp
+    return inp.view(x.shape) / torch.tensor(n).sqrt()
+
+
+@pytest.mark.parametrize("order", had.BASE_ORDERS)
+def test_every_stored_base_is_a_hadamard_matrix(order):
+    h = had.base_matrix(order)
+    assert h.shape == (order, order) and set(h.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(h @ h.T, order * torch.eye(order, dtype=torch.float64))
+
+
+def test_sylvester_is_the_popcount_formula():
+    m = 64
+    i = torch.arange(m)
+    popcount = torch.tensor([[bin(int(a) & int(b)).count("1") for b in i] for a in i])
+    assert torch.equal(had.sylvester(m), (-1.0) ** popcount.double())
+
+
+@pytest.mark.parametrize("n, k", [(576, 36), (1536, 12), (4096, 1), (11008, 172), (28672, 28), (5120, 40), (13824, 108),
+                                  (6656, 52), (17920, 140), (22016, 172), (9984, 156), (7680, 60), (10240, 40)])
+def test_llama_widths_factor_as_the_official_get_hadK(n, k):
+    assert had.factor(n) == (k, n // k)
+
+
+def test_a_width_without_construction_is_one_line():
+    with pytest.raises(ConfigError, match=r"^no Hadamard matrix of order 5632: ptqbench builds 2\^j and K x 2\^j for K in 12, "):
+        had.factor(5632)  # 11 x 512 (TinyLlama's MLP): no base of order 11 x 2^j
+
+
+@pytest.mark.parametrize("n", [2, 12, 96, 576, 1536])
+def test_matrix_is_orthogonal_and_the_transform_applies_it(n):
+    h = had.hadamard_matrix(n)
+    assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    x = torch.randn(3, 5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    assert torch.allclose(had.hadamard_transform(x), x @ h.T, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [64, 96, 576, 1536, 11008])
+def test_transform_equals_the_official_butterfly(n):
+    k, _ = had.factor(n)
+    x = torch.randn(4, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    official = official_matmul_hadU(x, had.base_matrix(k) if k > 1 else None, k)
+    assert torch.allclose(had.hadamard_transform(x), official, atol=1e-12)
+    assert had.hadamard_transform(x).norm() == pytest.approx(x.norm().item(), rel=1e-12)  # a rotation
+
+
+def test_random_hadamard_is_orthogonal_seeded_and_the_official_draw():
+    n, seed = 576, 3
+    q = had.random_hadamard(n, seed)
+    assert torch.allclose(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(q, had.random_hadamard(n, seed)) and not torch.equal(q, had.random_hadamard(n, seed + 1))
+    torch.manual_seed(seed)  # official: utils.set_seed(seed), then random_hadamard_matrix's draw is the first
+    signs = torch.diag(torch.randint(low=0, high=2, size=(n,)).to(torch.float64) * 2 - 1)
+    k, _ = had.factor(n)
+    assert torch.allclose(q, official_matmul_hadU(signs, had.base_matrix(k), k), atol=1e-12)
+    assert abs(q).max().item() == pytest.approx(1 / math.sqrt(n))
