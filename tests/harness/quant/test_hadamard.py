@@ -37,7 +37,7 @@ def test_every_stored_base_is_a_hadamard_matrix(order):
 def test_sylvester_is_the_popcount_formula():
     m = 64
     i = torch.arange(m)
-    popcount = torch.tensor([[bin(int(a) & int(b)).count("1") for b in i] for a in i])
+    popcount = torch.tensor([[(int(a) & int(b)).bit_count() for b in i] for a in i])
     assert torch.equal(had.sylvester(m), (-1.0) ** popcount.double())
 
 
