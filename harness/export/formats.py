@@ -56,6 +56,7 @@ from harness.bits import BitSpec
 from harness.errors import PtqbenchError, ResourceUnavailableError
 from harness.quant.qlinear import QuantLinear, freeze, quant_linears
 from harness.quant.reassembly import Reassembled, Reassembly
+from harness.quant.rotation import online_transform
 from harness.run.results import current_umask
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,9 @@ def compressed_tensors_blocker(model: nn.Module, linears: dict[str, QuantLinear]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and getattr(head, "bias", None) is not None:
         return "its lm_head has a bias (QLLM's final-norm bias), which LLaMA's config cannot declare"
+    rotated = [n for n, q in linears.items() if getattr(q, "input_transform", None) is not None]
+    if rotated:
+        return f"{rotated[0]} has an online transform of its input (a rotation's Hadamard)"
     plain = [n for n, m in model.named_modules() if type(m) is nn.Linear and m is not head]
     if plain:
         return f"linear {plain[0]} is not quantized while others are"
@@ -292,7 +296,9 @@ def _write_ptqbench(model: nn.Module, out: Path) -> None:
     head = model.get_output_embeddings()
     manifest = {
         "format": PTQBENCH, "version": FORMAT_VERSION, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "linears": {plain(n): {"spec": q.spec.to_dict()} for n, q in quant_linears(model)},
+        "linears": {plain(n): {"spec": q.spec.to_dict(), **({} if getattr(q, "input_transform", None) is None else
+                                                             {"input_transform": q.input_transform.to_dict()})}
+                    for n, q in quant_linears(model)},
         "reassembly": {path: {"after": m.after} for path, m in wrapped.items()},
         "lm_head_bias": head is not None and head.bias is not None,
     }
@@ -355,7 +361,10 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
     for name, entry in manifest["linears"].items():
         parent, _, attr = name.rpartition(".")
         owner = model.get_submodule(parent)
-        setattr(owner, attr, QuantLinear.frozen_from(getattr(owner, attr), BitSpec.from_dict(entry["spec"])))
+        qlinear = QuantLinear.frozen_from(getattr(owner, attr), BitSpec.from_dict(entry["spec"]))
+        if "input_transform" in entry:
+            qlinear.input_transform = online_transform(entry["input_transform"])
+        setattr(owner, attr, qlinear)
     for name, entry in manifest["reassembly"].items():
         parent, _, attr = name.rpartition(".")
         owner = model.get_submodule(parent)

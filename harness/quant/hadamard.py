@@ -91,8 +91,9 @@ def walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(*lead, m)
 
 
-def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
-    """``x @ hadamard_matrix(n).T`` along the last dimension, without forming the n x n matrix.
+def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``x @ hadamard_matrix(n).T`` along the last dimension (``transpose``: ``x @ hadamard_matrix(n)``, the
+    inverse), without forming the n x n matrix.
 
     The Sylvester part is a butterfly (O(n log n)); the base part one small matmul, as the official
     ``matmul_hadU_cuda``: x viewed as (..., K, m), transformed along m, then multiplied by B_K on the left.
@@ -101,7 +102,8 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     k, m = factor(n)
     y = walsh_hadamard(x.reshape(*x.shape[:-1], k, m))
     if k > 1:
-        y = base_matrix(k).to(y) @ y
+        base = base_matrix(k).to(y)
+        y = (base.T if transpose else base) @ y
     return y.reshape(x.shape) / math.sqrt(n)
 
 

@@ -91,6 +91,10 @@ class QuantLinear(nn.Module):
         self.act_quant = ActQuantizer(spec.a_bits, spec.a_symmetric)
         self.weight_quant: nn.Module = WeightQuantizer(spec)
         self.out_quant: ActQuantizer | None = None  # set for q/k/v with attention_scope "projection"
+        # An online transform of the input before it is quantized (a rotation's Hadamard: harness.quant.rotation),
+        # part of the layer's function: the weight was folded against it. (Read with getattr: a block pickled
+        # before the attribute existed, a checkpoint, has none.)
+        self.input_transform: nn.Module | None = None
         # A trainable path on the quantized input, added to the output (QLLM's low-rank correction while it
         # trains: Q(W) x + s B (A x) without materializing a weight-sized B @ A or its gradient every step).
         self.side: nn.Module | None = None
@@ -100,6 +104,9 @@ class QuantLinear(nn.Module):
         return self.weight if self.frozen else self.weight_quant(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        transform = getattr(self, "input_transform", None)
+        if transform is not None:
+            x = transform(x)
         x = self.act_quant(x)
         if self.recompute_weight and not self.frozen:
             y = linear_recomputing_weight(x, self.quantized_weight, self.bias)

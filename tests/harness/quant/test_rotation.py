@@ -1,0 +1,87 @@
+"""Rotation (norm folding, residual rotation, Hadamard pairs with online transforms) leaves the FP model unchanged."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import BitSpec
+from harness.adapter import get_adapter
+from harness.export.formats import export_model, load_quantized
+from harness.models import tiny_llama
+from harness.quant import rotation
+from harness.quant.hadamard import random_hadamard
+from harness.quant.qlinear import quantize_block
+
+# (heads, kv_heads, hidden, intermediate, tied): GQA with a tied head; 3 heads (no Hadamard of order 3, as
+# smollm2's 9) over widths 48 = 12 x 4 and 96 = 12 x 8; multi-head attention with an untied head
+GEOMETRIES = [(4, 2, 64, 128, True), (3, 1, 48, 96, True), (4, 4, 64, 160, False)]
+
+
+def model_with_norms(heads: int, kv_heads: int, hidden: int, intermediate: int, tied: bool):
+    model = tiny_llama(seed=1, vocab_size=300, hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, head_dim=hidden // heads, tie_word_embeddings=tied)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # norm weights that are not 1, so folding them is tested
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+    return model.double()
+
+
+def rotate(model, seed: int = 0, online: bool = True, **options) -> torch.nn.Module:
+    adapter = get_adapter(model)
+    _, _, head_dim = adapter.attention_geometry(model)
+    q = random_hadamard(model.config.hidden_size, seed)
+    rotation.rotate_ends(model, adapter, q, **options)
+    for layer in adapter.layers(model):
+        transforms = rotation.rotate_block(layer, adapter, q, head_dim)
+        for name, qlinear in quantize_block(layer, BitSpec.parse("W16A16"), adapter).items():
+            if online:
+                qlinear.input_transform = transforms.get(name)
+    return model
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_rotated_model_equals_the_original_in_fp(geometry):
+    tokens = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = model_with_norms(*geometry)
+    reference = logits(model, tokens)
+    rotated = rotate(model)
+    out = logits(rotated, tokens)
+    assert (out - reference).abs().max() <= 1e-4 * reference.abs().max()
+    adapter = get_adapter(rotated)
+    assert adapter.lm_head(rotated).weight is not adapter.embed(rotated).weight and not rotated.config.tie_word_embeddings
+    layer = adapter.layers(rotated)[0]
+    assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
+    assert not torch.allclose(adapter.embed(rotated).weight, adapter.embed(model_with_norms(*geometry)).weight)
+
+
+def test_without_the_online_transforms_the_model_is_another_function():
+    tokens = torch.randint(0, 300, (1, 8), generator=torch.Generator().manual_seed(0))
+    reference = logits(model_with_norms(*GEOMETRIES[0]), tokens)
+    out = logits(rotate(model_with_norms(*GEOMETRIES[0]), online=False), tokens)
+    assert (out - reference).abs().max() > 1e-2 * reference.abs().max()
+
+
+def test_official_embedding_mean_subtraction_is_a_small_fp_change():
+    tokens = torch.randint(0, 300, (1, 8), generator=torch.Generator().manual_seed(0))
+    reference = logits(model_with_norms(*GEOMETRIES[0]), tokens)
+    out = logits(rotate(model_with_norms(*GEOMETRIES[0]), embed_mean=True), tokens)
+    assert (out - reference).abs().max() > 1e-6 * reference.abs().max()
+
+
+def test_a_rotated_model_exports_and_reloads_with_its_online_transforms(tmp_path):
+    tokens = torch.randint(0, 300, (1, 8), generator=torch.Generator().manual_seed(0))
+    model = rotate(model_with_norms(*GEOMETRIES[1]))
+    reference = logits(model, tokens)
+    result = export_model(model, None, tmp_path / "rotated")
+    assert result.format == "ptqbench" and "online transform" in result.reason
+    reloaded = load_quantized(tmp_path / "rotated")
+    kinds = {type(q.input_transform).__name__ for q in reloaded.modules() if hasattr(q, "input_transform") and q.input_transform}
+    assert kinds == {"FullHadamard", "HeadsThenFull"}
+    assert torch.allclose(logits(reloaded.double(), tokens), reference, rtol=1e-6, atol=1e-8)
