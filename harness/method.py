@@ -129,6 +129,11 @@ class Method(ABC):
         """Refuse, with a one-line ``ConfigError``, a bit spec these options cannot serve; the sweep calls it
         for every planned run when the config is parsed, before any work. Accepts everything by default."""
 
+    def check_model(self, model_config: dict) -> None:
+        """Refuse, with a one-line ``ConfigError``, a model these options cannot serve (``model_config`` is its
+        config.json as a dict); the sweep calls it before any work where the config is on this machine. Accepts
+        everything by default."""
+
     def working_bytes(self, model_config: Any) -> int:
         """Bytes the method holds at its peak beyond the block group and its ``weight_copies`` (GPTQ: the
         Hessians of the linears it solves together), for the memory estimate; ``model_config`` is the

@@ -80,11 +80,12 @@ def _collect(job: BlockJob, position: int, layer: nn.Module, names: tuple[str, .
     """
     hessians = {name: Hessian(layer.get_submodule(name).in_features, job.device) for name in names}
 
-    def add(h: Hessian, x: torch.Tensor) -> None:
-        for sample in x.split(1):
+    def add(module: nn.Module, h: Hessian, x: torch.Tensor) -> None:
+        transform = getattr(module, "input_transform", None)  # the weight multiplies the transformed input
+        for sample in (x if transform is None else transform(x)).split(1):
             h.add(sample)
 
-    hooks = [layer.get_submodule(name).register_forward_pre_hook(lambda _m, args, h=hessians[name]: add(h, args[0]))
+    hooks = [layer.get_submodule(name).register_forward_pre_hook(lambda m, args, h=hessians[name]: add(m, h, args[0]))
              for name in names]
     rows = max(1, HESSIAN_TOKENS // job.q_inputs.shape[1])
     try:

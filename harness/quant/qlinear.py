@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.adapter import LlamaAdapter, get_adapter
-from harness.bits import BitSpec
+from harness.bits import FP, BitSpec
 from harness.quant import attention
 from harness.quant.quantizer import ActQuantizer, WeightQuantizer
 
@@ -167,9 +167,12 @@ def quantize_block(
         parent = layer.get_submodule(parent_name) if parent_name else layer
         linear = getattr(parent, attr)
         qualified = prefix + name
-        if isinstance(linear, QuantLinear) or (include is not None and not include(qualified, linear)):
+        carrier = isinstance(linear, QuantLinear) and linear.spec == PASS_THROUGH  # an online transform's holder
+        if (isinstance(linear, QuantLinear) and not carrier) or (include is not None and not include(qualified, linear)):
             continue
         qlinear = QuantLinear(linear, spec)
+        if carrier:
+            qlinear.input_transform = linear.input_transform
         if spec.quantizes_attention and spec.attention_scope == "projection" and name in adapter.attn_in.consumers:
             # SmoothQuant's official quantize_bmm_input: q/k/v outputs per token over all heads,
             # before RoPE (mit-han-lab/smoothquant c61476d7 fake_quant.py L89-108, L209-226)
@@ -177,6 +180,27 @@ def quantize_block(
         setattr(parent, attr, qlinear)
         swapped[qualified] = qlinear
     return swapped
+
+
+# The spec of a QuantLinear that only carries an online input transform (``with_input_transform``).
+PASS_THROUGH = FP
+
+
+def with_input_transform(layer: nn.Module, name: str, transform: nn.Module) -> QuantLinear:
+    """Put ``transform`` in front of linear ``name`` of ``layer``, before it is quantized.
+
+    The linear becomes a ``QuantLinear`` that quantizes nothing and carries the transform; a later
+    ``quantize_block`` swaps in the method's spec and keeps the transform, so a method can change a
+    block's structure (a rotation) first and quantize it with any weight solver after.
+    """
+    parent_name, _, attr = name.rpartition(".")
+    parent = layer.get_submodule(parent_name) if parent_name else layer
+    linear = getattr(parent, attr)
+    if not isinstance(linear, QuantLinear):
+        linear = QuantLinear(linear, PASS_THROUGH)
+        setattr(parent, attr, linear)
+    linear.input_transform = transform
+    return linear
 
 
 def quantize_linears(

@@ -28,7 +28,7 @@ from harness.data.windows import check_dataset_name
 from harness.errors import ConfigError, PtqbenchError
 from harness.evaluation.zeroshot import ZeroShotConfig, check_tasks
 from harness.method import Method, MethodConfig
-from harness.models import check_model_name
+from harness.models import check_model_name, model_config
 from harness.registry import get_method
 from harness.run.executor_config import ExecutorConfig, check_resources
 from harness.run.preflight import check_model
@@ -343,12 +343,16 @@ def parse_config(raw: Any, source: str = "config") -> SweepConfig:
 
 
 def _check_methods_against_bits(config: SweepConfig) -> None:
-    """Each method entry's options against each bit spec it runs (``Method.check``), overrides applied."""
+    """Each method entry's options against each bit spec it runs (``Method.check``) and each model whose
+    config.json is here (``Method.check_model``), overrides applied."""
+    configs = {model: model_config(model) for model in config.models}
     for i, entry in enumerate(config.methods):
         for spec in entry.bits or config.bits:
             for model in config.models:
                 method = entry.method_class(config.method_config(entry, model, spec))
                 _get(lambda m=method, s=spec: m.check(s), f"methods[{i}] at {spec.name}")
+                if configs[model] is not None:
+                    _get(lambda m=method, c=configs[model]: m.check_model(c), f"methods[{i}] on {model}")
 
 
 def _check_against_models(config: SweepConfig) -> None:

@@ -1,0 +1,104 @@
+"""QuaRot (Ashkboos et al., 2024): rotate the model so its activations have no outlier channels, then quantize.
+
+An orthogonal change of basis Q of the residual stream (a Hadamard matrix times random signs,
+seeded by the run's seed) and Hadamard rotations inside each block spread every outlier channel
+over all channels, so per-token activation ranges shrink; the FP model is unchanged
+(``harness.quant.rotation``: norm folding, an untied head, the residual rotation, the v/o and
+down_proj Hadamard pairs whose second halves run online on o_proj's and down_proj's inputs). The
+rotated linears are then rounded by ``weight_solver`` (official default GPTQ; ``rtn`` is its
+``--w_rtn``), block by block on the engine, each block's GPTQ Hessians taken on the inputs the
+rotated, quantized model so far feeds it, after the online transforms (official
+``fake_quant/main.py`` + ``rotation_utils.py`` + ``gptq_utils.py``, spcl/QuaRot 5008669).
+
+At ``W16A16`` the method only rotates: its perplexity equals FP's, a check a user can run on their
+own model. Where ptqbench differs from the official code, each for a reason:
+- a head tied to the embedding is untied first (the official code rotates the shared matrix twice);
+- o_proj's online Hadamard is the full-width one after undoing v_proj's per-head one, which is the
+  official across-heads Hadamard for a power-of-two head count and needs no Hadamard of the head
+  count's order (smollm2-135m has 9 heads; the official code asserts there);
+- the official norm fusion subtracts each embedding row's mean, a small FP change on LLaMA's
+  RMSNorm; ``embed_mean: true`` reproduces it.
+
+The bit spec's quantizers apply as for every method (the sweep's ``quant:`` section: QuaRot's
+paper setting is symmetric weights and activations, ``configs/quarot-paper.yaml``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from harness import BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, get_adapter, option, register_method
+from harness.engine.blockwise import BlockJob, run_blockwise
+from harness.engine.solvers import SOLVERS, SolverOptions, solve_block
+from harness.quant.hadamard import factor, random_hadamard
+from harness.quant.qlinear import with_input_transform
+from harness.quant.rotation import rotate_block, rotate_ends
+
+
+def random_orthogonal(n: int, seed: int) -> torch.Tensor:
+    """The official ``random_orthogonal_matrix``: Q of the QR of a Gaussian matrix, columns signed by diag(R)."""
+    g = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    q, r = torch.linalg.qr(g)
+    return q * torch.sign(torch.diag(r)).unsqueeze(0)
+
+
+@dataclass(frozen=True)
+class QuaRotConfig(MethodConfig):
+    """QuaRot's options, as the official ``fake_quant/main.py`` arguments."""
+
+    rotation: Literal["hadamard", "random"] = option(
+        "hadamard", "the residual rotation Q: a Hadamard matrix with random signs, or a random orthogonal one (official --rotate_mode)")
+    weight_solver: Literal["rtn", "gptq"] = option("gptq", "how the rotated weights are rounded (official: GPTQ; rtn = --w_rtn)")
+    embed_mean: bool = option(False, "subtract each embedding row's mean as the official norm fusion does (not exact on LLaMA)")
+
+    def __post_init__(self) -> None:
+        if self.rotation not in ("hadamard", "random"):
+            raise ConfigError(f"rotation: {self.rotation!r} is not allowed; use hadamard or random")
+        if self.weight_solver not in SOLVERS:
+            raise ConfigError(f"weight_solver: {self.weight_solver!r} is not allowed; use one of {SOLVERS}")
+
+
+@register_method
+class QuaRot(Method):
+    name = "quarot"
+    description = "QuaRot: the model rotated by Hadamard transforms (exact in FP, online ones before o_proj and down_proj), then GPTQ or RTN"
+    config_class = QuaRotConfig
+
+    def check_model(self, model_config: dict) -> None:
+        """Every width rotated needs a Hadamard matrix: MLP and head dimension, and hidden with ``rotation: hadamard``."""
+        head_dim = model_config.get("head_dim") or model_config["hidden_size"] // model_config["num_attention_heads"]
+        widths = {"intermediate_size": model_config["intermediate_size"], "head_dim": head_dim}
+        if self.config.rotation == "hadamard":
+            widths = {"hidden_size": model_config["hidden_size"], **widths}
+        for field, width in widths.items():
+            try:
+                factor(width)
+            except ConfigError as err:
+                raise ConfigError(f"model: {field} {width} cannot be rotated by quarot: {err}") from None
+
+    def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
+        self.check_model(model.config.to_dict())
+        adapter = get_adapter(model)
+        _, _, head_dim = adapter.attention_geometry(model)
+        hidden = model.config.hidden_size
+        seed = context.seed
+        q = random_hadamard(hidden, seed) if self.config.rotation == "hadamard" else random_orthogonal(hidden, seed)
+        rotate_ends(model, adapter, q, embed_mean=self.config.embed_mean)
+        solver = SolverOptions(self.config.weight_solver)
+        if solver.solver == "gptq":
+            calibration = self.require_calibration(calibration)
+        elif calibration is None:  # RTN weights need no data; the engine still runs the blocks in order
+            calibration = torch.zeros(1, 1, dtype=torch.long)
+
+        def process(job: BlockJob) -> dict:
+            for layer in job.layers:
+                for name, transform in rotate_block(layer, adapter, q.to(job.device), head_dim).items():
+                    with_input_transform(layer, name, transform)
+                solve_block(job, layer, spec, solver)
+            return {}
+
+        jobs = run_blockwise(model, calibration, process, device=context.device, desc="quarot", progress=context.progress,
+                             teacher=False)
+        return QuantizeResult(model, {"jobs": len(jobs), "rotation": self.config.rotation})
