@@ -1,10 +1,13 @@
 """Rotation (norm folding, residual rotation, Hadamard pairs with online transforms) leaves the FP model unchanged."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
-from harness import BitSpec
+from harness import BitSpec, QuantContext
 from harness.adapter import get_adapter
 from harness.export.formats import export_model, load_quantized
 from harness.models import tiny_llama
@@ -85,3 +88,17 @@ def test_a_rotated_model_exports_and_reloads_with_its_online_transforms(tmp_path
     kinds = {type(q.input_transform).__name__ for q in reloaded.modules() if hasattr(q, "input_transform") and q.input_transform}
     assert kinds == {"FullHadamard", "HeadsThenFull"}
     assert torch.allclose(logits(reloaded.double(), tokens), reference, rtol=1e-6, atol=1e-8)
+
+
+def test_the_documented_online_transform_example_keeps_the_fp_function(tiny_model, tiny_tokens):
+    """docs/methods/quarot.md's plugin example: a Hadamard before down_proj, installed with with_input_transform, at W16A16."""
+    page = (Path(__file__).resolve().parents[3] / "docs" / "methods" / "quarot.md").read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", page, re.DOTALL) if "class HadamardDown" in block]
+    namespace: dict = {}
+    exec(code, namespace)  # noqa: S102 (the documented example exactly as printed)
+    reference = logits(tiny_model, tiny_tokens)
+    method = namespace["HadamardDown"]()
+    method.quantize(tiny_model, BitSpec.parse("W16A16"), tiny_tokens, QuantContext(device=torch.device("cpu"), progress=False))
+    down = tiny_model.model.layers[0].mlp.down_proj
+    assert type(down.input_transform).__name__ == "FullHadamard"
+    assert torch.allclose(logits(tiny_model, tiny_tokens), reference, rtol=1e-4, atol=1e-5)
