@@ -1,6 +1,6 @@
-"""Bit specifications such as ``W4A4``, ``W4A16`` or ``W4A4g128``.
+"""Bit specifications such as ``W4A4``, ``W4A16``, ``W4A4g128`` or ``W4A4KV4``.
 
-A spec names the weight bits, the activation bits and optionally a weight group size.
+A spec names the weight bits, the activation bits, optionally the KV-cache bits and a weight group size.
 16 bits means "not quantized" (the FP16 baseline of the papers). Symmetry and per-tensor
 weights are not part of the short string; they come from the sweep's ``quant:`` section and
 are kept in the same frozen dataclass so every method sees one object.
@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, replace
 
 from harness.errors import ConfigError
 
-_SPEC_RE = re.compile(r"^W(\d+)A(\d+)(?:G(\d+))?$")
+_SPEC_RE = re.compile(r"^W(\d+)A(\d+)(?:KV(\d+))?(?:G(\d+))?$")
 MIN_BITS, MAX_BITS = 2, 16
 WEIGHT_GRANULARITIES = ("channel", "tensor")
 ATTENTION_SCOPES = ("head", "projection")
@@ -35,6 +35,13 @@ class BitSpec:
         attention_scope: "head" = Q/K after RoPE and V, one range per token and head (QLLM /
             OmniQuant); "projection" = the q/k/v projection outputs, one range per token over all
             heads, before RoPE (SmoothQuant's official ``quantize_bmm_input``).
+        kv_bits: the KV cache's own bits (the ``KV`` part of ``W4A4KV4``; None = no KV part): K after
+            RoPE and V, one range per token and head, at ``kv_bits`` (16 = FP) whatever ``attention``
+            says; ``attention`` then decides Q alone (at ``a_bits``; QuaRot leaves Q FP, QLLM and
+            OmniQuant quantize it). Without a KV part K and V follow ``attention``.
+        a_clip: the per-token activation range is [min, max] times this ratio, in (0, 1] (QuaRot's
+            ``--a_clip_ratio``); Q follows it.
+        kv_clip: the same for K and V with a KV part (QuaRot's ``--k_clip_ratio`` / ``--v_clip_ratio``).
     """
 
     w_bits: int = 16
@@ -45,12 +52,23 @@ class BitSpec:
     a_symmetric: bool = False
     attention: bool = False
     attention_scope: str = "head"
+    kv_bits: int | None = None
+    a_clip: float = 1.0
+    kv_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        for field in ("w_bits", "a_bits"):
+        for field in ("w_bits", "a_bits", "kv_bits"):
             value = getattr(self, field)
-            if not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
+            if field == "kv_bits" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
                 raise ConfigError(f"bits.{field}: {value!r} is not allowed; use an integer {MIN_BITS}..{MAX_BITS}")
+        for field, name in (("a_clip", "act_clip_ratio"), ("kv_clip", "kv_clip_ratio")):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ConfigError(f"quant.{name}: {value!r} is not allowed; use a number in (0, 1]")
+        if self.kv_bits is not None and self.attention_scope != "head":
+            raise ConfigError("quant.attention_scope: 'projection' cannot be combined with KV-cache bits (KV...); use head")
         if not isinstance(self.w_group, int) or self.w_group < 0:
             raise ConfigError(f"bits.w_group: {self.w_group!r} is not allowed; use 0 (per channel) or a positive group size")
         if self.w_granularity not in WEIGHT_GRANULARITIES:
@@ -70,15 +88,18 @@ class BitSpec:
         match = _SPEC_RE.match(str(text).strip().upper())
         if match is None:
             raise ConfigError(
-                f"bits: {text!r} is not a bit spec; write W<bits>A<bits>[g<group>], e.g. W4A4, W4A16, W4A4g128"
+                f"bits: {text!r} is not a bit spec; write W<bits>A<bits>[KV<bits>][g<group>], e.g. W4A4, W4A16, "
+                "W4A4g128, W4A4KV4"
             )
-        w, a, g = match.groups()
-        return cls(w_bits=int(w), a_bits=int(a), w_group=int(g or 0), **scheme)  # type: ignore[arg-type]
+        w, a, kv, g = match.groups()
+        kv_bits = None if kv is None else int(kv)
+        return cls(w_bits=int(w), a_bits=int(a), w_group=int(g or 0), kv_bits=kv_bits, **scheme)  # type: ignore[arg-type]
 
     @property
     def name(self) -> str:
-        """The short string, e.g. ``W4A4g128`` (round-trips through :meth:`parse`)."""
-        return f"W{self.w_bits}A{self.a_bits}" + (f"g{self.w_group}" if self.w_group else "")
+        """The short string, e.g. ``W4A4g128`` or ``W4A4KV4`` (round-trips through :meth:`parse`)."""
+        return (f"W{self.w_bits}A{self.a_bits}" + (f"KV{self.kv_bits}" if self.kv_bits is not None else "")
+                + (f"g{self.w_group}" if self.w_group else ""))
 
     @property
     def quantizes_weights(self) -> bool:
@@ -93,20 +114,26 @@ class BitSpec:
         return self.attention and self.quantizes_activations
 
     @property
-    def order_key(self) -> tuple[int, int, int]:
-        """Sort key for tables and plots: most bits first (weights, then activations), then coarser groups.
+    def quantizes_kv(self) -> bool:
+        """Whether K and V are quantized (at ``kv_bits``, or with Q at ``a_bits`` without a KV part)."""
+        return self.kv_bits < 16 if self.kv_bits is not None else self.quantizes_attention
+
+    @property
+    def order_key(self) -> tuple[int, int, int, int]:
+        """Sort key for tables and plots: most bits first (weights, activations, KV cache), then coarser groups.
 
         Per-channel (group 0) sorts before any group size of the same bits.
         """
-        return (-self.w_bits, -self.a_bits, self.w_group)
+        return (-self.w_bits, -self.a_bits, -(16 if self.kv_bits is None else self.kv_bits), self.w_group)
 
     def to_dict(self) -> dict:
-        """The fields; the attention ones only when set, so runs without them keep the keys they had before they existed."""
+        """The fields; the attention, KV and clip ones only when set, so runs without them keep the keys they had
+        before they existed."""
         data = asdict(self)
-        if not self.attention:
-            data.pop("attention")
-        if self.attention_scope == "head":
-            data.pop("attention_scope")
+        defaults = {"attention": False, "attention_scope": "head", "kv_bits": None, "a_clip": 1.0, "kv_clip": 1.0}
+        for field, default in defaults.items():
+            if data[field] == default:
+                data.pop(field)
         return data
 
     @classmethod

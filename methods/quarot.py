@@ -19,8 +19,10 @@ own model. Where ptqbench differs from the official code, each for a reason:
 - the official norm fusion subtracts each embedding row's mean, a small FP change on LLaMA's
   RMSNorm; ``embed_mean: true`` reproduces it.
 
-The bit spec's quantizers apply as for every method (the sweep's ``quant:`` section: QuaRot's
-paper setting is symmetric weights and activations, ``configs/quarot-paper.yaml``).
+The bit spec's quantizers apply as for every method (the sweep's ``quant:`` section). With a KV
+part (``W4A4KV4``) K and V are quantized per token and head after the Hadamard of the head dimension
+on Q and K (the official ``QKRotationWrapper``: exact in FP); ``quant.attention: false`` leaves Q
+FP as the official code does; ``quant.act_clip_ratio`` / ``kv_clip_ratio`` are its clip ratios.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import torch
 from harness import BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, get_adapter, option, register_method
 from harness.engine.blockwise import BlockJob, run_blockwise
 from harness.engine.solvers import SOLVERS, SolverOptions, solve_block
+from harness.quant import attention
 from harness.quant.hadamard import factor, random_hadamard
 from harness.quant.qlinear import with_input_transform
 from harness.quant.rotation import rotate_block, rotate_ends
@@ -96,6 +99,8 @@ class QuaRot(Method):
             for layer in job.layers:
                 for name, transform in rotate_block(layer, adapter, q.to(job.device), head_dim).items():
                     with_input_transform(layer, name, transform)
+                if spec.quantizes_kv:  # the K cache quantized in the basis of the per-head Hadamard (exact in FP)
+                    attention.install(layer.get_submodule(adapter.attention_path), spec).rotate_qk = True
                 solve_block(job, layer, spec, solver)
             return {}
 

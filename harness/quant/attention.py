@@ -7,8 +7,9 @@ asymmetric range per (token, head) vector of length head_dim; the softmax output
 16-bit early return in quantize/quantizer.py L102-105; OpenGVLab/OmniQuant 95fae1bd
 models/int_llama_layer.py L141-142 and L160-162, main.py L282-309).
 
-How it is wired, without copying transformers' attention: ``install(attn, quantizer)`` puts an
-``ActQuantizer`` on a block's attention module as ``attn.qkv_quant`` and switches the model config
+How it is wired, without copying transformers' attention: ``install(attn, spec)`` puts an
+``AttentionQuantizer`` (one ``ActQuantizer`` each for Q, K and V) on a block's attention module as
+``attn.qkv_quant`` and switches the model config
 to the attention function registered here, which transformers calls with the module, Q/K (RoPE
 applied) and V in (batch, heads, seqlen, head_dim) layout. The function fake-quantizes them over
 the last dimension and hands them to transformers' SDPA attention. Modules without a quantizer
@@ -19,6 +20,11 @@ gets transformers' eager attention behind the quantizer (``EAGER_IMPLEMENTATION`
 SDPA. Eager is the explicit matmul / fp32 softmax / matmul of the official QLLM and OmniQuant layers:
 with it ptqbench's RTN W4A4 model on smollm2-135m scored exactly the official code's perplexity (run on one machine), while
 SDPA's different rounding alone moves that (broken, ppl ~2000) model by ~7%.
+
+KV cache (a bit spec with a KV part, ``W4A4KV4``): K and V take the KV bits and clip ratio, Q the
+activation bits when ``attention`` is set and stays FP otherwise (QuaRot). ``rotate_qk`` applies the
+Hadamard of the head dimension to Q and K first (QuaRot's online rotation for the K cache): exact in FP,
+since Q Kᵀ = (Q H)(K H)ᵀ.
 
 Grouped-query attention: here K and V are quantized *before* ``repeat_kv`` (SDPA repeats them),
 the official layers after it. ``repeat_kv`` only copies whole heads, and the range is per
@@ -34,6 +40,8 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from transformers.modeling_utils import AttentionInterface
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from harness.bits import BitSpec
+from harness.quant.hadamard import hadamard_transform
 from harness.quant.quantizer import ActQuantizer
 
 IMPLEMENTATION = "ptqbench_qkv_sdpa"
@@ -41,12 +49,37 @@ EAGER_IMPLEMENTATION = "ptqbench_qkv_eager"
 ATTRIBUTE = "qkv_quant"
 
 
+class AttentionQuantizer(nn.Module):
+    """The quantizers of one attention's Q, K (after RoPE) and V, each per token and head."""
+
+    rotate_qk: bool = False  # a class default, so a block pickled without it still runs
+
+    def __init__(self, q: ActQuantizer, k: ActQuantizer, v: ActQuantizer) -> None:
+        super().__init__()
+        self.q, self.k, self.v = q, k, v
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.rotate_qk:
+            query, key = (hadamard_transform(t.float()).to(t.dtype) for t in (query, key))
+        return self.q(query), self.k(key), self.v(value)
+
+    def extra_repr(self) -> str:
+        return "rotate_qk=True" if self.rotate_qk else ""
+
+
+def _quantized(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    quantizer = getattr(module, ATTRIBUTE, None)
+    if quantizer is None:
+        return query, key, value
+    if isinstance(quantizer, ActQuantizer):  # a block checkpointed before AttentionQuantizer existed
+        return quantizer(query), quantizer(key), quantizer(value)
+    return quantizer(query, key, value)
+
+
 def quantized_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function: fake-quantize Q, K, V (last dim = one head's vector), then SDPA."""
-    quantizer = getattr(module, ATTRIBUTE, None)
-    if quantizer is not None:
-        query, key, value = quantizer(query), quantizer(key), quantizer(value)
+    query, key, value = _quantized(module, query, key, value)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -64,9 +97,7 @@ def quantized_eager(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     search call blocks with ``attention_mask=None``); transformers' eager kernel alone would attend
     to every position.
     """
-    quantizer = getattr(module, ATTRIBUTE, None)
-    if quantizer is not None:
-        query, key, value = quantizer(query), quantizer(key), quantizer(value)
+    query, key, value = _quantized(module, query, key, value)
     if attention_mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True):
         attention_mask = causal_mask(query.shape[2], key.shape[2], query.dtype, query.device)
     return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -83,11 +114,14 @@ def register() -> None:
     AttentionMaskInterface.register(EAGER_IMPLEMENTATION, eager_mask)
 
 
-def install(attn: nn.Module, bits: int, symmetric: bool) -> ActQuantizer:
-    """Quantize ``attn``'s Q/K/V from now on; the model config (shared by all blocks) switches to our function
-    (the eager one when the model computes attention with the eager kernel)."""
+def install(attn: nn.Module, spec: BitSpec) -> AttentionQuantizer:
+    """Quantize ``attn``'s Q/K/V from now on as ``spec`` says; the model config (shared by all blocks) switches to
+    our function (the eager one when the model computes attention with the eager kernel)."""
     register()
-    quantizer = ActQuantizer(bits, symmetric)
+    q_bits = spec.a_bits if spec.attention else 16
+    kv_bits, kv_clip = (q_bits, spec.a_clip) if spec.kv_bits is None else (spec.kv_bits, spec.kv_clip)
+    quantizer = AttentionQuantizer(ActQuantizer(q_bits, spec.a_symmetric, spec.a_clip),
+                                   *(ActQuantizer(kv_bits, spec.a_symmetric, kv_clip) for _ in range(2)))
     setattr(attn, ATTRIBUTE, quantizer)
     config = getattr(attn, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
@@ -99,4 +133,8 @@ def install(attn: nn.Module, bits: int, symmetric: bool) -> ActQuantizer:
 
 def attention_quantizers(model: nn.Module) -> list[ActQuantizer]:
     """Every attention-input quantizer installed in ``model``."""
-    return [q for m in model.modules() if isinstance(q := getattr(m, ATTRIBUTE, None), ActQuantizer)]
+    found = []
+    for m in model.modules():
+        q = getattr(m, ATTRIBUTE, None)
+        found += [q] if isinstance(q, ActQuantizer) else [q.q, q.k, q.v] if isinstance(q, AttentionQuantizer) else []
+    return found

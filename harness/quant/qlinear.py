@@ -88,7 +88,7 @@ class QuantLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.spec = spec
-        self.act_quant = ActQuantizer(spec.a_bits, spec.a_symmetric)
+        self.act_quant = ActQuantizer(spec.a_bits, spec.a_symmetric, spec.a_clip)
         self.weight_quant: nn.Module = WeightQuantizer(spec)
         self.out_quant: ActQuantizer | None = None  # set for q/k/v with attention_scope "projection"
         # An online transform of the input before it is quantized (a rotation's Hadamard: harness.quant.rotation),
@@ -158,9 +158,9 @@ def quantize_block(
     (``harness.quant.attention``), installed here so every method quantizes exactly the same tensors.
     """
     adapter = adapter or LlamaAdapter()
-    per_head = spec.quantizes_attention and spec.attention_scope == "head"
+    per_head = spec.attention_scope == "head" and (spec.quantizes_attention or spec.quantizes_kv)
     if per_head and not hasattr(layer.get_submodule(adapter.attention_path), attention.ATTRIBUTE):
-        attention.install(layer.get_submodule(adapter.attention_path), spec.a_bits, spec.a_symmetric)
+        attention.install(layer.get_submodule(adapter.attention_path), spec)
     swapped: dict[str, QuantLinear] = {}
     for name in adapter.linear_names:
         parent_name, _, attr = name.rpartition(".")

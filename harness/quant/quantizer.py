@@ -224,30 +224,38 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return codes.to(scale.dtype).sub_(zero).mul_(scale).reshape(shape)
 
 
-def quantize_activation(x: torch.Tensor, bits: int, symmetric: bool = False, zero_point_grad: bool = True) -> torch.Tensor:
-    """Dynamic per-token fake quantization: one range per vector along the last dimension."""
+def quantize_activation(x: torch.Tensor, bits: int, symmetric: bool = False, zero_point_grad: bool = True,
+                        clip_ratio: float = 1.0) -> torch.Tensor:
+    """Dynamic per-token fake quantization: one range per vector along the last dimension, times ``clip_ratio``."""
     if bits >= 16:
         return x
     xmin, xmax = row_range(x)
+    if clip_ratio != 1.0:
+        xmin, xmax = xmin * clip_ratio, xmax * clip_ratio
     return fake_quantize(x, xmin, xmax, bits, symmetric, zero_point_grad)
 
 
 class ActQuantizer(nn.Module):
     """Per-token dynamic activation quantizer; ``enabled = False`` makes it the identity."""
 
-    # a class default, so a block pickled before the attribute existed (a checkpoint) still runs
+    # class defaults, so a block pickled before the attributes existed (a checkpoint) still runs
     zero_point_grad: bool = True
+    clip_ratio: float = 1.0
 
-    def __init__(self, bits: int, symmetric: bool = False) -> None:
+    def __init__(self, bits: int, symmetric: bool = False, clip_ratio: float = 1.0) -> None:
         super().__init__()
         self.bits, self.symmetric, self.enabled = bits, symmetric, bits < 16
+        if clip_ratio != 1.0:
+            self.clip_ratio = clip_ratio
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantize_activation(x, self.bits, self.symmetric, self.zero_point_grad) if self.enabled else x
+        if not self.enabled:
+            return x
+        return quantize_activation(x, self.bits, self.symmetric, self.zero_point_grad, self.clip_ratio)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}, enabled={self.enabled}" + (
-            "" if self.zero_point_grad else ", zero_point_grad=False")
+            "" if self.zero_point_grad else ", zero_point_grad=False") + ("" if self.clip_ratio == 1.0 else f", clip_ratio={self.clip_ratio}")
 
 
 class WeightQuantizer(nn.Module):

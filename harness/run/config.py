@@ -107,6 +107,10 @@ class QuantSchemeConfig:
     attention_scope: head = Q/K after RoPE and V per token and head (QLLM, OmniQuant); projection =
         the q/k/v projection outputs per token over all heads, before RoPE (SmoothQuant's official
         fake_quant.py with quantize_bmm_input).
+        With a KV part in the bit spec (``W4A4KV4``) K and V take the KV bits and ``attention`` decides
+        Q alone (QuaRot: false).
+    act_clip_ratio: per-token activation ranges are [min, max] times this, in (0, 1] (QuaRot's paper: 0.9).
+    kv_clip_ratio: the same for K and V at the KV bits (QuaRot's paper: 0.95).
     """
 
     weight_symmetric: bool = False
@@ -114,6 +118,8 @@ class QuantSchemeConfig:
     weight_granularity: str = "channel"
     attention: Literal["auto", True, False] = "auto"
     attention_scope: str = "head"
+    act_clip_ratio: float = 1.0
+    kv_clip_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         self.bit_spec("W16A16")  # validates the scheme's fields
@@ -121,7 +127,7 @@ class QuantSchemeConfig:
     def bit_spec(self, text: str | BitSpec) -> BitSpec:
         """``text`` (``W4A4``) with this scheme's symmetry, granularity and attention setting."""
         spec = BitSpec.parse(text, w_symmetric=self.weight_symmetric, a_symmetric=self.act_symmetric,
-                             w_granularity=self.weight_granularity)
+                             w_granularity=self.weight_granularity, a_clip=self.act_clip_ratio, kv_clip=self.kv_clip_ratio)
         attention = spec.quantizes_activations if self.attention == "auto" else bool(self.attention)
         return replace(spec, attention=attention, attention_scope=self.attention_scope)
 

@@ -87,3 +87,17 @@ def test_a_width_without_a_hadamard_construction_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"^model: intermediate_size 5632 cannot be rotated by quarot: no Hadamard matrix"):
         method.check_model(config)
     method.check_model({**config, "intermediate_size": 1536})  # smollm2-135m: 12 x 128
+
+
+def test_kv4_quantizes_the_k_cache_in_the_rotated_basis_and_w16a16kv16_stays_exact(tiny_model, tiny_tokens):
+    from harness.quant.attention import attention_quantizers
+
+    model = with_norm_weights(tiny_model)
+    reference = logits(model, tiny_tokens)
+    kv4 = copy.deepcopy(model)
+    get_method("quarot").from_options({"weight_solver": "rtn"}).quantize(model, BitSpec.parse("W16A16KV16"), tiny_tokens, CTX)
+    assert (logits(model, tiny_tokens) - reference).abs().max() <= 1e-4 * reference.abs().max()
+    get_method("quarot").from_options({"weight_solver": "rtn"}).quantize(kv4, BitSpec.parse("W16A16KV4"), tiny_tokens, CTX)
+    attn = kv4.model.layers[0].self_attn
+    assert attn.qkv_quant.rotate_qk and [q.bits for q in attention_quantizers(kv4)][:3] == [16, 4, 4]
+    assert not torch.allclose(logits(kv4, tiny_tokens), reference, atol=1e-4)  # the 4-bit cache changes the model

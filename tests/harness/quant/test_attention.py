@@ -8,7 +8,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from harness.bits import BitSpec
-from harness.quant.attention import EAGER_IMPLEMENTATION, IMPLEMENTATION, attention_quantizers
+from harness.quant.attention import EAGER_IMPLEMENTATION, IMPLEMENTATION, attention_quantizers, install
 from harness.quant.qlinear import quantize_block, quantize_linears, quantizers_disabled
 from harness.quant.quantizer import quantize_activation
 from harness.run.config import QuantSchemeConfig
@@ -80,7 +80,7 @@ def test_attention_off_leaves_the_model_as_before_and_on_differs(tiny_model, tin
     model = tiny_llama(seed=0, vocab_size=256)
     with torch.no_grad():
         quantize_linears(model, BitSpec.parse("W4A4", attention=True))
-        assert len(attention_quantizers(model)) == model.config.num_hidden_layers
+        assert len(attention_quantizers(model)) == 3 * model.config.num_hidden_layers  # Q, K and V per block
         full = model(tiny_tokens).logits
         with quantizers_disabled(model):
             fp = model(tiny_tokens).logits
@@ -105,7 +105,7 @@ def test_every_method_quantizes_attention_inputs(tiny_model, tiny_tokens, method
     hook_targets = [layer.self_attn for layer in tiny_model.model.layers]
     result = get_method(method).from_options(options).quantize(tiny_model, spec, tiny_tokens, QuantContext(progress=False))
     quantizers = attention_quantizers(result.model)
-    assert len(quantizers) == len(hook_targets) and all(q.enabled and q.bits == 4 for q in quantizers)
+    assert len(quantizers) == 3 * len(hook_targets) and all(q.enabled and q.bits == 4 for q in quantizers)  # Q, K, V
     for q in quantizers:
         q.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[-1]))
     with torch.no_grad():
@@ -182,3 +182,43 @@ def test_blocks_called_without_a_mask_stay_causal_with_the_eager_kernel():
         outs[(kernel, quantized)] = out
     torch.testing.assert_close(outs[("eager", False)], outs[("sdpa", False)], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[("eager", True)], outs[("sdpa", False)], rtol=1e-5, atol=1e-5)
+
+
+def test_kv_bits_quantize_k_and_v_per_token_and_head_and_leave_q_fp(tiny_model):
+    """W16A16KV4 with attention off (QuaRot): Q FP, K after RoPE and V at 4 bits, against the independent reference."""
+    layer = tiny_model.model.layers[0]
+    attn = layer.self_attn
+    quantize_block(layer, BitSpec.parse("W16A16KV4"))
+    x = torch.randn(2, 9, tiny_model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    cos, sin = tiny_model.model.rotary_emb(x, torch.arange(9).unsqueeze(0))
+    with torch.no_grad():
+        got = attn(x, position_embeddings=(cos, sin), attention_mask=None)[0]
+        heads, kv, d = 4, 2, attn.head_dim
+
+        def proj(m, n):
+            return torch.nn.functional.linear(x, m.weight).view(2, 9, n, d).transpose(1, 2)
+
+        q, k, v = proj(attn.q_proj, heads), proj(attn.k_proj, kv), proj(attn.v_proj, kv)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = (torch.from_numpy(numpy_per_row_asym(t.numpy(), 4)) for t in (k, v))
+        k, v = k.repeat_interleave(heads // kv, dim=1), v.repeat_interleave(heads // kv, dim=1)
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(torch.triu(torch.ones(9, 9, dtype=torch.bool), 1), float("-inf"))
+        ref = torch.nn.functional.linear((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 9, heads * d), attn.o_proj.weight)
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-3)
+    q_quant, k_quant, v_quant = attention_quantizers(tiny_model)
+    assert not q_quant.enabled and (k_quant.bits, v_quant.bits) == (4, 4)
+
+
+def test_the_qk_hadamard_is_exact_in_fp_and_clip_ratios_shrink_the_range(tiny_model, tiny_tokens):
+    with torch.no_grad():
+        reference = tiny_model(tiny_tokens).logits
+        for layer in tiny_model.model.layers:  # every quantizer at 16 bits: only the rotation acts
+            install(layer.self_attn, BitSpec.parse("W16A16KV16")).rotate_qk = True
+        assert len(attention_quantizers(tiny_model)) == 3 * tiny_model.config.num_hidden_layers
+        torch.testing.assert_close(tiny_model(tiny_tokens).logits, reference, atol=1e-5, rtol=1e-4)
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    lo, hi = x.amin(-1, keepdim=True) * 0.9, x.amax(-1, keepdim=True) * 0.9
+    scale = (hi - lo) / 15
+    zero = torch.round(-lo / scale)
+    expected = (torch.clamp(torch.round(x / scale) + zero, 0, 15) - zero) * scale
+    torch.testing.assert_close(quantize_activation(x, 4, clip_ratio=0.9), expected, atol=1e-6, rtol=0)

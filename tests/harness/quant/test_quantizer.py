@@ -209,7 +209,7 @@ def test_set_zero_point_grad_reaches_every_quantizer_of_a_block(tiny_model):
     layer = tiny_model.model.layers[0]
     quantize_block(layer, BitSpec.parse("W4A4", attention=True))
     quantizers = [m for m in layer.modules() if isinstance(m, (ActQuantizer, WeightQuantizer))]
-    assert len(quantizers) == 7 * 2 + 1  # act + weight per linear, and the Q/K/V quantizer
+    assert len(quantizers) == 7 * 2 + 3  # act + weight per linear, and the Q, K and V quantizers
     assert all(q.zero_point_grad for q in quantizers)
     assert set_zero_point_grad(layer, False) == len(quantizers)
     assert not any(q.zero_point_grad for q in quantizers)
