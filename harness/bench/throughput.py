@@ -37,12 +37,15 @@ class BenchResult:
 
 
 def throughput_ratio(model_name: str = "smollm2-135m", spec: str = "W4A4", method: str = "rtn", windows: int = 4,
-                     seqlen: int = 512, repeats: int = 3, dataset: str = "brown", device: str = "auto") -> BenchResult:
+                     seqlen: int = 512, repeats: int = 3, dataset: str = "brown", device: str = "auto",
+                     options: dict | None = None) -> BenchResult:
     dev = resolve_device(device)
     loaded = load_model(model_name, device=device)
     fp_model = loaded.model.to(dev)
     quant_model = copy.deepcopy(fp_model).cpu()
-    get_method(method).from_options({}).quantize(quant_model, BitSpec.parse(spec), None, QuantContext(device=dev, progress=False))
+    # no calibration data: a data-free method (rtn, quarot with weight_solver: rtn) or one that refuses in one line
+    get_method(method).from_options(options or {}).quantize(quant_model, BitSpec.parse(spec), None,
+                                                            QuantContext(device=dev, progress=False))
     quant_model = quant_model.to(dev)
     data = eval_windows(dataset, loaded.tokenizer, seqlen, windows)
     tokens = data.numel()

@@ -30,3 +30,10 @@ def test_bench_fields_agree_with_an_independent_evaluation():
     freeze(loaded.model)
     assert r.quant_ppl == pytest.approx(perplexity(loaded.model, data, device=cpu, progress=False), rel=1e-5)
     assert r.quant_ppl != pytest.approx(r.fp_ppl, rel=1e-4)  # the quantized model is a different model
+
+
+def test_bench_times_quarot_with_its_online_transforms():
+    """A rotated model at W16A16 is the FP model: equal perplexity, through the online Hadamards."""
+    r = throughput_ratio("tiny-random-llama", "W16A16", method="quarot", options={"weight_solver": "rtn"}, windows=2, seqlen=32,
+                         repeats=1, device="cpu")
+    assert r.quant_ppl == pytest.approx(r.fp_ppl, rel=1e-4) and r.quant_tokens_per_s > 0
