@@ -184,3 +184,19 @@ def test_dispatch_on_cpu_gives_the_whole_model_for_lm_eval(lazy, eager, tiny_tok
     assert _mapped_device(device_map, "model.layers.1.mlp") == "cpu"
     assert _mapped_device(device_map, "lm_head") == "cpu"
     assert _mapped_device(None, "model.layers.0") is None
+
+
+@pytest.mark.parametrize("solver", ["rtn", "gptq"])
+def test_quarot_on_a_lazy_tied_model_matches_the_eager_model(tied_folder, tiny_tokens, tmp_path, solver):
+    """The rotation unties the head and rotates embedding and head before the blocks; the lazy model keeps both
+    (they exist nowhere else) and its finished blocks carry their online transforms and K-cache rotation."""
+    spec = BitSpec.parse("W4A4KV4")
+    eager = load_model(str(tied_folder), dtype="float32", device="cpu").model
+    lazy = load_model(str(tied_folder), dtype="float32", device="cpu", lazy=True).model
+    block_store(lazy).set_work_dir(tmp_path / "blocks")
+    for model in (eager, lazy):
+        get_method("quarot").from_options({"weight_solver": solver}).quantize(model, spec, tiny_tokens, CTX)
+    assert lazy.lm_head.weight is not lazy.model.embed_tokens.weight and not lazy.lm_head.weight.is_meta
+    torch.testing.assert_close(lazy.model.embed_tokens.weight, eager.model.embed_tokens.weight, rtol=0, atol=0)
+    expected = perplexity(eager, tiny_tokens, device=CPU, progress=False)
+    assert perplexity_blockwise(lazy, tiny_tokens, device=CPU, progress=False) == pytest.approx(expected, rel=1e-4)
