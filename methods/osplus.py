@@ -202,15 +202,21 @@ def search_threshold(x: torch.Tensor, weights: list[torch.Tensor], biases: list[
     reference = site(x.unsqueeze(0), [w.unsqueeze(0) for w in weights], biases)
     per_candidate = 4 * (4 * x.numel() + 2 * sum(w.numel() for w in weights) + 4 * reference.numel() + scratch_per_candidate)
     batch = max(1, config.batch_mb * 2**20 // per_candidate)
-    losses = []
+    # the best so far as Python numbers: a list of every batch's small loss tensor, kept between the batches'
+    # large temporaries, pinned the heap and grew it by ~10 MB a batch (23 GB at smollm2's largest site)
+    best, best_loss, unscaled = 0, float("inf"), float("nan")
     for start in range(0, len(grid), batch):
         s = outlier_scales(channel_max, channel_min, ts[start : start + batch])
         xq = quantize_activation(x.unsqueeze(0) / s[:, None, None, :], spec.a_bits, spec.a_symmetric)
         wq = [_quantize_weights(w.unsqueeze(0) * s[:, None, :], spec) for w in weights]
-        losses.append((site(xq, wq, biases) - reference).pow_(2).sum(-1).mean(-1))
-    loss = torch.cat(losses).nan_to_num(nan=torch.inf)  # a NaN never wins, as in the official strict comparison
-    best = int(loss.argmin())  # the first of equal minima: the largest such t, as the official strict "<"
-    return SearchResult(grid[best], outlier_scales(channel_max, channel_min, ts[best]), loss[best].item(), loss[0].item(), len(grid))
+        loss = (site(xq, wq, biases) - reference).pow_(2).sum(-1).mean(-1).nan_to_num_(nan=torch.inf)  # NaN never wins
+        del s, xq, wq  # one batch's tensors alive at a time (batch_mb)
+        i = int(loss.argmin())  # the first of equal minima: the largest such t, as the official strict "<"
+        if start == 0:
+            unscaled = loss[0].item()
+        if loss[i].item() < best_loss:
+            best, best_loss = start + i, loss[i].item()
+    return SearchResult(grid[best], outlier_scales(channel_max, channel_min, ts[best]), best_loss, unscaled, len(grid))
 
 
 # --- the transform ----------------------------------------------------------------------------------
