@@ -110,7 +110,9 @@ class Checkpoint:
         tmp.replace(self.folder / name)
         manifest = {"version": MANIFEST_VERSION, "key": self.key, "next_start": s.next_start, "file": name,
                     "state": _describe(self.folder / name, header=True), "stats": s.stats,
-                    "blocks": {str(i): self.blocks[i] for i in range(s.next_start) if i in self.blocks}}
+                    "blocks": {str(i): self.blocks[i] for i in range(s.next_start) if i in self.blocks},
+                    # float sums depend on it: a resume with another count is said in the log
+                    "torch_threads": torch.get_num_threads()}
         meta = self.folder / "state.json.tmp"
         meta.write_text(json.dumps(manifest, default=str))
         meta.replace(self.folder / "state.json")
@@ -136,6 +138,11 @@ class Checkpoint:
         self.blocks = {int(i): entry for i, entry in info["blocks"].items()}
         tensors = load_file(self.folder / info["file"])
         state = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
+        threads = info.get("torch_threads")
+        if threads is not None and threads != torch.get_num_threads():
+            log.warning("the checkpoint's blocks ran with %d torch threads, the rest runs with %d: float sums differ in "
+                        "order, so the result can differ from an uninterrupted run at either count", threads,
+                        torch.get_num_threads())
         return EngineState(info["next_start"], tensors["fp_x"], tensors["q_x"], info["stats"], state, tensors["rng"])
 
     def problem(self) -> str | None:

@@ -179,3 +179,19 @@ def test_a_damaged_checkpoint_is_named_in_one_line_and_not_resumed(tmp_path, cap
 def test_a_checkpoint_of_another_run_key_is_not_resumed(tmp_path):
     saved = saved_checkpoint(tmp_path, key="k1")
     assert Checkpoint(saved.folder, saved.blocks_dir, key="k2").problem() == "state.json belongs to run k1, not k2"
+
+
+def test_a_resume_with_another_thread_count_is_said_in_the_log(tmp_path, caplog):
+    threads = torch.get_num_threads()
+    saved = saved_checkpoint(tmp_path)
+    assert json.loads((saved.folder / "state.json").read_text())["torch_threads"] == threads
+    with caplog.at_level("WARNING"):
+        Checkpoint(saved.folder, saved.blocks_dir, key="k1").load()
+        assert not [r for r in caplog.records if "torch threads" in r.getMessage()]
+        torch.set_num_threads(threads + 1)
+        try:
+            assert Checkpoint(saved.folder, saved.blocks_dir, key="k1").load() is not None  # resumed all the same
+        finally:
+            torch.set_num_threads(threads)
+    (line,) = [r.getMessage() for r in caplog.records if "torch threads" in r.getMessage()]
+    assert f"ran with {threads} torch threads, the rest runs with {threads + 1}" in line
