@@ -37,9 +37,9 @@ def main(verbose: int, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from harness.cli import bench, bench_engine, bench_scale, eval as eval_, export, methods, prepare, report, run
+    from harness.cli import bench, bench_engine, bench_methods, bench_scale, eval as eval_, export, methods, prepare, report, run
 
-    for module in (methods, run, report, export, eval_, prepare, bench, bench_engine, bench_scale):
+    for module in (methods, run, report, export, eval_, prepare, bench, bench_engine, bench_methods, bench_scale):
         main.add_command(module.command)
 
 
