@@ -254,7 +254,7 @@ def test_zero_point_grad_none_changes_gradients_not_values(tiny_tokens):
         results.append((flags, out.detach(), torch.cat([c.beta.grad.flatten() for c in state.clips])))
     (flags_ste, out_ste, grad_ste), (flags_none, out_none, grad_none) = results
     assert flags_ste == {True} and flags_none == {False}
-    assert len([q for q in layer.modules() if hasattr(q, "zero_point_grad")]) == 7 * 2 + 1  # incl. Q/K/V
+    assert len([q for q in layer.modules() if hasattr(q, "zero_point_grad")]) == 7 * 2 + 3  # incl. Q, K and V
     assert torch.equal(out_ste, out_none)
     assert not torch.allclose(grad_ste, grad_none)
 
