@@ -69,7 +69,7 @@ from harness import (
     register_method,
 )
 from harness.engine.blockwise import BlockJob, run_blockwise
-from harness.engine.solvers import SOLVERS, SolverOptions, solve_block
+from harness.engine.solvers import SolverOptions, check_solver, solve_block
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,7 @@ class AWQConfig(MethodConfig):
             raise ConfigError(f"search_samples: {self.search_samples!r} is not allowed; use 0 (all) or a positive integer")
         if not 0.0 < self.max_shrink < 1.0:
             raise ConfigError(f"max_shrink: {self.max_shrink!r} is not allowed; use a number in (0, 1)")
-        if self.weight_solver not in SOLVERS:
-            raise ConfigError(f"weight_solver: {self.weight_solver!r} is not allowed; use one of {SOLVERS}")
+        check_solver(self.weight_solver)
 
 
 @dataclass(frozen=True)

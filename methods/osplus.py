@@ -71,7 +71,7 @@ from harness import (
 )
 from harness.engine.blockwise import BlockJob, run_blockwise
 from harness.engine.calibration_stats import recording_inputs
-from harness.engine.solvers import SOLVERS, SolverOptions, solve_block
+from harness.engine.solvers import SolverOptions, check_solver, solve_block
 from harness.method import keyed_when_set, option
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,7 @@ class OSPlusConfig(MethodConfig):
         for name in ("step_unit", "t_min"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not allowed; use a number > 0")
-        if self.weight_solver not in SOLVERS:
-            raise ConfigError(f"weight_solver: {self.weight_solver!r} is not allowed; use one of {SOLVERS}")
+        check_solver(self.weight_solver)
 
 
 # --- the search -------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import torch
 
 from harness import BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, get_adapter, option, register_method
 from harness.engine.blockwise import BlockJob, run_blockwise
-from harness.engine.solvers import SOLVERS, SolverOptions, solve_block
+from harness.engine.solvers import SolverOptions, check_solver, solve_block
 from harness.quant import attention
 from harness.quant.hadamard import factor, random_hadamard
 from harness.quant.qlinear import with_input_transform
@@ -52,21 +52,22 @@ class QuaRotConfig(MethodConfig):
     """QuaRot's options, as the official ``fake_quant/main.py`` arguments."""
 
     rotation: Literal["hadamard", "random"] = option(
-        "hadamard", "the residual rotation Q: a Hadamard matrix with random signs, or a random orthogonal one (official --rotate_mode)")
+        "hadamard",
+        "the residual rotation Q: a Hadamard matrix with random signs, or a random orthogonal one (official --rotate_mode)")
     weight_solver: Literal["rtn", "gptq"] = option("gptq", "how the rotated weights are rounded (official: GPTQ; rtn = --w_rtn)")
     embed_mean: bool = option(False, "subtract each embedding row's mean as the official norm fusion does (not exact on LLaMA)")
 
     def __post_init__(self) -> None:
         if self.rotation not in ("hadamard", "random"):
             raise ConfigError(f"rotation: {self.rotation!r} is not allowed; use hadamard or random")
-        if self.weight_solver not in SOLVERS:
-            raise ConfigError(f"weight_solver: {self.weight_solver!r} is not allowed; use one of {SOLVERS}")
+        check_solver(self.weight_solver)
 
 
 @register_method
 class QuaRot(Method):
     name = "quarot"
-    description = "QuaRot: the model rotated by Hadamard transforms (exact in FP, online ones before o_proj and down_proj), then GPTQ or RTN"
+    description = ("QuaRot: the model rotated by Hadamard transforms (exact in FP, online ones before o_proj and down_proj), "
+                   "then GPTQ or RTN")
     config_class = QuaRotConfig
 
     def check_model(self, model_config: dict) -> None:

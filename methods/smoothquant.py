@@ -50,7 +50,7 @@ from harness import (
 )
 from harness.engine.blockwise import BlockJob, run_blockwise
 from harness.engine.calibration_stats import max_over_median, smoothing_scales
-from harness.engine.solvers import SOLVERS, SolverOptions, solve_block
+from harness.engine.solvers import SolverOptions, check_solver, solve_block
 from harness.method import keyed_when_set, option
 from harness.quant.qlinear import quant_linears
 
@@ -68,8 +68,7 @@ class SmoothQuantConfig(MethodConfig):
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha: {self.alpha} is not allowed; use a number in [0, 1]")
-        if self.weight_solver not in SOLVERS:
-            raise ConfigError(f"weight_solver: {self.weight_solver!r} is not allowed; use one of {SOLVERS}")
+        check_solver(self.weight_solver)
 
 
 @torch.no_grad()

@@ -23,10 +23,19 @@ from torch import nn
 
 from harness.bits import BitSpec
 from harness.engine.blockwise import BlockJob
+from harness.errors import ConfigError
 from harness.quant.gptq import FixedGridQuantizer, GPTQOptions, Hessian, gptq_solve
 from harness.quant.qlinear import freeze, quantize_block
 
 SOLVERS = ("rtn", "gptq")
+
+
+def check_solver(name: str) -> None:
+    """The one-line ``ConfigError`` for a ``weight_solver`` option that names no solver (a method config's check)."""
+    if name not in SOLVERS:
+        raise ConfigError(f"weight_solver: {name!r} is not allowed; use one of {SOLVERS}")
+
+
 # Calibration tokens per forward pass while the Hessians are taken.
 HESSIAN_TOKENS = 4096
 
