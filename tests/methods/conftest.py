@@ -48,3 +48,14 @@ def w4a4_ppl(_smollm2_loaded, brown_calib, brown_eval) -> Callable[[str], float]
         return cache[method]
 
     return get
+
+
+@pytest.fixture
+def outlier_model(tiny_model):
+    """The tiny random LLaMA (4 heads, 2 KV heads) with outlier channels at every norm, as real LLM activations
+    have (random ones have none): the smoothing and outlier-suppression methods' tests."""
+    with torch.no_grad():
+        for layer in tiny_model.model.layers:
+            layer.input_layernorm.weight[[3, 17]] *= 40.0
+            layer.post_attention_layernorm.weight[[5]] *= 25.0
+    return tiny_model

@@ -35,16 +35,6 @@ CTX = QuantContext(device=CPU, progress=False)
 W4A4 = BitSpec.parse("W4A4")
 
 
-@pytest.fixture
-def outlier_model(tiny_model):
-    """The tiny random LLaMA (4 heads, 2 KV heads) with outlier channels at every norm, as real LLMs have."""
-    with torch.no_grad():
-        for layer in tiny_model.model.layers:
-            layer.input_layernorm.weight[[3, 17]] *= 40.0
-            layer.post_attention_layernorm.weight[[5]] *= 25.0
-    return tiny_model
-
-
 # --- the official search, one candidate at a time ------------------------------------------------------
 
 def official_fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:

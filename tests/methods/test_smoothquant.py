@@ -44,16 +44,6 @@ def smoothed_inputs(model: nn.Module) -> list[str]:
     return [f"model.layers.{i}.{c[0]}" for i in range(n) for _, c in PAIRS.values()]
 
 
-@pytest.fixture
-def outlier_model(tiny_model):
-    """The tiny random LLaMA with a few outlier channels, like real LLM activations (random ones have none)."""
-    with torch.no_grad():
-        for layer in tiny_model.model.layers:
-            layer.input_layernorm.weight[[3, 17]] *= 40.0
-            layer.post_attention_layernorm.weight[[5]] *= 25.0
-    return tiny_model
-
-
 # --- config --------------------------------------------------------------------------------------
 
 def test_config_validates_alpha():
