@@ -26,10 +26,9 @@ an error naming the block and epoch.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +44,7 @@ from harness.engine.lazy import BlockStore, block_store, embedding_and_head_offl
 from harness.errors import TrainingDivergedError
 from harness.progress import Progress
 from harness.quant.attention import register as register_attention
+from harness.run.costs import gc_frozen
 from harness.run.killpoints import kill_point
 
 log = logging.getLogger(__name__)
@@ -203,8 +203,6 @@ def run_blockwise(
     all_stats, first = _resume(ckpt, store, layers, fp_x, q_x, state)
     bar = Progress(range(first, len(layers), blocks_per_job), desc=desc, enabled=progress, unit="group",
                    initial=len(range(0, first, blocks_per_job)))  # groups a killed attempt finished
-    # gc_frozen: each released block collects garbage (harness.run.costs.release_freed_memory); a full collection
-    # scanning every object of the loaded model and tokenizer cost 0.23 s a block, a quarter of GPTQ's time
     with gc_frozen(), embedding_and_head_offloaded(model):  # the embedding is not needed again until evaluation
         for start in bar:
             with materialized(model, start, list(layers[start : start + blocks_per_job]), finish=True) as group:
@@ -242,20 +240,6 @@ def run_blockwise(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return all_stats
-
-
-@contextlib.contextmanager
-def gc_frozen() -> Iterator[None]:
-    """Objects that exist now are left out of garbage collections until the ``with`` ends (``gc.freeze``).
-
-    What the blocks create and drop in the body is still collected; what existed before is the model's
-    skeleton, the tokenizer and the libraries' objects, which outlive the body anyway.
-    """
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def _resume(ckpt: Checkpoint | None, store: BlockStore | None, layers: nn.ModuleList, fp_x: torch.Tensor,

@@ -19,6 +19,7 @@ from harness.adapter import get_adapter
 from harness.engine.blockwise import embed_calibration, model_dtype
 from harness.engine.lazy import dispatch, materialized
 from harness.progress import Progress
+from harness.run.costs import gc_frozen
 from harness.run.killpoints import kill_point
 
 if TYPE_CHECKING:
@@ -70,15 +71,16 @@ def perplexity_blockwise(model: nn.Module, windows: torch.Tensor, *, device: tor
     cos, sin = adapter.position_embeddings(model, torch.empty(1, windows.shape[1], 1, dtype=dtype))
     position_embeddings = (cos.to(device), sin.to(device))
     layers = adapter.layers(model)
-    for i in Progress(range(len(layers)), desc=desc, enabled=progress, unit="block", leave=False):
-        with materialized(model, i, [layers[i]]) as (layer,):
-            layer.to(device)
-            for start in range(0, len(windows), batch_size):
-                rows = slice(start, start + batch_size)
-                hidden[rows] = adapter.run_layer(layer, hidden[rows], position_embeddings)
-            layer.to("cpu")
-        if i == len(layers) // 2:
-            kill_point("eval:mid")
+    with gc_frozen():  # each released block collects garbage
+        for i in Progress(range(len(layers)), desc=desc, enabled=progress, unit="block", leave=False):
+            with materialized(model, i, [layers[i]]) as (layer,):
+                layer.to(device)
+                for start in range(0, len(windows), batch_size):
+                    rows = slice(start, start + batch_size)
+                    hidden[rows] = adapter.run_layer(layer, hidden[rows], position_embeddings)
+                layer.to("cpu")
+            if i == len(layers) // 2:
+                kill_point("eval:mid")
     norm, head = adapter.final_norm(model), adapter.lm_head(model)
     homes = [next(m.parameters()).device for m in (norm, head)]
     norm.to(device), head.to(device)
