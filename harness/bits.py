@@ -16,6 +16,7 @@ _SPEC_RE = re.compile(r"^W(\d+)A(\d+)(?:KV(\d+))?(?:G(\d+))?$")
 MIN_BITS, MAX_BITS = 2, 16
 WEIGHT_GRANULARITIES = ("channel", "tensor")
 ATTENTION_SCOPES = ("head", "projection")
+SYMMETRIC_GRIDS = ("restricted", "full")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,12 @@ class BitSpec:
         a_clip: the per-token activation range is [min, max] times this ratio, in (0, 1] (QuaRot's
             ``--a_clip_ratio``); Q follows it.
         kv_clip: the same for K and V with a KV part (QuaRot's ``--k_clip_ratio`` / ``--v_clip_ratio``).
+        kv_symmetric: symmetric K and V quantization with a KV part; None = as ``a_symmetric`` (QuaRot's paper
+            setting is symmetric activations and asymmetric K/V: ``False``).
+        symmetric_grid: the integer grid of symmetric quantization: "restricted" = [-(2^(b-1) - 1), 2^(b-1) - 1]
+            (SmoothQuant; +x and -x quantize alike), "full" = [-2^(b-1), 2^(b-1) - 1] (GPTQ's and QuaRot's
+            ``sym_quant``). The scale is max|x| / (2^(b-1) - 1) in both; they differ only where a clip ratio
+            or a clip search leaves values beyond the range.
     """
 
     w_bits: int = 16
@@ -55,6 +62,8 @@ class BitSpec:
     kv_bits: int | None = None
     a_clip: float = 1.0
     kv_clip: float = 1.0
+    kv_symmetric: bool | None = None
+    symmetric_grid: str = "restricted"
 
     def __post_init__(self) -> None:
         for field in ("w_bits", "a_bits", "kv_bits"):
@@ -67,6 +76,10 @@ class BitSpec:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
                 raise ConfigError(f"quant.{name}: {value!r} is not allowed; use a number in (0, 1]")
+        if self.kv_symmetric is not None and not isinstance(self.kv_symmetric, bool):
+            raise ConfigError(f"quant.kv_symmetric: {self.kv_symmetric!r} is not allowed; use true, false or null (= act_symmetric)")
+        if self.symmetric_grid not in SYMMETRIC_GRIDS:
+            raise ConfigError(f"quant.symmetric_grid: {self.symmetric_grid!r} is not allowed; use one of {SYMMETRIC_GRIDS}")
         if self.kv_bits is not None and self.attention_scope != "head":
             raise ConfigError("quant.attention_scope: 'projection' cannot be combined with KV-cache bits (KV...); use head")
         if not isinstance(self.w_group, int) or self.w_group < 0:
@@ -119,6 +132,16 @@ class BitSpec:
         return self.kv_bits < 16 if self.kv_bits is not None else self.quantizes_attention
 
     @property
+    def kv_sym(self) -> bool:
+        """Whether K and V are quantized symmetrically (``kv_symmetric``, else as the activations)."""
+        return self.a_symmetric if self.kv_symmetric is None or self.kv_bits is None else self.kv_symmetric
+
+    @property
+    def full_grid(self) -> bool:
+        """Whether symmetric quantization uses the full signed grid (``symmetric_grid: full``)."""
+        return self.symmetric_grid == "full"
+
+    @property
     def order_key(self) -> tuple[int, int, int, int]:
         """Sort key for tables and plots: most bits first (weights, activations, KV cache), then coarser groups.
 
@@ -130,7 +153,8 @@ class BitSpec:
         """The fields; the attention, KV and clip ones only when set, so runs without them keep the keys they had
         before they existed."""
         data = asdict(self)
-        defaults = {"attention": False, "attention_scope": "head", "kv_bits": None, "a_clip": 1.0, "kv_clip": 1.0}
+        defaults = {"attention": False, "attention_scope": "head", "kv_bits": None, "a_clip": 1.0, "kv_clip": 1.0,
+                    "kv_symmetric": None, "symmetric_grid": "restricted"}
         for field, default in defaults.items():
             if data[field] == default:
                 data.pop(field)

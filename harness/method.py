@@ -124,6 +124,9 @@ class Method(ABC):
     # (autograd's saved tensors of its weight transforms, cached quantized weights): harness.engine.memory
     # adds them to a run's estimate (a property where the options change it). Measured with `ptqbench bench-scale`.
     weight_copies: ClassVar[float] = 0.0
+    # The sweep's ``quant:`` settings this method runs with unless the sweep's ``quant:`` section (or the method
+    # entry's own ``quant:``) sets them: the settings of its paper, e.g. QuaRot's symmetric weights and clip ratios.
+    quant_defaults: ClassVar[dict[str, Any]] = {}
 
     def check(self, spec: BitSpec) -> None:
         """Refuse, with a one-line ``ConfigError``, a bit spec these options cannot serve; the sweep calls it

@@ -35,6 +35,7 @@ from harness import BitSpec, ConfigError, Method, MethodConfig, QuantContext, Qu
 from harness.engine.blockwise import BlockJob, run_blockwise
 from harness.engine.solvers import SolverOptions, check_solver, solve_block
 from harness.quant import attention
+from harness.quant.gptq import GPTQOptions
 from harness.quant.hadamard import factor, random_hadamard
 from harness.quant.qlinear import with_input_transform
 from harness.quant.rotation import rotate_block, rotate_ends
@@ -56,6 +57,13 @@ class QuaRotConfig(MethodConfig):
         "the residual rotation Q: a Hadamard matrix with random signs, or a random orthogonal one (official --rotate_mode)")
     weight_solver: Literal["rtn", "gptq"] = option("gptq", "how the rotated weights are rounded (official: GPTQ; rtn = --w_rtn)")
     embed_mean: bool = option(False, "subtract each embedding row's mean as the official norm fusion does (not exact on LLaMA)")
+    w_clip: bool = option(True, "search each weight row's clip ratio by the rounding error (official --w_clip, the paper's setting)")
+    true_sequential: bool = option(True, "GPTQ solves k/v/q, o, up/gate, down one after another (the official gptq_fwrd)")
+    act_order: bool = option(False, "GPTQ rounds columns by decreasing Hessian diagonal (official --act_order)")
+    damp: float = option(0.01, "GPTQ dampening, a fraction of the mean Hessian diagonal (official --percdamp)")
+    fp_activations: bool = option(
+        True, "GPTQ's inputs come from the weight-quantized model with FP activations (the official gptq_fwrd runs before "
+        "activation quantization is configured); false = with the activations quantized too")
 
     def __post_init__(self) -> None:
         if self.rotation not in ("hadamard", "random"):
@@ -69,6 +77,15 @@ class QuaRot(Method):
     description = ("QuaRot: the model rotated by Hadamard transforms (exact in FP, online ones before o_proj and down_proj), "
                    "then GPTQ or RTN")
     config_class = QuaRotConfig
+    # the paper's settings (spcl/QuaRot README, arXiv 2404.00456 Sec. 5): symmetric weights and activations on
+    # the full signed grid, activations clipped at 0.9, K/V asymmetric clipped at 0.95, Q and (without a KV part)
+    # K/V FP. The official argparse defaults are clip 1.0 (spcl/QuaRot#55): set them in quant: to reproduce those.
+    quant_defaults = {"weight_symmetric": True, "act_symmetric": True, "symmetric_grid": "full", "act_clip_ratio": 0.9,
+                      "kv_clip_ratio": 0.95, "kv_symmetric": False, "attention": False}
+
+    def check(self, spec: BitSpec) -> None:
+        if self.config.weight_solver == "gptq":
+            GPTQOptions(damp=self.config.damp, act_order=self.config.act_order).check(spec)
 
     def check_model(self, model_config: dict) -> None:
         """Every width rotated needs a Hadamard matrix: MLP and head dimension, and hidden with ``rotation: hadamard``."""
@@ -90,7 +107,9 @@ class QuaRot(Method):
         seed = context.seed
         q = random_hadamard(hidden, seed) if self.config.rotation == "hadamard" else random_orthogonal(hidden, seed)
         rotate_ends(model, adapter, q, embed_mean=self.config.embed_mean)
-        solver = SolverOptions(self.config.weight_solver)
+        c = self.config
+        solver = SolverOptions(c.weight_solver, GPTQOptions(damp=c.damp, act_order=c.act_order, clip_search=c.w_clip),
+                               true_sequential=c.true_sequential, fp_activations=c.fp_activations)
         if solver.solver == "gptq":
             calibration = self.require_calibration(calibration)
         elif calibration is None:  # RTN weights need no data; the engine still runs the blocks in order
@@ -106,5 +125,5 @@ class QuaRot(Method):
             return {}
 
         jobs = run_blockwise(model, calibration, process, device=context.device, desc="quarot", progress=context.progress,
-                             teacher=False)
+                             teacher=False, student_activations=not (solver.solver == "gptq" and c.fp_activations))
         return QuantizeResult(model, {"jobs": len(jobs), "rotation": self.config.rotation})

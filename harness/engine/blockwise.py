@@ -44,6 +44,7 @@ from harness.engine.lazy import BlockStore, block_store, embedding_and_head_offl
 from harness.errors import TrainingDivergedError
 from harness.progress import Progress
 from harness.quant.attention import register as register_attention
+from harness.quant.qlinear import quantizers_disabled
 from harness.run.costs import gc_frozen
 from harness.run.killpoints import kill_point
 
@@ -157,6 +158,7 @@ def run_blockwise(
     progress: bool = True,
     state: dict[str, torch.Tensor] | None = None,
     teacher: bool = True,
+    student_activations: bool = True,
 ) -> list[dict]:
     """Quantize ``model`` block by block with ``process``; return each job's stats (with its index).
 
@@ -169,7 +171,9 @@ def run_blockwise(
     blocks' outputs on the quantized inputs and the FP targets (what the next job starts from).
     ``teacher=False`` skips the teacher pass for a method that uses neither the FP inputs nor the
     targets (GPTQ, as the official loop): one forward pass per block less, no ``output_mse``, and
-    nothing to ``record``.
+    nothing to ``record``. ``student_activations=False`` computes the student inputs with the blocks'
+    activation and attention quantizers off (weights quantized, activations FP), as QuaRot's official
+    GPTQ loop propagates them.
 
     On a lazy model (``harness.engine.lazy``) each group is loaded before its job and written to the work
     directory and released after it, and the engine checkpoints after every group
@@ -215,7 +219,11 @@ def run_blockwise(
                         job.inputs = [stack.enter_context(recording_inputs(layer, record, keep_samples)) for layer in group]
                         job.forward_all(fp_x, out=targets)
                 stats = process(job) or {}
-                job.forward_all(q_x, out=q_x)
+                with contextlib.ExitStack() as stack:
+                    if not student_activations:
+                        for layer in group:
+                            stack.enter_context(quantizers_disabled(layer, weights=False))
+                    job.forward_all(q_x, out=q_x)
                 if teacher:
                     stats.setdefault("output_mse", mean_squared_error(q_x, targets))
                 kill_point(f"mid:{start}")

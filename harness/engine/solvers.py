@@ -15,6 +15,7 @@ A method that wants a choice offers ``weight_solver: rtn | gptq`` and calls this
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -24,8 +25,10 @@ from torch import nn
 from harness.bits import BitSpec
 from harness.engine.blockwise import BlockJob
 from harness.errors import ConfigError
+from harness.quant.clip_search import clip_search_params
 from harness.quant.gptq import FixedGridQuantizer, GPTQOptions, Hessian, gptq_solve
-from harness.quant.qlinear import freeze, quantize_block
+from harness.quant.qlinear import freeze, quantize_block, quantizers_disabled
+from harness.quant.quantizer import group_view
 
 SOLVERS = ("rtn", "gptq")
 
@@ -42,11 +45,18 @@ HESSIAN_TOKENS = 4096
 
 @dataclass(frozen=True)
 class SolverOptions:
-    """What ``solve_block`` needs besides the block: the solver, GPTQ's options and its grouping."""
+    """What ``solve_block`` needs besides the block: the solver, GPTQ's options and its grouping.
+
+    ``gptq.clip_search`` applies to ``rtn`` too (the official RTN's ``mse=True``). ``fp_activations``:
+    the Hessians are taken with every activation and attention quantizer of the block off (its earlier
+    linears' weights quantized): QuaRot's ``gptq_fwrd``, which runs before activation quantization is
+    configured; otherwise the inputs are what the quantized model feeds (IST-DASLab/gptq at W4A16).
+    """
 
     solver: str = "rtn"
     gptq: GPTQOptions = GPTQOptions()
     true_sequential: bool = False
+    fp_activations: bool = False
 
 
 def sequential_groups(job: BlockJob, true_sequential: bool) -> list[tuple[str, ...]]:
@@ -60,13 +70,21 @@ def sequential_groups(job: BlockJob, true_sequential: bool) -> list[tuple[str, .
 def solve_block(job: BlockJob, layer: nn.Module, spec: BitSpec, options: SolverOptions) -> list[dict]:
     """Quantize every linear of ``layer`` (one of ``job.layers``) with ``options.solver``; return per-linear stats."""
     if options.solver == "rtn" or not spec.quantizes_weights:
-        quantize_block(layer, spec, job.adapter)
+        swapped = quantize_block(layer, spec, job.adapter)
+        if options.gptq.clip_search and spec.quantizes_weights:
+            for qlinear in swapped.values():
+                rows = group_view(qlinear.weight.detach().float(), spec)
+                qlinear.weight_quant = FixedGridQuantizer(spec, *clip_search_params(rows, spec))
         freeze(layer)
         return []
     stats = []
     position = job.layers.index(layer)
     for names in sequential_groups(job, options.true_sequential):
-        hessians = _collect(job, position, layer, names)
+        with contextlib.ExitStack() as stack:
+            if options.fp_activations:
+                for earlier in job.layers[:position + 1]:
+                    stack.enter_context(quantizers_disabled(earlier, weights=False))
+            hessians = _collect(job, position, layer, names)
         for name in names:
             started = time.perf_counter()
             linear = layer.get_submodule(name)

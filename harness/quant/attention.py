@@ -120,8 +120,8 @@ def install(attn: nn.Module, spec: BitSpec) -> AttentionQuantizer:
     register()
     q_bits = spec.a_bits if spec.attention else 16
     kv_bits, kv_clip = (q_bits, spec.a_clip) if spec.kv_bits is None else (spec.kv_bits, spec.kv_clip)
-    quantizer = AttentionQuantizer(ActQuantizer(q_bits, spec.a_symmetric, spec.a_clip),
-                                   *(ActQuantizer(kv_bits, spec.a_symmetric, kv_clip) for _ in range(2)))
+    quantizer = AttentionQuantizer(ActQuantizer(q_bits, spec.a_symmetric, spec.a_clip, spec.full_grid),
+                                   *(ActQuantizer(kv_bits, spec.kv_sym, kv_clip, spec.full_grid) for _ in range(2)))
     setattr(attn, ATTRIBUTE, quantizer)
     config = getattr(attn, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):

@@ -35,6 +35,7 @@ from torch import nn
 
 from harness.bits import BitSpec
 from harness.errors import ConfigError, PtqbenchError
+from harness.quant.clip_search import clip_search_params
 from harness.quant.quantizer import grid_bounds, quant_params, row_range
 
 
@@ -65,13 +66,15 @@ class GPTQOptions:
     """The official ``fasterquant`` arguments (``blocksize``, ``percdamp``, ``actorder``, ``static_groups``),
     and ``zero_in_range``: each range is widened to include 0, as the official ``Quantizer.find_params``
     does (``xmin = min(min(w), 0)``, ``xmax = max(max(w), 0)``); false = the bit spec's plain min/max,
-    as ptqbench's RTN (the same for a row or group with both signs)."""
+    as ptqbench's RTN (the same for a row or group with both signs). ``clip_search``: each range is
+    the best shrunken one (``harness.quant.clip_search``; the official ``mse=True``, QuaRot's ``--w_clip``)."""
 
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = False
     static_groups: bool = False
     zero_in_range: bool = True
+    clip_search: bool = False
 
     def check(self, spec: BitSpec) -> None:
         """Refuse option combinations the solver cannot represent, in one line, before any work."""
@@ -84,8 +87,10 @@ class GPTQOptions:
                               "otherwise cover columns that are not contiguous in the weight, as the official code warns)")
 
 
-def _params(w: torch.Tensor, spec: BitSpec, zero_in_range: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _params(w: torch.Tensor, spec: BitSpec, zero_in_range: bool, clip_search: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, 1) scale and zero point of ``w``'s rows (the solver's view: one range per row of ``w``)."""
+    if clip_search:
+        return clip_search_params(w, spec)
     xmin, xmax = row_range(w)
     if zero_in_range:
         xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
@@ -93,7 +98,7 @@ def _params(w: torch.Tensor, spec: BitSpec, zero_in_range: bool) -> tuple[torch.
 
 
 def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: BitSpec) -> torch.Tensor:
-    lo, hi = grid_bounds(spec.w_bits, spec.w_symmetric)
+    lo, hi = grid_bounds(spec.w_bits, spec.w_symmetric, spec.full_grid)
     return (torch.clamp(torch.round(w / scale) + zero, lo, hi) - zero) * scale
 
 
@@ -117,11 +122,11 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, spec: BitSpec, optio
     H = hessian.detach().float().clone()
     if not group:
         # the official find_params on the whole weight, before dead columns are zeroed
-        scale, zero = _params(W, spec, options.zero_in_range)
+        scale, zero = _params(W, spec, options.zero_in_range, options.clip_search)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    static = ([_params(W[:, g:g + group], spec, options.zero_in_range) for g in range(0, columns, group)]
+    static = ([_params(W[:, g:g + group], spec, options.zero_in_range, options.clip_search) for g in range(0, columns, group)]
               if group and options.static_groups else [])
     perm = torch.argsort(torch.diag(H), descending=True) if options.act_order else None
     if perm is not None:
@@ -147,7 +152,7 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, spec: BitSpec, optio
                 if static:
                     scale, zero = static[index]
                 elif column % group == 0:
-                    scale, zero = _params(W[:, column:column + group], spec, options.zero_in_range)  # W, not W1: as official
+                    scale, zero = _params(W[:, column:column + group], spec, options.zero_in_range, options.clip_search)  # W, not W1: as official
                 scales[:, index:index + 1], zeros[:, index:index + 1] = scale, zero
             w, d = W1[:, i], Hinv1[i, i]
             q = _round(w.unsqueeze(1), scale, zero, spec).flatten()

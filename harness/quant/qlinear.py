@@ -88,7 +88,7 @@ class QuantLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.spec = spec
-        self.act_quant = ActQuantizer(spec.a_bits, spec.a_symmetric, spec.a_clip)
+        self.act_quant = ActQuantizer(spec.a_bits, spec.a_symmetric, spec.a_clip, spec.full_grid)
         self.weight_quant: nn.Module = WeightQuantizer(spec)
         self.out_quant: ActQuantizer | None = None  # set for q/k/v with attention_scope "projection"
         # An online transform of the input before it is quantized (a rotation's Hadamard: harness.quant.rotation),
@@ -176,7 +176,7 @@ def quantize_block(
         if spec.quantizes_attention and spec.attention_scope == "projection" and name in adapter.attn_in.consumers:
             # SmoothQuant's official quantize_bmm_input: q/k/v outputs per token over all heads,
             # before RoPE (mit-han-lab/smoothquant c61476d7 fake_quant.py L89-108, L209-226)
-            qlinear.out_quant = ActQuantizer(spec.a_bits, spec.a_symmetric)
+            qlinear.out_quant = ActQuantizer(spec.a_bits, spec.a_symmetric, full_grid=spec.full_grid)
         setattr(parent, attr, qlinear)
         swapped[qualified] = qlinear
     return swapped
@@ -232,10 +232,12 @@ def freeze(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def quantizers_disabled(model: nn.Module) -> Iterator[None]:
-    """Run the model with every activation, attention-input and (unfrozen) weight quantizer turned off."""
+def quantizers_disabled(model: nn.Module, weights: bool = True) -> Iterator[None]:
+    """Run the model with every activation, attention-input and (unfrozen) weight quantizer turned off;
+    ``weights=False`` leaves the weight quantizers on (weights quantized, activations FP)."""
     saved = []
-    quantizers = [q for _, module in quant_linears(model) for q in (module.act_quant, module.weight_quant, module.out_quant)]
+    kinds = ("act_quant", "out_quant") + (("weight_quant",) if weights else ())
+    quantizers = [getattr(module, kind) for _, module in quant_linears(model) for kind in kinds]
     for q in quantizers + attention.attention_quantizers(model):
         if hasattr(q, "enabled"):
             saved.append((q, q.enabled))

@@ -87,11 +87,12 @@ def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return grad.sum_to_size(like.shape) if grad.shape != like.shape else grad
 
 
-def grid_bounds(bits: int, symmetric: bool) -> tuple[int, int]:
-    """The integer grid [lo, hi] of ``bits``: [-(2^(b-1) - 1), 2^(b-1) - 1] symmetric, else [0, 2^b - 1]."""
+def grid_bounds(bits: int, symmetric: bool, full: bool = False) -> tuple[int, int]:
+    """The integer grid [lo, hi] of ``bits``: [-(2^(b-1) - 1), 2^(b-1) - 1] symmetric ([-2^(b-1), 2^(b-1) - 1]
+    with ``full``, ``BitSpec.symmetric_grid``), else [0, 2^b - 1]."""
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        return -qmax, qmax
+        return -qmax - int(full), qmax
     return 0, 2**bits - 1
 
 
@@ -135,14 +136,14 @@ class _FakeQuant(torch.autograd.Function):
 
 
 def fake_quantize(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool,
-                  zero_point_grad: bool = True) -> torch.Tensor:
+                  zero_point_grad: bool = True, full_grid: bool = False) -> torch.Tensor:
     """Quantize ``x`` to ``bits`` with the range [xmin, xmax] (broadcast against ``x``) and dequantize
-    (scale and zero point from :func:`quant_params`)."""
+    (scale and zero point from :func:`quant_params`; ``full_grid``: see :func:`grid_bounds`)."""
     scale, zero = quant_params(xmin, xmax, bits, symmetric, zero_point_grad)
     # A range with an inf in it gives NaN, as the written-out form does (round_ste computes inf - inf),
     # so a broken weight or activation ends as a NaN metric instead of rounding to a finite grid value.
     scale = torch.where(torch.isfinite(xmin) & torch.isfinite(xmax), scale, torch.nan)
-    return _FakeQuant.apply(x, scale, zero, *grid_bounds(bits, symmetric))
+    return _FakeQuant.apply(x, scale, zero, *grid_bounds(bits, symmetric, full_grid))
 
 
 def group_view(w: torch.Tensor, spec: BitSpec) -> torch.Tensor:
@@ -182,7 +183,7 @@ def quantize_weight(
     if not spec.quantizes_weights:
         return w
     grouped, xmin, xmax = _weight_range(w, spec, clip_min, clip_max)
-    return fake_quantize(grouped, xmin, xmax, spec.w_bits, spec.w_symmetric, zero_point_grad).reshape(w.shape)
+    return fake_quantize(grouped, xmin, xmax, spec.w_bits, spec.w_symmetric, zero_point_grad, spec.full_grid).reshape(w.shape)
 
 
 def weight_quant_params(
@@ -214,7 +215,7 @@ def weight_codes(w: torch.Tensor, spec: BitSpec) -> tuple[torch.Tensor, torch.Te
     if not (torch.isfinite(xmin).all() and torch.isfinite(xmax).all()):
         return None
     scale, zero = quant_params(xmin, xmax, spec.w_bits, spec.w_symmetric)
-    lo, hi = grid_bounds(spec.w_bits, spec.w_symmetric)
+    lo, hi = grid_bounds(spec.w_bits, spec.w_symmetric, spec.full_grid)
     dtype = torch.uint8 if 0 <= lo and hi <= 255 else torch.int8 if -128 <= lo and hi <= 127 else torch.int16
     return grid_codes(grouped, scale, zero, lo, hi).to(dtype), scale, zero
 
@@ -225,14 +226,14 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 
 def quantize_activation(x: torch.Tensor, bits: int, symmetric: bool = False, zero_point_grad: bool = True,
-                        clip_ratio: float = 1.0) -> torch.Tensor:
+                        clip_ratio: float = 1.0, full_grid: bool = False) -> torch.Tensor:
     """Dynamic per-token fake quantization: one range per vector along the last dimension, times ``clip_ratio``."""
     if bits >= 16:
         return x
     xmin, xmax = row_range(x)
     if clip_ratio != 1.0:
         xmin, xmax = xmin * clip_ratio, xmax * clip_ratio
-    return fake_quantize(x, xmin, xmax, bits, symmetric, zero_point_grad)
+    return fake_quantize(x, xmin, xmax, bits, symmetric, zero_point_grad, full_grid)
 
 
 class ActQuantizer(nn.Module):
@@ -241,21 +242,25 @@ class ActQuantizer(nn.Module):
     # class defaults, so a block pickled before the attributes existed (a checkpoint) still runs
     zero_point_grad: bool = True
     clip_ratio: float = 1.0
+    full_grid: bool = False
 
-    def __init__(self, bits: int, symmetric: bool = False, clip_ratio: float = 1.0) -> None:
+    def __init__(self, bits: int, symmetric: bool = False, clip_ratio: float = 1.0, full_grid: bool = False) -> None:
         super().__init__()
         self.bits, self.symmetric, self.enabled = bits, symmetric, bits < 16
         if clip_ratio != 1.0:
             self.clip_ratio = clip_ratio
+        if full_grid:
+            self.full_grid = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        return quantize_activation(x, self.bits, self.symmetric, self.zero_point_grad, self.clip_ratio)
+        return quantize_activation(x, self.bits, self.symmetric, self.zero_point_grad, self.clip_ratio, self.full_grid)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}, enabled={self.enabled}" + (
-            "" if self.zero_point_grad else ", zero_point_grad=False") + ("" if self.clip_ratio == 1.0 else f", clip_ratio={self.clip_ratio}")
+            "" if self.zero_point_grad else ", zero_point_grad=False") + ("" if self.clip_ratio == 1.0 else f", clip_ratio={self.clip_ratio}") + (
+            ", full_grid=True" if self.full_grid and self.symmetric else "")
 
 
 class WeightQuantizer(nn.Module):

@@ -16,6 +16,7 @@ Precedence: CLI flags > YAML > these defaults.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -111,6 +112,12 @@ class QuantSchemeConfig:
         Q alone (QuaRot: false).
     act_clip_ratio: per-token activation ranges are [min, max] times this, in (0, 1] (QuaRot's paper: 0.9).
     kv_clip_ratio: the same for K and V at the KV bits (QuaRot's paper: 0.95).
+    kv_symmetric: symmetric K and V at the KV bits; null = as act_symmetric (QuaRot's paper: false).
+    symmetric_grid: restricted = [-(2^(b-1) - 1), 2^(b-1) - 1] (SmoothQuant), full = [-2^(b-1), 2^(b-1) - 1]
+        (GPTQ's and QuaRot's symmetric grid); see ``BitSpec.symmetric_grid``.
+
+    A method's ``quant_defaults`` (QuaRot: its paper's settings) fill the keys the sweep's section leaves
+    out; a method entry's own ``quant:`` mapping overrides both for that entry.
     """
 
     weight_symmetric: bool = False
@@ -120,27 +127,41 @@ class QuantSchemeConfig:
     attention_scope: str = "head"
     act_clip_ratio: float = 1.0
     kv_clip_ratio: float = 1.0
+    kv_symmetric: bool | None = None
+    symmetric_grid: str = "restricted"
 
     def __post_init__(self) -> None:
         self.bit_spec("W16A16")  # validates the scheme's fields
 
+    def for_method(self, method_cls: type[Method], explicit: Iterable[str], own: Any, where: str) -> QuantSchemeConfig:
+        """The scheme ``method_cls`` runs with: its ``quant_defaults`` for the keys not in ``explicit`` (those the
+        YAML section set), then ``own`` (the method entry's ``quant:`` mapping)."""
+        if own is not None and not isinstance(own, dict):
+            raise ConfigError(f"{where}: expected a mapping of quant settings, got {type(own).__name__}")
+        merged = {k: v for k, v in method_cls.quant_defaults.items() if k not in set(explicit)}
+        merged.update(own or {})
+        return schema.from_dict(QuantSchemeConfig, {**schema.to_dict(self), **merged}, where) if merged else self
+
     def bit_spec(self, text: str | BitSpec) -> BitSpec:
         """``text`` (``W4A4``) with this scheme's symmetry, granularity and attention setting."""
         spec = BitSpec.parse(text, w_symmetric=self.weight_symmetric, a_symmetric=self.act_symmetric,
-                             w_granularity=self.weight_granularity, a_clip=self.act_clip_ratio, kv_clip=self.kv_clip_ratio)
+                             w_granularity=self.weight_granularity, a_clip=self.act_clip_ratio, kv_clip=self.kv_clip_ratio,
+                             kv_symmetric=self.kv_symmetric, symmetric_grid=self.symmetric_grid)
         attention = spec.quantizes_activations if self.attention == "auto" else bool(self.attention)
         return replace(spec, attention=attention, attention_scope=self.attention_scope)
 
 
 @dataclass(frozen=True)
 class MethodEntry:
-    """One method of the sweep: its registered name, its parsed options, and optionally its own bit specs
-    and its own ``keep_quantized`` (None: the sweep's)."""
+    """One method of the sweep: its registered name, its parsed options, and optionally its own bit specs,
+    its own ``keep_quantized`` (None: the sweep's) and its own quant scheme (None: the sweep's; set where
+    the method's ``quant_defaults`` or the entry's ``quant:`` change it, and then ``bits`` is set too)."""
 
     name: str
     config: MethodConfig
     bits: tuple[BitSpec, ...] | None = None
     keep_quantized: bool | None = None
+    quant: QuantSchemeConfig | None = None
 
     @property
     def method_class(self) -> type[Method]:
@@ -149,7 +170,8 @@ class MethodEntry:
     def to_dict(self) -> dict[str, Any]:
         """The YAML form: ``{name: ..., <every option>, bits: [...]}`` (options made explicit)."""
         return {"name": self.name, **self.config.to_dict(), **({"bits": [b.name for b in self.bits]} if self.bits else {}),
-                **({"keep_quantized": self.keep_quantized} if self.keep_quantized is not None else {})}
+                **({"keep_quantized": self.keep_quantized} if self.keep_quantized is not None else {}),
+                **({"quant": schema.to_dict(self.quant)} if self.quant is not None else {})}
 
 
 @dataclass(frozen=True)
@@ -255,20 +277,27 @@ def _bit_specs(raw: Any, quant: QuantSchemeConfig, where: str) -> tuple[BitSpec,
     return tuple(specs)
 
 
-def _method_entry(item: Any, quant: QuantSchemeConfig, where: str) -> MethodEntry:
-    """A ``methods:`` item, a name or ``{name: ..., bits: [...], <options>}``, parsed into its typed config."""
+def _method_entry(item: Any, quant: QuantSchemeConfig, explicit: Iterable[str], sweep_bits: Any, where: str) -> MethodEntry:
+    """A ``methods:`` item, a name or ``{name: ..., bits: [...], quant: {...}, <options>}``, parsed into its typed config.
+
+    With a quant scheme of its own (``Method.quant_defaults`` or ``quant:``) the entry's bit specs are its
+    own list or the sweep's ``bits``, parsed with that scheme.
+    """
     if isinstance(item, str):
         item = {"name": item}
     if not isinstance(item, dict) or not isinstance(item.get("name"), str):
         raise ConfigError(f"{where}: expected a method name or a mapping with a 'name' key")
     method_cls = _get(lambda: get_method(item["name"]), f"{where}.name")
-    options = {k: v for k, v in item.items() if k not in ("name", "bits", "keep_quantized")}
+    options = {k: v for k, v in item.items() if k not in ("name", "bits", "keep_quantized", "quant")}
     config = method_cls.config_class.from_dict(options, where)
-    bits = _bit_specs(item["bits"], quant, f"{where}.bits") if item.get("bits") is not None else None
+    own = quant.for_method(method_cls, explicit, item.get("quant"), f"{where}.quant")
+    own = None if own == quant else own
+    raw_bits = item.get("bits") if item.get("bits") is not None else sweep_bits if own is not None and sweep_bits else None
+    bits = _bit_specs(raw_bits, own or quant, f"{where}.bits") if raw_bits is not None else None
     keep = item.get("keep_quantized")
     if keep is not None and not isinstance(keep, bool):
         raise ConfigError(f"{where}.keep_quantized: {keep!r} is not allowed; use true or false")
-    return MethodEntry(item["name"], config, bits, keep)
+    return MethodEntry(item["name"], config, bits, keep, own)
 
 
 def _sweep_bits(config: SweepConfig) -> set[str]:
@@ -327,7 +356,8 @@ def parse_config(raw: Any, source: str = "config") -> SweepConfig:
     config = schema.from_dict(SweepConfig, data)
     if not isinstance(methods, list) or not methods:
         raise ConfigError("methods: expected a non-empty list of method names or {name: ..., <options>} mappings")
-    entries = tuple(_method_entry(item, config.quant, f"methods[{i}]") for i, item in enumerate(methods))
+    explicit = set(data.get("quant") or {}) if isinstance(data.get("quant"), dict) else set()
+    entries = tuple(_method_entry(item, config.quant, explicit, bits, f"methods[{i}]") for i, item in enumerate(methods))
     specs = _bit_specs(bits, config.quant, "bits") if bits else ()
     if not specs and not all(m.bits for m in entries):
         raise ConfigError("bits: empty; list bit specs such as [W8A8, W4A4] (or give every method its own bits)")
