@@ -19,10 +19,13 @@ own model. Where ptqbench differs from the official code, each for a reason:
 - the official norm fusion subtracts each embedding row's mean, a small FP change on LLaMA's
   RMSNorm; ``embed_mean: true`` reproduces it.
 
-The bit spec's quantizers apply as for every method (the sweep's ``quant:`` section). With a KV
-part (``W4A4KV4``) K and V are quantized per token and head after the Hadamard of the head dimension
-on Q and K (the official ``QKRotationWrapper``: exact in FP); ``quant.attention: false`` leaves Q
-FP as the official code does; ``quant.act_clip_ratio`` / ``kv_clip_ratio`` are its clip ratios.
+The bit spec's quantizers apply as for every method, with the paper's settings as the method's
+``quant_defaults`` (symmetric full-grid weights and activations, activation clip 0.9, K/V asymmetric
+clipped at 0.95, Q FP) where the sweep's ``quant:`` section is silent. With a KV part (``W4A4KV4``)
+K and V are quantized per token and head after the Hadamard of the head dimension on Q and K (the
+official ``QKRotationWrapper``: exact in FP). GPTQ runs as the official ``gptq_fwrd``: true-sequential,
+each row's range from the clip search (``--w_clip``), Hessians and block inputs from the
+weight-quantized model with FP activations.
 """
 from __future__ import annotations
 

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.bits import BitSpec
 from harness.data.windows import eval_windows
 from harness.evaluation.evaluate import perplexity
 from harness.method import QuantContext
 from harness.models import load_model, resolve_device
 from harness.registry import get_method
+from harness.run.config import QuantSchemeConfig
 
 
 @dataclass
@@ -44,8 +44,10 @@ def throughput_ratio(model_name: str = "smollm2-135m", spec: str = "W4A4", metho
     fp_model = loaded.model.to(dev)
     quant_model = copy.deepcopy(fp_model).cpu()
     # no calibration data: a data-free method (rtn, quarot with weight_solver: rtn) or one that refuses in one line
-    get_method(method).from_options(options or {}).quantize(quant_model, BitSpec.parse(spec), None,
-                                                            QuantContext(device=dev, progress=False))
+    method_cls = get_method(method)
+    # the linears' inputs only (no attention quantization), with the method's quant_defaults (quarot's clip ratios)
+    bits = QuantSchemeConfig(attention=False).for_method(method_cls, (), None, "bench").bit_spec(spec)
+    method_cls.from_options(options or {}).quantize(quant_model, bits, None, QuantContext(device=dev, progress=False))
     quant_model = quant_model.to(dev)
     data = eval_windows(dataset, loaded.tokenizer, seqlen, windows)
     tokens = data.numel()

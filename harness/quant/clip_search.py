@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from harness.bits import BitSpec
-from harness.quant.quantizer import grid_bounds, grid_codes, quant_params
+from harness.quant.quantizer import grid_bounds, grid_codes
 
 # rows searched at once: bounds the (rows, columns) temporaries of one candidate
 _CHUNK_ELEMENTS = 1 << 24
@@ -22,15 +22,23 @@ def clip_search_params(rows: torch.Tensor, spec: BitSpec, grid: int = 100, max_s
                        norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, 1) scale and zero point of the best shrunken range of each row of ``rows`` (float32)."""
     lo, hi = grid_bounds(spec.w_bits, spec.w_symmetric, spec.full_grid)
+    levels = hi if spec.w_symmetric else hi - lo  # the official maxq
     scales, zeros = [], []
     step = max(1, _CHUNK_ELEMENTS // max(1, rows.shape[1]))
     for chunk in rows.float().split(step):
         xmin, xmax = chunk.amin(-1, keepdim=True).clamp(max=0), chunk.amax(-1, keepdim=True).clamp(min=0)
+        if spec.w_symmetric:
+            xmax = torch.maximum(xmin.abs(), xmax).clamp(min=1e-5)
+        else:  # an all-zero row gets the range [-1, 1], as the official code sets it
+            empty = (xmin == 0) & (xmax == 0)
+            xmin, xmax = xmin.masked_fill(empty, -1), xmax.masked_fill(empty, 1)
         best = torch.full_like(xmin, float("inf"))
-        scale, zero = quant_params(xmin, xmax, spec.w_bits, spec.w_symmetric)
+        scale, zero = torch.ones_like(xmin), torch.zeros_like(xmin)
         for i in range(int(max_shrink * grid)):
             p = 1 - i / grid
-            s1, z1 = quant_params(p * xmin, p * xmax, spec.w_bits, spec.w_symmetric)
+            # the official arithmetic, unclamped (harness.quant.quantizer.quant_params clamps the scale at 1e-5)
+            s1 = p * xmax / levels if spec.w_symmetric else (p * xmax - p * xmin) / levels
+            z1 = torch.zeros_like(s1) if spec.w_symmetric else torch.round(-(p * xmin) / s1)
             err = grid_codes(chunk, s1, z1, lo, hi).sub_(z1).mul_(s1).sub_(chunk).abs_().pow_(norm).sum(-1, keepdim=True)
             better = err < best
             best = torch.where(better, err, best)

@@ -140,7 +140,12 @@ class QuantSchemeConfig:
             raise ConfigError(f"{where}: expected a mapping of quant settings, got {type(own).__name__}")
         merged = {k: v for k, v in method_cls.quant_defaults.items() if k not in set(explicit)}
         merged.update(own or {})
-        return schema.from_dict(QuantSchemeConfig, {**schema.to_dict(self), **merged}, where) if merged else self
+        if not merged:
+            return self
+        try:
+            return schema.from_dict(QuantSchemeConfig, {**schema.to_dict(self), **merged}, where)
+        except ConfigError as err:  # BitSpec's checks name their field quant.<key> already
+            raise ConfigError(str(err).replace(f"{where}.quant.", f"{where}.")) from None
 
     def bit_spec(self, text: str | BitSpec) -> BitSpec:
         """``text`` (``W4A4``) with this scheme's symmetry, granularity and attention setting."""

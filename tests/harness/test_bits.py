@@ -60,3 +60,16 @@ def test_specs_without_kv_or_clipping_keep_their_keys():
             BitSpec.parse("W4A4KV4", **{field: value})
     with pytest.raises(ConfigError, match="attention_scope"):
         BitSpec.parse("W4A4KV4", attention_scope="projection")
+
+
+def test_kv_symmetry_and_the_symmetric_grid():
+    spec = BitSpec.parse("W4A4KV4", a_symmetric=True, kv_symmetric=False, symmetric_grid="full")
+    assert not spec.kv_sym and spec.full_grid and BitSpec.from_dict(spec.to_dict()) == spec
+    assert {"kv_symmetric": False, "symmetric_grid": "full"}.items() <= spec.to_dict().items()
+    assert BitSpec.parse("W4A4KV4", a_symmetric=True).kv_sym  # unset: as the activations
+    assert BitSpec.parse("W4A4", a_symmetric=True, kv_symmetric=False).kv_sym  # no KV part: K/V follow the activations
+    assert "kv_symmetric" not in BitSpec.parse("W4A4").to_dict() and "symmetric_grid" not in BitSpec.parse("W4A4").to_dict()
+    with pytest.raises(ConfigError, match=r"^quant\.symmetric_grid: 'wide' is not allowed; use one of"):
+        BitSpec.parse("W4A4", symmetric_grid="wide")
+    with pytest.raises(ConfigError, match=r"^quant\.kv_symmetric: 'yes' is not allowed"):
+        BitSpec.parse("W4A4KV4", kv_symmetric="yes")

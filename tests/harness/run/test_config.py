@@ -114,3 +114,28 @@ def test_seeds_list_and_single_seed():
         parse_config({**GOOD, "seeds": [0, 1, 0]})
     with pytest.raises(ConfigError, match=r"^seeds\[1\]"):
         parse_config({**GOOD, "seeds": [0, "one"]})
+
+
+QUAROT = {**GOOD, "models": ["tiny-random-llama"], "methods": ["rtn", {"name": "quarot", "weight_solver": "rtn"}],
+          "bits": ["W4A4KV4"]}
+
+
+def test_a_method_runs_with_its_quant_defaults_where_the_sweep_is_silent():
+    config = parse_config(QUAROT)
+    rtn, quarot = config.methods
+    assert rtn.bits is None and rtn.quant is None and not config.bits[0].w_symmetric
+    (spec,) = quarot.bits
+    assert (spec.w_symmetric, spec.a_symmetric, spec.kv_sym, spec.a_clip, spec.kv_clip, spec.full_grid) == (True, True, False, 0.9, 0.95, True)
+    assert parse_config(config.to_dict()) == config
+
+
+def test_the_sweeps_explicit_quant_keys_and_the_entrys_own_win_over_a_methods_defaults():
+    config = parse_config({**QUAROT, "quant": {"act_clip_ratio": 1.0},
+                           "methods": [{"name": "quarot", "weight_solver": "rtn", "quant": {"kv_clip_ratio": 1.0}}]})
+    (spec,) = config.methods[0].bits
+    assert (spec.a_clip, spec.kv_clip, spec.w_symmetric) == (1.0, 1.0, True)
+    assert parse_config(config.to_dict()) == config
+    with pytest.raises(ConfigError, match=r"^methods\[0\]\.quant\.kv_clip_ratio: 2.0 is not allowed"):
+        parse_config({**QUAROT, "methods": [{"name": "quarot", "quant": {"kv_clip_ratio": 2}}]})
+    with pytest.raises(ConfigError, match=r"^methods\[0\]\.quant\.symmetric: unknown option"):
+        parse_config({**QUAROT, "methods": [{"name": "quarot", "quant": {"symmetric": True}}]})
