@@ -77,7 +77,8 @@ class BitSpec:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
                 raise ConfigError(f"quant.{name}: {value!r} is not allowed; use a number in (0, 1]")
         if self.kv_symmetric is not None and not isinstance(self.kv_symmetric, bool):
-            raise ConfigError(f"quant.kv_symmetric: {self.kv_symmetric!r} is not allowed; use true, false or null (= act_symmetric)")
+            raise ConfigError(f"quant.kv_symmetric: {self.kv_symmetric!r} is not allowed; "
+                              "use true, false or null (= act_symmetric)")
         if self.symmetric_grid not in SYMMETRIC_GRIDS:
             raise ConfigError(f"quant.symmetric_grid: {self.symmetric_grid!r} is not allowed; use one of {SYMMETRIC_GRIDS}")
         if self.kv_bits is not None and self.attention_scope != "head":

@@ -41,7 +41,7 @@ from harness.quant import attention
 from harness.quant.gptq import GPTQOptions
 from harness.quant.hadamard import factor, random_hadamard
 from harness.quant.qlinear import with_input_transform
-from harness.quant.rotation import rotate_block, rotate_ends
+from harness.quant.rotation import check_foldable, rotate_block, rotate_ends
 
 
 def random_orthogonal(n: int, seed: int) -> torch.Tensor:
@@ -60,7 +60,8 @@ class QuaRotConfig(MethodConfig):
         "the residual rotation Q: a Hadamard matrix with random signs, or a random orthogonal one (official --rotate_mode)")
     weight_solver: Literal["rtn", "gptq"] = option("gptq", "how the rotated weights are rounded (official: GPTQ; rtn = --w_rtn)")
     embed_mean: bool = option(False, "subtract each embedding row's mean as the official norm fusion does (not exact on LLaMA)")
-    w_clip: bool = option(True, "search each weight row's clip ratio by the rounding error (official --w_clip, the paper's setting)")
+    w_clip: bool = option(True, "search each weight row's clip ratio by the rounding error "
+                                "(official --w_clip, the paper's setting)")
     true_sequential: bool = option(True, "GPTQ solves k/v/q, o, up/gate, down one after another (the official gptq_fwrd)")
     act_order: bool = option(False, "GPTQ rounds columns by decreasing Hessian diagonal (official --act_order)")
     damp: float = option(0.01, "GPTQ dampening, a fraction of the mean Hessian diagonal (official --percdamp)")
@@ -105,6 +106,7 @@ class QuaRot(Method):
     def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
         self.check_model(model.config.to_dict())
         adapter = get_adapter(model)
+        check_foldable(model, adapter)
         _, _, head_dim = adapter.attention_geometry(model)
         hidden = model.config.hidden_size
         seed = context.seed

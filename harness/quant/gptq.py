@@ -152,7 +152,8 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, spec: BitSpec, optio
                 if static:
                     scale, zero = static[index]
                 elif column % group == 0:
-                    scale, zero = _params(W[:, column:column + group], spec, options.zero_in_range, options.clip_search)  # W, not W1: as official
+                    # W, not W1: as official
+                    scale, zero = _params(W[:, column:column + group], spec, options.zero_in_range, options.clip_search)
                 scales[:, index:index + 1], zeros[:, index:index + 1] = scale, zero
             w, d = W1[:, i], Hinv1[i, i]
             q = _round(w.unsqueeze(1), scale, zero, spec).flatten()

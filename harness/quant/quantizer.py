@@ -258,9 +258,10 @@ class ActQuantizer(nn.Module):
         return quantize_activation(x, self.bits, self.symmetric, self.zero_point_grad, self.clip_ratio, self.full_grid)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, symmetric={self.symmetric}, enabled={self.enabled}" + (
-            "" if self.zero_point_grad else ", zero_point_grad=False") + ("" if self.clip_ratio == 1.0 else f", clip_ratio={self.clip_ratio}") + (
-            ", full_grid=True" if self.full_grid and self.symmetric else "")
+        return (f"bits={self.bits}, symmetric={self.symmetric}, enabled={self.enabled}"
+                + ("" if self.zero_point_grad else ", zero_point_grad=False")
+                + ("" if self.clip_ratio == 1.0 else f", clip_ratio={self.clip_ratio}")
+                + (", full_grid=True" if self.full_grid and self.symmetric else ""))
 
 
 class WeightQuantizer(nn.Module):

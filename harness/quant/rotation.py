@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from harness.adapter import LlamaAdapter
+from harness.errors import ConfigError
 from harness.quant.hadamard import hadamard_transform
 
 
@@ -124,6 +125,24 @@ def online_transform(data: dict) -> nn.Module:
 
 
 @torch.no_grad()
+def check_foldable(model: nn.Module, adapter: LlamaAdapter) -> None:
+    """Refuse, in one line naming it, a norm whose weight cannot be folded exactly into the linears after it.
+
+    Folding needs y = x / rms(x) * g: an RMSNorm with a weight and no bias (a LayerNorm subtracts the mean,
+    a bias would have to become one in every reader). Reads only module classes and attributes, so it runs
+    on a lazily loaded model before any work.
+    """
+    norms = {"final norm": adapter.final_norm(model)}
+    for i, layer in enumerate(adapter.layers(model)):
+        for pair in (adapter.attn_in, adapter.mlp_in):
+            norms[f"layers.{i}.{pair.producer}"] = layer.get_submodule(pair.producer)
+    for where, norm in norms.items():
+        kind = type(norm).__name__
+        if not kind.endswith("RMSNorm") or getattr(norm, "weight", None) is None or getattr(norm, "bias", None) is not None:
+            raise ConfigError(f"model: {where} ({kind}) cannot be folded into the linears it feeds; rotation needs an "
+                              "RMSNorm with a weight and no bias")
+
+
 def rotate_ends(model: nn.Module, adapter: LlamaAdapter, q: torch.Tensor, embed_mean: bool = False) -> None:
     """The embedding writes h Q; the final norm folds into ``lm_head``, which reads through W Q (untied first)."""
     untie_head(model, adapter)

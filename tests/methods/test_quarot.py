@@ -101,3 +101,12 @@ def test_kv4_quantizes_the_k_cache_in_the_rotated_basis_and_w16a16kv16_stays_exa
     attn = kv4.model.layers[0].self_attn
     assert attn.qkv_quant.rotate_qk and [q.bits for q in attention_quantizers(kv4)][:3] == [16, 4, 4]
     assert not torch.allclose(logits(kv4, tiny_tokens), reference, atol=1e-4)  # the 4-bit cache changes the model
+
+
+def test_a_norm_that_cannot_be_folded_is_refused_in_one_line_naming_it(tiny_model, tiny_tokens):
+    layer = tiny_model.model.layers[1]
+    layer.post_attention_layernorm = torch.nn.LayerNorm(tiny_model.config.hidden_size)
+    before = tiny_model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(ConfigError, match=r"^model: layers\.1\.post_attention_layernorm \(LayerNorm\) cannot be folded"):
+        get_method("quarot").from_options({"weight_solver": "rtn"}).quantize(tiny_model, BitSpec.parse("W4A4"), tiny_tokens, CTX)
+    assert torch.equal(tiny_model.model.embed_tokens.weight, before)  # refused before any work

@@ -10,7 +10,7 @@ from harness.engine.blockwise import BlockJob, run_blockwise
 from harness.engine.solvers import SolverOptions, solve_block
 from harness.quant.clip_search import clip_search_params
 from harness.quant.gptq import GPTQOptions
-from harness.quant.quantizer import grid_codes, grid_bounds, group_view
+from harness.quant.quantizer import grid_bounds, grid_codes, group_view
 
 
 def solved(model, tokens, spec: BitSpec, options: SolverOptions, student_activations: bool = True) -> dict[str, torch.Tensor]:
@@ -39,5 +39,6 @@ def test_gptq_on_fp_activations_solves_the_same_weights_whatever_the_activation_
     w4a4 = solved(copy.deepcopy(tiny_model), tiny_tokens, BitSpec.parse("W4A4"), options, student_activations=False)
     for name, w in weight_only.items():
         torch.testing.assert_close(w4a4[name], w, rtol=0, atol=1e-6)
-    quantized_inputs = solved(copy.deepcopy(tiny_model), tiny_tokens, BitSpec.parse("W4A4"), SolverOptions("gptq", true_sequential=True))
+    quantized_inputs = solved(copy.deepcopy(tiny_model), tiny_tokens, BitSpec.parse("W4A4"),
+                              SolverOptions("gptq", true_sequential=True))
     assert any(not torch.allclose(quantized_inputs[n], w, atol=1e-6) for n, w in weight_only.items())

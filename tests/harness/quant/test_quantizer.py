@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from harness.bits import BitSpec
-from harness.quant.quantizer import ActQuantizer, dequantize_codes, grid_bounds, quantize_activation, quantize_weight, round_ste, weight_codes
+from harness.quant.quantizer import (
+    ActQuantizer,
+    dequantize_codes,
+    grid_bounds,
+    quantize_activation,
+    quantize_weight,
+    round_ste,
+    weight_codes,
+)
 
 
 def reference_asym(x: np.ndarray, bits: int) -> np.ndarray:
@@ -241,7 +249,8 @@ def test_weight_codes_refuse_what_they_cannot_hold():
 
 def test_the_full_symmetric_grid_reaches_minus_two_to_the_b_minus_one():
     """A clip ratio leaves values beyond the range: the full grid rounds the most negative to -8, the restricted one to -7."""
-    assert grid_bounds(4, True) == (-7, 7) and grid_bounds(4, True, full=True) == (-8, 7) and grid_bounds(4, False, True) == (0, 15)
+    assert grid_bounds(4, True) == (-7, 7) and grid_bounds(4, True, full=True) == (-8, 7)
+    assert grid_bounds(4, False, True) == (0, 15)
     x = torch.tensor([[-1.0, 0.5, 0.25, 0.9]])
     scale = 0.9 * 1.0 / 7
     full, restricted = ActQuantizer(4, True, 0.9, full_grid=True)(x), ActQuantizer(4, True, 0.9)(x)

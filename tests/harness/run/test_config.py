@@ -125,7 +125,8 @@ def test_a_method_runs_with_its_quant_defaults_where_the_sweep_is_silent():
     rtn, quarot = config.methods
     assert rtn.bits is None and rtn.quant is None and not config.bits[0].w_symmetric
     (spec,) = quarot.bits
-    assert (spec.w_symmetric, spec.a_symmetric, spec.kv_sym, spec.a_clip, spec.kv_clip, spec.full_grid) == (True, True, False, 0.9, 0.95, True)
+    settings = (spec.w_symmetric, spec.a_symmetric, spec.kv_sym, spec.a_clip, spec.kv_clip, spec.full_grid)
+    assert settings == (True, True, False, 0.9, 0.95, True)
     assert parse_config(config.to_dict()) == config
 
 
