@@ -1,6 +1,8 @@
-"""Our results beside the published ones: QLLM's (arXiv 2310.08041) LLaMA-1 and LLaMA-2 tables and its training cost.
+"""Our results beside the published ones: QLLM's (arXiv 2310.08041) LLaMA-1 and LLaMA-2 tables and its training
+cost, and QuaRot's (arXiv 2404.00456) LLaMA-2 W4A4KV4 perplexities.
 
-The published numbers are package data, ``harness/report/reference/qllm.yaml``. Our runs map onto the
+The published numbers are package data, ``harness/report/reference/*.yaml`` (one file per paper, each its own
+table with its own source line and metrics). Our runs map onto the
 paper's cells by (model, method, bit spec, metric): the paper's FP16 column is our baseline run
 (whatever method the sweep used as its baseline, ``Method.is_baseline``), its rows
 are our zoo names (hub ids of the zoo map too), and its WikiText-2 / C4 / Avg columns are our
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 # Package data (pyproject [tool.setuptools.package-data]), so it ships with a plain `pip install .`.
 REFERENCE_FILE: Any = resources.files("harness.report") / "reference" / "qllm.yaml"
+QUAROT_FILE: Any = resources.files("harness.report") / "reference" / "quarot.yaml"
 LABELS = {"wikitext2": "WikiText-2", "c4": "C4", "avg": "Avg"}
 DIRECTION = {"wikitext2": "min", "c4": "min", "avg": "max"}
 
@@ -51,6 +54,8 @@ class Reference:
     cost_device: str
     baseline_method: str  # the method name the reference gives its FP16 column
     cost_caveat: str = ""  # how far the cost numbers were checked, printed under the cost table
+    metrics: tuple[str, ...] = ("wikitext2", "c4", "avg")  # the metrics the paper's cells hold
+    paper: str = "QLLM, arXiv 2310.08041"  # the short name in the table's title
 
 
 def _number(text: str, where: str) -> float | None:
@@ -83,13 +88,13 @@ def load_reference(path: Any = REFERENCE_FILE) -> Reference:
                 if value is not None:
                     cells.append({"model": model, "zoo": data["models"][model], "method": col["method"],
                                   "bits": col["bits"], "metric": metric, "value": value})
-    tc = data["training_cost"]
+    tc = data.get("training_cost") or {"rows": {}, "table": "", "device": ""}
     cost = [{"model": m, "zoo": data["models"][m], "method": method, "bits": tc["bits"], "gpu_hours": float(h)}
             for m, hours in tc["rows"].items() for method, h in hours.items()]
     baseline = next(c["method"] for c in columns if c.get("baseline"))
     return Reference(data["source"], data["table"], pd.DataFrame(cells), tuple(data.get("notes", [])),
-                     tuple(data["zeroshot_tasks"]), int(data["ppl_seqlen"]), pd.DataFrame(cost), tc["table"], tc["device"],
-                     baseline, str(tc.get("caveat", "")))
+                     tuple(data.get("zeroshot_tasks", ())), int(data["ppl_seqlen"]), pd.DataFrame(cost), tc["table"],
+                     tc["device"], baseline, str(tc.get("caveat", "")), tuple(metrics), str(data.get("paper", "")))
 
 
 def paper_model(name: str, ref: Reference) -> str | None:
@@ -179,7 +184,7 @@ def comparison_frame(records: list[RunRecord], ref: Reference | None = None
         mine = [_our_values(r, ref) for r in runs]
         row = {"model": model, "method": method, "bits": bits, BASELINE: method == ref.baseline_method, "n": len(runs) or None}
         mark, spread = {}, {}
-        for metric, label in LABELS.items():
+        for metric, label in ((m, LABELS[m]) for m in ref.metrics):
             a, std = _stats([v[metric] for v in mine if v[metric] is not None])
             b = published.get((model, method, bits, metric))
             row[f"{label} ours"], row[f"{label} paper"] = a, b
@@ -200,7 +205,7 @@ def comparison_frame(records: list[RunRecord], ref: Reference | None = None
         spreads.append(spread)
     frame = pd.DataFrame(rows)
     if not frame["n"].notna().any() or (frame["n"].fillna(1) <= 1).all():  # one seed: no n and no within columns
-        frame = frame.drop(columns=["n", *(f"{label} within" for label in LABELS.values())])
+        frame = frame.drop(columns=["n", *(f"{LABELS[m]} within" for m in ref.metrics)])
     marked = pd.DataFrame(marks, index=frame.index).reindex(columns=frame.columns, fill_value=False).fillna(False).astype(bool)
     spread = pd.DataFrame(spreads, index=frame.index, dtype=float).reindex(columns=frame.columns)
     return frame, marked, spread, [f"[{i}] {text}" for i, text in enumerate(footnotes, 1)]
@@ -230,22 +235,28 @@ def cost_frame(records: list[RunRecord], ref: Reference | None = None) -> pd.Dat
     return pd.DataFrame(rows)
 
 
-def tables(records: list[RunRecord], ref: Reference | None = None) -> list[Table]:
-    """The comparison table and the training-cost table, ready for any format."""
-    ref = ref or load_reference()
+def tables(records: list[RunRecord]) -> list[Table]:
+    """Every reference's comparison table (QLLM's, then QuaRot's) and QLLM's training-cost table, ready for any format."""
+    return [*reference_tables(records, load_reference()), *reference_tables(records, load_reference(QUAROT_FILE))]
+
+
+def reference_tables(records: list[RunRecord], ref: Reference) -> list[Table]:
+    """One reference's comparison table, and its training-cost table when it has one."""
     frame, marked, spread, footnotes = comparison_frame(records, ref)
     has_spread = bool(spread.notna().to_numpy().any())
     dirs = {f"{LABELS[m]} {side}": d for m, d in DIRECTION.items() for side in ("ours", "paper")}
     notes = [f"Published: {ref.source}, {ref.table}. Δ = ours − published. {MISSING}: not measured / not reported.",
              "† published value; we have not run this cell.",
              bold_note(has_spread, criteria="FP16 excluded; lowest perplexity, highest average accuracy"),
-             f"Avg: mean accuracy (%) over {', '.join(ref.tasks)}."]
+             *([f"Avg: mean accuracy (%) over {', '.join(ref.tasks)}."] if "avg" in ref.metrics else [])]
     if has_spread:
         notes.insert(1, "ours: mean ± std over seeds (n runs); within: the published value lies in ours ± std.")
         notes.append(reproduced_summary(frame))
-    comparison = Table(frame, f"Ours vs published ({ref.table} of QLLM, arXiv 2310.08041)",
+    comparison = Table(frame, f"Ours vs published ({ref.table} of {ref.paper})",
                        best=best_mask(frame, dirs, spread=spread if has_spread else None), marked=marked,
                        notes=[*notes, *footnotes], mark_label="published only", spread=spread if has_spread else None)
+    if ref.cost.empty:
+        return [comparison]
     cost = cost_frame(records, ref)
     cost_notes = [f"Published: {ref.cost_table}, on {ref.cost_device}. Ours: device-hours of the calibrate + quantize "
                   "phases of the run (mean over seeds), on the device named (hours on different hardware are not directly comparable).",

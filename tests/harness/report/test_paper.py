@@ -166,3 +166,18 @@ def test_seeds_give_mean_std_within_and_a_reproduced_count(tmp_path):
     # bold: QLLM's 12 ± 1 beats OmniQuant's 15.5 ± 0.5 by more than either std
     assert bold(row["WikiText-2 ours"], "md") == "12.00 ± 1.00" and row["n"] == "3" and row["WikiText-2 within"] == "yes"
     assert "Reproduced: 1 of 2 cells" in text
+
+
+def test_quarots_table_is_its_own_beside_qllms(tmp_path):
+    """QuaRot's W4A4KV4 cells form a second comparison table, with its own source line and WikiText-2 only."""
+    records = [*ours(), record("llama-2-7b", "quarot", "W4A4KV4", ppl={"wikitext2": 6.30})]
+    qllm, cost, quarot = paper.tables(records)
+    assert "QLLM" in qllm.title and "Training cost" in cost.title and "QuaRot, arXiv 2404.00456" in quarot.title
+    assert [c for c in quarot.frame.columns if "C4" in c or "Avg" in c] == []
+    row = quarot.frame[(quarot.frame.model == "LLaMA-2-7B") & (quarot.frame.method == "quarot")].iloc[0]
+    assert row["WikiText-2 paper"] == 6.10 and row["WikiText-2 Δ"] == pytest.approx(0.20)
+    assert any("arXiv:2404.00456" in note for note in quarot.notes)
+    ours_only = qllm.frame[qllm.frame.method == "quarot"].iloc[0]  # in QLLM's table an ours-only row, as rtn's
+    assert ours_only["WikiText-2 ours"] == 6.30 and pd.isna(ours_only["WikiText-2 paper"])
+    text = report(store(tmp_path, records), "md", reference="paper")
+    assert "QuaRot, arXiv 2404.00456" in text and "6.10" in text
