@@ -14,13 +14,15 @@ def test_demo_is_one_seed_and_demo_seeds_three_at_w4a4():
     demo = load_config(CONFIGS / "demo.yaml")
     assert demo.run_seeds == (0,) and load_config(CONFIGS / "demo-full.yaml").run_seeds == (0,)
     w4a4 = {r.method for r in plan(demo) if r.bits.name == "W4A4"}
-    assert w4a4 == {"rtn", "smoothquant", "omniquant", "qllm"}  # every method in the demo's W4A4 column
+    assert w4a4 == {"rtn", "smoothquant", "omniquant", "qllm", "quarot"}  # every method in the demo's W4A4 column
+    (quarot,) = [r for r in plan(demo) if r.method == "quarot"]
+    assert quarot.bits.quantizes_attention  # Q/K/V quantized as for the other methods of the column
     seeds = load_config(CONFIGS / "demo-seeds.yaml")
     runs = plan(seeds)
     assert seeds.run_seeds == (0, 1, 2) and not seeds.evaluation.zeroshot.tasks
     assert sorted({(r.method, r.bits.name) for r in runs}) == [
         ("fp", "W16A16"), ("omniquant", "W4A4"), ("qllm", "W4A4"), ("rtn", "W4A4"), ("smoothquant", "W4A4")]
     assert len(runs) == 3 * 3 + 2  # fp and rtn once: the seed cannot change them
-    # the block-wise methods keep the demo's options, so the two sweeps compare the same methods
+    # the QLLM paper's methods keep the demo's options, so the two sweeps compare the same methods
     options = {e.name: e.config for e in demo.methods}
     assert all(e.config == options[e.name] for e in seeds.methods)
