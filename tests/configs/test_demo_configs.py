@@ -21,8 +21,8 @@ def test_demo_is_one_seed_and_demo_seeds_three_at_w4a4():
     runs = plan(seeds)
     assert seeds.run_seeds == (0, 1, 2) and not seeds.evaluation.zeroshot.tasks
     assert sorted({(r.method, r.bits.name) for r in runs}) == [
-        ("fp", "W16A16"), ("omniquant", "W4A4"), ("qllm", "W4A4"), ("rtn", "W4A4"), ("smoothquant", "W4A4")]
-    assert len(runs) == 3 * 3 + 2  # fp and rtn once: the seed cannot change them
-    # the QLLM paper's methods keep the demo's options, so the two sweeps compare the same methods
-    options = {e.name: e.config for e in demo.methods}
-    assert all(e.config == options[e.name] for e in seeds.methods)
+        ("fp", "W16A16"), ("omniquant", "W4A4"), ("qllm", "W4A4"), ("quarot", "W4A4"), ("rtn", "W4A4"), ("smoothquant", "W4A4")]
+    assert len(runs) == 3 * 4 + 2  # fp and rtn once: the seed cannot change them
+    # every method keeps the demo's options and quant settings, so the two sweeps compare the same methods
+    options = {e.name: (e.config, e.quant) for e in demo.methods}
+    assert all((e.config, e.quant) == options[e.name] for e in seeds.methods)
