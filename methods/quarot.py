@@ -87,9 +87,15 @@ class QuaRot(Method):
     quant_defaults = {"weight_symmetric": True, "act_symmetric": True, "symmetric_grid": "full", "act_clip_ratio": 0.9,
                       "kv_clip_ratio": 0.95, "kv_symmetric": False, "attention": False}
 
+    def solver_options(self) -> SolverOptions:
+        """How the rotated blocks are rounded: ``weight_solver`` with GPTQ as the official ``gptq_fwrd``."""
+        c = self.config
+        return SolverOptions(c.weight_solver, GPTQOptions(damp=c.damp, act_order=c.act_order, clip_search=c.w_clip),
+                             true_sequential=c.true_sequential, fp_activations=c.fp_activations)
+
     def check(self, spec: BitSpec) -> None:
         if self.config.weight_solver == "gptq":
-            GPTQOptions(damp=self.config.damp, act_order=self.config.act_order).check(spec)
+            self.solver_options().gptq.check(spec)
 
     def check_model(self, model_config: dict) -> None:
         """Every width rotated needs a Hadamard matrix: MLP and head dimension, and hidden with ``rotation: hadamard``."""
@@ -112,9 +118,7 @@ class QuaRot(Method):
         seed = context.seed
         q = random_hadamard(hidden, seed) if self.config.rotation == "hadamard" else random_orthogonal(hidden, seed)
         rotate_ends(model, adapter, q, embed_mean=self.config.embed_mean)
-        c = self.config
-        solver = SolverOptions(c.weight_solver, GPTQOptions(damp=c.damp, act_order=c.act_order, clip_search=c.w_clip),
-                               true_sequential=c.true_sequential, fp_activations=c.fp_activations)
+        solver = self.solver_options()
         if solver.solver == "gptq":
             calibration = self.require_calibration(calibration)
         elif calibration is None:  # RTN weights need no data; the engine still runs the blocks in order
@@ -130,5 +134,5 @@ class QuaRot(Method):
             return {}
 
         jobs = run_blockwise(model, calibration, process, device=context.device, desc="quarot", progress=context.progress,
-                             teacher=False, student_activations=not (solver.solver == "gptq" and c.fp_activations))
+                             teacher=False, student_activations=not (solver.solver == "gptq" and solver.fp_activations))
         return QuantizeResult(model, {"jobs": len(jobs), "rotation": self.config.rotation})

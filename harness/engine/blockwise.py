@@ -219,10 +219,7 @@ def run_blockwise(
                         job.inputs = [stack.enter_context(recording_inputs(layer, record, keep_samples)) for layer in group]
                         job.forward_all(fp_x, out=targets)
                 stats = process(job) or {}
-                with contextlib.ExitStack() as stack:
-                    if not student_activations:
-                        for layer in group:
-                            stack.enter_context(quantizers_disabled(layer, weights=False))
+                with contextlib.nullcontext() if student_activations else quantizers_disabled(*group, weights=False):
                     job.forward_all(q_x, out=q_x)
                 if teacher:
                     stats.setdefault("output_mse", mean_squared_error(q_x, targets))

@@ -80,10 +80,8 @@ def solve_block(job: BlockJob, layer: nn.Module, spec: BitSpec, options: SolverO
     stats = []
     position = job.layers.index(layer)
     for names in sequential_groups(job, options.true_sequential):
-        with contextlib.ExitStack() as stack:
-            if options.fp_activations:
-                for earlier in job.layers[:position + 1]:
-                    stack.enter_context(quantizers_disabled(earlier, weights=False))
+        earlier = job.layers[:position + 1]
+        with quantizers_disabled(*earlier, weights=False) if options.fp_activations else contextlib.nullcontext():
             hessians = _collect(job, position, layer, names)
         for name in names:
             started = time.perf_counter()

@@ -232,13 +232,15 @@ def freeze(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def quantizers_disabled(model: nn.Module, weights: bool = True) -> Iterator[None]:
-    """Run the model with every activation, attention-input and (unfrozen) weight quantizer turned off;
-    ``weights=False`` leaves the weight quantizers on (weights quantized, activations FP)."""
+def quantizers_disabled(*models: nn.Module, weights: bool = True) -> Iterator[None]:
+    """Run the models (a model, or several blocks) with every activation, attention-input and (unfrozen) weight
+    quantizer turned off; ``weights=False`` leaves the weight quantizers on (weights quantized, activations FP)."""
     saved = []
     kinds = ("act_quant", "out_quant") + (("weight_quant",) if weights else ())
-    quantizers = [getattr(module, kind) for _, module in quant_linears(model) for kind in kinds]
-    for q in quantizers + attention.attention_quantizers(model):
+    quantizers = [q for model in models for q in
+                  [getattr(module, kind) for _, module in quant_linears(model) for kind in kinds]
+                  + attention.attention_quantizers(model)]
+    for q in quantizers:
         if hasattr(q, "enabled"):
             saved.append((q, q.enabled))
             q.enabled = False

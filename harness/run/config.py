@@ -138,7 +138,8 @@ class QuantSchemeConfig:
         YAML section set), then ``own`` (the method entry's ``quant:`` mapping)."""
         if own is not None and not isinstance(own, dict):
             raise ConfigError(f"{where}: expected a mapping of quant settings, got {type(own).__name__}")
-        merged = {k: v for k, v in method_cls.quant_defaults.items() if k not in set(explicit)}
+        explicit = set(explicit)
+        merged = {k: v for k, v in method_cls.quant_defaults.items() if k not in explicit}
         merged.update(own or {})
         if not merged:
             return self
