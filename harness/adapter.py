@@ -87,8 +87,6 @@ class LlamaAdapter:
         # transformers' eager kernel has no implicit mask, so an eager block gets an explicit one.
         if getattr(getattr(layer.get_submodule(self.attention_path), "config", None), "_attn_implementation", None) != "eager":
             return None
-        from harness.quant.attention import causal_mask
-
         return causal_mask(hidden.shape[1], hidden.shape[1], hidden.dtype, hidden.device)
 
     def attention_geometry(self, config: object) -> tuple[int, int, int]:
@@ -114,3 +112,9 @@ def get_adapter(model: nn.Module) -> LlamaAdapter:
     if model_type in _LLAMA_LIKE:
         return LlamaAdapter()
     raise ConfigError(f"model: model_type {model_type!r} is not supported; supported families: {_LLAMA_LIKE}")
+
+
+def causal_mask(q_len: int, kv_len: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The (1, 1, q_len, kv_len) additive causal mask (queries are the last q_len positions)."""
+    mask = torch.full((q_len, kv_len), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return mask.triu(kv_len - q_len + 1)[None, None]

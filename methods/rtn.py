@@ -18,7 +18,7 @@ from harness import (
     quantize_block,
     register_method,
 )
-from harness.engine.lazy import map_blocks
+from harness.models.lazy import map_blocks
 
 
 @dataclass(frozen=True)

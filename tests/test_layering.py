@@ -2,7 +2,10 @@
 
 - no import cycles among the modules of ``harness/`` and ``methods/``;
 - ``harness/`` never imports a concrete method (``methods``);
-- a method imports ``harness`` and its own package, never another method.
+- a method imports ``harness`` and its own package, never another method;
+- the layers (``harness/<folder>/`` or ``harness/<file>.py``, ``methods/``) import one another without a loop,
+  so each layer stands on the ones below it (``harness/run/``, the orchestrator, on everything it composes;
+  nothing below imports it).
 """
 from __future__ import annotations
 
@@ -107,3 +110,27 @@ def test_a_method_imports_only_harness_and_its_own_package():
                  for m, imps in graph().items() if m.split(".")[0] == "methods"}
     assert {m: i for m, i in offending.items() if i} == {}
     assert graph()["methods.rtn"] and all(i.split(".")[0] == "harness" for i in graph()["methods.rtn"])
+
+
+def layer(module: str) -> str:
+    """The layer a module belongs to: ``harness.run.executors.local`` -> ``harness.run``, ``methods.qllm.x`` -> ``methods``."""
+    parts = module.split(".")
+    return "methods" if parts[0] == "methods" else ".".join(parts[:2])
+
+
+def layer_graph() -> dict[str, set[str]]:
+    edges: dict[str, set[str]] = {}
+    for module, imports in graph().items():
+        if module == "harness":  # the package's face re-exports; importing it is not a layer's dependency
+            continue
+        edges.setdefault(layer(module), set()).update(layer(i) for i in imports if i != "harness" and layer(i) != layer(module))
+    return edges
+
+
+def test_the_layers_import_each_other_without_a_loop():
+    assert cycles(layer_graph()) == []
+
+
+def test_the_orchestrator_is_imported_only_from_above_it():
+    below = {src for src, dst in layer_graph().items() if "harness.run" in dst}
+    assert below <= {"harness.api", "harness.bench", "harness.cli", "harness.report"}, below

@@ -60,7 +60,7 @@ def generate(folder: Path, hidden: int, layers: int, seed: int = 0) -> Path:
     """Write a random fp16 LLaMA as one shard per block (never the whole model in memory); reuse it if there."""
     from safetensors.torch import save_file
 
-    from harness.models import ZOO, _gguf_folder
+    from harness.models import ZOO, gguf_folder
 
     if (folder / "model.safetensors.index.json").exists():
         return folder
@@ -95,7 +95,7 @@ def generate(folder: Path, hidden: int, layers: int, seed: int = 0) -> Path:
     config.save_pretrained(tmp)
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(_gguf_folder("smollm2-135m", ZOO["smollm2-135m"])).save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(gguf_folder("smollm2-135m", ZOO["smollm2-135m"])).save_pretrained(tmp)
     tmp.replace(folder)
     return folder
 
@@ -120,7 +120,8 @@ def disk_size(folder: Path) -> int:
 def run_spec(folder: Path, label: str, samples: int, seqlen: int, windows: int, work_root: Path):
     from harness.bits import BitSpec
     from harness.registry import get_method
-    from harness.run.config import CalibrationConfig, EvaluationConfig, PerplexityConfig
+    from harness.data.config import CalibrationConfig
+    from harness.evaluation.config import EvaluationConfig, PerplexityConfig
     from harness.run.execute import RunSpec
 
     method, options = method_options(label)

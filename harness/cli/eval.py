@@ -11,9 +11,9 @@ from pathlib import Path
 import click
 
 from harness import schema
-from harness.evaluation.eval_saved import evaluate_saved
+from harness.run.eval_saved import evaluate_saved
 from harness.quiet import quiet_requested
-from harness.run.config import EvaluationConfig
+from harness.evaluation.config import EvaluationConfig
 from harness.run.results import ResultStore
 
 

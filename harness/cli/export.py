@@ -2,7 +2,7 @@
 
 RUN is a result JSON (``runs/demo/runs/<key>.json``) or a run key (looked up in ``--results``, by
 default every results dir under ``runs/``). The model its sweep kept (``keep_quantized``) is
-copied; otherwise the run is quantized again from its stored config (``harness.export.from_run``).
+copied; otherwise the run is quantized again from its stored config (``harness.run.export_run``).
 The folder is compressed-tensors when the format can express the model, else ptqbench's own
 (``harness.export.formats``). Prints the format and the folder's size.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from harness.export.formats import human_size
-from harness.export.from_run import export_run, kept_model, locate
+from harness.run.export_run import export_run, kept_model, locate
 from harness.quiet import quiet_requested
 from harness.run.results import ResultStore
 

@@ -7,7 +7,7 @@ import click
 
 from harness.errors import ConfigError
 from harness.report.render import FORMATS, REFERENCES, report, report_bytes
-from harness.run.results import write_bytes_atomic, write_text_atomic
+from harness.atomic import write_bytes_atomic, write_text_atomic
 
 # -o FILE picks the format from its suffix; an unknown suffix is refused (rep.docx must not silently be Markdown).
 _SUFFIX_FORMATS = {**{f: f for f in FORMATS}, "markdown": "md", "htm": "html", "latex": "tex", "pq": "parquet"}

@@ -156,7 +156,7 @@ def split_text(split: str) -> str:
             return f.read()
     text = "\n\n".join(d.text for d in documents() if d.split == split)
     from harness.errors import StorageError
-    from harness.run.results import write_text_atomic
+    from harness.atomic import write_text_atomic
 
     try:
         write_text_atomic(path, text, "Brown split text")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from harness.paths import cache_home
-from harness.run.costs import release_freed_memory
+from harness.runtime import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def _store(path: Path, ids: torch.Tensor) -> None:
     from safetensors.torch import save
 
     from harness.errors import StorageError
-    from harness.run.results import write_bytes_atomic
+    from harness.atomic import write_bytes_atomic
 
     small = ids.numel() == 0 or int(ids.max()) < 2**31
     try:

@@ -3,7 +3,7 @@
 Protocol (OmniQuant / QLLM official code): embed the calibration tokens to get the inputs of
 decoder block 0, then go through the blocks in order. For each block (or group of blocks):
 
-1. load it (lazy models, ``harness.engine.lazy``) and move it to the compute device (float32; everything
+1. load it (lazy models, ``harness.models.lazy``) and move it to the compute device (float32; everything
    else stays on CPU),
 2. teacher targets = FP block on the FP inputs; during this pass the engine records what the method
    asked for (``record=``: per-channel max|X| and the first samples of named linears' inputs), so
@@ -40,13 +40,13 @@ from tqdm.auto import tqdm
 from harness.adapter import LlamaAdapter, get_adapter
 from harness.engine.calibration_stats import InputRecord, recording_inputs
 from harness.engine.checkpoint import Checkpoint, EngineState
-from harness.engine.lazy import BlockStore, block_store, embedding_and_head_offloaded, materialized
+from harness.models.lazy import BlockStore, block_store, embedding_and_head_offloaded, materialized
 from harness.errors import TrainingDivergedError
 from harness.progress import Progress
 from harness.quant.attention import register as register_attention
 from harness.quant.qlinear import quantizers_disabled
-from harness.run.costs import gc_frozen
-from harness.run.killpoints import kill_point
+from harness.runtime import gc_frozen
+from harness.runtime import kill_point
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +175,12 @@ def run_blockwise(
     activation and attention quantizers off (weights quantized, activations FP), as QuaRot's official
     GPTQ loop propagates them.
 
-    On a lazy model (``harness.engine.lazy``) each group is loaded before its job and written to the work
+    On a lazy model (``harness.models.lazy``) each group is loaded before its job and written to the work
     directory and released after it, and the engine checkpoints after every group
     (``harness.engine.checkpoint``): a killed run continues where it stopped. ``state`` is the method's
     own tensors that must survive with it (QLLM's last-block outputs), saved and restored in place.
     While the jobs run, a lazy model's input embedding and ``lm_head`` weight are on the meta device
-    (``harness.engine.lazy.embedding_and_head_offloaded``): ``process`` must not use them; they are back when this returns.
+    (``harness.models.lazy.embedding_and_head_offloaded``): ``process`` must not use them; they are back when this returns.
     """
     if blocks_per_job < 1:
         raise ValueError("blocks_per_job must be >= 1")

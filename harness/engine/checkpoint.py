@@ -1,6 +1,6 @@
 """Block checkpoints: what the block-wise engine needs to continue a run that was killed.
 
-After every block group of a lazy model (``harness.engine.lazy``) the engine has on disk, under the
+After every block group of a lazy model (``harness.models.lazy``) the engine has on disk, under the
 run's work directory:
 
 - ``blocks/block_<i>.safetensors``: the finished blocks' tensors (written by the block store),
@@ -25,7 +25,7 @@ back with torch's restricted unpickler (``weights_only=True``) that admits only 
 file names from torch, transformers, harness and the packages of registered methods (a plugin
 method's own module classes included); a file naming anything else is refused with the class it names.
 
-Test hooks (``harness.run.killpoints``): ``block:N`` right after the checkpoint of the group starting
+Test hooks (``harness.runtime``): ``block:N`` right after the checkpoint of the group starting
 at block N, ``mid:N`` in the middle of that group (after the method processed it, before anything
 of it is written).
 """
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from harness.errors import PtqbenchError, ResourceUnavailableError
-from harness.run.fingerprint import safetensors_header
+from harness.fingerprint import safetensors_header
 
 log = logging.getLogger(__name__)
 

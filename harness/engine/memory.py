@@ -2,7 +2,7 @@
 
 ``ptqbench run --dry-run`` prints :func:`estimate` per run, and ``execute`` refuses a run that the
 machine cannot hold (:func:`check_fits`) before spending hours on it. The estimate follows what the
-out-of-core engine keeps (``harness.engine.lazy``, ``harness.engine.blockwise``, ``harness.evaluation.evaluate``):
+out-of-core engine keeps (``harness.models.lazy``, ``harness.engine.blockwise``, ``harness.evaluation.evaluate``):
 
 - host: the Python/torch runtime (plus the tokenizer's peak on the calibration text), the eagerly loaded embedding / final norm / head, one block
   group as loaded plus its float32 working copy, and (CPU runs, or CUDA runs whose activations
@@ -55,7 +55,7 @@ class MemoryEstimate:
 
 def model_config(name: str) -> Any | None:
     """The model's config without loading weights (zoo random configs, local folders, the local hub cache)."""
-    from harness.models import ZOO, _gguf_folder
+    from harness.models import ZOO, gguf_folder
 
     try:
         from transformers import AutoConfig, LlamaConfig
@@ -65,7 +65,7 @@ def model_config(name: str) -> Any | None:
             if entry.random_config is not None:
                 return LlamaConfig(**entry.random_config)
             if entry.gguf_package is not None:
-                return AutoConfig.from_pretrained(_gguf_folder(name, entry))
+                return AutoConfig.from_pretrained(gguf_folder(name, entry))
             return AutoConfig.from_pretrained(entry.hub_id)
         return AutoConfig.from_pretrained(Path(name).expanduser() if Path(name).expanduser().exists() else name)
     except (OSError, ValueError, ResourceUnavailableError):

@@ -17,13 +17,13 @@ from torch import nn
 
 from harness.adapter import get_adapter
 from harness.engine.blockwise import embed_calibration, model_dtype
-from harness.engine.lazy import dispatch, materialized
+from harness.models.lazy import dispatch, materialized
 from harness.progress import Progress
-from harness.run.costs import gc_frozen
-from harness.run.killpoints import kill_point
+from harness.runtime import gc_frozen
+from harness.runtime import kill_point
 
 if TYPE_CHECKING:
-    from harness.run.config import EvaluationConfig
+    from harness.evaluation.config import EvaluationConfig
 
 
 def _perplexity_of(logits_of: Callable[[torch.Tensor, slice], torch.Tensor], windows: torch.Tensor, device: torch.device,
@@ -104,6 +104,6 @@ def evaluate_model(model: nn.Module, tokenizer: Any, evaluation: EvaluationConfi
                                                     desc=f"ppl {name} ({label})", progress=progress)
         metrics.setdefault("ppl_windows", {})[name] = len(windows)
     if evaluation.zeroshot.tasks:
-        # lm-eval needs the whole model: spread over the GPUs and host memory (harness.engine.lazy.dispatch)
+        # lm-eval needs the whole model: spread over the GPUs and host memory (harness.models.lazy.dispatch)
         metrics["zeroshot"] = zeroshot(dispatch(model, device), tokenizer, evaluation.zeroshot, device=device)
     return metrics

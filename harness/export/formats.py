@@ -57,7 +57,7 @@ from harness.errors import PtqbenchError, ResourceUnavailableError
 from harness.quant.qlinear import QuantLinear, freeze, quant_linears
 from harness.quant.reassembly import Reassembled, Reassembly
 from harness.quant.rotation import online_transform
-from harness.run.results import current_umask
+from harness.atomic import current_umask
 
 log = logging.getLogger(__name__)
 

@@ -40,6 +40,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from transformers.modeling_utils import AttentionInterface
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from harness.adapter import causal_mask
 from harness.bits import BitSpec
 from harness.quant.hadamard import hadamard_transform
 from harness.quant.quantizer import ActQuantizer
@@ -81,12 +82,6 @@ def quantized_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
     """transformers attention function: fake-quantize Q, K, V (last dim = one head's vector), then SDPA."""
     query, key, value = _quantized(module, query, key, value)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def causal_mask(q_len: int, kv_len: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The (1, 1, q_len, kv_len) additive causal mask (queries are the last q_len positions)."""
-    mask = torch.full((q_len, kv_len), torch.finfo(dtype).min, dtype=dtype, device=device)
-    return mask.triu(kv_len - q_len + 1)[None, None]
 
 
 def quantized_eager(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

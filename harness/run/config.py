@@ -27,7 +27,9 @@ from harness import schema
 from harness.bits import FP, BitSpec
 from harness.data.windows import check_dataset_name
 from harness.errors import ConfigError, PtqbenchError
-from harness.evaluation.zeroshot import ZeroShotConfig, check_tasks
+from harness.data.config import CalibrationConfig
+from harness.evaluation.config import EvaluationConfig
+from harness.evaluation.zeroshot import check_tasks
 from harness.method import Method, MethodConfig
 from harness.models import check_model_name, model_config
 from harness.registry import get_method
@@ -39,59 +41,6 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 # transformers' attn_implementation: "eager" is the explicit matmul + softmax the official QLLM /
 # OmniQuant / SmoothQuant layers compute with; "sdpa" (the default) rounds differently.
 ATTENTION_KERNELS = ("sdpa", "eager")
-
-
-@dataclass(frozen=True)
-class CalibrationConfig:
-    """Args:
-    dataset: corpus name (brown, wikitext2, c4) or a text file path.
-    samples: number of random windows (the papers: 128).
-    seqlen: tokens per window (the papers: 2048).
-    """
-
-    dataset: str = "brown"
-    samples: int = 128
-    seqlen: int = 2048
-
-    def __post_init__(self) -> None:
-        if self.samples < 1:
-            raise ConfigError(f"samples: {self.samples} is not allowed; use a positive integer")
-        if self.seqlen < 2:
-            raise ConfigError(f"seqlen: {self.seqlen} is not allowed; use an integer >= 2")
-
-
-@dataclass(frozen=True)
-class PerplexityConfig:
-    """Args:
-    datasets: corpora to score (brown, wikitext2, c4, or text file paths).
-    seqlen: window length (the papers: 2048).
-    max_windows: score only the first N windows (null = all); recorded with every result.
-    batch_size: windows per forward pass.
-    """
-
-    datasets: tuple[str, ...] = ("brown",)
-    seqlen: int = 2048
-    max_windows: int | None = None
-    batch_size: int = 1
-
-    def __post_init__(self) -> None:
-        if self.seqlen < 2:
-            raise ConfigError(f"seqlen: {self.seqlen} is not allowed; use an integer >= 2")
-        if self.max_windows is not None and self.max_windows < 1:
-            raise ConfigError(f"max_windows: {self.max_windows} is not allowed; use a positive integer or null")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size: {self.batch_size} is not allowed; use a positive integer")
-
-
-@dataclass(frozen=True)
-class EvaluationConfig:
-    ppl: PerplexityConfig = field(default_factory=PerplexityConfig)
-    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
-
-    def __post_init__(self) -> None:
-        if not self.ppl.datasets and not self.zeroshot.tasks:
-            raise ConfigError("evaluation: measures nothing (ppl.datasets and zeroshot.tasks are both empty); "
-                              "list a perplexity dataset or a zero-shot task")
 
 
 @dataclass(frozen=True)
@@ -228,7 +177,7 @@ class SweepConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     overrides: tuple[Override, ...] = ()  # parsed by parse_config, not by the schema
-    export: bool = False  # also write every quantized run's model to <out>/export/<key>/ (harness.export.from_run)
+    export: bool = False  # also write every quantized run's model to <out>/export/<key>/ (harness.run.export_run)
 
     def __post_init__(self) -> None:
         check_name(self.name)

@@ -11,8 +11,6 @@ cannot be reset between the runs of one sweep, so it would report the largest ru
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import os
 import platform
 import resource
@@ -22,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+
+from harness.runtime import release_freed_memory
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -47,31 +47,6 @@ def current_rss() -> int:
             return int(f.read().split()[1]) * _PAGE
     except OSError:  # not Linux: lifetime peak is the best available
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def release_freed_memory() -> None:
-    """Collect garbage and, on glibc, return freed heap pages to the OS (malloc_trim)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
-@contextlib.contextmanager
-def gc_frozen() -> Iterator[None]:
-    """Objects that exist now are left out of garbage collections until the ``with`` ends (``gc.freeze``).
-
-    For loops that release a block each step (``release_freed_memory`` collects): a full collection scanning
-    every object of the loaded model and tokenizer cost 0.23 s a block, a quarter of GPTQ's time. What the
-    blocks create and drop in the body is still collected; what existed before (the model's skeleton, the
-    tokenizer, the libraries' objects) outlives the body anyway.
-    """
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 class PeakRSS:

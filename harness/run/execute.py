@@ -5,7 +5,7 @@ how a run executes (``execute``: model -> calibration -> method -> evaluation ->
 can ship it to a Ray worker or a Slurm job; the sweep driver (``harness.run.sweep``) stores what comes back.
 A run whose metrics include NaN or inf raises ``NonFiniteMetricError``: a failure, never a result.
 Local inputs (data files, model folders) are fingerprinted once when the sweep is planned
-(``harness.run.fingerprint``) and their prints are part of the run key, so a changed file is a new run.
+(``harness.fingerprint``) and their prints are part of the run key, so a changed file is a new run.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from harness import schema
 from harness.bits import FP, BitSpec
 from harness.data import brown
 from harness.data.windows import CORPORA, calibration_windows
-from harness.engine.lazy import block_store
+from harness.models.lazy import block_store
 from harness.engine.memory import check_fits
 from harness.errors import NonFiniteMetricError
 from harness.evaluation.evaluate import evaluate_model
@@ -31,10 +31,12 @@ from harness.method import Method, MethodConfig, QuantContext
 from harness.models import ZOO, load_model, resolve_device, resolve_dtype
 from harness.paths import cache_home
 from harness.registry import REGISTRY, get_method
-from harness.run.config import CalibrationConfig, EvaluationConfig, SweepConfig
+from harness.run.config import SweepConfig
+from harness.data.config import CalibrationConfig
+from harness.evaluation.config import EvaluationConfig
 from harness.run.costs import CostMeter
-from harness.run.fingerprint import fingerprint, hub_commit
-from harness.run.killpoints import kill_point
+from harness.fingerprint import fingerprint, hub_commit
+from harness.runtime import kill_point
 from harness.run.record import RunRecord
 from harness.run.results import run_key
 
@@ -164,7 +166,7 @@ def quantized_dir(run: RunSpec) -> Path:
 def execute(run: RunSpec, progress: bool = True) -> RunRecord:
     """Run one quantize-and-evaluate job and return its record (token streams are cached by ``harness.data.windows``).
 
-    Models with a safetensors folder load lazily (``harness.engine.lazy``): each decoder block is read when
+    Models with a safetensors folder load lazily (``harness.models.lazy``): each decoder block is read when
     the method reaches it and its finished version is written to the run's work directory, which
     stays: the caller removes it once the returned record is stored (``harness.run.workdir.discard``;
     the sweep driver does, unless ``keep_work``), so a kill at any point before then resumes from
@@ -219,7 +221,7 @@ def execute(run: RunSpec, progress: bool = True) -> RunRecord:
 
 def keep_model(run: RunSpec, model: torch.nn.Module, tokenizer: Any) -> None:
     """``keep_quantized``: the run's model in the export format at ``quantized_dir(run)`` (replaced whole if there)."""
-    from harness.engine.lazy import materialize_all
+    from harness.models.lazy import materialize_all
     from harness.export.formats import export_model
 
     if run.method_class.is_baseline:

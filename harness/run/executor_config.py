@@ -124,7 +124,7 @@ class Resources:
 
 @dataclass(frozen=True)
 class ExecutorConfig:
-    """Where the runs execute (never part of a run's key). See harness/executors/.
+    """Where the runs execute (never part of a run's key). See harness/run/executors/.
 
     Args:
     kind: local (one after another on this machine), ray (a Ray task per run) or slurm (a job per run).

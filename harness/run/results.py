@@ -28,13 +28,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from harness.errors import StorageError
+from harness.atomic import storage_error, write_json_atomic, write_text_atomic
 from harness.run.record import RecordError, RunRecord
 
 log = logging.getLogger(__name__)
@@ -45,52 +44,6 @@ STALE_TEMP_S = 60.0  # a temp file this old has no live writer (a write takes mi
 def run_key(identity: dict[str, Any]) -> str:
     blob = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def current_umask() -> int:
-    """The process umask (reading it means setting it, so it is set straight back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def storage_error(err: OSError, what: str, path: Path) -> StorageError:
-    """One line for a failed write: what, where, and the system's reason (``No space left on device``)."""
-    reason = err.strerror or str(err)
-    return StorageError(f"{what} {str(path)!r}: could not write ({reason}); nothing was half-written")
-
-
-def write_text_atomic(path: Path, text: str, what: str = "file") -> None:
-    """Write via a temporary file in the same directory and rename: readers see old or new, never half.
-
-    An ``OSError`` (read-only folder, disk full) becomes a ``StorageError`` naming ``what`` and ``path``.
-    """
-    write_bytes_atomic(path, text.encode(), what)
-
-
-def write_bytes_atomic(path: Path, data: bytes, what: str = "file") -> None:
-    """``write_text_atomic`` for binary files (Parquet)."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; results and reports are ordinary files
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise storage_error(err, what, path) from err
-        raise
-
-
-def write_json_atomic(path: Path, data: Any, what: str = "file") -> None:
-    """JSON as the standard allows it: a NaN or inf raises ``ValueError`` instead of writing ``NaN``."""
-    write_text_atomic(path, json.dumps(data, indent=2, default=str, allow_nan=False) + "\n", what)
 
 
 class RunLock:

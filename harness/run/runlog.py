@@ -1,7 +1,7 @@
 """A run's own log file: everything its worker logs while it runs, for ``tail -f`` on a long job.
 
 The driver names the file (``RunSpec.log_file``: ``<out>/logs/<model>-<method>-<bits>-s<seed>-<key>.log``,
-``harness.run.results.ResultStore.log_path``); ``harness.executors.base.run_task`` holds it open while
+``harness.run.results.ResultStore.log_path``); ``harness.run.executors.base.run_task`` holds it open while
 the run executes, wherever that is (a local run's process, a Ray worker, a Slurm job). It gets the
 run's INFO log: loading, the memory estimate, progress lines (``harness.progress``), block
 checkpoints, and a last line with the result or the traceback. The file is appended to, never

@@ -19,14 +19,15 @@ from pathlib import Path
 
 import yaml
 
-from harness.executors import make_executor
-from harness.executors.base import Executor, Outcome
+from harness.run.executors import make_executor
+from harness.run.executors.base import Executor, Outcome
 from harness.run.config import SweepConfig
 from harness.run.execute import RunSpec, plan
-from harness.run.killpoints import kill_point
+from harness.runtime import kill_point
 from harness.run.preflight import check_device
 from harness.run.record import RunRecord
-from harness.run.results import ResultStore, RunLock, write_json_atomic, write_text_atomic
+from harness.run.results import ResultStore, RunLock
+from harness.atomic import write_json_atomic, write_text_atomic
 from harness.run.workdir import clean_trash, discard
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, force: bool = False, 
     """Execute every planned run not already stored in ``out_dir`` (all of them with ``force``).
 
     ``config.executor`` decides where runs execute (``executor`` overrides it with a ready
-    ``harness.executors`` instance); every result comes back here and is stored as it arrives.
+    ``harness.run.executors`` instance); every result comes back here and is stored as it arrives.
     """
     check_device(config.device, config.executor.kind)
     store = ResultStore(out_dir)
@@ -132,7 +133,7 @@ def _execute(todo: list[RunSpec], config: SweepConfig, store: ResultStore, summa
 def export_runs(runs: list[RunSpec], store: ResultStore, summary: SweepSummary, *, progress: bool = True) -> None:
     """``export: true``: each stored quantized run not exported yet goes to <out>/export/<key>/ (the model the
     sweep kept, copied, or quantized again here)."""
-    from harness.export.from_run import export_run, kept_model
+    from harness.run.export_run import export_run, kept_model
 
     for run in runs:
         target = store.root / "export" / run.key

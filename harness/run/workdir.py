@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from harness.run.killpoints import kill_point
+from harness.runtime import kill_point
 
 log = logging.getLogger(__name__)
 

@@ -42,10 +42,10 @@ from harness import (
     register_method,
 )
 from harness.engine.blockwise import BlockJob, run_blockwise, train
-from harness.engine.lazy import block_store
+from harness.models.lazy import block_store
 from harness.method import keyed_when_set, option
 from harness.quant.quantizer import set_zero_point_grad
-from harness.run.costs import release_freed_memory
+from harness.runtime import release_freed_memory
 from methods.qllm.correction import NormWithBias, add_lowrank, fold_bias_into_head, merge_lowrank, weights_offloaded
 from methods.qllm.reassembly import (
     Plan,

@@ -43,11 +43,11 @@ def model_folder(tmp_path_factory) -> Path:
     """A tiny LLaMA folder (weights, config, smollm2's tokenizer) as a user would have one."""
     from transformers import AutoTokenizer
 
-    from harness.models import ZOO, _gguf_folder, tiny_llama
+    from harness.models import ZOO, gguf_folder, tiny_llama
 
     folder = tmp_path_factory.mktemp("model") / "tiny"
     tiny_llama(seed=0).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(_gguf_folder("smollm2-135m", ZOO["smollm2-135m"])).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gguf_folder("smollm2-135m", ZOO["smollm2-135m"])).save_pretrained(folder)
     return folder
 
 

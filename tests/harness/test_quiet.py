@@ -30,7 +30,7 @@ def test_quiet_disables_bars_even_when_a_library_asks_for_them():
 def test_quiet_run_prints_no_progress(tmp_path):
     import yaml
 
-    from tests.harness.executors.conftest import tiny_raw
+    from tests.harness.run.executors.conftest import tiny_raw
 
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(tiny_raw(bits=["W8A8"])))

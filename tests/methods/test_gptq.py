@@ -83,7 +83,7 @@ def test_the_memory_estimate_counts_the_hessians():
 
 def test_a_sweep_refuses_gptq_options_its_bits_cannot_take_when_parsed():
     from harness.run.config import parse_config
-    from tests.harness.executors.conftest import tiny_raw
+    from tests.harness.run.executors.conftest import tiny_raw
 
     raw = {**tiny_raw(bits=["W4A16", "W4A16g32"]), "methods": [{"name": "gptq", "act_order": True}]}
     with pytest.raises(ConfigError, match=r"^methods\[0\] at W4A16g32: act_order: with groups \(W4A16g32\) it needs static_groups"):

@@ -63,4 +63,4 @@ def test_cli_prints_a_row_per_timing_with_both_seconds(monkeypatch):
     assert result.exit_code == 0, result.output
     (row,) = [line for line in result.output.splitlines() if line.startswith("rtn W4A4")]
     ours, official, ratio = (float(v) for v in row.split()[3:6])
-    assert official == 1.0 and ratio == pytest.approx(ours / official, abs=0.01)
+    assert official == 1.0 and ratio == pytest.approx(ours / official, abs=0.051)  # seconds print to 0.1, the ratio to 0.01

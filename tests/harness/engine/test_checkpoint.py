@@ -15,7 +15,7 @@ import yaml
 
 from harness.engine.checkpoint import Checkpoint, CheckpointError
 from harness.models import tiny_llama
-from harness.run.killpoints import KILL_ENV
+from harness.runtime import KILL_ENV
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -11,7 +11,8 @@ from harness import BitSpec
 from harness.cli import main
 from harness.engine.memory import RUNTIME_BYTES, check_fits, estimate
 from harness.errors import ResourceUnavailableError
-from harness.run.config import CalibrationConfig, EvaluationConfig, PerplexityConfig
+from harness.data.config import CalibrationConfig
+from harness.evaluation.config import EvaluationConfig, PerplexityConfig
 from harness.run.execute import RunSpec
 from methods.omniquant import OmniQuantConfig
 

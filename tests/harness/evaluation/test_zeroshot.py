@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from harness import BitSpec, freeze, quantize_linears
 from harness.errors import ConfigError
 from harness.evaluation.zeroshot import _datasets_env, datasets_cache, zeroshot
-from harness.run.config import ZeroShotConfig, parse_config
+from harness.evaluation.zeroshot import ZeroShotConfig
+from harness.run.config import parse_config
 
 FIXTURES = Path(__file__).parent / "zeroshot_data"
 STANDARD = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
@@ -178,7 +179,7 @@ def test_log_samples_writes_one_jsonl_line_per_item_and_keeps_the_run_key(tmp_pa
     from harness.run.execute import plan
     from harness.run.results import ResultStore
     from harness.run.sweep import run_sweep
-    from tests.harness.executors.conftest import tiny_raw
+    from tests.harness.run.executors.conftest import tiny_raw
 
     def sweep(log: bool):
         raw = tiny_raw(bits=["W8A8"])

@@ -30,7 +30,7 @@ from harness.export.formats import (
     load_quantized,
 )
 from harness.quant.reassembly import Reassembled
-from harness.run.results import current_umask
+from harness.atomic import current_umask
 
 CPU = QuantContext(device=torch.device("cpu"), seed=0, progress=False)
 

@@ -22,9 +22,9 @@ def _wait(marker: Path) -> None:
 
 def main() -> None:
     fault, marker, args = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-    import harness.executors.base
+    import harness.atomic
+    import harness.run.executors.base
     import harness.run.execute
-    import harness.run.results
 
     if fault == "block-run":
         real_execute = harness.run.execute.execute
@@ -33,7 +33,7 @@ def main() -> None:
             _wait(marker)
             return real_execute(run, progress)
 
-        harness.executors.base.execute = execute
+        harness.run.executors.base.execute = execute
     elif fault == "block-write":
         real_replace = os.replace
 
@@ -42,9 +42,9 @@ def main() -> None:
                 _wait(marker)
             return real_replace(src, dst, *a, **kw)
 
-        harness.run.results.os = type(sys)("os_patched")
-        harness.run.results.os.__dict__.update(os.__dict__)
-        harness.run.results.os.replace = replace
+        harness.atomic.os = type(sys)("os_patched")
+        harness.atomic.os.__dict__.update(os.__dict__)
+        harness.atomic.os.replace = replace
     else:
         raise SystemExit(f"unknown fault {fault!r}")
     from harness.cli import main as cli

@@ -173,8 +173,8 @@ def test_two_sweeps_on_one_folder_run_each_key_once(finished, tmp_path, caplog):
     (tmp_path / "first.go").touch()
     stdout, stderr = first.communicate(timeout=600)
     assert first.returncode == 0 and "2 run, 0 already done" in stdout, stderr
-    # Every execution logs "run <label>" (harness.executors.local): two runs, each executed once.
-    executed = [line for line in stderr.splitlines() if "harness.executors.local: run " in line]
+    # Every execution logs "run <label>" (harness.run.executors.local): two runs, each executed once.
+    executed = [line for line in stderr.splitlines() if "harness.run.executors.local: run " in line]
     assert len(executed) == 2, stderr
     code, output = cli("run", str(config), "--out", str(out))
     assert code == 0 and "0 run, 2 already done" in output, output
@@ -183,7 +183,7 @@ def test_two_sweeps_on_one_folder_run_each_key_once(finished, tmp_path, caplog):
 def test_a_nan_metric_is_a_failure_not_a_result(finished, tmp_path):
     from transformers import AutoTokenizer
 
-    from harness.models import ZOO, _gguf_folder, tiny_llama
+    from harness.models import ZOO, gguf_folder, tiny_llama
 
     text, _ = finished
     model = tiny_llama(seed=0)
@@ -191,7 +191,7 @@ def test_a_nan_metric_is_a_failure_not_a_result(finished, tmp_path):
         model.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
     folder = tmp_path / "inf-model"
     model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(_gguf_folder("smollm2-135m", ZOO["smollm2-135m"])).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gguf_folder("smollm2-135m", ZOO["smollm2-135m"])).save_pretrained(folder)
     out = tmp_path / "out"
     config = write_config(tmp_path / "inf.yaml", {**base(text), "models": [str(folder)]})
     code, output = cli("run", str(config), "--out", str(out))

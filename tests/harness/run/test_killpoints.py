@@ -1,5 +1,5 @@
 """A real, lazy, checkpointed ``ptqbench run`` killed with SIGKILL at each named kill point
-(``harness.run.killpoints``), then the same command again: the resumed sweep succeeds with the
+(``harness.runtime``), then the same command again: the resumed sweep succeeds with the
 uninterrupted run's perplexity, no result file is ever partial, and a stored result is never redone.
 
 Each killed sweep starts with the FP baseline's result already stored (copied from the reference

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from harness.errors import StorageError
-from harness.run.results import ResultStore, run_key, write_json_atomic, write_text_atomic
+from harness.run.results import ResultStore, run_key
+from harness.atomic import write_json_atomic, write_text_atomic
 from tests.harness.records import record
 
 

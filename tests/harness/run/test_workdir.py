@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from harness.run.killpoints import KILL_ENV
+from harness.runtime import KILL_ENV
 from harness.run.workdir import clean_trash, discard
 
 

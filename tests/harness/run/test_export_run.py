@@ -14,7 +14,7 @@ from harness.cli import main
 from harness.errors import ConfigError
 from harness.run.results import ResultStore
 from harness.run.sweep import run_sweep
-from tests.harness.executors.conftest import tiny_sweep
+from tests.harness.run.executors.conftest import tiny_sweep
 
 pytestmark = pytest.mark.slow  # real processes or whole sweeps: outside the inner loop (-m "not slow")
 
@@ -62,7 +62,7 @@ TEXT = ("A kept model is exported as it was evaluated, and a changed input is na
 
 def local_text_sweep(tmp_path, **extra):
     from harness.run.config import parse_config
-    from tests.harness.executors.conftest import tiny_raw
+    from tests.harness.run.executors.conftest import tiny_raw
 
     text = tmp_path / "data.txt"
     text.write_text(TEXT)
@@ -77,26 +77,26 @@ def quantized_record(out):
 
 
 def test_export_of_an_unchanged_run_says_same_key_and_a_changed_data_file_is_named(tmp_path, caplog):
-    from harness.export.from_run import export_run
+    from harness.run.export_run import export_run
 
     config, text = local_text_sweep(tmp_path)
     run_sweep(config, tmp_path / "out", progress=False)
     record = quantized_record(tmp_path / "out")
-    with caplog.at_level("INFO", logger="harness.export.from_run"):
+    with caplog.at_level("INFO", logger="harness.run.export_run"):
         export_run(record, tmp_path / "a", progress=False)
     assert f"same key {record.key}" in caplog.text
 
     caplog.clear()
     was = record.provenance["inputs"][str(text)]
     text.write_text(TEXT + "One more line.\n")
-    with caplog.at_level("INFO", logger="harness.export.from_run"):
+    with caplog.at_level("INFO", logger="harness.run.export_run"):
         export_run(record, tmp_path / "b", progress=False)
     (line,) = [r.getMessage() for r in caplog.records if "differs from the stored" in r.getMessage()]
     assert f"changed input: {text} (was {was}, now sha256:" in line
 
 
 def test_keep_quantized_keeps_the_model_and_export_copies_it_without_quantizing(tmp_path, monkeypatch):
-    import harness.export.from_run
+    import harness.run.export_run
 
     config, _ = local_text_sweep(tmp_path, keep_quantized=True)
     summary = run_sweep(config, tmp_path / "out", progress=False)
@@ -109,7 +109,7 @@ def test_keep_quantized_keeps_the_model_and_export_copies_it_without_quantizing(
     def no_quantization(*args, **kwargs):
         raise AssertionError("export quantized the run again instead of copying the kept model")
 
-    monkeypatch.setattr(harness.export.from_run, "load_model", no_quantization)
+    monkeypatch.setattr(harness.run.export_run, "load_model", no_quantization)
     result = CliRunner().invoke(main, ["export", record.key, "--results", str(tmp_path / "out"), "--out", str(tmp_path / "x")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "x" / "model.safetensors").read_bytes() == (kept / "model.safetensors").read_bytes()
@@ -126,7 +126,7 @@ def test_keep_quantized_keeps_the_model_and_export_copies_it_without_quantizing(
 def test_keep_quantized_per_method_wins_over_the_sweep(tmp_path):
     from harness.run.config import parse_config
     from harness.run.execute import plan
-    from tests.harness.executors.conftest import tiny_raw
+    from tests.harness.run.executors.conftest import tiny_raw
 
     raw = {**tiny_raw(), "keep_quantized": True, "methods": [{"name": "rtn", "keep_quantized": False}, "smoothquant"]}
     keep = {r.method: r.keep_quantized for r in plan(parse_config(raw)) if r.method != "fp"}

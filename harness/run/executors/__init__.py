@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from harness.run.executor_config import ExecutorConfig
-    from harness.executors.base import Executor
+    from harness.run.executors.base import Executor
 
-_MODULES = {"local": "harness.executors.local", "ray": "harness.executors.ray_executor", "slurm": "harness.executors.slurm"}
+_MODULES = {"local": "harness.run.executors.local", "ray": "harness.run.executors.ray_executor", "slurm": "harness.run.executors.slurm"}
 
 
 def make_executor(config: ExecutorConfig, out_dir: str | Path, *, progress: bool = True, **kwargs: Any) -> Executor:

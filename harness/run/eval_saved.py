@@ -19,7 +19,7 @@ from harness.bits import FP
 from harness.evaluation.evaluate import evaluate_model
 from harness.export.formats import export_info, is_ptqbench_folder, load_quantized
 from harness.models import load_model, resolve_device
-from harness.run.config import EvaluationConfig
+from harness.evaluation.config import EvaluationConfig
 from harness.run.costs import CostMeter
 from harness.run.provenance import provenance
 from harness.run.record import RunRecord

@@ -1,4 +1,7 @@
-"""Named kill points: where the durability tests kill a real run, deterministically, without sleeps.
+"""The process's own machinery that every layer may call: named kill points, returning freed memory to
+the OS, and leaving long-lived objects out of garbage collections.
+
+Named kill points: where the durability tests kill a real run, deterministically, without sleeps.
 
 ``PTQBENCH_TEST_KILL_AT=<point>`` makes the process that reaches ``<point>`` send itself SIGKILL
 (or the signal named by ``PTQBENCH_TEST_KILL_SIGNAL``, e.g. ``SIGUSR2``, the one Slurm sends
@@ -18,9 +21,13 @@ Unset (always, outside the tests) each point costs one dictionary lookup.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import logging
 import os
 import signal
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -34,3 +41,28 @@ def kill_point(point: str) -> None:
         sig = signal.Signals[os.environ.get(KILL_SIGNAL_ENV, "SIGKILL")]
         log.warning("%s=%s: sending %s to this process", KILL_ENV, point, sig.name)
         os.kill(os.getpid(), sig)
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and, on glibc, return freed heap pages to the OS (malloc_trim)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+@contextlib.contextmanager
+def gc_frozen() -> Iterator[None]:
+    """Objects that exist now are left out of garbage collections until the ``with`` ends (``gc.freeze``).
+
+    For loops that release a block each step (``release_freed_memory`` collects): a full collection scanning
+    every object of the loaded model and tokenizer cost 0.23 s a block, a quarter of GPTQ's time. What the
+    blocks create and drop in the body is still collected; what existed before (the model's skeleton, the
+    tokenizer, the libraries' objects) outlives the body anyway.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

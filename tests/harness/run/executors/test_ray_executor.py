@@ -9,11 +9,11 @@ import pytest
 import ray
 
 from harness.engine.allocator import TUNABLES, allocator_env
-from harness.executors import make_executor
-from harness.executors.base import Outcome
+from harness.run.executors import make_executor
+from harness.run.executors.base import Outcome
 from harness.run.execute import plan
 from harness.run.sweep import run_sweep
-from tests.harness.executors.conftest import stored, tiny_sweep
+from tests.harness.run.executors.conftest import stored, tiny_sweep
 
 pytestmark = pytest.mark.slow  # real processes or whole sweeps: outside the inner loop (-m "not slow")
 

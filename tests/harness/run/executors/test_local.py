@@ -13,13 +13,13 @@ import pytest
 import yaml
 
 from harness.engine.allocator import TUNABLES, allocator_env
-from harness.executors import make_executor
-from harness.executors.base import Outcome
+from harness.run.executors import make_executor
+from harness.run.executors.base import Outcome
 from harness.method import Method, MethodConfig, QuantizeResult
 from harness.run.config import parse_config
 from harness.run.execute import plan
 from harness.run.sweep import run_sweep
-from tests.harness.executors.conftest import stored, tiny_raw, tiny_sweep
+from tests.harness.run.executors.conftest import stored, tiny_raw, tiny_sweep
 
 pytestmark = pytest.mark.slow  # real processes or whole sweeps: outside the inner loop (-m "not slow")
 

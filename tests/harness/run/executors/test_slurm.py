@@ -11,15 +11,15 @@ import yaml
 
 from harness.engine.allocator import TUNABLES, allocator_env
 from harness.errors import ResourceUnavailableError
-from harness.executors import make_executor
-from harness.executors.base import run_task
-from harness.executors.slurm import RunJob
+from harness.run.executors import make_executor
+from harness.run.executors.base import run_task
+from harness.run.executors.slurm import RunJob
 from harness.run.config import parse_config
 from harness.run.execute import plan
-from harness.run.killpoints import KILL_ENV, KILL_SIGNAL_ENV
+from harness.runtime import KILL_ENV, KILL_SIGNAL_ENV
 from harness.run.sweep import run_sweep
 from tests.harness.engine.test_checkpoint import sweep as checkpoint_sweep
-from tests.harness.executors.conftest import stored, tiny_sweep
+from tests.harness.run.executors.conftest import stored, tiny_sweep
 
 pytestmark = pytest.mark.slow  # real processes or whole sweeps: outside the inner loop (-m "not slow")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from harness.executors.base import Executor, Outcome, run_task
+from harness.run.executors.base import Executor, Outcome, run_task
 from harness.run.execute import plan
-from tests.harness.executors.conftest import tiny_sweep
+from tests.harness.run.executors.conftest import tiny_sweep
 
 MISSING = "ptqbench-no-such-org/no-such-model"  # passes config validation, cannot load offline
 

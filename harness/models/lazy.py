@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness.run.costs import release_freed_memory
+from harness.runtime import release_freed_memory
 
 log = logging.getLogger(__name__)
 

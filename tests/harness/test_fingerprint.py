@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import ResourceUnavailableError
-from harness.run import fingerprint as fp
+from harness import fingerprint as fp
 from harness.run.config import parse_config
 from harness.run.execute import plan
 

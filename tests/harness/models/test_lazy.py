@@ -1,4 +1,4 @@
-"""harness.engine.lazy: a skeleton on meta whose blocks come from safetensors shards, checked against the eager model."""
+"""harness.models.lazy: a skeleton on meta whose blocks come from safetensors shards, checked against the eager model."""
 from __future__ import annotations
 
 import copy
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from harness import BitSpec, QuantContext, get_method
-from harness.engine.lazy import block_store, embedding_and_head_offloaded, is_lazy, materialized, weight_map
+from harness.models.lazy import block_store, embedding_and_head_offloaded, is_lazy, materialized, weight_map
 from harness.evaluation.evaluate import perplexity, perplexity_blockwise
 from harness.models import load_model, tiny_llama
 
@@ -150,7 +150,7 @@ def test_qllm_on_a_lazy_tied_model_matches_the_eager_model(tied_folder, tiny_tok
 
 def test_execute_on_a_folder_runs_lazily_and_leaves_its_work_dir_to_the_caller(folder, tmp_path):
     """execute writes the finished blocks and leaves them: only the caller knows when the result is stored."""
-    from harness.run.config import EvaluationConfig, PerplexityConfig
+    from harness.evaluation.config import EvaluationConfig, PerplexityConfig
     from harness.run.execute import RunSpec, execute, work_dir
     from harness.run.workdir import discard
     from methods.rtn import RTNConfig
@@ -173,7 +173,7 @@ def test_execute_on_a_folder_runs_lazily_and_leaves_its_work_dir_to_the_caller(f
 
 
 def test_dispatch_on_cpu_gives_the_whole_model_for_lm_eval(lazy, eager, tiny_tokens):
-    from harness.engine.lazy import _mapped_device, dispatch
+    from harness.models.lazy import _mapped_device, dispatch
 
     model = dispatch(lazy, CPU)
     assert not is_lazy(model) and not any(p.is_meta for p in model.parameters())

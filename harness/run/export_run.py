@@ -32,7 +32,8 @@ from harness.export.formats import INFO, ExportResult, check_target, export_info
 from harness.method import QuantContext
 from harness.models import load_model, resolve_device
 from harness.registry import get_method
-from harness.run.config import CalibrationConfig, EvaluationConfig
+from harness.data.config import CalibrationConfig
+from harness.evaluation.config import EvaluationConfig
 from harness.run.execute import RunSpec, local_inputs
 from harness.run.record import RunRecord
 from harness.run.results import ResultStore

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from harness.cli import main
 from harness.cli.run import with_executor
 from harness.errors import ConfigError, ResourceUnavailableError
-from harness.executors import make_executor
+from harness.run.executors import make_executor
 from harness.run.execute import plan
 from harness.run.executor_config import ExecutorConfig, Resources
-from tests.harness.executors.conftest import tiny_raw, tiny_sweep
+from tests.harness.run.executors.conftest import tiny_raw, tiny_sweep
 
 
 def test_defaults_are_local_and_the_section_round_trips():

@@ -93,7 +93,7 @@ def tiny_llama(seed: int = 0, attention_kernel: str = "sdpa", **overrides: objec
     return LlamaForCausalLM(config).eval()
 
 
-def _gguf_folder(name: str, entry: ZooEntry) -> Path:
+def gguf_folder(name: str, entry: ZooEntry) -> Path:
     """Convert a packaged GGUF model into a safetensors folder once; return the folder."""
     folder = cache_home() / "models" / name
     if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
@@ -159,7 +159,7 @@ def _decompress(model: nn.Module) -> None:
 
 def _bad_weights(path: str) -> str | None:
     """The first ``*.safetensors`` file of a local folder that fails the header check, to name it."""
-    from harness.run.fingerprint import safetensors_header
+    from harness.fingerprint import safetensors_header
 
     for file in sorted(Path(path).glob("*.safetensors")):
         try:
@@ -171,12 +171,12 @@ def _bad_weights(path: str) -> str | None:
 
 def _load_lazy(folder: Path, *, dtype: torch.dtype, trust_remote_code: bool, what: str,
                attention_kernel: str = "sdpa") -> tuple[nn.Module, object]:
-    """The model skeleton on the meta device with its embedding, final norm and head loaded (see harness.engine.lazy)."""
+    """The model skeleton on the meta device with its embedding, final norm and head loaded (see harness.models.lazy)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from harness.adapter import get_adapter
-    from harness.engine.lazy import STORE_ATTR, BlockStore, assign_tensors, read_tensors
+    from harness.models.lazy import STORE_ATTR, BlockStore, assign_tensors, read_tensors
 
     if bad := _bad_weights(str(folder)):  # one line naming the file, not safetensors' own error later
         raise ResourceUnavailableError(f"model {what}: {bad} is not a valid safetensors file")
@@ -249,7 +249,7 @@ def model_config(name: str) -> dict | None:
     elif entry is None and Path(name).expanduser().is_dir():
         path = Path(name).expanduser() / "config.json"
     else:
-        from harness.run.fingerprint import hub_config_path
+        from harness.fingerprint import hub_config_path
 
         cached = hub_config_path(entry.hub_id if entry is not None else name)
         path = Path(cached) if cached else None
@@ -270,7 +270,7 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", seed: in
 
     ``lazy``: a model with a safetensors folder (a local folder, smollm2's cache folder, a hub
     model's snapshot in the local HF cache) is loaded as a skeleton whose decoder blocks stay on disk
-    until used (``harness.engine.lazy``); models without one (the tiny random model) load eagerly. The tokenizer of ``tiny-random-llama`` is smollm2's
+    until used (``harness.models.lazy``); models without one (the tiny random model) load eagerly. The tokenizer of ``tiny-random-llama`` is smollm2's
     (the vocabularies match).
 
     ``attention_kernel``: transformers' ``attn_implementation``, "sdpa" (ptqbench's default) or
@@ -283,10 +283,10 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", seed: in
         if entry.random_config is not None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(_gguf_folder("smollm2-135m", ZOO["smollm2-135m"]))
+            tokenizer = AutoTokenizer.from_pretrained(gguf_folder("smollm2-135m", ZOO["smollm2-135m"]))
             return LoadedModel(name, tiny_llama(seed, attention_kernel).to(torch_dtype), tokenizer, "random init (seed %d)" % seed)
         if entry.gguf_package is not None:
-            folder = _gguf_folder(name, entry)
+            folder = gguf_folder(name, entry)
             load = _load_lazy if lazy else _load_pretrained
             model, tokenizer = load(folder, trust_remote_code=False, what=repr(name), **kw)
             return LoadedModel(name, model, tokenizer, f"{entry.gguf_package}:{entry.gguf_file}")

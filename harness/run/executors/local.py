@@ -20,7 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from harness.engine.allocator import allocator_env
 from harness.environ import environment
-from harness.executors.base import Executor, Outcome, run_task
+from harness.run.executors.base import Executor, Outcome, run_task
 from harness.method import Method
 from harness.quiet import quiet_requested, silence_progress
 from harness.registry import REGISTRY

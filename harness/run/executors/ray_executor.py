@@ -21,7 +21,7 @@ from typing import Any
 import harness
 from harness.engine.allocator import allocator_env
 from harness.errors import ResourceUnavailableError
-from harness.executors.base import Executor, Outcome, require
+from harness.run.executors.base import Executor, Outcome, require
 from harness.run.execute import RunSpec
 
 log = logging.getLogger(__name__)

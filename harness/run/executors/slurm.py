@@ -23,9 +23,9 @@ from typing import Any
 from harness.engine.allocator import allocator_env
 from harness.environ import environment
 from harness.errors import ResourceUnavailableError
-from harness.executors.base import Executor, Outcome, Task, require
+from harness.run.executors.base import Executor, Outcome, Task, require
 from harness.run.execute import RunSpec
-from harness.run.results import write_json_atomic
+from harness.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 
