@@ -8,6 +8,10 @@ entry point::
 It changes ``model`` in place (and returns it in ``result.model``), leaves every decoder linear a
 frozen ``QuantLinear`` (or FP for the baseline), and returns statistics worth keeping with the run
 (chosen thresholds, losses, ...) in ``result.stats``. See ``methods/rtn.py`` for the smallest one.
+
+The framework never calls ``quantize`` directly: every route (the sweep, ``ptqbench.quantize``, the
+benches, the export of a stored run) calls :meth:`Method.apply`, which refuses what ``check`` and
+``check_model`` refuse before any work, then quantizes. A method checks nothing twice itself.
 """
 from __future__ import annotations
 
@@ -162,6 +166,14 @@ class Method(ABC):
         if calibration is None:
             raise ConfigError(f"calibration: {self.name} needs calibration data (the sweep's calibration: section)")
         return calibration
+
+    def apply(self, model: nn.Module, spec: BitSpec, calibration: torch.Tensor | None, context: QuantContext) -> QuantizeResult:
+        """What every route calls: :meth:`check` the spec and :meth:`check_model` the model, then :meth:`quantize`."""
+        self.check(spec)
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            self.check_model(config.to_dict())
+        return self.quantize(model, spec, calibration, context)
 
     @abstractmethod
     def quantize(self, model: nn.Module, spec: BitSpec, calibration: torch.Tensor | None, context: QuantContext) -> QuantizeResult:

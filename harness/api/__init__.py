@@ -78,7 +78,7 @@ def quantize(model: nn.Module, method: str | Method, bits: str | BitSpec, calibr
     spec = BitSpec.parse(bits)
     tokens = _calibration(calibration, tokenizer, samples, seqlen, seed)
     torch.manual_seed(seed)
-    result = instance.quantize(model, spec, tokens, QuantContext(device=resolve_device(device), seed=seed, progress=progress))
+    result = instance.apply(model, spec, tokens, QuantContext(device=resolve_device(device), seed=seed, progress=progress))
     return result.model
 
 

@@ -47,7 +47,7 @@ def throughput_ratio(model_name: str = "smollm2-135m", spec: str = "W4A4", metho
     method_cls = get_method(method)
     # the linears' inputs only (no attention quantization), with the method's quant_defaults (quarot's clip ratios)
     bits = QuantSchemeConfig(attention=False).for_method(method_cls, (), None, "bench").bit_spec(spec)
-    method_cls.from_options(options or {}).quantize(quant_model, bits, None, QuantContext(device=dev, progress=False))
+    method_cls.from_options(options or {}).apply(quant_model, bits, None, QuantContext(device=dev, progress=False))
     quant_model = quant_model.to(dev)
     data = eval_windows(dataset, loaded.tokenizer, seqlen, windows)
     tokens = data.numel()

@@ -197,7 +197,7 @@ def execute(run: RunSpec, progress: bool = True) -> RunRecord:
             with meter.phase("calibrate"):
                 calib = calibration_windows(c.dataset, loaded.tokenizer, c.samples, c.seqlen, run.seed)
         with meter.phase("quantize"):
-            result = method.quantize(loaded.model, run.bits, calib, QuantContext(device=device, seed=run.seed, progress=progress))
+            result = method.apply(loaded.model, run.bits, calib, QuantContext(device=device, seed=run.seed, progress=progress))
         model = result.model
         if store is not None:
             size = sum(f.stat().st_size for f in store.work.glob("*.safetensors"))

@@ -117,7 +117,7 @@ def export_run(record: RunRecord, out: str | Path, *, device: str | None = None,
         c = run.calibration
         calib = calibration_windows(c.dataset, loaded.tokenizer, c.samples, c.seqlen, run.seed)
     context = QuantContext(device=resolve_device(run.device), seed=run.seed, progress=progress)
-    result = run.method_class(run.config).quantize(loaded.model, run.bits, calib, context)
+    result = run.method_class(run.config).apply(loaded.model, run.bits, calib, context)
     return export_model(result.model.cpu(), loaded.tokenizer, out, source=source_of(record), overwrite=overwrite)
 
 
