@@ -6,6 +6,9 @@
 - ``lazy_folder``: a saved 4-block random LLaMA that loads lazily (block checkpoints, resume tests).
 - ``brown_calib`` / ``brown_eval``: real Brown token windows for smollm2 tests, small sizes.
 - ``device``: CUDA when present, else CPU (tests run the same code on both).
+- ``fast_options(name)``: options that make a registered method take seconds on the tiny model (the
+  defaults for a method not listed: a plugin's defaults are its own business); for tests parametrised
+  over the registry.
 
 A test that uses the real model (``SMOLLM2_FIXTURES``, directly or through another fixture) must
 carry the ``smollm2`` marker, so ``-m "not smollm2"`` really skips the real-model tests; collection
@@ -28,6 +31,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # one thread; two processes of several threads each on the same cores slow each other 5-20x
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+
+
+# Small budgets for the tiny model: the training and search methods' official budgets take minutes.
+FAST_OPTIONS: dict[str, dict] = {
+    "omniquant": {"epochs": 1, "max_samples": 2},
+    "qllm": {"epochs": 1, "grid_steps": 4},
+    "os+": {"search_samples": 2},
+}
+
+
+def fast_options(name: str) -> dict:
+    return dict(FAST_OPTIONS.get(name, {}))
 
 
 SMOLLM2_FIXTURES = frozenset({"_smollm2_loaded", "smollm2", "brown_calib", "brown_eval", "fp_ppl", "w4a4_ppl"})

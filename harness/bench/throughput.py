@@ -19,7 +19,7 @@ from harness.evaluation.evaluate import perplexity
 from harness.method import QuantContext
 from harness.models import load_model, resolve_device
 from harness.registry import get_method
-from harness.run.config import QuantSchemeConfig
+from harness.scheme import effective_spec
 
 
 @dataclass
@@ -45,8 +45,8 @@ def throughput_ratio(model_name: str = "smollm2-135m", spec: str = "W4A4", metho
     quant_model = copy.deepcopy(fp_model).cpu()
     # no calibration data: a data-free method (rtn, quarot with weight_solver: rtn) or one that refuses in one line
     method_cls = get_method(method)
-    # the linears' inputs only (no attention quantization), with the method's quant_defaults (quarot's clip ratios)
-    bits = QuantSchemeConfig(attention=False).for_method(method_cls, (), None, "bench").bit_spec(spec)
+    # the model a sweep evaluates: the method's quant_defaults, Q/K/V and the KV cache quantized as a sweep quantizes them
+    bits = effective_spec(method_cls, spec)
     method_cls.from_options(options or {}).apply(quant_model, bits, None, QuantContext(device=dev, progress=False))
     quant_model = quant_model.to(dev)
     data = eval_windows(dataset, loaded.tokenizer, seqlen, windows)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
@@ -30,9 +30,10 @@ from harness.errors import ConfigError, PtqbenchError
 from harness.data.config import CalibrationConfig
 from harness.evaluation.config import EvaluationConfig
 from harness.evaluation.zeroshot import check_tasks
-from harness.method import Method, MethodConfig
+from harness.method import Method, MethodConfig, pretrained_config
 from harness.models import check_model_name, model_config
 from harness.registry import get_method
+from harness.scheme import QuantSchemeConfig
 from harness.run.executor_config import ExecutorConfig, check_resources
 from harness.run.preflight import check_model
 
@@ -41,69 +42,6 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 # transformers' attn_implementation: "eager" is the explicit matmul + softmax the official QLLM /
 # OmniQuant / SmoothQuant layers compute with; "sdpa" (the default) rounds differently.
 ATTENTION_KERNELS = ("sdpa", "eager")
-
-
-@dataclass(frozen=True)
-class QuantSchemeConfig:
-    """Choices the short bit spec does not encode (defaults follow QLLM / OmniQuant: asymmetric).
-
-    Values are checked where they are used, by ``BitSpec`` (one place for the allowed values).
-
-    Args:
-    attention: quantize the attention inputs too (Q and K after RoPE, V; per token and head, at the
-        activation bits; harness/quant/attention.py). auto = whenever activations are quantized below
-        16 bits, the protocol of the QLLM and OmniQuant papers and codes; false = the linears'
-        inputs only (ptqbench before this setting existed); true = always set (a no-op at A16).
-    attention_scope: head = Q/K after RoPE and V per token and head (QLLM, OmniQuant); projection =
-        the q/k/v projection outputs per token over all heads, before RoPE (SmoothQuant's official
-        fake_quant.py with quantize_bmm_input).
-        With a KV part in the bit spec (``W4A4KV4``) K and V take the KV bits and ``attention`` decides
-        Q alone (QuaRot: false).
-    act_clip_ratio: per-token activation ranges are [min, max] times this, in (0, 1] (QuaRot's paper: 0.9).
-    kv_clip_ratio: the same for K and V at the KV bits (QuaRot's paper: 0.95).
-    kv_symmetric: symmetric K and V at the KV bits; null = as act_symmetric (QuaRot's paper: false).
-    symmetric_grid: restricted = [-(2^(b-1) - 1), 2^(b-1) - 1] (SmoothQuant), full = [-2^(b-1), 2^(b-1) - 1]
-        (GPTQ's and QuaRot's symmetric grid); see ``BitSpec.symmetric_grid``.
-
-    A method's ``quant_defaults`` (QuaRot: its paper's settings) fill the keys the sweep's section leaves
-    out; a method entry's own ``quant:`` mapping overrides both for that entry.
-    """
-
-    weight_symmetric: bool = False
-    act_symmetric: bool = False
-    weight_granularity: str = "channel"
-    attention: Literal["auto", True, False] = "auto"
-    attention_scope: str = "head"
-    act_clip_ratio: float = 1.0
-    kv_clip_ratio: float = 1.0
-    kv_symmetric: bool | None = None
-    symmetric_grid: str = "restricted"
-
-    def __post_init__(self) -> None:
-        self.bit_spec("W16A16")  # validates the scheme's fields
-
-    def for_method(self, method_cls: type[Method], explicit: Iterable[str], own: Any, where: str) -> QuantSchemeConfig:
-        """The scheme ``method_cls`` runs with: its ``quant_defaults`` for the keys not in ``explicit`` (those the
-        YAML section set), then ``own`` (the method entry's ``quant:`` mapping)."""
-        if own is not None and not isinstance(own, dict):
-            raise ConfigError(f"{where}: expected a mapping of quant settings, got {type(own).__name__}")
-        explicit = set(explicit)
-        merged = {k: v for k, v in method_cls.quant_defaults.items() if k not in explicit}
-        merged.update(own or {})
-        if not merged:
-            return self
-        try:
-            return schema.from_dict(QuantSchemeConfig, {**schema.to_dict(self), **merged}, where)
-        except ConfigError as err:  # BitSpec's checks name their field quant.<key> already
-            raise ConfigError(str(err).replace(f"{where}.quant.", f"{where}.")) from None
-
-    def bit_spec(self, text: str | BitSpec) -> BitSpec:
-        """``text`` (``W4A4``) with this scheme's symmetry, granularity and attention setting."""
-        spec = BitSpec.parse(text, w_symmetric=self.weight_symmetric, a_symmetric=self.act_symmetric,
-                             w_granularity=self.weight_granularity, a_clip=self.act_clip_ratio, kv_clip=self.kv_clip_ratio,
-                             kv_symmetric=self.kv_symmetric, symmetric_grid=self.symmetric_grid)
-        attention = spec.quantizes_activations if self.attention == "auto" else bool(self.attention)
-        return replace(spec, attention=attention, attention_scope=self.attention_scope)
 
 
 @dataclass(frozen=True)
@@ -343,7 +281,7 @@ def _check_methods_against_bits(config: SweepConfig) -> None:
                 method = entry.method_class(config.method_config(entry, model, spec))
                 _get(lambda m=method, s=spec: m.check(s), f"methods[{i}] at {spec.name}")
                 if configs[model] is not None:
-                    _get(lambda m=method, c=configs[model]: m.check_model(c), f"methods[{i}] on {model}")
+                    _get(lambda m=method, c=configs[model]: m.check_model(pretrained_config(c)), f"methods[{i}] on {model}")
 
 
 def _check_against_models(config: SweepConfig) -> None:

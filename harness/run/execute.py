@@ -197,6 +197,7 @@ def execute(run: RunSpec, progress: bool = True) -> RunRecord:
             with meter.phase("calibrate"):
                 calib = calibration_windows(c.dataset, loaded.tokenizer, c.samples, c.seqlen, run.seed)
         with meter.phase("quantize"):
+            torch.manual_seed(run.seed)  # the method's randomness starts from the seed, whatever loading drew (as the API)
             result = method.apply(loaded.model, run.bits, calib, QuantContext(device=device, seed=run.seed, progress=progress))
         model = result.model
         if store is not None:

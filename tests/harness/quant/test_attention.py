@@ -11,7 +11,7 @@ from harness.bits import BitSpec
 from harness.quant.attention import EAGER_IMPLEMENTATION, IMPLEMENTATION, attention_quantizers, install
 from harness.quant.qlinear import quantize_block, quantize_linears, quantizers_disabled
 from harness.quant.quantizer import quantize_activation
-from harness.run.config import QuantSchemeConfig
+from harness.scheme import QuantSchemeConfig
 
 
 def numpy_per_row_asym(x: np.ndarray, bits: int) -> np.ndarray:
