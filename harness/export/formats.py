@@ -16,24 +16,34 @@ Two formats; the model decides which:
   quantization, and with int8 activations for asymmetric or 8-bit weights, the tensors and config are
   the ones llm-compressor writes; packed asymmetric folders add ``"dequantize": true`` for transformers
   (see ``TRANSFORMERS_DEQUANTIZE``). ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` loads
-  it, no ptqbench needed.
-- **ptqbench** for what that format cannot say: activations below 8 bits (W4A4, W6A6), QLLM's channel
-  reassembly (index/scale modules between a norm and its linears), an ``lm_head`` bias (QLLM's final
-  norm bias folded into the head), per-tensor weights. Everything that folds is folded into plain
-  weights: ``model.safetensors`` holds the architecture's own keys with the fake-quantized weights
-  (a reassembled linear's weight with its reassembled width) plus ``<module>.reassembly.{src,scale,
+  it, no ptqbench needed; ``load_quantized`` reads it back as ptqbench's quantized model (the bit spec is
+  recorded in ``ptqbench_export.json``), whose activations ptqbench's code quantizes, as in the run.
+  Quantized attention inputs, q/k/v outputs or online transforms send a model to ptqbench's format: the
+  compressed-tensors config declares the linears' quantization only.
+- **ptqbench** for what that format cannot say: activations below 8 bits (W4A4, W6A6), quantized attention
+  inputs (Q/K/V per token and head, the KV cache, QuaRot's Hadamard on Q and K; ``harness.quant.attention``)
+  and q/k/v outputs (``attention_scope: projection``), online transforms of a linear's input (a rotation's
+  Hadamard), QLLM's channel reassembly (index/scale modules between a norm and its linears), an ``lm_head``
+  bias (QLLM's final norm bias folded into the head), per-tensor weights. Everything that folds is folded
+  into plain weights: ``model.safetensors`` holds the architecture's own keys with the fake-quantized
+  weights (a reassembled linear's weight with its reassembled width) plus ``<module>.reassembly.{src,scale,
   group,count}`` buffers, and ``ptqbench_quant.json`` says what to rebuild::
 
-      {"format": "ptqbench", "version": 1, "dtype": "float32",
-       "linears": {"model.layers.0.self_attn.q_proj": {"spec": {BitSpec.to_dict()}}, ...},  # act quantizers
-       "reassembly": {"model.layers.0.input_layernorm": {"after": true}, ...},          # Reassembled wrappers
+      {"format": "ptqbench", "version": 2, "dtype": "float32", "attention_kernel": "sdpa",
+       "linears": {"model.layers.0.self_attn.o_proj": {"spec": {BitSpec.to_dict()},          # act quantizer
+                                                       "input_transform": {"kind": ...},     # online transform
+                                                       "out_quant": {"bits": 4, ...}}, ...}, # q/k/v, projection
+       "attention": {"model.layers.0.self_attn": {"spec": {...}, "rotate_qk": true}, ...},  # Q/K/V quantizers
+       "reassembly": {"model.layers.0.input_layernorm": {"after": true}, ...},              # Reassembled wrappers
        "lm_head_bias": true}
 
-  ``load_quantized`` builds the architecture from ``config.json`` and puts those modules back; its
-  logits equal the exported model's.
+  ``load_quantized`` builds the architecture from ``config.json`` with the attention kernel the model
+  computed with and puts those modules back; its logits equal the exported model's, so a run's kept or
+  exported model evaluates to the run's perplexity.
 
-Every folder also gets the tokenizer and ``ptqbench_export.json`` (format, size, why ptqbench's format
-was needed, and the run it came from when known). Unquantized models are written as plain HF folders.
+Every folder also gets the tokenizer and ``ptqbench_export.json`` (format, size, attention kernel, why
+ptqbench's format was needed, and the run it came from when known). Unquantized models are written as
+plain HF folders.
 """
 from __future__ import annotations
 
@@ -44,6 +54,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +65,9 @@ from torch import nn
 
 from harness.bits import BitSpec
 from harness.errors import PtqbenchError, ResourceUnavailableError
+from harness.quant import attention
 from harness.quant.qlinear import QuantLinear, freeze, quant_linears
+from harness.quant.quantizer import ActQuantizer
 from harness.quant.reassembly import Reassembled, Reassembly
 from harness.quant.rotation import online_transform
 from harness.atomic import current_umask
@@ -63,7 +76,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "ptqbench_quant.json"
 INFO = "ptqbench_export.json"
-FORMAT_VERSION = 1
+# 2: the attention quantizers, q/k/v output quantizers and attention kernel. A version-1 folder holds none of them, so
+# it loads, but a model whose run quantized Q/K/V loads without those quantizers (load_quantized warns).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CT_PACKED, CT_INT, PTQBENCH, DENSE = "compressed-tensors/pack-quantized", "compressed-tensors/int-quantized", "ptqbench", "dense"
 _BUFFERS = ("src", "scale", "group", "count")
 
@@ -126,7 +142,10 @@ def export_model(model: nn.Module, tokenizer: Any, out: str | Path, *, source: d
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         size = folder_size(tmp)
-        info = {"format": fmt, "size_bytes": size, "reason": blocker or "", "source": source or {}}
+        info = {"format": fmt, "size_bytes": size, "reason": blocker or "", "source": source or {},
+                "attention_kernel": attention.kernel_of(getattr(model, "config", None))}
+        if fmt in (CT_PACKED, CT_INT):  # the whole spec (clip ratio, grid): what load_quantized quantizes activations with
+            info["spec"] = next(iter(linears.values())).spec.to_dict()
         (tmp / INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     size = folder_size(out)
     log.info("exported %s (%s, %s)%s", out, fmt, human_size(size), f"; ptqbench format because {blocker}" if blocker else "")
@@ -211,6 +230,14 @@ def compressed_tensors_blocker(model: nn.Module, linears: dict[str, QuantLinear]
         return f"{spec.name}: {spec.a_bits}-bit activations (compressed-tensors models serve int8 or unquantized activations)"
     if spec.w_granularity == "tensor":
         return "per-tensor weights (exported per channel or per group only)"
+    # compressed-tensors declares activations of linears only; ptqbench's Q/K/V ranges are dynamic per token and head
+    # (with clip ratios and QuaRot's Hadamard on Q and K), which a loader of that format would not compute alike
+    attn = next((n for n, m in model.named_modules() if getattr(m, attention.ATTRIBUTE, None) is not None), None)
+    if attn is not None:
+        return f"{attn} quantizes its attention inputs (Q/K/V or the KV cache, per token and head)"
+    projected = [n for n, q in linears.items() if getattr(q, "out_quant", None) is not None]
+    if projected:
+        return f"{projected[0]} quantizes its output (attention_scope: projection)"
     missing = [n for n, q in linears.items() if not hasattr(q, "weight_scale")]
     if missing:
         return f"{missing[0]} froze without recording its scale (its weight quantizer has no quant_params)"
@@ -296,9 +323,9 @@ def _write_ptqbench(model: nn.Module, out: Path) -> None:
     head = model.get_output_embeddings()
     manifest = {
         "format": PTQBENCH, "version": FORMAT_VERSION, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "linears": {plain(n): {"spec": q.spec.to_dict(), **({} if getattr(q, "input_transform", None) is None else
-                                                             {"input_transform": q.input_transform.to_dict()})}
-                    for n, q in quant_linears(model)},
+        "attention_kernel": attention.kernel_of(model.config),
+        "linears": {plain(n): _linear_entry(n, q) for n, q in quant_linears(model)},
+        "attention": _attention_entries(model, plain),
         "reassembly": {path: {"after": m.after} for path, m in wrapped.items()},
         "lm_head_bias": head is not None and head.bias is not None,
     }
@@ -306,10 +333,48 @@ def _write_ptqbench(model: nn.Module, out: Path) -> None:
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+def _linear_entry(name: str, q: QuantLinear) -> dict[str, Any]:
+    """A linear's manifest entry: its spec (the activation quantizer), its online transform, its output quantizer."""
+    built = QuantLinear(nn.Linear(1, 1, bias=False), q.spec).act_quant  # what load_quantized builds from the spec
+    if (attention.quantizer_dict(q.act_quant), q.act_quant.enabled) != (attention.quantizer_dict(built), built.enabled):
+        raise ExportError(f"cannot export {name}: its input quantizer was changed after it was built, so the bit spec "
+                          f"{q.spec.name} does not describe it")
+    entry: dict[str, Any] = {"spec": q.spec.to_dict()}
+    if getattr(q, "input_transform", None) is not None:
+        entry["input_transform"] = q.input_transform.to_dict()
+    if getattr(q, "out_quant", None) is not None:
+        entry["out_quant"] = attention.quantizer_dict(q.out_quant)
+    return entry
+
+
+def _attention_entries(model: nn.Module, plain: Any) -> dict[str, dict]:
+    """Each attention module's installed Q/K/V quantizer (``attention.describe``), by module name."""
+    entries = {}
+    for name, module in model.named_modules():
+        try:
+            entry = attention.describe(module)
+        except ValueError as err:
+            raise ExportError(f"cannot export {name}: {err}") from None
+        if entry is not None:
+            entries[plain(name)] = entry
+    return entries
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 def is_ptqbench_folder(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
+
+
+def is_quantized_export(path: str | Path) -> bool:
+    """Whether ``load_quantized`` rebuilds ``path`` as ptqbench's quantized model: a folder ``export_model`` wrote in
+    ptqbench's format, or in compressed-tensors format with its bit spec recorded."""
+    return is_ptqbench_folder(path) or _compressed_tensors_spec(path) is not None
+
+
+def _compressed_tensors_spec(path: str | Path) -> BitSpec | None:
+    info = export_info(path)
+    return BitSpec.from_dict(info["spec"]) if info.get("format") in (CT_PACKED, CT_INT) and "spec" in info else None
 
 
 def export_info(path: str | Path) -> dict[str, Any]:
@@ -335,21 +400,30 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
 
 
 def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model ``export_model`` wrote in ptqbench's format (others: ``from_pretrained`` loads them)."""
+    """Rebuild a model ``export_model`` wrote, in either format, as the quantized model it was (its logits); any other
+    folder (a dense one, a compressed-tensors one written elsewhere) with ``from_pretrained``."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     if not is_ptqbench_folder(path):
-        if (path / "config.json").is_file():  # compressed-tensors or dense: transformers' own loader
-            return AutoModelForCausalLM.from_pretrained(path).to(device).eval()
-        raise ExportError(f"{path}: not an exported model folder (no {MANIFEST} or config.json)")
+        if not (path / "config.json").is_file():
+            raise ExportError(f"{path}: not an exported model folder (no {MANIFEST} or config.json)")
+        kernel, spec = export_info(path).get("attention_kernel"), _compressed_tensors_spec(path)
+        if spec is not None:
+            return _load_compressed_tensors(path, spec, kernel).to(device).eval()
+        # a dense folder, or a compressed-tensors one from elsewhere: transformers' own loader
+        return AutoModelForCausalLM.from_pretrained(path, **_kernel_kwargs(kernel)).to(device).eval()
     manifest = json.loads((path / MANIFEST).read_text())
-    if manifest.get("format") != PTQBENCH or manifest.get("version") != FORMAT_VERSION:
+    if manifest.get("format") != PTQBENCH or manifest.get("version") not in READABLE_VERSIONS:
         raise ExportError(f"{path / MANIFEST}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
-                          f"this ptqbench reads {PTQBENCH!r} version {FORMAT_VERSION}")
+                          f"this ptqbench reads {PTQBENCH!r} versions {', '.join(map(str, READABLE_VERSIONS))}")
+    if manifest["version"] == 1 and any(_quantizes_attention(e["spec"]) for e in manifest["linears"].values()):
+        log.warning("%s: written without its attention quantizers (format version 1), which its bit spec asks for; "
+                    "it evaluates to another perplexity than its run. Export the run again", path)
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, manifest["dtype"]))
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, manifest["dtype"]),
+                                             **_kernel_kwargs(manifest.get("attention_kernel")))
     tensors = load_file(str(path / "model.safetensors"))
     buffers = {k for k in tensors if any(k == f"{p}.reassembly.{b}" for p in manifest["reassembly"] for b in _BUFFERS)}
     expected = set(model.state_dict())
@@ -364,7 +438,11 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
         qlinear = QuantLinear.frozen_from(getattr(owner, attr), BitSpec.from_dict(entry["spec"]))
         if "input_transform" in entry:
             qlinear.input_transform = online_transform(entry["input_transform"])
+        if "out_quant" in entry:
+            qlinear.out_quant = ActQuantizer(**entry["out_quant"])
         setattr(owner, attr, qlinear)
+    for name, entry in manifest.get("attention", {}).items():
+        attention.reinstall(model.get_submodule(name), entry)
     for name, entry in manifest["reassembly"].items():
         parent, _, attr = name.rpartition(".")
         owner = model.get_submodule(parent)
@@ -373,5 +451,37 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
     return model.to(device).eval()
 
 
+def _load_compressed_tensors(path: Path, spec: BitSpec, kernel: str | None) -> nn.Module:
+    """A compressed-tensors folder this module wrote, as ptqbench's quantized model: transformers dequantizes the
+    integers (to the exported weights bit for bit: checked when they were written) and every linear but the head
+    becomes a frozen ``QuantLinear`` of ``spec``, so the activations are quantized by ptqbench's code, as in the
+    run (transformers' own compressed load runs compressed-tensors' int8 activation code instead, which can round
+    some tokens differently)."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    with warnings.catch_warnings():  # passing a loading option beside the folder's own config is what it warns about
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=CompressedTensorsConfig(dequantize=True),
+                                                     **_kernel_kwargs(kernel))
+    head = model.get_output_embeddings()
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and module is not head:
+            parent, _, attr = name.rpartition(".")
+            module.weight.requires_grad_(False)
+            setattr(model.get_submodule(parent), attr, QuantLinear.frozen_from(module, spec))
+    return model
+
+
+def _kernel_kwargs(kernel: str | None) -> dict[str, str]:
+    """``from_pretrained`` / ``from_config`` keywords for the attention kernel an export recorded (none: the default)."""
+    return {"attn_implementation": kernel} if kernel else {}
+
+
+def _quantizes_attention(spec: dict) -> bool:
+    spec = BitSpec.from_dict(spec)
+    return spec.quantizes_attention or spec.quantizes_kv
+
+
 __all__ = ["CT_INT", "CT_PACKED", "DENSE", "PTQBENCH", "TRANSFORMERS_DEQUANTIZE", "ExportError", "ExportResult", "check_target",
-           "export_info", "export_model", "folder_size", "human_size", "is_ptqbench_folder", "load_quantized"]
+           "export_info", "export_model", "folder_size", "human_size", "is_ptqbench_folder", "is_quantized_export",
+           "load_quantized"]

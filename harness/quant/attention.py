@@ -26,6 +26,11 @@ activation bits when ``attention`` is set and stays FP otherwise (QuaRot). ``rot
 Hadamard of the head dimension to Q and K first (QuaRot's online rotation for the K cache): exact in FP,
 since Q Kᵀ = (Q H)(K H)ᵀ.
 
+An exported model keeps these quantizers: ``describe(attn)`` says what ``install`` put on a block's attention
+(its bit spec and ``rotate_qk``), ``reinstall(attn, data)`` puts the same quantizers back on a reloaded one, and
+``kernel_of(config)`` names the transformers kernel behind ptqbench's routing (``sdpa`` or ``eager``), which the
+reloaded model needs too (harness/export/formats.py).
+
 Grouped-query attention: here K and V are quantized *before* ``repeat_kv`` (SDPA repeats them),
 the official layers after it. ``repeat_kv`` only copies whole heads, and the range is per
 (token, head) vector, so every copy gets the range of its source head: the results are identical
@@ -54,6 +59,7 @@ class AttentionQuantizer(nn.Module):
     """The quantizers of one attention's Q, K (after RoPE) and V, each per token and head."""
 
     rotate_qk: bool = False  # a class default, so a block pickled without it still runs
+    spec: BitSpec | None = None  # the spec ``install`` built it from (None: a block pickled before it was recorded)
 
     def __init__(self, q: ActQuantizer, k: ActQuantizer, v: ActQuantizer) -> None:
         super().__init__()
@@ -109,14 +115,21 @@ def register() -> None:
     AttentionMaskInterface.register(EAGER_IMPLEMENTATION, eager_mask)
 
 
-def install(attn: nn.Module, spec: BitSpec) -> AttentionQuantizer:
-    """Quantize ``attn``'s Q/K/V from now on as ``spec`` says; the model config (shared by all blocks) switches to
-    our function (the eager one when the model computes attention with the eager kernel)."""
-    register()
+def _quantizer(spec: BitSpec) -> AttentionQuantizer:
+    """The Q, K and V quantizers ``spec`` asks for (see the module docstring for which bits each takes)."""
     q_bits = spec.a_bits if spec.attention else 16
     kv_bits, kv_clip = (q_bits, spec.a_clip) if spec.kv_bits is None else (spec.kv_bits, spec.kv_clip)
     quantizer = AttentionQuantizer(ActQuantizer(q_bits, spec.a_symmetric, spec.a_clip, spec.full_grid),
                                    *(ActQuantizer(kv_bits, spec.kv_sym, kv_clip, spec.full_grid) for _ in range(2)))
+    quantizer.spec = spec
+    return quantizer
+
+
+def install(attn: nn.Module, spec: BitSpec) -> AttentionQuantizer:
+    """Quantize ``attn``'s Q/K/V from now on as ``spec`` says; the model config (shared by all blocks) switches to
+    our function (the eager one when the model computes attention with the eager kernel)."""
+    register()
+    quantizer = _quantizer(spec)
     setattr(attn, ATTRIBUTE, quantizer)
     config = getattr(attn, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
@@ -133,3 +146,47 @@ def attention_quantizers(model: nn.Module) -> list[ActQuantizer]:
         q = getattr(m, ATTRIBUTE, None)
         found += [q] if isinstance(q, ActQuantizer) else [q.q, q.k, q.v] if isinstance(q, AttentionQuantizer) else []
     return found
+
+
+def quantizer_dict(q: ActQuantizer) -> dict:
+    """What decides an activation quantizer's output, as JSON data (``ActQuantizer(**d)`` rebuilds it, ``enabled``
+    aside: it follows the bits)."""
+    return {"bits": q.bits, "symmetric": q.symmetric, "clip_ratio": q.clip_ratio, "full_grid": q.full_grid}
+
+
+def _state(quantizer: AttentionQuantizer) -> list[tuple[dict, bool]]:
+    return [(quantizer_dict(q), q.enabled) for q in (quantizer.q, quantizer.k, quantizer.v)]
+
+
+def describe(attn: nn.Module) -> dict | None:
+    """The quantizer ``install`` put on ``attn`` as JSON data, ``{"spec": BitSpec.to_dict(), "rotate_qk": bool}``
+    (None: ``attn`` has none); :func:`reinstall` puts the same one back.
+
+    Raises ``ValueError`` (one line, for the exporter to name the module) when the installed quantizers are not
+    the ones their spec builds, so a saved model never quantizes Q/K/V differently from the model it came from.
+    """
+    quantizer = getattr(attn, ATTRIBUTE, None)
+    if quantizer is None:
+        return None
+    spec = getattr(quantizer, "spec", None)
+    if not isinstance(quantizer, AttentionQuantizer) or spec is None:
+        raise ValueError("its Q/K/V quantizer does not record its bit spec (a block checkpointed by an earlier "
+                         "ptqbench); quantize the run again")
+    if _state(quantizer) != _state(_quantizer(spec)):
+        raise ValueError(f"its Q/K/V quantizers were changed after install, so the bit spec {spec.name} does not "
+                         "describe them")
+    return {"spec": spec.to_dict(), "rotate_qk": bool(quantizer.rotate_qk)}
+
+
+def reinstall(attn: nn.Module, data: dict) -> AttentionQuantizer:
+    """Put back on ``attn`` the quantizer :func:`describe` described."""
+    quantizer = install(attn, BitSpec.from_dict(data["spec"]))
+    quantizer.rotate_qk = bool(data.get("rotate_qk", False))
+    return quantizer
+
+
+def kernel_of(config: object) -> str | None:
+    """The transformers attention kernel a model config computes with, ptqbench's routing seen through (``sdpa``
+    for ``ptqbench_qkv_sdpa``, ``eager`` for ``ptqbench_qkv_eager``); None when the config names none."""
+    name = getattr(config, "_attn_implementation", None)
+    return {IMPLEMENTATION: "sdpa", EAGER_IMPLEMENTATION: "eager"}.get(name, name)

@@ -17,7 +17,7 @@ from typing import Any
 from harness import schema
 from harness.bits import FP
 from harness.evaluation.evaluate import evaluate_model
-from harness.export.formats import export_info, is_ptqbench_folder, load_quantized
+from harness.export.formats import export_info, is_quantized_export, load_quantized
 from harness.models import load_model, resolve_device
 from harness.evaluation.config import EvaluationConfig
 from harness.run.costs import CostMeter
@@ -29,9 +29,10 @@ PRETRAINED = "pretrained"  # the method of a model that did not come from a ptqb
 
 
 def _load(target: str, dtype: str, device: str, seed: int) -> tuple[Any, Any, str]:
-    if is_ptqbench_folder(target):
+    if is_quantized_export(target):
         from transformers import AutoTokenizer
 
+        # an export comes back as the run's quantized model (ptqbench's quantizers, the run's attention kernel)
         return load_quantized(target), AutoTokenizer.from_pretrained(target), f"ptqbench export {Path(target).resolve()}"
     loaded = load_model(target, dtype=dtype, device=device, seed=seed)
     return loaded.model, loaded.tokenizer, loaded.source

@@ -264,3 +264,29 @@ def test_packed_4bit_folder_is_smaller_than_fp(tiny_model, tmp_path, symmetric):
     for name, q in quant_linears(model):
         packed = tensors[f"{name}.weight_packed"]
         assert packed.dtype == torch.int32 and packed.numel() * 8 == q.weight.numel(), name
+
+
+def test_an_attention_quantizer_its_spec_does_not_describe_is_refused(tiny_model, tmp_path):
+    """The manifest rebuilds Q/K/V quantizers from their spec: one changed after install would load as another."""
+    model = quantized(tiny_model, "rtn", "W4A4", attention=True)
+    model.model.layers[1].self_attn.qkv_quant.k.clip_ratio = 0.5
+    with pytest.raises(ExportError, match=r"^cannot export model\.layers\.1\.self_attn: its Q/K/V quantizers were changed "
+                                          r"after install, so the bit spec W4A4 does not describe them$"):
+        export_model(model, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_version_1_folder_loads_and_warns_that_it_lacks_its_attention_quantizers(tiny_model, tmp_path, caplog):
+    from harness.quant.attention import attention_quantizers
+
+    model = quantized(tiny_model, "rtn", "W4A4", attention=True)
+    export_model(model, None, tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["version"] == 2 and len(manifest["attention"]) == 2 and manifest["attention_kernel"] == "sdpa"
+    for key in ("attention", "attention_kernel"):  # what a version-1 folder holds
+        del manifest[key]
+    (tmp_path / "out" / MANIFEST).write_text(json.dumps({**manifest, "version": 1}))
+    with caplog.at_level("WARNING", logger="harness.export.formats"):
+        reloaded = load_quantized(tmp_path / "out")
+    assert "written without its attention quantizers (format version 1)" in caplog.text
+    assert attention_quantizers(reloaded) == []
