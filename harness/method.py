@@ -12,6 +12,11 @@ frozen ``QuantLinear`` (or FP for the baseline), and returns statistics worth ke
 The framework never calls ``quantize`` directly: every route (the sweep, ``ptqbench.quantize``, the
 benches, the export of a stored run) calls :meth:`Method.apply`, which refuses what ``check`` and
 ``check_model`` refuse before any work, then quantizes. A method checks nothing twice itself.
+
+Besides ``quantize``, a method may say what it refuses (``check(spec)``, ``check_model(config)``: the
+model's transformers ``PretrainedConfig``, see :func:`pretrained_config`) and what it holds at its peak
+(``working_memory(config) -> WorkingMemory``, which the memory estimate reads). A block-wise method
+describes its work per block group to the engine with ``harness.engine.hooks.BlockHooks``.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers import AutoConfig, PretrainedConfig
 
 from harness import schema
 from harness.bits import BitSpec
@@ -95,6 +101,34 @@ class MethodConfig:
         return data
 
 
+@dataclass(frozen=True)
+class WorkingMemory:
+    """What a method holds at its peak beyond the engine's own (one block group, its float32 working
+    copy, the activation buffers, a training step's temporaries): ``harness.engine.memory`` adds it to a
+    run's estimate, so a run the machine cannot hold stops before loading. Measured with `ptqbench bench-scale`.
+
+    Args:
+        blocks_per_job: decoder blocks the method works on together (the engine's group).
+        weight_copies: float32 weight-sized copies of the block group (autograd's saved tensors of its
+            weight transforms, cached quantized weights).
+        extra_bytes: anything else it holds on the compute device (GPTQ's Hessians, a batch of search
+            candidates).
+        samples: calibration samples whose inputs inside a block (each linear's) it keeps in float32 while
+            it searches; None = all of the run's calibration samples.
+    """
+
+    blocks_per_job: int = 1
+    weight_copies: float = 0.0
+    extra_bytes: int = 0
+    samples: int | None = 0
+
+
+def pretrained_config(config: PretrainedConfig | dict) -> PretrainedConfig:
+    """A model's transformers config: as it is, or built from its config.json read as a dict (the sweep's
+    checks read config.json without loading the model). What ``check_model`` and ``working_memory`` take."""
+    return AutoConfig.for_model(**config) if isinstance(config, dict) else config
+
+
 @dataclass
 class QuantContext:
     """What a method may use besides the model: where to compute, the seed, progress display."""
@@ -124,10 +158,6 @@ class Method(ABC):
     # needs_calibration False too the seed cannot change the result: a seed sweep runs them once
     # (at its first seed) and reports say that one run stands for every seed (``seed_independent``).
     seeded: ClassVar[bool] = True
-    # Float32 weight-sized copies of a block group the method holds at its peak beyond the group itself
-    # (autograd's saved tensors of its weight transforms, cached quantized weights): harness.engine.memory
-    # adds them to a run's estimate (a property where the options change it). Measured with `ptqbench bench-scale`.
-    weight_copies: ClassVar[float] = 0.0
     # The sweep's ``quant:`` settings this method runs with unless the sweep's ``quant:`` section (or the method
     # entry's own ``quant:``) sets them: the settings of its paper, e.g. QuaRot's symmetric weights and clip ratios.
     quant_defaults: ClassVar[dict[str, Any]] = {}
@@ -136,16 +166,14 @@ class Method(ABC):
         """Refuse, with a one-line ``ConfigError``, a bit spec these options cannot serve; the sweep calls it
         for every planned run when the config is parsed, before any work. Accepts everything by default."""
 
-    def check_model(self, model_config: dict) -> None:
-        """Refuse, with a one-line ``ConfigError``, a model these options cannot serve (``model_config`` is its
-        config.json as a dict); the sweep calls it before any work where the config is on this machine. Accepts
-        everything by default."""
+    def check_model(self, config: PretrainedConfig) -> None:
+        """Refuse, with a one-line ``ConfigError``, a model these options cannot serve (``config``: its transformers
+        config); the sweep calls it before any work where the config is on this machine. Accepts everything by default."""
 
-    def working_bytes(self, model_config: Any) -> int:
-        """Bytes the method holds at its peak beyond the block group and its ``weight_copies`` (GPTQ: the
-        Hessians of the linears it solves together), for the memory estimate; ``model_config`` is the
-        model's transformers config. 0 by default."""
-        return 0
+    def working_memory(self, config: PretrainedConfig) -> WorkingMemory:
+        """What these options hold at their peak for a model with ``config`` (see :class:`WorkingMemory`).
+        Nothing beyond the engine's own by default."""
+        return WorkingMemory()
 
     @classmethod
     def seed_independent(cls) -> bool:
@@ -171,8 +199,8 @@ class Method(ABC):
         """What every route calls: :meth:`check` the spec and :meth:`check_model` the model, then :meth:`quantize`."""
         self.check(spec)
         config = getattr(model, "config", None)
-        if config is not None and hasattr(config, "to_dict"):
-            self.check_model(config.to_dict())
+        if config is not None:
+            self.check_model(pretrained_config(config))
         return self.quantize(model, spec, calibration, context)
 
     @abstractmethod

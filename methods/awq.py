@@ -54,6 +54,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from harness import (
     BitSpec,
@@ -68,8 +69,10 @@ from harness import (
     quantize_weight,
     register_method,
 )
-from harness.engine.blockwise import BlockJob, run_blockwise
+from harness.engine.blockwise import run_blockwise
+from harness.engine.hooks import BlockHooks, BlockJob
 from harness.engine.solvers import SolverOptions, check_solver, solve_block
+from harness.method import WorkingMemory
 
 log = logging.getLogger(__name__)
 
@@ -231,16 +234,19 @@ class AWQ(Method):
             raise ConfigError("quant.weight_granularity: 'tensor' is not allowed with awq's auto_clip (clipped per channel or "
                               "group); use 'channel' or auto_clip: false")
 
+    def working_memory(self, config: PretrainedConfig) -> WorkingMemory:
+        """The recorded inputs of every scaling group, float32, of ``search_samples`` windows (0: all)."""
+        return WorkingMemory(samples=self.config.search_samples or None)
+
     def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
         calibration = self.require_calibration(calibration)
-        self.check(spec)
         cfg = self.config
         adapter = get_adapter(model)
         pairs = (adapter.attn_in, adapter.attn_out, adapter.mlp_in, adapter.mlp_out)
         record = tuple(p.consumers[0] for p in pairs)  # a pair's linears share one input: its first one's is recorded
         source = {name: p.consumers[0] for p in pairs for name in p.consumers}
 
-        def process(job: BlockJob) -> dict:
+        def solve(job: BlockJob) -> dict:
             stats: dict = {"ratio": {}, "clip_shrink": {}}
             for layer, inputs in zip(job.layers, job.inputs):
                 feats = {name: inputs.first_samples(name) for name in record}
@@ -264,8 +270,8 @@ class AWQ(Method):
                 solve_block(job, layer, spec, SolverOptions(cfg.weight_solver))
             return stats
 
-        jobs = run_blockwise(model, calibration, process, device=context.device, record=record,
-                             keep_samples=cfg.search_samples or len(calibration), desc="awq", progress=context.progress)
+        hooks = BlockHooks(solve=solve, record=record, keep_samples=cfg.search_samples or len(calibration))
+        jobs = run_blockwise(model, calibration, hooks, device=context.device, desc="awq", progress=context.progress)
         ratios = {p.name: [r for job in jobs for r in job["ratio"].get(p.name, [])] for p in pairs}
         for name, values in ratios.items():
             if values:

@@ -19,9 +19,13 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+from transformers import PretrainedConfig
+
 from harness import BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, option, register_method
-from harness.engine.blockwise import BlockJob, run_blockwise
+from harness.engine.blockwise import run_blockwise
+from harness.engine.hooks import BlockHooks, BlockJob
 from harness.engine.solvers import SolverOptions, solve_block
+from harness.method import WorkingMemory
 from harness.quant.gptq import GPTQOptions
 
 
@@ -59,25 +63,24 @@ class GPTQ(Method):
 
     def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
         calibration = self.require_calibration(calibration)
-        self.check(spec)  # a sweep checked it when parsing its config; a direct call is checked here
         options = self.config.solver()
 
-        def process(job: BlockJob) -> dict:
+        def solve(job: BlockJob) -> dict:
             linears = [s for layer in job.layers for s in solve_block(job, layer, spec, options)]
             return {"linears": linears, "loss": statistics.fmean(s["loss"] for s in linears)}
 
         # no teacher pass: the official loop never runs the FP block (its Hessians and outputs are the quantized model's)
-        jobs = run_blockwise(model, calibration, process, device=context.device, desc="gptq", progress=context.progress,
-                             teacher=False)
+        jobs = run_blockwise(model, calibration, BlockHooks(solve=solve, teacher=False), device=context.device, desc="gptq",
+                             progress=context.progress)
         return QuantizeResult(model, {"jobs": jobs, "quantized_linears": sum(len(j["linears"]) for j in jobs)})
 
-    def working_bytes(self, model_config) -> int:
+    def working_memory(self, config: PretrainedConfig) -> WorkingMemory:
         """The float32 Hessians of the linears solved together (all seven, or the largest sequential group),
         and the solver's two C x C copies (the dampened H and its inverse factor) of the widest input."""
-        h, inter = model_config.hidden_size, model_config.intermediate_size
-        heads = model_config.num_attention_heads
-        attn = heads * (getattr(model_config, "head_dim", None) or h // heads)
+        h, inter = config.hidden_size, config.intermediate_size
+        heads = config.num_attention_heads
+        attn = heads * (getattr(config, "head_dim", None) or h // heads)
         groups = [[h, h, h], [attn], [h, h], [inter]]  # input widths: q/k/v, o, gate/up, down
         together = max(sum(c * c for c in g) for g in groups) if self.config.true_sequential else sum(
             c * c for g in groups for c in g)
-        return 4 * (together + 2 * max(h, attn, inter) ** 2)
+        return WorkingMemory(extra_bytes=4 * (together + 2 * max(h, attn, inter) ** 2))

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+from transformers import PretrainedConfig
 
 from harness import (
     BitSpec,
@@ -64,9 +65,10 @@ from harness import (
     register_method,
 )
 from harness.adapter import LlamaAdapter, ScalePair
-from harness.engine.blockwise import BlockJob, mean_squared_error, run_blockwise, train
+from harness.engine.blockwise import mean_squared_error, run_blockwise, train
 from harness.engine.calibration_stats import SCALE_CLAMP_MIN, smoothing_scales
-from harness.method import keyed_when_set, option
+from harness.engine.hooks import BlockHooks, BlockJob
+from harness.method import WorkingMemory, keyed_when_set, option
 from harness.quant.quantizer import group_view, set_zero_point_grad, weight_quant_params
 
 log = logging.getLogger(__name__)
@@ -342,12 +344,12 @@ class OmniQuant(Method):
     name = "omniquant"
     description = "OmniQuant-style block-wise training of weight clipping (LWC) and channel scales (LET)"
     config_class = OmniQuantConfig
-    @property
-    def weight_copies(self) -> float:  # type: ignore[override]
-        # What autograd keeps of the weights for a step's backward: the LET-scaled and fake-quantized
-        # weights and their intermediates (measured: peak RSS 0.9 GB above RTN's on a 32-layer
-        # hidden-2048 model, blocks of 0.2 GB in float32); with low_memory one linear's at a time.
-        return 0.5 if self.config.low_memory else 1.0
+
+    def working_memory(self, config: PretrainedConfig) -> WorkingMemory:
+        """What autograd keeps of the weights for a step's backward: the LET-scaled and fake-quantized
+        weights and their intermediates (measured: peak RSS 0.9 GB above RTN's on a 32-layer hidden-2048
+        model, blocks of 0.2 GB in float32); with ``low_memory`` one linear's at a time."""
+        return WorkingMemory(weight_copies=0.5 if self.config.low_memory else 1.0)
 
     def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
         calibration = self.require_calibration(calibration)
@@ -358,7 +360,7 @@ class OmniQuant(Method):
         # Each LET pair's consumers share one input: the first consumer's input stands for the pair.
         pair_inputs = tuple(pair.consumers[0] for pair in (adapter.attn_in, adapter.attn_out, adapter.mlp_in))
 
-        def process(job: BlockJob) -> dict:
+        def solve(job: BlockJob) -> dict:
             t0 = time.perf_counter()
             # aug_loss target: the FP block on the quantized model's inputs, taken before the block is
             # quantized (OmniQuant quantize/omniquant.py L164, L212-215: fp_inps_2 = FP qlayer(quant_inps))
@@ -384,8 +386,8 @@ class OmniQuant(Method):
                     **({"loss": history[-1]} if history else {})}
 
         t0 = time.perf_counter()
-        blocks = run_blockwise(model, calibration, process, device=context.device, record=pair_inputs if cfg.let else (),
-                               desc="omniquant", progress=context.progress)
+        hooks = BlockHooks(solve=solve, record=pair_inputs if cfg.let else ())
+        blocks = run_blockwise(model, calibration, hooks, device=context.device, desc="omniquant", progress=context.progress)
         for b in blocks:
             b.pop("loss", None)
         return QuantizeResult(model, {"blocks": blocks, "wall_s": round(time.perf_counter() - t0, 3),

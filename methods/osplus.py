@@ -54,6 +54,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PretrainedConfig
 
 from harness import (
     BitSpec,
@@ -69,10 +70,11 @@ from harness import (
     quantize_weight,
     register_method,
 )
-from harness.engine.blockwise import BlockJob, run_blockwise
+from harness.engine.blockwise import run_blockwise
 from harness.engine.calibration_stats import recording_inputs
+from harness.engine.hooks import BlockHooks, BlockJob
 from harness.engine.solvers import SolverOptions, check_solver, solve_block
-from harness.method import keyed_when_set, option
+from harness.method import WorkingMemory, keyed_when_set, option
 
 log = logging.getLogger(__name__)
 
@@ -319,14 +321,15 @@ def suppress_block(job: BlockJob, layer: nn.Module, spec: BitSpec, config: OSPlu
 def suppress(model: nn.Module, calibration: torch.Tensor, spec: BitSpec, config: OSPlusConfig, context: QuantContext,
              solver: SolverOptions | None = SolverOptions()) -> dict:
     """Migrate every block in place and round it with ``solver`` (None: leave the migrated weights FP); return per-block stats."""
-    def process(job: BlockJob) -> dict:
+    def solve(job: BlockJob) -> dict:
         (layer,) = job.layers
         sites = suppress_block(job, layer, spec, config)
         if solver is not None:  # the job's inputs are the student's: what the migrated, quantized model so far feeds
             solve_block(job, layer, spec, solver)
         return {"sites": sites}
 
-    return {"jobs": run_blockwise(model, calibration, process, device=context.device, desc="os+", progress=context.progress)}
+    return {"jobs": run_blockwise(model, calibration, BlockHooks(solve=solve), device=context.device, desc="os+",
+                                  progress=context.progress)}
 
 
 @register_method
@@ -340,13 +343,12 @@ class OSPlus(Method):
             raise ConfigError(f"bits: {spec.name} is not allowed for os+: it searches scales against weight and activation "
                               "quantization, as every official config; use a spec that quantizes both (e.g. W8A8, W6A6, W4A4)")
 
-    def working_bytes(self, model_config) -> int:
-        """One batch of threshold candidates (the kept site inputs are counted through ``search_samples``)."""
-        return self.config.batch_mb * 2**20
+    def working_memory(self, config: PretrainedConfig) -> WorkingMemory:
+        """One batch of threshold candidates, and the site inputs of ``search_samples`` windows."""
+        return WorkingMemory(extra_bytes=self.config.batch_mb * 2**20, samples=self.config.search_samples)
 
     def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
         calibration = self.require_calibration(calibration)
-        self.check(spec)  # a sweep checked it when parsing its config; a direct call is checked here
         adapter = get_adapter(model)
         if self.config.shift:  # refuse before any work what migrate() would refuse at the first block
             for pair in (adapter.attn_in, adapter.mlp_in):

@@ -33,9 +33,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from transformers import PretrainedConfig
 
 from harness import BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, get_adapter, option, register_method
-from harness.engine.blockwise import BlockJob, run_blockwise
+from harness.engine.blockwise import run_blockwise
+from harness.engine.hooks import BlockHooks, BlockJob
 from harness.engine.solvers import SolverOptions, check_solver, solve_block
 from harness.quant import attention
 from harness.quant.gptq import GPTQOptions
@@ -97,12 +99,12 @@ class QuaRot(Method):
         if self.config.weight_solver == "gptq":
             self.solver_options().gptq.check(spec)
 
-    def check_model(self, model_config: dict) -> None:
+    def check_model(self, config: PretrainedConfig) -> None:
         """Every width rotated needs a Hadamard matrix: MLP and head dimension, and hidden with ``rotation: hadamard``."""
-        head_dim = model_config.get("head_dim") or model_config["hidden_size"] // model_config["num_attention_heads"]
-        widths = {"intermediate_size": model_config["intermediate_size"], "head_dim": head_dim}
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        widths = {"intermediate_size": config.intermediate_size, "head_dim": head_dim}
         if self.config.rotation == "hadamard":
-            widths = {"hidden_size": model_config["hidden_size"], **widths}
+            widths = {"hidden_size": config.hidden_size, **widths}
         for field, width in widths.items():
             try:
                 factor(width)
@@ -110,29 +112,35 @@ class QuaRot(Method):
                 raise ConfigError(f"model: {field} {width} cannot be rotated by quarot: {err}") from None
 
     def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
-        self.check_model(model.config.to_dict())
+        solver = self.solver_options()
+        # RTN weights need no data: the engine then walks the blocks without a pass
+        tokens = self.require_calibration(calibration) if solver.solver == "gptq" else None
         adapter = get_adapter(model)
         check_foldable(model, adapter)
-        _, _, head_dim = adapter.attention_geometry(model)
-        hidden = model.config.hidden_size
-        seed = context.seed
+        seed, hidden = context.seed, model.config.hidden_size
         q = random_hadamard(hidden, seed) if self.config.rotation == "hadamard" else random_orthogonal(hidden, seed)
         rotate_ends(model, adapter, q, embed_mean=self.config.embed_mean)
-        solver = self.solver_options()
-        if solver.solver == "gptq":
-            calibration = self.require_calibration(calibration)
-        elif calibration is None:  # RTN weights need no data; the engine still runs the blocks in order
-            calibration = torch.zeros(1, 1, dtype=torch.long)
-
-        def process(job: BlockJob) -> dict:
-            for layer in job.layers:
-                for name, transform in rotate_block(layer, adapter, q.to(job.device), head_dim).items():
-                    with_input_transform(layer, name, transform)
-                if spec.quantizes_kv:  # the K cache quantized in the basis of the per-head Hadamard (exact in FP)
-                    attention.install(layer.get_submodule(adapter.attention_path), spec).rotate_qk = True
-                solve_block(job, layer, spec, solver)
-            return {}
-
-        jobs = run_blockwise(model, calibration, process, device=context.device, desc="quarot", progress=context.progress,
-                             teacher=False, student_activations=not (solver.solver == "gptq" and solver.fp_activations))
+        hooks = QuaRotHooks(spec, solver, q, adapter.attention_geometry(model)[2])
+        jobs = run_blockwise(model, tokens, hooks, device=context.device, desc="quarot", progress=context.progress)
         return QuantizeResult(model, {"jobs": len(jobs), "rotation": self.config.rotation})
+
+
+class QuaRotHooks(BlockHooks):
+    """Per block: ``before`` rotates it (its online transforms, and the K cache's basis with a KV part),
+    ``solve`` rounds it with the weight solver. No teacher pass (GPTQ takes its Hessians on the student
+    inputs); the student inputs come from FP activations where GPTQ runs as the official ``gptq_fwrd``."""
+
+    def __init__(self, spec: BitSpec, solver: SolverOptions, q: torch.Tensor, head_dim: int) -> None:
+        super().__init__(teacher=False, student_activations=not (solver.solver == "gptq" and solver.fp_activations))
+        self.spec, self.solver, self.q, self.head_dim = spec, solver, q, head_dim
+
+    def before(self, job: BlockJob) -> None:
+        for layer in job.layers:
+            for name, transform in rotate_block(layer, job.adapter, self.q.to(job.device), self.head_dim).items():
+                with_input_transform(layer, name, transform)
+            if self.spec.quantizes_kv:  # the K cache quantized in the basis of the per-head Hadamard (exact in FP)
+                attention.install(layer.get_submodule(job.adapter.attention_path), self.spec).rotate_qk = True
+
+    def solve(self, job: BlockJob) -> None:
+        for layer in job.layers:
+            solve_block(job, layer, self.spec, self.solver)

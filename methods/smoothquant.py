@@ -48,7 +48,8 @@ from harness import (
     get_adapter,
     register_method,
 )
-from harness.engine.blockwise import BlockJob, run_blockwise
+from harness.engine.blockwise import run_blockwise
+from harness.engine.hooks import BlockHooks, BlockJob
 from harness.engine.calibration_stats import max_over_median, smoothing_scales
 from harness.engine.solvers import SolverOptions, check_solver, solve_block
 from harness.method import keyed_when_set, option
@@ -96,7 +97,7 @@ def smooth(model: nn.Module, calibration: torch.Tensor, alpha: float, context: Q
     adapter = get_adapter(model)
     pairs = (adapter.attn_in, adapter.mlp_in)
 
-    def process(job: BlockJob) -> dict:
+    def solve(job: BlockJob) -> dict:
         # returned per block (not kept in a closure) so that a run resumed from a checkpoint has them all
         ratios: dict[str, dict[str, list[float]]] = {p.name: {"before": [], "after": []} for p in pairs}
         for layer, record in zip(job.layers, job.inputs):
@@ -111,8 +112,8 @@ def smooth(model: nn.Module, calibration: torch.Tensor, alpha: float, context: Q
                 solve_block(job, layer, spec, solver)
         return {"ratios": ratios}
 
-    jobs = run_blockwise(model, calibration, process, device=context.device, record=tuple(p.consumers[0] for p in pairs),
-                         desc="smoothquant", progress=context.progress)
+    hooks = BlockHooks(solve=solve, record=tuple(p.consumers[0] for p in pairs))
+    jobs = run_blockwise(model, calibration, hooks, device=context.device, desc="smoothquant", progress=context.progress)
     ratios = {p.name: {when: [r for job in jobs for r in job["ratios"][p.name][when]] for when in ("before", "after")}
               for p in pairs}
     summary = {name: {when: statistics.fmean(v) for when, v in r.items()} for name, r in ratios.items()}

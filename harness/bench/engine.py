@@ -38,6 +38,7 @@ def _measure(layers: int, hidden: int, samples: int, seqlen: int, device: str) -
 
     from harness.bits import BitSpec
     from harness.engine.blockwise import run_blockwise, train
+    from harness.engine.hooks import BlockHooks
     from harness.models import tiny_llama
     from harness.quant.qlinear import quantize_block
     from harness.run.costs import PeakRSS, current_rss
@@ -50,7 +51,7 @@ def _measure(layers: int, hidden: int, samples: int, seqlen: int, device: str) -
     tokens = torch.randint(0, 256, (samples, seqlen), generator=torch.Generator().manual_seed(0))
     spec = BitSpec.parse("W4A4")
 
-    def process(job):
+    def solve(job):
         for layer in job.layers:
             for p in layer.parameters():
                 p.requires_grad_(False)  # as a method does: only its own parameters are trained
@@ -68,12 +69,12 @@ def _measure(layers: int, hidden: int, samples: int, seqlen: int, device: str) -
     t0 = time.perf_counter()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-        run_blockwise(model, tokens, process, device=dev, progress=False)
+        run_blockwise(model, tokens, BlockHooks(solve=solve), device=dev, progress=False)
         peak = torch.cuda.max_memory_allocated(dev)
     else:
         before = current_rss()
         rss = PeakRSS(interval=0.002).start()
-        run_blockwise(model, tokens, process, device=dev, progress=False)
+        run_blockwise(model, tokens, BlockHooks(solve=solve), device=dev, progress=False)
         peak = rss.stop() - before
     return asdict(EngineMemory(layers, hidden, model_bytes, block_bytes, int(peak), dev.type, time.perf_counter() - t0))
 

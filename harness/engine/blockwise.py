@@ -1,23 +1,25 @@
-"""The block-wise calibration engine shared by OmniQuant-style and QLLM.
+"""The block-wise calibration engine shared by every block-wise method (OmniQuant-style, QLLM, GPTQ, AWQ, ...).
 
 Protocol (OmniQuant / QLLM official code): embed the calibration tokens to get the inputs of
 decoder block 0, then go through the blocks in order. For each block (or group of blocks):
 
 1. load it (lazy models, ``harness.models.lazy``) and move it to the compute device (float32; everything
-   else stays on CPU),
+   else stays on CPU), and let the method change its structure (``hooks.before``),
 2. teacher targets = FP block on the FP inputs; during this pass the engine records what the method
-   asked for (``record=``: per-channel max|X| and the first samples of named linears' inputs), so
+   asked for (``hooks.record``: per-channel max|X| and the first samples of named linears' inputs), so
    no method needs an FP pass of its own,
-3. the method's ``process(job)`` quantizes the block and may train its quantization parameters
+3. the method's ``hooks.solve(job)`` quantizes the block and may train its quantization parameters
    against the targets, starting from the inputs the *quantized* model produced so far,
-4. the quantized block's outputs on the quantized inputs become the next block's student inputs,
-   and the targets become the next block's FP inputs,
+4. the quantized block's outputs on the quantized inputs become the next block's student inputs
+   (``hooks.after`` sees them), and the targets become the next block's FP inputs,
 5. the block goes back to CPU in its original dtype (a lazy model's is written to the work
    directory and released).
 
-So at any moment one block, its parameters and three preallocated (samples, seqlen, hidden)
-activation buffers in the model's dtype live on the device (or the buffers in pinned host memory
-when they do not fit, streamed a batch at a time): peak memory does not grow with depth.
+What a method can ask of the engine is its ``BlockHooks`` (``harness.engine.hooks``), so the engine's
+signature stays the same whatever a method needs. At any moment one block, its parameters and three
+preallocated (samples, seqlen, hidden) activation buffers in the model's dtype live on the device (or
+the buffers in pinned host memory when they do not fit, streamed a batch at a time): peak memory does
+not grow with depth.
 
 ``train()`` is the shared optimisation loop: AdamW, per-block epochs, seeded (or no) shuffling,
 optional linear learning-rate decay, bf16 autocast on CUDA, and a NaN/inf loss stops the run with
@@ -28,83 +30,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from harness.adapter import LlamaAdapter, get_adapter
-from harness.engine.calibration_stats import InputRecord, recording_inputs
+from harness.adapter import get_adapter
+from harness.engine.calibration_stats import recording_inputs
 from harness.engine.checkpoint import Checkpoint, EngineState
+from harness.engine.hooks import BlockHooks, BlockJob
 from harness.models.lazy import BlockStore, block_store, embedding_and_head_offloaded, materialized
 from harness.errors import TrainingDivergedError
 from harness.progress import Progress
 from harness.quant.attention import register as register_attention
 from harness.quant.qlinear import quantizers_disabled
-from harness.runtime import gc_frozen
-from harness.runtime import kill_point
+from harness.runtime import gc_frozen, kill_point
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BlockJob:
-    """One step of the engine: the blocks being quantized and their calibration activations.
-
-    Activations are (samples, seqlen, hidden) buffers in the model's dtype, on ``device`` or, when
-    they would not fit there, in (pinned) host memory; :meth:`rows` hands a batch of them to the
-    blocks as float32 on ``device``.
-    """
-
-    index: int  # index of the first block of this job
-    layers: list[nn.Module]
-    fp_inputs: torch.Tensor  # what the FP model feeds these blocks
-    q_inputs: torch.Tensor  # what the model quantized so far feeds them
-    targets: torch.Tensor  # FP blocks' outputs on fp_inputs: the teacher
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    adapter: LlamaAdapter
-    device: torch.device
-    model_config: Any = None
-    # per block of this job: the inputs of the submodules named in run_blockwise(record=...) during
-    # the teacher pass (FP blocks on FP inputs)
-    inputs: list[InputRecord] = field(default_factory=list)
-
-    @property
-    def label(self) -> str:
-        last = self.index + len(self.layers) - 1
-        return f"block {self.index}" if last == self.index else f"blocks {self.index}-{last}"
-
-    def attention_geometry(self) -> tuple[int, int, int]:
-        """(num_heads, num_kv_heads, head_dim) of these blocks, from the model config."""
-        return self.adapter.attention_geometry(self.model_config)
-
-    def rows(self, t: torch.Tensor, idx: torch.Tensor | slice) -> torch.Tensor:
-        """Samples ``idx`` of an activation buffer as float32 on the compute device."""
-        return t[idx].to(self.device, torch.float32, non_blocking=True)
-
-    def forward(self, x: torch.Tensor, layers: Iterable[nn.Module] | None = None) -> torch.Tensor:
-        """Run ``x`` (batch, seqlen, hidden) through ``layers`` (default: all of this job's)."""
-        for layer in self.layers if layers is None else layers:
-            x = self.adapter.run_layer(layer, x, self.position_embeddings)
-        return x
-
-    @torch.no_grad()
-    def forward_all(self, x: torch.Tensor, layers: Iterable[nn.Module] | None = None, batch_size: int = 1,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
-        """``forward`` over every sample in mini-batches, without gradients, written into ``out``.
-
-        ``out`` (default: a new buffer like ``x``) may be ``x`` itself: samples are independent, so
-        each batch is read before its rows are overwritten.
-        """
-        layers = list(self.layers if layers is None else layers)
-        out = torch.empty_like(x) if out is None else out
-        for i in range(0, len(x), batch_size):
-            out[i : i + batch_size] = self.forward(self.rows(x, slice(i, i + batch_size)), layers).to(out.dtype)
-        return out
 
 
 def autocast(device: torch.device) -> torch.autocast:
@@ -145,84 +89,55 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return get_adapter(model).embed(model).weight.dtype
 
 
-def run_blockwise(
-    model: nn.Module,
-    tokens: torch.Tensor,
-    process: Callable[[BlockJob], dict | None],
-    *,
-    device: torch.device,
-    blocks_per_job: int = 1,
-    record: tuple[str, ...] = (),
-    keep_samples: int = 0,
-    desc: str = "blocks",
-    progress: bool = True,
-    state: dict[str, torch.Tensor] | None = None,
-    teacher: bool = True,
-    student_activations: bool = True,
-) -> list[dict]:
-    """Quantize ``model`` block by block with ``process``; return each job's stats (with its index).
+def run_blockwise(model: nn.Module, tokens: torch.Tensor | None, hooks: BlockHooks, *, device: torch.device,
+                  desc: str = "blocks", progress: bool = True) -> list[dict]:
+    """Quantize ``model`` block group by block group with ``hooks`` (``harness.engine.hooks``); return each
+    group's stats (``hooks.solve``'s, with the index of its first block).
 
-    ``record`` names submodules of a block (``"self_attn.q_proj"``) whose inputs the teacher pass
-    records into ``job.inputs`` (per-channel max |X| and the first ``keep_samples`` samples).
-
-    ``process(job)`` must leave ``job.layers`` in their quantized state (e.g. frozen
-    ``QuantLinear``s); the engine then computes the student inputs of the next job from them.
-    Every job's stats also get ``output_mse``: the mean squared error between the quantized
-    blocks' outputs on the quantized inputs and the FP targets (what the next job starts from).
-    ``teacher=False`` skips the teacher pass for a method that uses neither the FP inputs nor the
-    targets (GPTQ, as the official loop): one forward pass per block less, no ``output_mse``, and
-    nothing to ``record``. ``student_activations=False`` computes the student inputs with the blocks'
-    activation and attention quantizers off (weights quantized, activations FP), as QuaRot's official
-    GPTQ loop propagates them.
+    ``hooks.solve(job)`` must leave ``job.layers`` in their quantized state (e.g. frozen ``QuantLinear``s);
+    the engine then computes the student inputs of the next group from them. With the teacher pass, every
+    group's stats also get ``output_mse``: the mean squared error between the quantized blocks' outputs on
+    the quantized inputs and the FP targets (what the next group starts from). ``tokens=None`` walks the
+    blocks without any pass or activation buffer (a method that needs no data).
 
     On a lazy model (``harness.models.lazy``) each group is loaded before its job and written to the work
     directory and released after it, and the engine checkpoints after every group
-    (``harness.engine.checkpoint``): a killed run continues where it stopped. ``state`` is the method's
-    own tensors that must survive with it (QLLM's last-block outputs), saved and restored in place.
+    (``harness.engine.checkpoint``) with ``hooks.state``: a killed run continues where it stopped.
     While the jobs run, a lazy model's input embedding and ``lm_head`` weight are on the meta device
-    (``harness.models.lazy.embedding_and_head_offloaded``): ``process`` must not use them; they are back when this returns.
+    (``harness.models.lazy.embedding_and_head_offloaded``): the hooks must not use them; they are back when this returns.
     """
-    if blocks_per_job < 1:
-        raise ValueError("blocks_per_job must be >= 1")
-    if record and not teacher:
-        raise ValueError("record needs the teacher pass")
+    hooks.check(has_data=tokens is not None)
     adapter = get_adapter(model)
     layers = adapter.layers(model)
-    dtype = model_dtype(model)
-    hidden = adapter.embed(model).embedding_dim
-    shape = (*tokens.shape, hidden)
-    home = activation_home(device, math.prod(shape) * dtype.itemsize)
-    # three buffers for the whole run: FP inputs, student inputs (overwritten in place by the next
-    # job's student inputs) and targets (which become the next FP inputs by swapping names)
-    fp_x = embed_calibration(model, tokens, device, out=activation_buffer(shape, dtype, home, device))
-    q_x = activation_buffer(shape, dtype, home, device)
-    q_x.copy_(fp_x)
-    targets = activation_buffer(shape, dtype, home, device)
-    position_embeddings = adapter.position_embeddings(model, fp_x[:1].float().cpu())
-    position_embeddings = tuple(t.to(device).float() for t in position_embeddings)
-    state = {} if state is None else state
+    per_job = hooks.blocks_per_job
+    fp_x, q_x, targets, position_embeddings = _activations(model, tokens, device) if tokens is not None else (None,) * 4
+    teacher = hooks.teacher and tokens is not None
     store = block_store(model)
     ckpt = (Checkpoint(store.work.parent / "engine", store.work, key=store.run_key)
             if store is not None and store.work is not None else None)
-    all_stats, first = _resume(ckpt, store, layers, fp_x, q_x, state)
-    bar = Progress(range(first, len(layers), blocks_per_job), desc=desc, enabled=progress, unit="group",
-                   initial=len(range(0, first, blocks_per_job)))  # groups a killed attempt finished
+    all_stats, first = _resume(ckpt, store, layers, fp_x, q_x, hooks.state)
+    bar = Progress(range(first, len(layers), per_job), desc=desc, enabled=progress, unit="group",
+                   initial=len(range(0, first, per_job)))  # groups a killed attempt finished
     with gc_frozen(), embedding_and_head_offloaded(model):  # the embedding is not needed again until evaluation
         for start in bar:
-            with materialized(model, start, list(layers[start : start + blocks_per_job]), finish=True) as group:
+            with materialized(model, start, list(layers[start : start + per_job]), finish=True) as group:
                 dtypes = [next(layer.parameters()).dtype for layer in group]
                 for layer in group:
                     layer.to(device=device, dtype=torch.float32)
                 job = BlockJob(start, group, fp_x, q_x, targets, position_embeddings, adapter, device, model.config)
+                hooks.before(job)
                 if teacher:
                     with contextlib.ExitStack() as stack:
-                        job.inputs = [stack.enter_context(recording_inputs(layer, record, keep_samples)) for layer in group]
+                        job.inputs = [stack.enter_context(recording_inputs(layer, hooks.record, hooks.keep_samples))
+                                      for layer in group]
                         job.forward_all(fp_x, out=targets)
-                stats = process(job) or {}
-                with contextlib.nullcontext() if student_activations else quantizers_disabled(*group, weights=False):
-                    job.forward_all(q_x, out=q_x)
+                stats = hooks.solve(job) or {}
+                if q_x is not None:
+                    with contextlib.nullcontext() if hooks.student_activations else quantizers_disabled(*group, weights=False):
+                        job.forward_all(q_x, out=q_x)
                 if teacher:
                     stats.setdefault("output_mse", mean_squared_error(q_x, targets))
+                hooks.after(job)
                 kill_point(f"mid:{start}")
                 for layer, layer_dtype in zip(group, dtypes):
                     # gradients a method's training left on the block's own weights would otherwise stay
@@ -236,7 +151,7 @@ def run_blockwise(
             if ckpt is not None:
                 for offset, layer in enumerate(group):
                     ckpt.save_structure(start + offset, layer)
-                ckpt.save(EngineState(start + len(group), fp_x, q_x, all_stats, state, torch.get_rng_state()),
+                ckpt.save(EngineState(start + len(group), fp_x, q_x, all_stats, hooks.state, torch.get_rng_state()),
                           finished=range(start, start + len(group)))
                 kill_point(f"block:{start}")
             if "loss" in stats:
@@ -247,8 +162,26 @@ def run_blockwise(
     return all_stats
 
 
-def _resume(ckpt: Checkpoint | None, store: BlockStore | None, layers: nn.ModuleList, fp_x: torch.Tensor,
-            q_x: torch.Tensor, state: dict[str, torch.Tensor]) -> tuple[list[dict], int]:
+def _activations(model: nn.Module, tokens: torch.Tensor, device: torch.device) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The run's three activation buffers (FP inputs of block 0, student inputs, targets) and RoPE's (cos, sin).
+
+    Three buffers for the whole run: the student inputs are overwritten in place by the next group's,
+    and the targets become the next FP inputs by swapping names."""
+    adapter = get_adapter(model)
+    dtype = model_dtype(model)
+    shape = (*tokens.shape, adapter.embed(model).embedding_dim)
+    home = activation_home(device, math.prod(shape) * dtype.itemsize)
+    fp_x = embed_calibration(model, tokens, device, out=activation_buffer(shape, dtype, home, device))
+    q_x = activation_buffer(shape, dtype, home, device)
+    q_x.copy_(fp_x)
+    targets = activation_buffer(shape, dtype, home, device)
+    position_embeddings = adapter.position_embeddings(model, fp_x[:1].float().cpu())
+    return fp_x, q_x, targets, tuple(t.to(device).float() for t in position_embeddings)
+
+
+def _resume(ckpt: Checkpoint | None, store: BlockStore | None, layers: nn.ModuleList, fp_x: torch.Tensor | None,
+            q_x: torch.Tensor | None, state: dict[str, torch.Tensor]) -> tuple[list[dict], int]:
     """Restore a killed run's engine state from its checkpoint; return (finished jobs' stats, next block)."""
     saved = ckpt.load() if ckpt is not None else None
     first = saved.next_start if saved is not None else 0
@@ -256,8 +189,9 @@ def _resume(ckpt: Checkpoint | None, store: BlockStore | None, layers: nn.Module
         store.forget_from(first)  # blocks written after the last checkpoint are not trusted
     if saved is None:
         return [], 0
-    fp_x.copy_(saved.fp_x)
-    q_x.copy_(saved.q_x)
+    for buffer, kept in ((fp_x, saved.fp_x), (q_x, saved.q_x)):
+        if buffer is not None:
+            buffer.copy_(kept)
     state.update(saved.state)
     torch.set_rng_state(saved.rng)
     register_attention()  # restored blocks may name ptqbench's attention kernels, unknown to a fresh process

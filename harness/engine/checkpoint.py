@@ -6,8 +6,8 @@ run's work directory:
 - ``blocks/block_<i>.safetensors``: the finished blocks' tensors (written by the block store),
 - ``blocks/block_<i>.structure.pt``: each finished block's module *structure* on the meta device
   (``QuantLinear``s, QLLM's wrappers; no tensors), which a fresh process cannot rebuild otherwise,
-- ``engine/state_<n>.safetensors``: the next group's FP and student inputs, the method's state
-  tensors (``run_blockwise(state=...)``) and the torch RNG state,
+- ``engine/state_<n>.safetensors``: the next group's FP and student inputs (none in a run without
+  calibration data), the method's state tensors (``BlockHooks.state``) and the torch RNG state,
 - ``engine/state.json``, the manifest: the run key, the index ``n`` of the next group, the finished
   jobs' stats (as the result JSON will hold them: ``default=str``) and, for every finished block,
   its two files' sizes and digests (the sha256 of the safetensors header, of the structure file);
@@ -57,8 +57,8 @@ MANIFEST_VERSION = 2  # state.json with the run key and each block's files (vers
 @dataclass
 class EngineState:
     next_start: int
-    fp_x: torch.Tensor
-    q_x: torch.Tensor
+    fp_x: torch.Tensor | None  # None: a run without calibration data has no activations
+    q_x: torch.Tensor | None
     stats: list[dict]
     state: dict[str, torch.Tensor]
     rng: torch.Tensor
@@ -104,7 +104,8 @@ class Checkpoint:
             self.blocks[index] = {"block": _describe(self.block_file(index), header=True),
                                   "structure": _describe(self.structure_file(index), header=False)}
         name = f"state_{s.next_start:04d}.safetensors"
-        tensors = {"fp_x": s.fp_x, "q_x": s.q_x, "rng": s.rng, **{f"state.{k}": v for k, v in s.state.items()}}
+        buffers = {name: t for name, t in (("fp_x", s.fp_x), ("q_x", s.q_x)) if t is not None}
+        tensors = {**buffers, "rng": s.rng, **{f"state.{k}": v for k, v in s.state.items()}}
         tmp = self.folder / (name + ".tmp")
         save_file(_unshared(tensors), tmp)
         tmp.replace(self.folder / name)
@@ -143,7 +144,7 @@ class Checkpoint:
             log.warning("the checkpoint's blocks ran with %d torch threads, the rest runs with %d: float sums differ in "
                         "order, so the result can differ from an uninterrupted run at either count", threads,
                         torch.get_num_threads())
-        return EngineState(info["next_start"], tensors["fp_x"], tensors["q_x"], info["stats"], state, tensors["rng"])
+        return EngineState(info["next_start"], tensors.get("fp_x"), tensors.get("q_x"), info["stats"], state, tensors["rng"])
 
     def problem(self) -> str | None:
         """Why the manifest cannot be resumed from (one line naming the file), or None when every check passes."""

@@ -8,8 +8,9 @@ out-of-core engine keeps (``harness.models.lazy``, ``harness.engine.blockwise``,
   group as loaded plus its float32 working copy, and (CPU runs, or CUDA runs whose activations
   do not fit on the device) the engine's three calibration buffers and evaluation hidden states;
 - device (CUDA): the block group in float32, the activation buffers when they fit, per-sample
-  temporaries of a training step (attention and MLP intermediates with their gradients), and
-  the evaluation's hidden states and logits of one batch.
+  temporaries of a training step (attention and MLP intermediates with their gradients), what the
+  method says it holds (``Method.working_memory``: its block group size, weight copies, other bytes and
+  the search inputs it keeps), and the evaluation's hidden states and logits of one batch.
 
 On CPU the device is the host, so both numbers are added into the host figure. ``harness.bench.scale``
 prints the estimate beside measured peaks.
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from harness.errors import ResourceUnavailableError
+from harness.method import WorkingMemory
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ def model_config(name: str) -> Any | None:
             entry = ZOO[name]
             if entry.random_config is not None:
                 return LlamaConfig(**entry.random_config)
-            if entry.gguf_package is not None:
+            if entry.gguf is not None:
                 return AutoConfig.from_pretrained(gguf_folder(name, entry))
             return AutoConfig.from_pretrained(entry.hub_id)
         return AutoConfig.from_pretrained(Path(name).expanduser() if Path(name).expanduser().exists() else name)
@@ -92,11 +94,12 @@ def estimate(run: Any, config: Any | None = None) -> MemoryEstimate | None:
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or h // heads
     block = 2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * inter + 2 * h
-    group = block * getattr(run.config, "blocks_per_job", 1)
+    own = working_memory(run, config)
+    group = block * own.blocks_per_job
     eager = vocab * h * (1 if getattr(config, "tie_word_embeddings", False) else 2) + h
     host = RUNTIME_BYTES + eager * b + group * b
-    dev = group * 4 * (1 + _weight_copies(run))  # the group's float32 working copy, and the method's own copies
-    dev += _working_bytes(run, config)  # the method's own working set (GPTQ's Hessians)
+    dev = group * 4 * (1 + own.weight_copies)  # the group's float32 working copy, and the method's own copies
+    dev += own.extra_bytes  # the method's own working set (GPTQ's Hessians)
     calib = run.calibration
     acts = 0
     if calib is not None:
@@ -104,7 +107,8 @@ def estimate(run: Any, config: Any | None = None) -> MemoryEstimate | None:
         acts = 3 * calib.samples * calib.seqlen * h * b
         width = 4 * h + 3 * inter + heads * calib.seqlen  # attention scores per row, MLP intermediates
         dev += TRAIN_TEMPORARIES * calib.seqlen * width * 4
-        dev += getattr(run.config, "search_samples", 0) * calib.seqlen * (2 * h + inter) * 4  # kept site inputs
+        kept = calib.samples if own.samples is None else min(own.samples, calib.samples)
+        dev += kept * calib.seqlen * (2 * h + inter) * 4  # the linears' inputs a search keeps
     p = run.evaluation.ppl
     windows = p.max_windows or DEFAULT_EVAL_WINDOWS
     eval_hidden = windows * p.seqlen * h * b
@@ -116,27 +120,16 @@ def estimate(run: Any, config: Any | None = None) -> MemoryEstimate | None:
     return MemoryEstimate(host, dev)
 
 
-def _method(run: Any) -> Any:
-    """The run's method under the run's options, or None for a method not installed here."""
+def working_memory(run: Any, config: Any) -> WorkingMemory:
+    """What the run's method says it holds under the run's options (nothing for a method not installed here)."""
     from harness.errors import UnknownNameError
     from harness.registry import get_method
 
     try:
         cls = get_method(run.method)
     except UnknownNameError:
-        return None
-    return cls(run.config if isinstance(run.config, cls.config_class) else None)
-
-
-def _working_bytes(run: Any, config: Any) -> int:
-    method = _method(run)
-    return int(method.working_bytes(config)) if method is not None else 0
-
-
-def _weight_copies(run: Any) -> float:
-    """The run's method's ``weight_copies`` under the run's options (0 for a method not installed here)."""
-    method = _method(run)
-    return float(method.weight_copies) if method is not None else 0.0
+        return WorkingMemory()
+    return cls(run.config if isinstance(run.config, cls.config_class) else None).working_memory(config)
 
 
 def available(device: torch.device) -> tuple[int, int | None]:

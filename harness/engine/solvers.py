@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from harness.bits import BitSpec
-from harness.engine.blockwise import BlockJob
+from harness.engine.hooks import BlockJob
 from harness.errors import ConfigError
 from harness.quant.clip_search import clip_search_params
 from harness.quant.gptq import FixedGridQuantizer, GPTQOptions, Hessian, gptq_solve

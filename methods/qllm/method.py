@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PretrainedConfig
 
 from harness import (
     BitSpec,
@@ -41,9 +42,10 @@ from harness import (
     quantizers_disabled,
     register_method,
 )
-from harness.engine.blockwise import BlockJob, run_blockwise, train
+from harness.engine.blockwise import run_blockwise, train
+from harness.engine.hooks import BlockHooks, BlockJob
+from harness.method import WorkingMemory, keyed_when_set, option
 from harness.models.lazy import block_store
-from harness.method import keyed_when_set, option
 from harness.quant.quantizer import set_zero_point_grad
 from harness.runtime import release_freed_memory
 from methods.qllm.correction import NormWithBias, add_lowrank, fold_bias_into_head, merge_lowrank, weights_offloaded
@@ -221,57 +223,75 @@ def reassemble_site(layer: nn.Module, site: str, x_max: torch.Tensor, feats: tor
 # --- the method ------------------------------------------------------------------------------------
 
 
+class QLLMHooks(BlockHooks):
+    """QLLM's work per group of ``blocks_per_job`` blocks: the teacher pass records each site's input
+    (max|X| and ``search_samples`` windows); ``solve`` reassembles the sites and trains the corrections;
+    ``after`` keeps the last block's quantized and FP outputs (``state``, checkpointed) for the final norm."""
+
+    def __init__(self, cfg: QLLMConfig, spec: BitSpec, context: QuantContext, adapter: LlamaAdapter, blocks: int,
+                 scratch: Path | None) -> None:
+        record = tuple(site_input(site, adapter) for site in SITES) if cfg.disassembly else ()
+        super().__init__(record=record, keep_samples=cfg.search_samples, blocks_per_job=cfg.blocks_per_job)
+        self.cfg, self.spec, self.context, self.adapter = cfg, spec, context, adapter
+        self.last_block = blocks - 1
+        self.scratch = scratch  # the run's work directory, on its disk (where low_memory keeps W)
+
+    def solve(self, job: BlockJob) -> dict:
+        cfg, adapter = self.cfg, self.adapter
+        sites, started = [], time.time()
+        for layer in job.layers:
+            quantize_block(layer, self.spec, adapter)
+        if cfg.disassembly:
+            for offset, layer in enumerate(job.layers):
+                recorded = job.inputs[offset]  # the FP pass, before quantizing
+                for site in SITES:
+                    name = site_input(site, adapter)
+                    x_max, feats = recorded.abs_max[name], recorded.first_samples(name)
+                    stats = reassemble_site(layer, site, x_max, feats, self.spec, cfg, job.position_embeddings, adapter)
+                    sites.append({"layer": job.index + offset, **stats})
+        losses = correct_errors(job, cfg, self.context, self.scratch) if cfg.error_correction else []
+        for layer in job.layers:
+            freeze(layer)
+        added = sum(s["added"] for s in sites)
+        log.info("%s: %d sites reassembled (+%d channels), loss %s, %.1fs", job.label,
+                 sum(1 for s in sites if s["added"]), added, f"{losses[-1]:.4g}" if losses else "-", time.time() - started)
+        out: dict = {"sites": sites}
+        if losses:
+            out.update(loss_first=losses[0], loss=losses[-1])
+        return out
+
+    def after(self, job: BlockJob) -> None:
+        """After the last block: its quantized outputs (the student pass's) and the FP targets, for the final norm."""
+        if self.cfg.final_norm != "off" and job.index + len(job.layers) - 1 == self.last_block:
+            self.state["q"] = job.q_inputs.to("cpu", torch.float32, copy=True)
+            self.state["fp"] = job.targets.float().cpu()
+
+
+
+
 @register_method
 class QLLM(Method):
     name = "qllm"
     description = "QLLM: adaptive channel reassembly + low-rank error correction (Liu et al. 2023)"
     config_class = QLLMConfig
-    @property
-    def weight_copies(self) -> float:  # type: ignore[override]
-        # Q(W) of the block group, cached while the error correction trains (low_memory: as 1-byte codes)
-        return 0.25 if self.config.low_memory else 1.0
+
+    def working_memory(self, config: PretrainedConfig) -> WorkingMemory:
+        """Q(W) of the block group, cached while the error correction trains (low_memory: as 1-byte codes), and
+        the site features of ``search_samples`` windows."""
+        cfg = self.config
+        return WorkingMemory(blocks_per_job=cfg.blocks_per_job, weight_copies=0.25 if cfg.low_memory else 1.0,
+                             samples=cfg.search_samples)
 
     def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
         calibration = self.require_calibration(calibration)
-        cfg: QLLMConfig = self.config
-        adapter = get_adapter(model)
-        last_block = len(adapter.layers(model)) - 1
-        final: dict[str, torch.Tensor] = {}
-        store = block_store(model)
-        scratch = store.work if store is not None else None  # the run's work directory, on its disk
-
-        def process(job: BlockJob) -> dict:
-            sites, started = [], time.time()
-            for layer in job.layers:
-                quantize_block(layer, spec, adapter)
-            if cfg.disassembly:
-                for offset, layer in enumerate(job.layers):
-                    recorded = job.inputs[offset]  # the FP pass, before quantizing
-                    for site in SITES:
-                        name = site_input(site, adapter)
-                        x_max, feats = recorded.abs_max[name], recorded.first_samples(name)
-                        stats = reassemble_site(layer, site, x_max, feats, spec, cfg, job.position_embeddings, adapter)
-                        sites.append({"layer": job.index + offset, **stats})
-            losses = correct_errors(job, cfg, context, scratch) if cfg.error_correction else []
-            for layer in job.layers:
-                freeze(layer)
-            if cfg.final_norm != "off" and job.index + len(job.layers) - 1 == last_block:
-                final["q"], final["fp"] = job.forward_all(job.q_inputs).float().cpu(), job.targets.float().cpu()
-            added = sum(s["added"] for s in sites)
-            log.info("%s: %d sites reassembled (+%d channels), loss %s, %.1fs", job.label,
-                     sum(1 for s in sites if s["added"]), added, f"{losses[-1]:.4g}" if losses else "-", time.time() - started)
-            out = {"sites": sites}
-            if losses:
-                out.update(loss_first=losses[0], loss=losses[-1])
-            return out
-
-        record = tuple(site_input(site, adapter) for site in SITES) if cfg.disassembly else ()
-        jobs = run_blockwise(model, calibration, process, device=context.device, blocks_per_job=cfg.blocks_per_job,
-                             record=record, keep_samples=cfg.search_samples, desc="qllm", progress=context.progress,
-                             state=final)
+        adapter, store = get_adapter(model), block_store(model)
+        hooks = QLLMHooks(self.config, spec, context, adapter, len(adapter.layers(model)),
+                          scratch=store.work if store is not None else None)
+        jobs = run_blockwise(model, calibration, hooks, device=context.device, desc="qllm", progress=context.progress)
         stats: dict = {"jobs": jobs, "quantized_linears": sum(1 for _ in quant_linears(model))}
+        final = hooks.state
         if final:
-            stats["final_norm_loss"] = tune_final_norm(model, final["q"], final["fp"], cfg, context)
+            stats["final_norm_loss"] = tune_final_norm(model, final["q"], final["fp"], self.config, context)
         sites = [s for j in jobs for s in j["sites"]]
         if sites:
             stats["reassembled_sites"] = sum(1 for s in sites if s["added"] > 0)

@@ -11,6 +11,7 @@ from torch import nn
 
 from harness import BitSpec, ConfigError, QuantContext, get_method
 from harness.engine.blockwise import run_blockwise
+from harness.engine.hooks import BlockHooks
 from harness.models import tiny_llama
 from methods.awq import apply_clip, apply_scale, clip_subsample, scale_groups, search_clip, search_scale
 
@@ -136,7 +137,7 @@ def test_scaling_is_exact_in_fp_and_attn_out_is_skipped_under_gqa(kv_heads, grou
     with torch.no_grad():
         before = model(tokens).logits
 
-    def process(job):
+    def solve(job):
         names = []
         for layer in job.layers:
             for group in scale_groups(job, layer):
@@ -145,7 +146,7 @@ def test_scaling_is_exact_in_fp_and_attn_out_is_skipped_under_gqa(kv_heads, grou
                 names.append(group.pair.name)
         return {"groups": names}
 
-    jobs = run_blockwise(model, tokens, process, device=torch.device("cpu"), progress=False)
+    jobs = run_blockwise(model, tokens, BlockHooks(solve=solve), device=torch.device("cpu"), progress=False)
     assert [job["groups"] for job in jobs] == [groups, groups]
     with torch.no_grad():
         torch.testing.assert_close(model(tokens).logits, before, rtol=1e-5, atol=1e-5)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from harness import BitSpec, ConfigError, QuantContext, get_method, quant_linears
+from harness.method import WorkingMemory
 from harness.quant.gptq import GPTQOptions, gptq_solve
 from tests.harness.quant.test_gptq import official_hessian
 
@@ -64,9 +65,9 @@ def test_methods_that_round_by_training_refuse_gptq_in_one_line(method, why):
 def test_bad_gptq_input_is_one_line_before_any_work(tiny_model, tiny_tokens):
     gptq = get_method("gptq")
     with pytest.raises(ConfigError, match=r"^act_order: with groups \(W4A16g32\) it needs static_groups: true"):
-        gptq.from_options({"act_order": True}).quantize(tiny_model, BitSpec.parse("W4A16g32"), tiny_tokens, CTX)
+        gptq.from_options({"act_order": True}).apply(tiny_model, BitSpec.parse("W4A16g32"), tiny_tokens, CTX)
     with pytest.raises(ConfigError, match=r"^bits: W16A8 quantizes no weights"):
-        gptq.from_options({}).quantize(tiny_model, BitSpec.parse("W16A8"), tiny_tokens, CTX)
+        gptq.from_options({}).apply(tiny_model, BitSpec.parse("W16A8"), tiny_tokens, CTX)
     assert not list(quant_linears(tiny_model))  # nothing was touched
 
 
@@ -74,11 +75,11 @@ def test_the_memory_estimate_counts_the_hessians():
     from transformers import LlamaConfig
 
     config = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8)  # 70B
-    together = get_method("gptq").from_options({}).working_bytes(config)
-    sequential = get_method("gptq").from_options({"true_sequential": True}).working_bytes(config)
+    together = get_method("gptq").from_options({}).working_memory(config).extra_bytes
+    sequential = get_method("gptq").from_options({"true_sequential": True}).working_memory(config).extra_bytes
     assert sequential == 4 * (28672**2 + 2 * 28672**2)  # down_proj's Hessian (3.3 GB) and the solver's two copies
     assert together == sequential + 4 * 6 * 8192**2
-    assert get_method("rtn")().working_bytes(config) == 0
+    assert get_method("rtn")().working_memory(config) == WorkingMemory()
 
 
 def test_a_sweep_refuses_gptq_options_its_bits_cannot_take_when_parsed():

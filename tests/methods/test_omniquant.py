@@ -8,6 +8,7 @@ from torch.nn.utils import parametrize
 import methods.omniquant
 from harness import BitSpec, ConfigError, QuantContext, QuantLinear, get_adapter, get_method, quantize_weight, quantizers_disabled
 from harness.engine.blockwise import run_blockwise
+from harness.engine.hooks import BlockHooks
 from harness.engine.blockwise import train as real_train
 from harness.models import tiny_llama
 from methods.omniquant import LearnableClipQuantizer, OmniQuantConfig, attach, fold
@@ -120,7 +121,7 @@ def outlier_model():
 
 def test_training_reduces_block_mse_below_rtn():
     tokens = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
-    rtn_stats = run_blockwise(outlier_model(), tokens, _rtn, device=CPU, progress=False)
+    rtn_stats = run_blockwise(outlier_model(), tokens, BlockHooks(solve=_rtn), device=CPU, progress=False)
     omni = get_method("omniquant").from_options({"epochs": 10})
     init = get_method("omniquant").from_options({"epochs": 0}).quantize(outlier_model(), W4A4, tokens, QuantContext(progress=False))
     result = omni.quantize(outlier_model(), W4A4, tokens, QuantContext(progress=False))

@@ -250,8 +250,8 @@ def test_specs_without_weight_and_activation_bits_are_refused(bits, tiny_model, 
     method = get_method("os+").from_options({})
     with pytest.raises(ConfigError, match=rf"^bits: {bits} is not allowed for os\+: .*use a spec that quantizes both"):
         method.check(BitSpec.parse(bits))
-    with pytest.raises(ConfigError, match=r"^bits: "):
-        method.quantize(tiny_model, BitSpec.parse(bits), tiny_tokens, CTX)
+    with pytest.raises(ConfigError, match=r"^bits: "):  # the route every caller takes
+        method.apply(tiny_model, BitSpec.parse(bits), tiny_tokens, CTX)
 
 
 def test_needs_calibration_and_keys_the_solver_only_when_set(tiny_model):

@@ -8,9 +8,11 @@ import copy
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
 from harness import BitSpec, ConfigError, QuantContext, get_method
 from harness.adapter import get_adapter
+from harness.method import pretrained_config
 from harness.quant.gptq import GPTQOptions, gptq_solve
 from harness.quant.hadamard import hadamard_transform, random_hadamard
 from harness.quant.qlinear import with_input_transform
@@ -83,10 +85,10 @@ def test_rotation_lowers_the_activation_quantization_error_on_a_model_with_outli
 
 def test_a_width_without_a_hadamard_construction_is_refused_in_one_line():
     method = get_method("quarot").from_options({})
-    config = {"hidden_size": 576, "intermediate_size": 5632, "num_attention_heads": 9}
+    config = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 5632, "num_attention_heads": 9}
     with pytest.raises(ConfigError, match=r"^model: intermediate_size 5632 cannot be rotated by quarot: no Hadamard matrix"):
-        method.check_model(config)
-    method.check_model({**config, "intermediate_size": 1536})  # smollm2-135m: 12 x 128
+        method.check_model(pretrained_config(config))  # config.json as the sweep reads it
+    method.check_model(LlamaConfig(**{**config, "intermediate_size": 1536}))  # smollm2-135m: 12 x 128
 
 
 def test_kv4_quantizes_the_k_cache_in_the_rotated_basis_and_w16a16kv16_stays_exact(tiny_model, tiny_tokens):

@@ -1,4 +1,5 @@
-"""The block-wise engine: protocol (targets, next-block inputs), equivalence with global RTN, training loop."""
+"""The block-wise engine: protocol (targets, next-block inputs), the hooks' lifecycle, runs without data, equivalence
+with global RTN, training loop."""
 from __future__ import annotations
 
 import copy
@@ -8,17 +9,21 @@ import torch
 import torch.nn.functional as F
 
 from harness import BitSpec, freeze, quantize_block, quantize_linears
-from harness.engine.blockwise import BlockJob, mean_squared_error, run_blockwise, train
+from harness.engine.blockwise import mean_squared_error, run_blockwise, train
+from harness.engine.hooks import BlockHooks, BlockJob
 from harness.errors import TrainingDivergedError
 
 W4A4 = BitSpec.parse("W4A4")
 
 
-def rtn_process(job: BlockJob) -> dict:
+def rtn_solve(job: BlockJob) -> dict:
     for layer in job.layers:
         for q in quantize_block(layer, W4A4, job.adapter).values():
             q.freeze()
     return {}
+
+
+CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("blocks_per_job", [1, 2])
@@ -26,7 +31,8 @@ def test_blockwise_rtn_equals_global_rtn(tiny_model, tiny_tokens, device, blocks
     global_rtn = copy.deepcopy(tiny_model)
     quantize_linears(global_rtn, W4A4)
     freeze(global_rtn)
-    stats = run_blockwise(tiny_model, tiny_tokens, rtn_process, device=device, blocks_per_job=blocks_per_job, progress=False)
+    stats = run_blockwise(tiny_model, tiny_tokens, BlockHooks(solve=rtn_solve, blocks_per_job=blocks_per_job), device=device,
+                          progress=False)
     assert [s["block"] for s in stats] == list(range(0, 2, blocks_per_job))
     a, b = tiny_model.state_dict(), global_rtn.state_dict()
     assert a.keys() == b.keys()
@@ -41,21 +47,77 @@ def test_without_the_teacher_pass_the_student_path_is_the_same(tiny_model, tiny_
     the quantized model's, exactly as with the teacher pass."""
     seen = {}
 
-    def process(job: BlockJob, teacher: bool) -> dict:
+    def solve(job: BlockJob, teacher: bool) -> dict:
         seen.setdefault(teacher, []).append((job.q_inputs.clone(), len(job.inputs)))
-        return rtn_process(job)
+        return rtn_solve(job)
 
     with_teacher = copy.deepcopy(tiny_model)
-    a = run_blockwise(with_teacher, tiny_tokens, lambda j: process(j, True), device=torch.device("cpu"), progress=False)
-    b = run_blockwise(tiny_model, tiny_tokens, lambda j: process(j, False), device=torch.device("cpu"), progress=False,
-                      teacher=False)
+    a = run_blockwise(with_teacher, tiny_tokens, BlockHooks(solve=lambda j: solve(j, True)), device=CPU, progress=False)
+    b = run_blockwise(tiny_model, tiny_tokens, BlockHooks(solve=lambda j: solve(j, False), teacher=False), device=CPU,
+                      progress=False)
     assert all("output_mse" in s for s in a) and not any("output_mse" in s for s in b)
     for (x_teacher, _), (x_plain, records) in zip(seen[True], seen[False]):
         assert torch.equal(x_teacher, x_plain) and records == 0
     with torch.no_grad():
         assert torch.equal(tiny_model(tiny_tokens).logits, with_teacher(tiny_tokens).logits)
     with pytest.raises(ValueError, match="record needs the teacher pass"):
-        run_blockwise(tiny_model, tiny_tokens, rtn_process, device=torch.device("cpu"), record=("mlp.down_proj",), teacher=False)
+        run_blockwise(tiny_model, tiny_tokens, BlockHooks(solve=rtn_solve, record=("mlp.down_proj",), teacher=False), device=CPU)
+
+
+class Logged(BlockHooks):
+    """Hooks that log every call and what the job holds then: the lifecycle's order, from the outside."""
+
+    def __init__(self, **settings) -> None:
+        super().__init__(**settings)
+        self.log: list[tuple] = []
+
+    def before(self, job: BlockJob) -> None:
+        quantized = any(type(m).__name__ == "QuantLinear" for layer in job.layers for m in layer.modules())
+        self.log.append(("before", job.index, len(job.inputs), quantized))
+        for layer in job.layers:  # a structural change before any pass: the teacher sees it
+            layer.post_attention_layernorm.weight.data.mul_(2.0)
+
+    def solve(self, job: BlockJob) -> dict:
+        self.log.append(("solve", job.index, len(job.inputs), None if job.targets is None else job.targets.clone()))
+        return rtn_solve(job)
+
+    def after(self, job: BlockJob) -> None:
+        self.log.append(("after", job.index, None if job.q_inputs is None else job.q_inputs.clone()))
+
+
+def test_hooks_run_before_the_teacher_pass_solve_between_the_passes_and_after_the_student_pass(tiny_model, tiny_tokens):
+    fp = copy.deepcopy(tiny_model)
+    for layer in fp.model.layers:  # what before() does to every block
+        layer.post_attention_layernorm.weight.data.mul_(2.0)
+    hooks = Logged(record=("mlp.down_proj",))
+    run_blockwise(tiny_model, tiny_tokens, hooks, device=CPU, progress=False)
+    assert [(e[0], e[1]) for e in hooks.log] == [("before", 0), ("solve", 0), ("after", 0), ("before", 1), ("solve", 1), ("after", 1)]
+    assert hooks.log[0][2:] == (0, False)  # before: no record yet, nothing quantized
+    assert hooks.log[1][2] == 1  # solve: the teacher pass recorded the block's inputs
+    with torch.no_grad():
+        fp_hidden = fp(tiny_tokens, output_hidden_states=True).hidden_states
+        q_hidden = tiny_model(tiny_tokens, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(hooks.log[1][3], fp_hidden[1], rtol=1e-5, atol=1e-6)  # targets of the changed FP block
+    torch.testing.assert_close(hooks.log[2][2], q_hidden[1], rtol=1e-5, atol=1e-6)  # after: the student pass's outputs
+
+
+def test_without_calibration_data_the_blocks_are_walked_in_order_without_any_pass(tiny_model, monkeypatch):
+    """tokens=None: load, before, solve, after for every group, no activation buffer and no block forward."""
+    reference = copy.deepcopy(tiny_model)
+    quantize_linears(reference, W4A4)
+    freeze(reference)
+    monkeypatch.setattr("harness.adapter.LlamaAdapter.run_layer", lambda *a, **k: pytest.fail("a block ran"))
+    hooks = Logged(blocks_per_job=2)
+    stats = run_blockwise(tiny_model, None, hooks, device=CPU, progress=False)
+    assert stats == [{"block": 0}]
+    assert [(e[0], e[1]) for e in hooks.log] == [("before", 0), ("solve", 0), ("after", 0)]
+    assert hooks.log[1][3] is None and hooks.log[2][2] is None  # no targets, no student outputs
+    for layer in reference.model.layers:
+        layer.post_attention_layernorm.weight.data.mul_(2.0)
+    got, expected = tiny_model.state_dict(), reference.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    with pytest.raises(ValueError, match="record needs calibration tokens"):
+        run_blockwise(tiny_model, None, BlockHooks(record=("mlp.down_proj",)), device=CPU)
 
 
 def test_inputs_targets_and_output_mse_follow_the_protocol(tiny_model, tiny_tokens):
@@ -63,11 +125,11 @@ def test_inputs_targets_and_output_mse_follow_the_protocol(tiny_model, tiny_toke
     fp_model = copy.deepcopy(tiny_model)
     seen = []
 
-    def process(job: BlockJob) -> dict:
+    def solve(job: BlockJob) -> dict:
         seen.append((job.fp_inputs.clone(), job.q_inputs.clone(), job.targets.clone()))
-        return rtn_process(job)
+        return rtn_solve(job)
 
-    stats = run_blockwise(tiny_model, tiny_tokens, process, device=torch.device("cpu"), progress=False)
+    stats = run_blockwise(tiny_model, tiny_tokens, BlockHooks(solve=solve), device=CPU, progress=False)
     with torch.no_grad():
         fp_hidden = fp_model(tiny_tokens, output_hidden_states=True).hidden_states
         q_hidden = tiny_model(tiny_tokens, output_hidden_states=True).hidden_states
@@ -87,7 +149,7 @@ def test_mean_squared_error_matches_torch():
 
 
 def test_nan_loss_names_block_and_epoch(tiny_model, tiny_tokens):
-    def process(job: BlockJob) -> dict:
+    def solve(job: BlockJob) -> dict:
         p = torch.nn.Parameter(torch.ones(1))
         calls = {"n": 0}
 
@@ -97,10 +159,10 @@ def test_nan_loss_names_block_and_epoch(tiny_model, tiny_tokens):
             return (p * (float("nan") if bad else 1.0)).sum()
 
         train([{"params": [p], "lr": 1e-3}], loss_fn, len(job.q_inputs), epochs=3, label=job.label)
-        return rtn_process(job)
+        return rtn_solve(job)
 
     with pytest.raises(TrainingDivergedError, match=r"block 1, epoch 1: loss is nan"):
-        run_blockwise(tiny_model, tiny_tokens, process, device=torch.device("cpu"), progress=False)
+        run_blockwise(tiny_model, tiny_tokens, BlockHooks(solve=solve), device=CPU, progress=False)
 
 
 def _fit(seed: int) -> tuple[list[float], torch.Tensor]:
@@ -151,26 +213,26 @@ def test_train_without_parameters_or_epochs_is_a_no_op():
 
 def test_blocks_per_job_must_be_positive(tiny_model, tiny_tokens):
     with pytest.raises(ValueError, match="blocks_per_job"):
-        run_blockwise(tiny_model, tiny_tokens, rtn_process, device=torch.device("cpu"), blocks_per_job=0)
+        run_blockwise(tiny_model, tiny_tokens, BlockHooks(solve=rtn_solve, blocks_per_job=0), device=CPU)
 
 
 def test_job_geometry_and_label(tiny_model, tiny_tokens):
     seen = []
-    run_blockwise(tiny_model, tiny_tokens, lambda job: seen.append((job.label, job.attention_geometry())) or rtn_process(job),
-                  device=torch.device("cpu"), blocks_per_job=2, progress=False)
+    hooks = BlockHooks(solve=lambda job: seen.append((job.label, job.attention_geometry())) or rtn_solve(job), blocks_per_job=2)
+    run_blockwise(tiny_model, tiny_tokens, hooks, device=CPU, progress=False)
     assert seen == [("blocks 0-1", (4, 2, 16))]
 
 
 def test_gradients_on_block_weights_are_released(tiny_model, tiny_tokens):
     """A method whose loss reaches the block weights must not leave their .grad behind (memory grows with depth)."""
-    def process(job: BlockJob) -> dict:
+    def solve(job: BlockJob) -> dict:
         p = torch.nn.Parameter(torch.ones(1))
         train([{"params": [p], "lr": 1e-3}], lambda idx: p * job.forward(job.q_inputs[idx]).square().mean(),
               len(job.q_inputs), epochs=1)
         assert job.layers[0].mlp.down_proj.weight.grad is not None  # the loss did reach them
-        return rtn_process(job)
+        return rtn_solve(job)
 
-    run_blockwise(tiny_model, tiny_tokens, process, device=torch.device("cpu"), progress=False)
+    run_blockwise(tiny_model, tiny_tokens, BlockHooks(solve=solve), device=CPU, progress=False)
     assert all(p.grad is None for p in tiny_model.parameters())
 
 
@@ -179,12 +241,12 @@ def test_activations_are_preallocated_buffers_in_the_model_dtype(tiny_model, tin
     model = tiny_model.to(torch.bfloat16)
     seen = []
 
-    def process(job: BlockJob) -> dict:
+    def solve(job: BlockJob) -> dict:
         seen.append({t.data_ptr() for t in (job.fp_inputs, job.q_inputs, job.targets)})
         assert {job.fp_inputs.dtype, job.q_inputs.dtype, job.targets.dtype} == {torch.bfloat16}
         assert job.rows(job.q_inputs, slice(0, 2)).dtype == torch.float32  # what the float32 blocks get
-        return rtn_process(job)
+        return rtn_solve(job)
 
-    run_blockwise(model, tiny_tokens, process, device=torch.device("cpu"), progress=False)
+    run_blockwise(model, tiny_tokens, BlockHooks(solve=solve), device=CPU, progress=False)
     assert len(seen) == 2 and seen[0] == seen[1] and len(seen[0]) == 3
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # blocks went back to the model's dtype

@@ -195,3 +195,39 @@ def test_a_resume_with_another_thread_count_is_said_in_the_log(tmp_path, caplog)
             torch.set_num_threads(threads)
     (line,) = [r.getMessage() for r in caplog.records if "torch threads" in r.getMessage()]
     assert f"ran with {threads} torch threads, the rest runs with {threads + 1}" in line
+
+
+def test_a_run_without_calibration_data_checkpoints_no_activations_and_resumes(lazy_folder, tmp_path):
+    """tokens=None on a lazy model: each group's checkpoint holds the RNG and the method's state only; a run stopped
+    in block 2 continues there and ends with the blocks an uninterrupted run writes."""
+    from safetensors.torch import load_file
+
+    from harness import BitSpec, freeze, quantize_block
+    from harness.engine.blockwise import run_blockwise
+    from harness.engine.hooks import BlockHooks
+    from harness.models import load_model
+    from harness.models.lazy import block_store, materialize_all
+
+    def run(work: Path, stop_at: int | None = None) -> dict[str, torch.Tensor]:
+        model = load_model(str(lazy_folder), dtype="float32", device="cpu", lazy=True).model
+        block_store(model).set_work_dir(work / "blocks", key="k")
+
+        def solve(job):
+            if job.index == stop_at:
+                raise RuntimeError("stopped")
+            for layer in job.layers:
+                quantize_block(layer, BitSpec.parse("W4A16"), job.adapter)
+                freeze(layer)
+            return {"done": job.index}
+
+        hooks = BlockHooks(solve=solve, state={"count": torch.tensor([1.0])})
+        run_blockwise(model, None, hooks, device=torch.device("cpu"), progress=False)
+        return materialize_all(model).state_dict()
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        run(tmp_path / "resumed", stop_at=2)
+    manifest = json.loads((tmp_path / "resumed" / "engine" / "state.json").read_text())
+    assert manifest["next_start"] == 2 and manifest["stats"] == [{"block": 0, "done": 0}, {"block": 1, "done": 1}]
+    assert set(load_file(tmp_path / "resumed" / "engine" / manifest["file"])) == {"rng", "state.count"}
+    resumed, reference = run(tmp_path / "resumed"), run(tmp_path / "reference")
+    assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in resumed)

@@ -13,6 +13,7 @@ from harness.engine.memory import RUNTIME_BYTES, check_fits, estimate
 from harness.errors import ResourceUnavailableError
 from harness.data.config import CalibrationConfig
 from harness.evaluation.config import EvaluationConfig, PerplexityConfig
+from harness.method import WorkingMemory
 from harness.run.execute import RunSpec
 from methods.omniquant import OmniQuantConfig
 
@@ -43,15 +44,26 @@ def test_estimate_counts_the_calibration_buffers_and_the_eager_modules():
     assert small.device_bytes == 0  # a CPU run: the device is the host
 
 
-def test_a_methods_weight_copies_add_float32_copies_of_its_block_group(monkeypatch):
+BLOCK = 4 * 1024 * 1024 + 3 * 1024 * 2816 + 2 * 1024  # attention (no GQA), MLP, two norms
+
+
+@pytest.mark.parametrize("own, added", [
+    (WorkingMemory(weight_copies=2.5), 2.5 * BLOCK * 4),  # float32 copies of the block group
+    (WorkingMemory(blocks_per_job=3), 2 * BLOCK * (2 + 4)),  # two more blocks, as loaded (fp16) and in float32
+    (WorkingMemory(blocks_per_job=2, weight_copies=1.0), BLOCK * (2 + 4 + 4 + 4)),  # the copies are of the group
+    (WorkingMemory(extra_bytes=12345), 12345),
+    (WorkingMemory(samples=4), 4 * 256 * (2 * 1024 + 2816) * 4),  # the linears' float32 inputs of 4 windows
+    (WorkingMemory(samples=None), 16 * 256 * (2 * 1024 + 2816) * 4),  # ... of every calibration window
+    (WorkingMemory(samples=100), 16 * 256 * (2 * 1024 + 2816) * 4),  # never more than the run has
+])
+def test_what_a_method_says_it_holds_adds_to_the_estimate(monkeypatch, own, added):
     from methods.omniquant import OmniQuant
 
     config = LlamaConfig(num_hidden_layers=8, **CONFIG)
-    block = 4 * 1024 * 1024 + 3 * 1024 * 2816 + 2 * 1024  # attention (no GQA), MLP, two norms
-    monkeypatch.setattr(OmniQuant, "weight_copies", 0.0)
+    monkeypatch.setattr(OmniQuant, "working_memory", lambda self, config: WorkingMemory())
     without = estimate(spec(), config)
-    monkeypatch.setattr(OmniQuant, "weight_copies", 2.5)
-    assert estimate(spec(), config).host_bytes - without.host_bytes == 2.5 * block * 4
+    monkeypatch.setattr(OmniQuant, "working_memory", lambda self, config: own)
+    assert estimate(spec(), config).host_bytes - without.host_bytes == added
 
 
 @pytest.mark.parametrize("method, options, saved", [
@@ -62,12 +74,11 @@ def test_low_memory_lowers_the_estimate_by_the_copies_it_drops(method, options, 
     from harness.registry import get_method
 
     config = LlamaConfig(num_hidden_layers=8, **CONFIG)
-    block = 4 * 1024 * 1024 + 3 * 1024 * 2816 + 2 * 1024
     cls = get_method(method)
     default = {k: v for k, v in options.items() if k != "low_memory"}
     runs = [dataclasses.replace(spec(), method=method, config=cls.config_class.from_dict(o)) for o in (default, options)]
     plain, low = (estimate(r, config).host_bytes for r in runs)
-    assert plain - low == saved * block * 4 * options.get("blocks_per_job", 1)
+    assert plain - low == saved * BLOCK * 4 * options.get("blocks_per_job", 1)
 
 
 def test_run_that_does_not_fit_is_refused_in_one_line(monkeypatch):

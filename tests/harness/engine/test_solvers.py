@@ -6,7 +6,8 @@ import copy
 import torch
 
 from harness import BitSpec
-from harness.engine.blockwise import BlockJob, run_blockwise
+from harness.engine.blockwise import run_blockwise
+from harness.engine.hooks import BlockHooks, BlockJob
 from harness.engine.solvers import SolverOptions, solve_block
 from harness.quant.clip_search import clip_search_params
 from harness.quant.gptq import GPTQOptions
@@ -14,12 +15,12 @@ from harness.quant.quantizer import grid_bounds, grid_codes, group_view
 
 
 def solved(model, tokens, spec: BitSpec, options: SolverOptions, student_activations: bool = True) -> dict[str, torch.Tensor]:
-    def process(job: BlockJob) -> None:
+    def solve(job: BlockJob) -> None:
         for layer in job.layers:
             solve_block(job, layer, spec, options)
 
-    run_blockwise(model, tokens, process, device=torch.device("cpu"), progress=False, teacher=False,
-                  student_activations=student_activations)
+    hooks = BlockHooks(solve=solve, teacher=False, student_activations=student_activations)
+    run_blockwise(model, tokens, hooks, device=torch.device("cpu"), progress=False)
     return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("proj.weight")}
 
 
