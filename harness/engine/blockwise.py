@@ -177,7 +177,7 @@ def _activations(model: nn.Module, tokens: torch.Tensor, device: torch.device) -
     q_x.copy_(fp_x)
     targets = activation_buffer(shape, dtype, home, device)
     position_embeddings = adapter.position_embeddings(model, fp_x[:1].float().cpu())
-    return fp_x, q_x, targets, tuple(t.to(device).float() for t in position_embeddings)
+    return fp_x, q_x, targets, adapter.position_embeddings_to(position_embeddings, device, torch.float32)
 
 
 def _resume(ckpt: Checkpoint | None, store: BlockStore | None, layers: nn.ModuleList, fp_x: torch.Tensor | None,

@@ -54,7 +54,7 @@ class BlockJob:
     fp_inputs: torch.Tensor | None  # what the FP model feeds these blocks
     q_inputs: torch.Tensor | None  # what the model quantized so far feeds them (after the student pass: their outputs)
     targets: torch.Tensor | None  # FP blocks' outputs on fp_inputs: the teacher
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    position_embeddings: Any  # the adapter's RoPE for these blocks' sequences (LlamaAdapter.position_embeddings); None without data
     adapter: LlamaAdapter
     device: torch.device
     model_config: Any = None

@@ -109,7 +109,6 @@ def export_run(record: RunRecord, out: str | Path, *, device: str | None = None,
         log.info(line)
     else:
         log.warning(line)
-    torch.manual_seed(run.seed)
     loaded = load_model(run.model, dtype=run.dtype, device=run.device, seed=run.seed, trust_remote_code=run.trust_remote_code,
                         attention_kernel=run.attention_kernel)
     calib = None
@@ -117,6 +116,7 @@ def export_run(record: RunRecord, out: str | Path, *, device: str | None = None,
         c = run.calibration
         calib = calibration_windows(c.dataset, loaded.tokenizer, c.samples, c.seqlen, run.seed)
     context = QuantContext(device=resolve_device(run.device), seed=run.seed, progress=progress)
+    torch.manual_seed(run.seed)  # as the run's execute: right before the method
     result = run.method_class(run.config).apply(loaded.model, run.bits, calib, context)
     return export_model(result.model.cpu(), loaded.tokenizer, out, source=source_of(record), overwrite=overwrite)
 

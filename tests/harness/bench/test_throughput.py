@@ -21,12 +21,14 @@ def test_bench_fields_agree_with_an_independent_evaluation():
     assert r.spec == "W4A4" and r.tokens == 2 * 32
     assert r.fp_tokens_per_s > 0 and r.quant_tokens_per_s > 0 and math.isfinite(r.ratio)
     assert r.ratio == pytest.approx(r.quant_tokens_per_s / r.fp_tokens_per_s, rel=1e-12)
-    # the perplexities are those of the FP model and of RTN W4A4 on the same windows, recomputed here
+    # the perplexities are those of the FP model and of the model a sweep evaluates for RTN W4A4 (linears and
+    # Q/K/V quantized: attention auto), recomputed here on the same windows
     loaded = load_model("tiny-random-llama", device="cpu")
     data = eval_windows("brown", loaded.tokenizer, 32, 2)
     cpu = torch.device("cpu")
     assert r.fp_ppl == pytest.approx(perplexity(loaded.model, data, device=cpu, progress=False), rel=1e-5)
-    quantize_linears(loaded.model, BitSpec.parse("W4A4"))
+    spec = BitSpec.parse("W4A4", attention=True)
+    quantize_linears(loaded.model, spec)
     freeze(loaded.model)
     assert r.quant_ppl == pytest.approx(perplexity(loaded.model, data, device=cpu, progress=False), rel=1e-5)
     assert r.quant_ppl != pytest.approx(r.fp_ppl, rel=1e-4)  # the quantized model is a different model
