@@ -56,20 +56,14 @@ class MemoryEstimate:
 
 
 def model_config(name: str) -> Any | None:
-    """The model's config without loading weights (zoo random configs, local folders, the local hub cache)."""
-    from harness.models import ZOO, gguf_folder
+    """The model's transformers config without loading weights (``harness.models.model_config``: zoo configs,
+    converted packaged models, local folders, the local hub cache); None where this machine has none yet."""
+    from harness.method import pretrained_config
+    from harness.models import model_config as config_json
 
     try:
-        from transformers import AutoConfig, LlamaConfig
-
-        if name in ZOO:
-            entry = ZOO[name]
-            if entry.random_config is not None:
-                return LlamaConfig(**entry.random_config)
-            if entry.gguf is not None:
-                return AutoConfig.from_pretrained(gguf_folder(name, entry))
-            return AutoConfig.from_pretrained(entry.hub_id)
-        return AutoConfig.from_pretrained(Path(name).expanduser() if Path(name).expanduser().exists() else name)
+        data = config_json(name)
+        return None if data is None else pretrained_config(data)
     except (OSError, ValueError, ResourceUnavailableError):
         return None
 
