@@ -74,3 +74,19 @@ def test_the_packaged_models_fp_perplexity_is_transformers(name):
     plain = AutoModelForCausalLM.from_pretrained(converted_folder(name), dtype=torch.float32).eval()
     windows = eval_windows("brown", loaded.tokenizer, 256, 4)
     assert ours == pytest.approx(perplexity(plain, windows, device=torch.device("cpu"), progress=False), rel=1e-6)
+
+
+@pytest.mark.smollm2
+def test_a_gguf_file_path_is_a_model_equal_to_its_zoo_entry(tmp_path, monkeypatch):
+    from harness.models import ZOO, load_model
+
+    monkeypatch.setenv("PTQBENCH_HOME", str(tmp_path))  # converts into a fresh cache; the zoo entry's stays put
+    (path,) = ZOO["smollm2-135m"].gguf.chunk_paths()
+    by_path = load_model(str(path), dtype="float32")
+    assert by_path.source == f"gguf:{path.resolve()}"
+    assert [f.name.startswith("gguf-SmolLM2") for f in (tmp_path / "models").iterdir()] == [True]  # one per file content
+    monkeypatch.undo()
+    by_name = load_model("smollm2-135m", dtype="float32")
+    ids = torch.arange(100, 140)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(by_path.model(ids).logits, by_name.model(ids).logits, rtol=0, atol=0)
