@@ -1,7 +1,8 @@
 """Model adapters: one per family, answering where a block keeps its norms and linears and performing the
-equivalent transforms the methods share (``base.py``: the LLaMA layout and the operations; ``families.py``:
-Mistral, Qwen2, Qwen3, Gemma3). A family is chosen by its config's ``model_type``; a new family is one
-adapter class added to ``FAMILIES``, not a change in any method.
+equivalent transforms the methods share (``base.py``: the LLaMA layout, running a block or its attention alone,
+what a family cannot do exactly; ``transforms.py``: the transforms; ``families.py``: Mistral, Qwen2, Qwen3,
+Gemma3). A family is chosen by its config's ``model_type``; a new family is one adapter class added to
+``FAMILIES``, not a change in any method (docs/models.md).
 """
 from __future__ import annotations
 

@@ -2,11 +2,12 @@
 
 Method code never hard-codes a module path, and never does the algebra of an equivalent transform
 itself: it asks the adapter which linears a block has, which module feeds which linears (the pairs a
-per-channel scale may move across), how to run one block on its own, and to perform the transforms:
-fold a scale into a producer, fold a norm into its consumers, rotate a linear's input or output side
-with its bias. Each operation leaves the FP function unchanged (tests/harness/adapter/ checks every
-family). This layout: pre-norm RMSNorm, q/k/v/o attention with RoPE and grouped-query heads, gated
-MLP (LLaMA-1/2/3, SmolLM, Mistral; Qwen2 adds q/k/v biases, Qwen3 QK-norms; see ``families.py``).
+per-channel scale may move across), how to run one block or its attention on its own, what a family
+cannot do exactly (``refusal``), and to perform the transforms (``transforms.py``: fold a scale or a
+shift into a producer, fold a norm into its consumers, rotate a linear's input or output side with its
+bias). Each operation leaves the FP function unchanged (tests/harness/adapter/ checks every family).
+This layout: pre-norm RMSNorm, q/k/v/o attention with RoPE and grouped-query heads, gated MLP
+(LLaMA-1/2/3, SmolLM, Mistral; Qwen2 adds q/k/v biases, Qwen3 QK-norms; see ``families.py``).
 """
 from __future__ import annotations
 
@@ -14,27 +15,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from harness.errors import ConfigError
+from harness.adapter.transforms import EquivalentTransforms, ScalePair
 
 
 @dataclass(frozen=True)
-class ScalePair:
-    """A module whose output is the input of ``consumers``: a per-channel scale can move across it.
-
-    ``producer`` is a norm (scale its effective weight) or a linear (scale its output rows and bias);
-    dividing the producer's output by s and multiplying the consumers' input columns by s leaves the
-    FP function unchanged.
-    """
-
-    name: str
-    producer: str
-    consumers: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class LlamaAdapter:
+class LlamaAdapter(EquivalentTransforms):
     """Block layout of ``LlamaForCausalLM`` and the families that share it; the base of every adapter."""
 
     # the config.json model_type values this adapter describes
@@ -66,6 +54,12 @@ class LlamaAdapter:
         return self.mlp_in.consumers[0].rpartition(".")[0]
 
     @property
+    def qkv_names(self) -> tuple[str, str, str]:
+        """q_proj, k_proj, v_proj: ``attn_in``'s consumers, in that order."""
+        q, k, v = self.attn_in.consumers
+        return q, k, v
+
+    @property
     def linear_names(self) -> tuple[str, ...]:
         """Every linear of a block, in execution order."""
         return (*self.attn_in.consumers, *self.attn_out.consumers, *self.mlp_in.consumers, *self.mlp_out.consumers)
@@ -87,6 +81,10 @@ class LlamaAdapter:
     def tie_head(self, model: nn.Module) -> None:
         """Make the head share the embedding's weight (a tied model loaded piece by piece)."""
         self.lm_head(model).weight = self.embed(model).weight
+
+    def mlp_activation(self, layer: nn.Module) -> Any:
+        """The activation of the block's gated MLP, act(gate) * up (LLaMA's SiLU, Gemma's tanh-approximated GELU)."""
+        return layer.get_submodule(self.mlp_path).act_fn
 
     def attention_geometry(self, config: object) -> tuple[int, int, int]:
         """(num_heads, num_kv_heads, head_dim) from a model config (or a model, which has one).
@@ -125,12 +123,39 @@ class LlamaAdapter:
                     position_embeddings=self.layer_position_embeddings(layer, position_embeddings))
         return out[0] if isinstance(out, tuple) else out
 
+    def attention_inputs(self, layer: nn.Module, normed: torch.Tensor, position_embeddings: Any) -> dict[str, Any]:
+        """What a block's attention module takes besides its input (``normed``): the layer's RoPE and mask."""
+        return {"attention_mask": self._mask(layer, normed),
+                "position_embeddings": self.layer_position_embeddings(layer, position_embeddings)}
+
     def run_attention(self, layer: nn.Module, normed: torch.Tensor, position_embeddings: Any) -> torch.Tensor:
         """A block's attention alone on its normed input: o_proj's output, before any post-norm and the residual add."""
         attention = layer.get_submodule(self.attention_path)
-        out = attention(hidden_states=normed, attention_mask=self._mask(layer, normed),
-                        position_embeddings=self.layer_position_embeddings(layer, position_embeddings))
+        out = attention(hidden_states=normed, **self.attention_inputs(layer, normed, position_embeddings))
         return out[0] if isinstance(out, tuple) else out
+
+    def attention_context(self, layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          position_embeddings: Any) -> torch.Tensor:
+        """o_proj's input from the block's q/k/v projections (batch, seqlen, width each), as its attention computes it:
+        the per-head norms (``qk_norms``), the layer's RoPE, each KV head shared by its query heads, causal
+        softmax(Q K^T * scaling) V within the layer's window; (batch, seqlen, heads * head_dim).
+
+        For searches that score many candidate weights in one batch (OS+), where the module itself cannot run.
+        """
+        attention = layer.get_submodule(self.attention_path)
+        heads, kv_heads, head_dim = self.attention_geometry(attention.config)
+        batch, seqlen, _ = q.shape
+        q, k, v = (t.view(batch, seqlen, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norms:
+            q_norm, k_norm = (layer.get_submodule(name) for name in self.qk_norms)
+            q, k = q_norm(q), k_norm(k)
+        cos, sin = (t.unsqueeze(1) for t in self.layer_position_embeddings(layer, position_embeddings))  # broadcast over heads
+        k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (_rope(k, cos, sin), v))
+        window = self.sliding_window(layer)
+        mask = causal_mask(seqlen, seqlen, q.dtype, q.device, window) if window is not None and window < seqlen else None
+        out = F.scaled_dot_product_attention(_rope(q, cos, sin), k, v, attn_mask=mask, is_causal=mask is None,
+                                             scale=getattr(attention, "scaling", None))
+        return out.transpose(1, 2).reshape(batch, seqlen, heads * head_dim)
 
     def sliding_window(self, layer: nn.Module) -> int | None:
         """The block's attention window (keys at distance < window), None = full causal attention."""
@@ -149,84 +174,31 @@ class LlamaAdapter:
             return None
         return causal_mask(hidden.shape[1], hidden.shape[1], hidden.dtype, hidden.device, window=window)
 
-    # -- equivalent transforms (each exact in FP) ---------------------------------------------------------
-
-    def norm_scale(self, norm: nn.Module) -> torch.Tensor:
-        """The per-channel factor a norm multiplies by: its weight (plus the family's offset), in at least float32."""
-        return _wide(norm.weight.detach()) + self.norm_offset
-
-    def set_norm_scale(self, norm: nn.Module, scale: torch.Tensor) -> None:
-        """Make ``norm`` multiply by ``scale`` (Gemma's offset norm stores scale - 1)."""
-        norm.weight.data = (scale - self.norm_offset).to(norm.weight.dtype)
-
-    def fold_scale(self, layer: nn.Module, pair: ScalePair, scale: torch.Tensor) -> None:
-        """Divide ``pair``'s producer output by ``scale`` and multiply its consumers' input columns by it.
-
-        The producer is a norm (its effective weight divided; a norm bias too) or a linear (its output rows and
-        bias divided). Exact in FP: the consumers see the same products. The one place a per-channel scale moves.
-        """
-        producer = layer.get_submodule(pair.producer)
-        s = _wide(scale.detach().to(producer.weight.device, torch.promote_types(scale.dtype, producer.weight.dtype)))
-        if isinstance(producer, nn.Linear):
-            self.scale_rows(producer, 1 / s)
-        else:
-            self.set_norm_scale(producer, self.norm_scale(producer) / s)
-            if getattr(producer, "bias", None) is not None:
-                producer.bias.data = (_wide(producer.bias) / s).to(producer.bias.dtype)
-        for name in pair.consumers:
-            self.scale_columns(layer.get_submodule(name), s)
-
-    def fold_norm(self, layer: nn.Module, pair: ScalePair) -> None:
-        """Move a norm's per-channel factor into its consumers' input columns; the norm then only normalises."""
-        norm = layer.get_submodule(pair.producer)
-        if getattr(norm, "bias", None) is not None:
-            raise ConfigError(f"model: the {self.family} norm {pair.producer} has a bias, which cannot be folded into "
-                              f"{', '.join(pair.consumers)}")
-        scale = self.norm_scale(norm)
-        for name in pair.consumers:
-            self.scale_columns(layer.get_submodule(name), scale)
-        self.set_norm_scale(norm, torch.ones_like(scale))
-
-    @staticmethod
-    def scale_rows(linear: nn.Linear, scale: torch.Tensor) -> None:
-        """Multiply the linear's output channels (weight rows and bias) by ``scale``."""
-        s = scale.to(linear.weight.device)
-        linear.weight.data = (_wide(linear.weight) * s[:, None]).to(linear.weight.dtype)
-        if linear.bias is not None:
-            linear.bias.data = (_wide(linear.bias) * s).to(linear.bias.dtype)
-
-    @staticmethod
-    def scale_columns(linear: nn.Linear, scale: torch.Tensor) -> None:
-        """Multiply the linear's input channels (weight columns) by ``scale``."""
-        s = scale.to(linear.weight.device)
-        linear.weight.data = (_wide(linear.weight) * s[None, :]).to(linear.weight.dtype)
-
-    @staticmethod
-    def rotate_input(linear: nn.Linear, q: torch.Tensor) -> None:
-        """The linear reads ``x @ q`` instead of ``x``: W <- W q (float64 products; the bias is unchanged)."""
-        w = linear.weight.data
-        linear.weight.data = (w.double() @ q.to(w.device, torch.float64)).to(w.dtype)
-
-    @staticmethod
-    def rotate_output(linear: nn.Linear, q: torch.Tensor) -> None:
-        """The linear writes ``y @ q`` instead of ``y``: W <- q^T W, and its bias b <- b q."""
-        w = linear.weight.data
-        q64 = q.to(w.device, torch.float64)
-        linear.weight.data = (q64.T @ w.double()).to(w.dtype)
-        if linear.bias is not None:
-            linear.bias.data = (linear.bias.double() @ q64).to(linear.bias.dtype)
-
     # -- what a family cannot do --------------------------------------------------------------------------
 
     def refusal(self, operation: str) -> str | None:
-        """Why this family cannot perform ``operation`` exactly (None: it can). Operations: ``fold_scale:<pair>``,
-        ``fold_norm``, ``rotate_residual``, ``rotate_heads``."""
+        """Why this family cannot perform ``operation`` exactly (None: it can), one clause for a one-line error:
+
+        - ``rotate_residual``: rotate the residual stream offline (every writer writes h Q, every reader reads
+          through W Q);
+        - ``transform_qk``: a per-channel scale or a rotation of q_proj's and k_proj's outputs (OmniQuant's q/k scale).
+
+        Both follow from the layout: a norm between a sublayer's output and the residual add (``post_norms``)
+        normalises h Q differently from h; a norm on each head of Q and K (``qk_norms``) normalises scaled channels.
+        """
+        if operation == "rotate_residual" and self.post_norms:
+            return (f"its norms on each sublayer's output before the residual add ({', '.join(self.post_norms)}) do not commute "
+                    "with a rotation of the residual stream")
+        if operation == "transform_qk" and self.qk_norms:
+            return (f"its norm on each head of Q and K ({', '.join(n.rpartition('.')[2] for n in self.qk_norms)}) commutes "
+                    "with no per-channel scale or rotation of q_proj's and k_proj's outputs")
         return None
 
 
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in float32, or float64 where it is float64: the transforms' arithmetic never loses a model's precision."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of the rotate-half layout (channels d and d + head_dim / 2 of a head turn together)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def causal_mask(q_len: int, kv_len: int, dtype: torch.dtype, device: torch.device | str = "cpu",

@@ -4,11 +4,13 @@
 - ``qwen2``: LLaMA's block with q/k/v biases (a scale or rotation of a linear's output side takes its bias
   along: ``scale_rows``, ``rotate_output``); sliding-window layers where the config asks for them.
 - ``qwen3``: Qwen2's block without biases, with an RMSNorm on each head of Q and K (``qk_norms``). A
-  per-head norm commutes with no change of Q's or K's basis, so transforms of q_proj/k_proj outputs are
-  refused; their inputs (the residual side) transform freely.
-- ``gemma3_text``: offset RMSNorms (x * (1 + w)), a norm after attention and after the MLP before each
-  residual add (``post_norms``), QK-norms, an embedding scaled by sqrt(hidden), sliding-window layers with
-  their own RoPE (:meth:`Gemma3Adapter.position_embeddings` by layer type).
+  per-head norm commutes with no per-channel scale or rotation of Q's or K's channels, so transforms of
+  q_proj/k_proj outputs are refused (``transform_qk``); their inputs (the residual side) transform freely.
+- ``gemma3_text``: offset RMSNorms (x * (1 + w): ``norm_offset``, which every norm operation takes into
+  account), a norm after attention and after the MLP before each residual add (``post_norms``: the residual
+  stream cannot be rotated offline, ``rotate_residual``), QK-norms, an embedding scaled by sqrt(hidden),
+  attention scaled by ``query_pre_attn_scalar``, sliding-window layers with their own RoPE
+  (:meth:`Gemma3Adapter.position_embeddings` by layer type).
 """
 from __future__ import annotations
 
@@ -36,11 +38,6 @@ class Qwen3Adapter(LlamaAdapter):
     model_types: ClassVar[tuple[str, ...]] = ("qwen3",)
     qk_norms: tuple[str, ...] = ("self_attn.q_norm", "self_attn.k_norm")
 
-    def refusal(self, operation: str) -> str | None:
-        if operation == "rotate_heads_qk":
-            return "the RMSNorm on each head of Q and K (q_norm, k_norm) does not commute with a rotation of q_proj/k_proj outputs"
-        return None
-
 
 @dataclass(frozen=True)
 class Gemma3Adapter(LlamaAdapter):
@@ -55,14 +52,6 @@ class Gemma3Adapter(LlamaAdapter):
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         rotary = model.model.rotary_emb
         return {t: rotary(hidden, positions, t) for t in sorted(set(model.config.layer_types))}
-
-    def refusal(self, operation: str) -> str | None:
-        if operation == "rotate_residual":
-            return ("its post-attention and post-MLP norms (x * (1 + w) on each sublayer's output, before the residual add) "
-                    "do not commute with a rotation of the residual stream")
-        if operation == "rotate_heads_qk":
-            return "the RMSNorm on each head of Q and K (q_norm, k_norm) does not commute with a rotation of q_proj/k_proj outputs"
-        return None
 
 
 FAMILIES: tuple[type[LlamaAdapter], ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, Gemma3Adapter)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from harness.adapter import ADAPTERS, get_adapter
+from harness.errors import ConfigError
 from harness.models import TINY_FAMILY_CONFIGS, tiny_model
 
 FAMILIES = sorted(TINY_FAMILY_CONFIGS)
@@ -119,3 +120,75 @@ def test_gemma_norms_multiply_by_one_plus_their_weight():
     normalised = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
     torch.testing.assert_close(norm(x), normalised * adapter.norm_scale(norm))
     assert adapter.refusal("rotate_residual") and "post" in adapter.refusal("rotate_residual")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_context_is_what_the_attention_feeds_o_proj(family):
+    """From q/k/v projections alone (as a search over candidate weights computes them): the family's Q/K norms, the
+    layer's RoPE and window, Gemma's query_pre_attn_scalar, grouped-query heads."""
+    model = with_nontrivial_norms(model64(family))
+    adapter = get_adapter(model)
+    hidden = adapter.embed(model)(tokens())
+    pos = adapter.position_embeddings(model, hidden)
+    for layer in adapter.layers(model):  # a sliding-window layer and a full one where the family has both
+        normed = layer.get_submodule(adapter.attn_in.producer)(hidden)
+        seen = []
+        o_proj = layer.get_submodule(adapter.attn_out.consumers[0])
+        handle = o_proj.register_forward_pre_hook(lambda _module, args, seen=seen: seen.append(args[0]))
+        with torch.no_grad():
+            adapter.run_attention(layer, normed, pos)
+            q, k, v = (layer.get_submodule(name)(normed) for name in adapter.qkv_names)
+            context = adapter.attention_context(layer, q, k, v, pos)
+        handle.remove()
+        torch.testing.assert_close(context, seen[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_differentiable_scalings_are_the_folds(family):
+    """scaled_norm_weight / scaled_weight (what a learned transform parametrizes) give the weights fold_scale leaves."""
+    model = with_nontrivial_norms(model64(family))
+    adapter = get_adapter(model)
+    layer = adapter.layers(model)[0]
+    pair = adapter.attn_in
+    s = 0.5 + torch.rand(layer.get_submodule(pair.consumers[0]).in_features, generator=torch.Generator().manual_seed(3),
+                         dtype=torch.float64)
+    norm, q = layer.get_submodule(pair.producer), layer.get_submodule(pair.consumers[0])
+    expected_norm = adapter.scaled_norm_weight(norm.weight.detach(), 1 / s)
+    expected_q = adapter.scaled_weight(q.weight.detach(), None, s)
+    adapter.fold_scale(layer, pair, s)
+    torch.testing.assert_close(norm.weight.detach(), expected_norm)
+    torch.testing.assert_close(q.weight.detach(), expected_q)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fold_shift_leaves_the_output_equal(family):
+    """v_proj -> o_proj without grouped-query attention: softmax rows sum to one, so the context shifts by what v does."""
+    model = model64(family, num_key_value_heads=4)
+    adapter = get_adapter(model)
+    ids = tokens()
+    before = blockwise_logits(model, ids)
+    g = torch.Generator().manual_seed(4)
+    for layer in adapter.layers(model):
+        v = layer.get_submodule(adapter.attn_out.producer)
+        adapter.fold_shift(layer, adapter.attn_out, torch.randn(v.out_features, generator=g, dtype=torch.float64))
+        assert v.bias is not None
+    torch.testing.assert_close(blockwise_logits(model, ids), before, **tolerance(family))
+
+
+def test_a_norm_without_a_bias_takes_no_shift_and_only_rms_norms_fold():
+    model = model64("llama")
+    adapter = get_adapter(model)
+    layer = adapter.layers(model)[0]
+    with pytest.raises(ConfigError, match=r"^model: the llama module input_layernorm \(LlamaRMSNorm\) has no bias"):
+        adapter.fold_shift(layer, adapter.attn_in, torch.zeros(64, dtype=torch.float64))
+    assert adapter.norm_foldable(layer.input_layernorm)
+    assert not adapter.norm_foldable(torch.nn.LayerNorm(64))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_refusals_follow_the_layout(family):
+    adapter = get_adapter(model64(family))
+    assert (adapter.refusal("rotate_residual") is not None) == bool(adapter.post_norms)
+    assert (adapter.refusal("transform_qk") is not None) == bool(adapter.qk_norms)
+    assert {family for family in FAMILIES if get_adapter({"model_type": family}).qk_norms} == {"qwen3", "gemma3_text"}
+    assert adapter.refusal("fold_norm") is None
