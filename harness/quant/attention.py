@@ -16,8 +16,10 @@ the last dimension and hands them to transformers' SDPA attention. Modules witho
 (blocks not quantized yet) go straight to SDPA, so a half-quantized model is fine.
 
 The attention kernel stays the model's: a model loaded (or set) with ``attn_implementation="eager"``
-gets transformers' eager attention behind the quantizer (``EAGER_IMPLEMENTATION``), every other one
-SDPA. Eager is the explicit matmul / fp32 softmax / matmul of the official QLLM and OmniQuant layers:
+gets its family's eager attention behind the quantizer (``EAGER_IMPLEMENTATION``: the
+``eager_attention_forward`` of the attention module's own modeling file, so a family's softcapping or
+default scaling is kept), every other one SDPA (the module passes its own ``scaling``, Gemma's
+``query_pre_attn_scalar``, and the mask carries its sliding window). Eager is the explicit matmul / fp32 softmax / matmul of the official QLLM and OmniQuant layers:
 with it ptqbench's RTN W4A4 model on smollm2-135m scored exactly the official code's perplexity (run on one machine), while
 SDPA's different rounding alone moves that (broken, ppl ~2000) model by ~7%.
 
@@ -38,12 +40,14 @@ the official layers after it. ``repeat_kv`` only copies whole heads, and the ran
 """
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
-from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from harness.adapter import causal_mask
 from harness.bits import BitSpec
@@ -101,7 +105,17 @@ def quantized_eager(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     query, key, value = _quantized(module, query, key, value)
     if attention_mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True):
         attention_mask = causal_mask(query.shape[2], key.shape[2], query.dtype, query.device)
-    return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return eager_kernel(module)(module, query, key, value, attention_mask, **kwargs)
+
+
+def eager_kernel(module: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """transformers' eager attention of ``module``'s family: the ``eager_attention_forward`` its modeling file
+    defines (every family's has one; Gemma's softcaps, LLaMA's does not)."""
+    kernel = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if kernel is None:
+        raise TypeError(f"{type(module).__name__} comes from {type(module).__module__}, which defines no "
+                        "eager_attention_forward; load the model with the sdpa kernel")
+    return kernel
 
 
 def register() -> None:

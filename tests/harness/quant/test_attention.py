@@ -8,7 +8,8 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from harness.bits import BitSpec
-from harness.quant.attention import EAGER_IMPLEMENTATION, IMPLEMENTATION, attention_quantizers, install
+from harness.models import TINY_FAMILY_CONFIGS, tiny_model
+from harness.quant.attention import EAGER_IMPLEMENTATION, IMPLEMENTATION, attention_quantizers, eager_kernel, install
 from harness.quant.qlinear import quantize_block, quantize_linears, quantizers_disabled
 from harness.quant.quantizer import quantize_activation
 from harness.scheme import QuantSchemeConfig
@@ -222,3 +223,21 @@ def test_the_qk_hadamard_is_exact_in_fp_and_clip_ratios_shrink_the_range(tiny_mo
     zero = torch.round(-lo / scale)
     expected = (torch.clamp(torch.round(x / scale) + zero, 0, 15) - zero) * scale
     torch.testing.assert_close(quantize_activation(x, 4, clip_ratio=0.9), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILY_CONFIGS))
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+def test_the_routed_kernel_is_the_familys_own(family, kernel):
+    """Behind the quantizers (16 bits here: no rounding), each family's attention computes what its own kernel does:
+    its eager function (Gemma's has softcapping and a default scaling), its scaling, its windows' masks."""
+    model = tiny_model(family, seed=1, attention_kernel=kernel)
+    ids = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(0))  # longer than the windows (16)
+    with torch.no_grad():
+        reference = model(ids, use_cache=False).logits
+    for layer in model.model.layers:
+        install(layer.self_attn, BitSpec.parse("W16A16"))
+    assert model.config._attn_implementation == (EAGER_IMPLEMENTATION if kernel == "eager" else IMPLEMENTATION)
+    if kernel == "eager":
+        assert eager_kernel(model.model.layers[0].self_attn).__module__ == type(model.model.layers[0].self_attn).__module__
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, use_cache=False).logits, reference, rtol=0, atol=0)
