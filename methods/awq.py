@@ -8,7 +8,8 @@ that lowers the output error. Both are searched per block on the FP model's acti
 official code does (mit-han-lab/llm-awq d6e797a, ``awq/quantize/pre_quant.py`` ``run_awq``,
 ``auto_scale.py``, ``auto_clip.py``):
 
-Scale search (``auto_scale_block``), per scaling group of a block:
+Scale search (``auto_scale_block``), per scaling group of a block (the adapter's pairs, named here as
+LLaMA's; Gemma3's mlp_in norm is pre_feedforward_layernorm):
 
 - ``attn_in``: input_layernorm -> q/k/v, the loss on the attention's output (o_proj FP);
 - ``attn_out``: v_proj -> o_proj, the loss on o_proj's output, only where v_proj's and o_proj's
@@ -24,8 +25,9 @@ token (the official ``get_act_scale``; its variable is called ``x_max``, but it 
 group's linears get W' = Q(W s) / s, the inspected module runs on the FP inputs, and the ratio with
 the smallest mean squared output error wins (the first one on ties; r = 0 is s = 1, no scaling).
 Only the group's own linears are quantized during its search; activations are never quantized
-in the search (AWQ is a weight-only method). The scales are folded into the producer (norm weight
-/ s, or the producer linear's output rows / s) and the consumers' input columns (* s).
+in the search (AWQ is a weight-only method). The scales are folded by the adapter
+(``adapter.fold_scale``) into the producer (a norm's factor / s, Gemma's 1 + w included, or the producer
+linear's output rows and bias / s) and the consumers' input columns (* s).
 
 Clip search (``auto_clip_block``), after scaling, per linear except q_proj and k_proj (skipped by
 the official code: "due to qk bmm, it is hard to clip precisely"): for every output channel and
@@ -76,8 +78,6 @@ from harness.method import WorkingMemory
 
 log = logging.getLogger(__name__)
 
-# Linears whose clipping the official auto_clip_block skips (names containing "q_" or "k_").
-CLIP_SKIPPED = ("self_attn.q_proj", "self_attn.k_proj")
 # The official search's floor on the scales before normalising them.
 SCALE_FLOOR = 1e-4
 # Calibration tokens per forward pass of the search (the official code runs all of them at once).
@@ -161,18 +161,6 @@ def search_scale(x: torch.Tensor, linears: list[nn.Linear], inspect: Callable[[t
     return ratio_scales(act, best / n_grid), best / n_grid, losses
 
 
-@torch.no_grad()
-def apply_scale(layer: nn.Module, pair: ScalePair, scales: torch.Tensor) -> None:
-    """Fold 1/s into the producer (a norm's weight, or a linear's output rows) and s into the consumers' input columns."""
-    producer = layer.get_submodule(pair.producer)
-    producer.weight.div_(scales.to(producer.weight).view(-1, *([1] * (producer.weight.dim() - 1))))
-    if getattr(producer, "bias", None) is not None:
-        producer.bias.div_(scales.to(producer.bias))
-    for name in pair.consumers:
-        linear = layer.get_submodule(name)
-        linear.weight.mul_(scales.to(linear.weight).view(1, -1))
-
-
 def clip_subsample(x: torch.Tensor, tokens: int) -> torch.Tensor:
     """Every (n // tokens)-th of the n calibration tokens (all of them when n < tokens; the official code fails there)."""
     flat = x.reshape(-1, x.shape[-1])
@@ -210,7 +198,7 @@ def apply_clip(linear: nn.Linear, bound: torch.Tensor) -> None:
 
 
 def scale_groups(job: BlockJob, layer: nn.Module) -> list[ScaleGroup]:
-    """The official LLaMA scaling groups of one block (attn_out only without grouped-query attention)."""
+    """The official scaling groups of one block (attn_out only without grouped-query attention)."""
     a = job.adapter
     groups = [ScaleGroup(a.attn_in, lambda x: a.run_attention(layer, x, job.position_embeddings))]
     v, o = (layer.get_submodule(a.attn_out.producer), layer.get_submodule(a.attn_out.consumers[0]))
@@ -219,6 +207,24 @@ def scale_groups(job: BlockJob, layer: nn.Module) -> list[ScaleGroup]:
     groups.append(ScaleGroup(a.mlp_in, layer.get_submodule(a.mlp_path)))
     groups.append(ScaleGroup(a.mlp_out, layer.get_submodule(a.mlp_out.consumers[0])))
     return groups
+
+
+@torch.no_grad()
+def auto_scale_block(job: BlockJob, layer: nn.Module, feats: dict[str, torch.Tensor], spec: BitSpec, n_grid: int
+                     ) -> dict[str, float]:
+    """Search every scaling group's scales and fold them (``adapter.fold_scale``: exact in FP); return each group's ratio.
+
+    ``feats``: the recorded inputs of each group's first consumer, replaced by the scaled inputs the clip search sees.
+    """
+    ratios = {}
+    for group in scale_groups(job, layer):
+        pair = group.pair
+        x = feats[pair.consumers[0]]
+        linears = [layer.get_submodule(n) for n in pair.consumers]
+        scales, ratios[pair.name], _ = search_scale(x, linears, group.inspect, spec, n_grid)
+        job.adapter.fold_scale(layer, pair, scales)
+        feats[pair.consumers[0]] = x / scales.to(x)
+    return ratios
 
 
 @register_method
@@ -248,18 +254,13 @@ class AWQ(Method):
 
         def solve(job: BlockJob) -> dict:
             stats: dict = {"ratio": {}, "clip_shrink": {}}
+            clip_skipped = job.adapter.qkv_names[:2]  # q_proj, k_proj: the official auto_clip_block skips "q_" and "k_"
             for layer, inputs in zip(job.layers, job.inputs):
                 feats = {name: inputs.first_samples(name) for name in record}
-                for group in scale_groups(job, layer) if cfg.auto_scale else ():
-                    pair = group.pair
-                    x = feats[pair.consumers[0]]
-                    linears = [layer.get_submodule(n) for n in pair.consumers]
-                    scales, ratio, _ = search_scale(x, linears, group.inspect, spec, cfg.n_grid)
-                    apply_scale(layer, pair, scales)
-                    feats[pair.consumers[0]] = x / scales.to(x)  # what the clip search sees: the scaled inputs
-                    stats["ratio"].setdefault(pair.name, []).append(ratio)
+                for name, ratio in (auto_scale_block(job, layer, feats, spec, cfg.n_grid) if cfg.auto_scale else {}).items():
+                    stats["ratio"].setdefault(name, []).append(ratio)
                 for name in job.adapter.linear_names if cfg.auto_clip else ():
-                    if name in CLIP_SKIPPED:
+                    if name in clip_skipped:
                         continue
                     linear = layer.get_submodule(name)
                     bound = search_clip(linear.weight.data, clip_subsample(feats[source[name]], cfg.clip_tokens), spec,

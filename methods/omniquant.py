@@ -8,12 +8,15 @@ model produced so far, is trained to reproduce the FP block's outputs on the FP 
 - LWC: every linear's weight range is clipped per output channel (per group with ``g...``):
   max' = sigmoid(gamma) * max, min' = sigmoid(beta) * min, gamma = beta = 4.0 at the start.
 - LET (LLaMA, no shift): learnable per-channel scales s, dividing a producer's output and
-  multiplying its consumers' input columns, for input_layernorm -> q/k/v,
-  post_attention_layernorm -> gate/up, v_proj -> o_proj; plus a q/k scale (q rows / s, k rows * s).
-  down_proj has none. The three pair scales start at the SmoothQuant scale
-  max|X|^alpha / max|W|^(1-alpha) from the block's FP inputs; the q/k scale starts at 1.
+  multiplying its consumers' input columns, for the adapter's pairs (LLaMA: input_layernorm -> q/k/v,
+  post_attention_layernorm -> gate/up, v_proj -> o_proj); plus a q/k scale (q rows / s, k rows * s,
+  biases with their rows). down_proj has none. The three pair scales start at the SmoothQuant scale
+  max|X|^alpha / max|W|^(1-alpha) from the block's FP inputs; the q/k scale starts at 1. The scaled
+  weights come from the adapter (``scaled_weight``, ``scaled_norm_weight``: a Gemma3 norm's factor
+  1 + w is what is divided). Families with a norm on each head of Q and K (Qwen3, Gemma3) have no q/k
+  scale: such a norm undoes any per-channel scale of q_proj's and k_proj's outputs.
 - Afterwards the scales are folded into the norm weights and linear weights and the clipping into
-  the fake-quantized weights: the result is a plain LlamaForCausalLM with frozen ``QuantLinear``s.
+  the fake-quantized weights: the result is the model's own class with frozen ``QuantLinear``s.
 
 Grouped-query attention: the official code has no GQA branch at all (OpenGVLab/OmniQuant 95fae1bd:
 quantize/omniquant.py L224 sizes the q/k scale by q_proj's outputs and applies it to k_proj's rows,
@@ -181,18 +184,28 @@ class _FloorSTE(torch.autograd.Function):
 
 
 class LETScales(nn.Module):
-    """The learnable scales of one LLaMA block and their layout on each weight (GQA-aware)."""
+    """The learnable scales of one block and their layout on each weight (GQA-aware), at the adapter's names.
 
-    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, device: torch.device,
+    The q/k scale exists only where the family lets q_proj's and k_proj's outputs be scaled
+    (``adapter.refusal("transform_qk")``: not through Qwen3's and Gemma3's per-head Q/K norms).
+    """
+
+    def __init__(self, adapter: LlamaAdapter, hidden: int, heads: int, kv_heads: int, head_dim: int, device: torch.device,
                  attention: bool = True) -> None:
         super().__init__()
+        self.adapter = adapter
         self.heads, self.kv_heads, self.head_dim, self.attention = heads, kv_heads, head_dim, attention
         ones = dict(device=device, dtype=torch.float32)
-        self.fc1 = nn.Parameter(torch.ones(hidden, **ones))  # post_attention_layernorm -> gate/up
+        self.fc1 = nn.Parameter(torch.ones(hidden, **ones))  # mlp_in: the MLP's input norm -> gate/up
         if attention:
-            self.qkv = nn.Parameter(torch.ones(hidden, **ones))  # input_layernorm -> q/k/v
-            self.out = nn.Parameter(torch.ones(kv_heads * head_dim, **ones))  # v_proj -> o_proj
-            self.qk = nn.Parameter(torch.ones(kv_heads, head_dim // 2, **ones))  # q rows / s, k rows * s
+            self.qkv = nn.Parameter(torch.ones(hidden, **ones))  # attn_in: the attention's input norm -> q/k/v
+            self.out = nn.Parameter(torch.ones(kv_heads * head_dim, **ones))  # attn_out: v_proj -> o_proj
+            if adapter.refusal("transform_qk") is None:
+                self.qk = nn.Parameter(torch.ones(kv_heads, head_dim // 2, **ones))  # q rows / s, k rows * s
+
+    @property
+    def has_qk(self) -> bool:
+        return "qk" in self._parameters
 
     def get(self, name: str) -> torch.Tensor:
         return _FloorSTE.apply(getattr(self, name), SCALE_FLOOR)
@@ -205,23 +218,22 @@ class LETScales(nn.Module):
         return torch.cat([self.get("qk")] * 2, dim=-1)  # (kv_heads, head_dim), RoPE pairs tied
 
     def factors(self) -> dict[str, tuple[str, torch.Tensor | None, torch.Tensor | None]]:
-        """Per parametrized tensor: (kind, row factor, column factor); a weight becomes row * W * col."""
-        fc1 = self.get("fc1")
-        mlp = {
-            "post_attention_layernorm": ("norm", None, 1.0 / fc1),
-            "mlp.gate_proj": ("linear", None, fc1),
-            "mlp.up_proj": ("linear", None, fc1),
-        }
+        """Per parametrized module: (kind, row factor, column factor); a linear's weight becomes row * W * col
+        (``adapter.scaled_weight``), a norm's factor is multiplied by col (``adapter.scaled_norm_weight``)."""
+        a, fc1 = self.adapter, self.get("fc1")
+        mlp = {a.mlp_in.producer: ("norm", None, 1.0 / fc1), **{name: ("linear", None, fc1) for name in a.mlp_in.consumers}}
         if not self.attention:
             return mlp
-        qkv, out, qk = self.get("qkv"), self.get("out"), self.qk_kv()
+        qkv, out = self.get("qkv"), self.get("out")
+        qk = self.qk_kv() if self.has_qk else None
+        q, k, v = a.qkv_names
         return {
             **mlp,
-            "input_layernorm": ("norm", None, 1.0 / qkv),
-            "self_attn.q_proj": ("linear", 1.0 / self.per_query_head(qk), qkv),
-            "self_attn.k_proj": ("linear", qk.reshape(-1), qkv),
-            "self_attn.v_proj": ("linear", 1.0 / out, qkv),
-            "self_attn.o_proj": ("linear", None, self.per_query_head(out.view(self.kv_heads, self.head_dim))),
+            a.attn_in.producer: ("norm", None, 1.0 / qkv),
+            q: ("linear", None if qk is None else 1.0 / self.per_query_head(qk), qkv),
+            k: ("linear", None if qk is None else qk.reshape(-1), qkv),
+            v: ("linear", 1.0 / out, qkv),
+            a.attn_out.consumers[0]: ("linear", None, self.per_query_head(out.view(self.kv_heads, self.head_dim))),
         }
 
 
@@ -234,14 +246,13 @@ class _Scaled(nn.Module):
         self.target, self.role = target, role
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        kind, row, col = self._scales[0].factors()[self.target]
+        scales = self._scales[0]
+        kind, row, col = scales.factors()[self.target]
         if self.role == "bias":
             return t if row is None else t * row
         if kind == "norm":
-            return t * col
-        if row is not None:
-            t = t * row[:, None]
-        return t if col is None else t * col[None, :]
+            return scales.adapter.scaled_norm_weight(t, col)
+        return scales.adapter.scaled_weight(t, row, col)
 
 
 @dataclass
@@ -280,8 +291,8 @@ def attach(layer: nn.Module, spec: BitSpec, adapter: LlamaAdapter, geometry: tup
     if config.let:
         heads, kv_heads, head_dim = geometry
         device = next(layer.parameters()).device
-        scales = LETScales(layer.get_submodule(adapter.attn_in.producer).weight.numel(), heads, kv_heads, head_dim, device,
-                           attention=config.let_attention == "exact")
+        scales = LETScales(adapter, layer.get_submodule(adapter.attn_in.producer).weight.numel(), heads, kv_heads, head_dim,
+                           device, attention=config.let_attention == "exact")
         if act_max is not None:
             _init_scales(scales, layer, adapter, act_max, config.alpha, config.let_init)
         for target in scales.factors():

@@ -12,10 +12,10 @@ weight and activation fake quantization is closest to the FP output on the calib
 As the official LLaMA path (ModelTC/Outlier_Suppression_Plus 3ba97ae, ``quant_transformer/model/quant_llama.py``
 L269-342, ``quantization/migration_llama.py``) does:
 
-- sites: q/k/v (1/s folded into input_layernorm), gate/up (into post_attention_layernorm) and
-  down_proj (into up_proj's output rows; the official ``fuse_migration`` L33-37 divides up_proj's
-  already-quantized per-channel weight scale by s, which is the same as rounding the row divided by
-  s). o_proj is not scaled (the official code has no v_proj -> o_proj site; under grouped-query
+- sites: q/k/v (1/s folded into input_layernorm), gate/up (into post_attention_layernorm; Gemma3's
+  pre_feedforward_layernorm) and down_proj (into up_proj's output rows; the official ``fuse_migration``
+  L33-37 divides up_proj's already-quantized per-channel weight scale by s, which is the same as rounding
+  the row divided by s), each folded by the adapter (``fold_scale``, ``fold_shift``). o_proj is not scaled (the official code has no v_proj -> o_proj site; under grouped-query
   attention one v_proj row feeds several heads' o_proj columns, which would need one scale per group);
 - candidates (``migration_llama.py`` L179, L185-204): from T = max(|min X|, max X) down to ``t_min``
   (0.1) in max(``min_steps``, int(max(max X, 0) / ``step_unit``)) = max(100, int(max X / 0.5))
@@ -24,8 +24,9 @@ L269-342, ``quantization/migration_llama.py``) does:
   FP site output and the output with Q_a(X / s) and Q_w(W s): the activation quantizer per token and
   the weight quantizer per output channel, both the bit spec's (the official ``quantize`` L80-105
   ignores the candidate range for per-token activations). The site output is the attention context
-  before o_proj (RoPE, grouped-query heads, causal softmax; Q/K/V not quantized, as the official
-  search never does), SiLU(gate) * up, and down_proj's output;
+  before o_proj (``adapter.attention_context``: the family's Q/K norms, the layer's RoPE and sliding
+  window, grouped-query heads, the attention's scaling, causal softmax; Q/K/V not quantized, as the
+  official search never does), act(gate) * up, and down_proj's output;
 - inputs: the official migration runs one forward of its first calibration batch with every
   quantizer on (``solver/calibrate.py`` L107-112), so each site sees the activations of the model
   quantized so far: preceding blocks quantized, and within a block the gate/up site after quantized
@@ -49,16 +50,16 @@ import logging
 import statistics
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
 from harness import (
     BitSpec,
     ConfigError,
+    LlamaAdapter,
     Method,
     MethodConfig,
     QuantContext,
@@ -128,22 +129,16 @@ def gated_site(act: Callable[[torch.Tensor], torch.Tensor]) -> SiteFn:
     return lambda x, weights, biases: act(_project(x, weights[0], biases[0])) * _project(x, weights[1], biases[1])
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
-def attention_site(heads: int, kv_heads: int, head_dim: int, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> SiteFn:
-    """q/k/v (consumers in that order): the attention context before o_proj, as the official ``qkv_function``:
-    RoPE on Q and K, each KV head shared by heads / kv_heads query heads, causal softmax(Q K^T / sqrt(d)) V."""
-    cos, sin = (t.unsqueeze(1) for t in position_embeddings)  # (1, 1, seqlen, head_dim): broadcast over heads
+def attention_site(adapter: LlamaAdapter, layer: nn.Module, position_embeddings: Any) -> SiteFn:
+    """q/k/v (consumers in that order): the attention context before o_proj, as the official ``qkv_function``
+    (RoPE on Q and K, each KV head shared by its query heads, causal softmax(Q K^T / sqrt(d)) V) and as the
+    block's family computes it (``adapter.attention_context``: Q/K norms, scaling, sliding window)."""
 
     def fn(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> torch.Tensor:
         K, n, seqlen, _ = x.shape
-        q, k, v = (_project(x, w, b).view(K * n, seqlen, -1, head_dim).transpose(1, 2) for w, b in zip(weights, biases))
-        k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (_rope(k, cos, sin), v))
-        out = F.scaled_dot_product_attention(_rope(q, cos, sin), k, v, is_causal=True)
-        return out.transpose(1, 2).reshape(K, n * seqlen, heads * head_dim)
+        q, k, v = (_project(x, w, b).view(K * n, seqlen, -1) for w, b in zip(weights, biases))
+        out = adapter.attention_context(layer, q, k, v, position_embeddings)
+        return out.reshape(K, n * seqlen, -1)
 
     return fn
 
@@ -223,34 +218,21 @@ def search_threshold(x: torch.Tensor, weights: list[torch.Tensor], biases: list[
 # --- the transform ----------------------------------------------------------------------------------
 
 @torch.no_grad()
-def migrate(layer: nn.Module, pair: ScalePair, scales: torch.Tensor, shift: torch.Tensor | None = None) -> None:
+def migrate(layer: nn.Module, pair: ScalePair, scales: torch.Tensor, shift: torch.Tensor | None = None,
+            adapter: LlamaAdapter | None = None) -> None:
     """Make the consumers' input (x - shift) / scales in place, folded into ``pair``'s producer and consumers.
 
-    The producer (a norm: its weight and bias; a linear: its output rows and bias) outputs
+    The producer (a norm: its factor and bias; a linear: its output rows and bias) outputs
     (x - shift) / s, and each consumer computes W s ((x - shift) / s) + (b + W shift) = W x + b: the FP
-    function is unchanged. A shift needs a producer whose output it can move: a norm with a bias, or
-    a linear (which gets a bias if it has none).
+    function is unchanged (``adapter.fold_shift``, then ``adapter.fold_scale``). A shift needs a producer
+    whose output it can move: a norm with a bias, or a linear (which gets a bias if it has none).
+    ``adapter``: the block's family (default: the LLaMA layout's, whose operations suit any module with a weight).
     """
-    producer = layer.get_submodule(pair.producer)
+    adapter = adapter or LlamaAdapter()
     if shift is not None:
-        refuse_unshiftable(pair, producer)
-    for name in pair.consumers:
-        linear = layer.get_submodule(name)
-        if shift is not None:
-            moved = linear.weight @ shift.to(linear.weight)
-            if linear.bias is None:
-                linear.bias = nn.Parameter(moved, requires_grad=False)
-            else:
-                linear.bias.add_(moved)
-        linear.weight.mul_(scales.to(linear.weight).view(1, -1))
-    if shift is not None:
-        if producer.bias is None:  # a linear (refuse_unshiftable let no other module through)
-            producer.bias = nn.Parameter(torch.zeros_like(producer.weight[:, 0]), requires_grad=False)
-        producer.bias.sub_(shift.to(producer.bias))
-    scale = scales.to(producer.weight)
-    producer.weight.div_(scale.view(-1, *([1] * (producer.weight.dim() - 1))))
-    if getattr(producer, "bias", None) is not None:
-        producer.bias.div_(scale)
+        refuse_unshiftable(pair, layer.get_submodule(pair.producer))
+        adapter.fold_shift(layer, pair, shift)
+    adapter.fold_scale(layer, pair, scales)
 
 
 def refuse_unshiftable(pair: ScalePair, producer: nn.Module) -> None:
@@ -285,9 +267,8 @@ def site_input(job: BlockJob, layer: nn.Module, name: str, samples: int) -> torc
 def suppress_block(job: BlockJob, layer: nn.Module, spec: BitSpec, config: OSPlusConfig) -> dict[str, dict]:
     """Search and fold the three sites of ``layer`` in the official order; its linears stay FP nn.Linears."""
     a = job.adapter
-    heads, kv_heads, head_dim = job.attention_geometry()
+    heads, _, head_dim = job.attention_geometry()
     samples = min(config.search_samples, len(job.q_inputs))
-    mlp = layer.get_submodule(a.mlp_in.consumers[0].rpartition(".")[0])
     stats: dict[str, dict] = {}
 
     def site(pair: ScalePair, x: torch.Tensor, fn: SiteFn, scratch: int = 0) -> None:
@@ -299,18 +280,18 @@ def suppress_block(job: BlockJob, layer: nn.Module, spec: BitSpec, config: OSPlu
             x = x - shift
             biases = [(0 if b is None else b) + lin.weight.float() @ shift for b, lin in zip(biases, linears)]
         result = search_threshold(x, [lin.weight.float() for lin in linears], biases, fn, spec, config, scratch)
-        migrate(layer, pair, result.scales, shift)
+        migrate(layer, pair, result.scales, shift, a)
         stats[pair.name] = {"threshold": result.threshold, "candidates": result.candidates, "loss": result.loss,
                             "loss_unscaled": result.loss_unscaled, "scaled_channels": int((result.scales > 1).sum()),
                             "max_scale": result.scales.max().item()}
 
     seqlen, width = job.q_inputs.shape[1], layer.get_submodule(a.mlp_in.consumers[-1]).out_features
     x = site_input(job, layer, a.attn_in.consumers[0], samples)
-    site(a.attn_in, x, attention_site(heads, kv_heads, head_dim, job.position_embeddings),
+    site(a.attn_in, x, attention_site(a, layer, job.position_embeddings),
          scratch=samples * heads * seqlen * (seqlen + 4 * head_dim))  # attention scores, rotated and repeated Q/K/V
     with rtn_quantized(layer, spec, job, (*a.attn_in.consumers, *a.attn_out.consumers)):
         x = site_input(job, layer, a.mlp_in.consumers[0], samples)
-        site(a.mlp_in, x, gated_site(mlp.act_fn), scratch=2 * samples * seqlen * width)
+        site(a.mlp_in, x, gated_site(a.mlp_activation(layer)), scratch=2 * samples * seqlen * width)
         with rtn_quantized(layer, spec, job, a.mlp_in.consumers):
             x = site_input(job, layer, a.mlp_out.consumers[0], samples)
     site(a.mlp_out, x, linear_site)

@@ -18,8 +18,10 @@ for LLaMA-like blocks:
   block-wise engine's teacher pass, one block on the device at a time);
 - max|W_j| is taken over the concatenated linears of a pair (q, k, v or gate, up), clamped to
   >= 1e-5, and s is clamped to >= 1e-5, both as the official code does;
-- 1/s is folded into the RMSNorm weight that produces the input (input_layernorm,
-  post_attention_layernorm), s into the input columns of every linear of the pair.
+- 1/s is folded into the norm that produces the input (the adapter's ``attn_in`` and ``mlp_in``
+  producers: LLaMA's input_layernorm and post_attention_layernorm, Gemma3's input_layernorm and
+  pre_feedforward_layernorm, whose factor 1 + w is divided), s into the input columns of every linear
+  of the pair (``adapter.fold_scale``).
 
 o_proj and down_proj are not smoothed. Their inputs (the attention context, and SiLU(gate) * up)
 come from no op that could absorb 1/s without changing the network: the attention mixes v_proj's
@@ -44,7 +46,6 @@ from harness import (
     MethodConfig,
     QuantContext,
     QuantizeResult,
-    ScalePair,
     get_adapter,
     register_method,
 )
@@ -73,16 +74,6 @@ class SmoothQuantConfig(MethodConfig):
 
 
 @torch.no_grad()
-def smooth_pair(layer: nn.Module, pair: ScalePair, scales: torch.Tensor) -> None:
-    """Fold 1/s into the pair's RMSNorm weight and s into its linears' input columns, in place."""
-    norm = layer.get_submodule(pair.producer)
-    norm.weight.div_(scales.to(norm.weight.device, norm.weight.dtype))
-    for name in pair.consumers:
-        linear = layer.get_submodule(name)
-        linear.weight.mul_(scales.to(linear.weight.device, linear.weight.dtype).view(1, -1))
-
-
-@torch.no_grad()
 def smooth(model: nn.Module, calibration: torch.Tensor, alpha: float, context: QuantContext, spec: BitSpec | None = None,
            solver: SolverOptions = SolverOptions()) -> dict:
     """Smooth every norm-fed pair of every block in place (and quantize it for ``spec``); return outlier stats.
@@ -105,7 +96,7 @@ def smooth(model: nn.Module, calibration: torch.Tensor, alpha: float, context: Q
                 # The pair's linears share one input; its first consumer's hook saw it.
                 x_max = record.abs_max[pair.consumers[0]]
                 scales = smoothing_scales(x_max, [layer.get_submodule(c).weight for c in pair.consumers], alpha)
-                smooth_pair(layer, pair, scales)
+                job.adapter.fold_scale(layer, pair, scales)
                 ratios[pair.name]["before"].append(max_over_median(x_max))
                 ratios[pair.name]["after"].append(max_over_median(x_max / scales))
             if spec is not None:  # the job's inputs are the student's: what the smoothed, quantized model so far feeds

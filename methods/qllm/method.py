@@ -164,13 +164,9 @@ def site_function(layer: nn.Module, site: str, position_embeddings, adapter: Lla
     consumers = getattr(adapter, site).consumers
     linears = [layer.get_submodule(c) for c in consumers]
     if site == "attn_in":
-        attn_path = consumers[0].rpartition(".")[0]
-        strip = len(attn_path) + 1
-        out_name = adapter.attn_out.consumers[0][strip:]
-        fn = attention_fn(layer.get_submodule(attn_path), [c[strip:] for c in consumers], out_name, position_embeddings)
+        fn = attention_fn(layer, adapter, position_embeddings)
     elif site == "mlp_in":
-        act = layer.get_submodule(consumers[0].rpartition(".")[0]).act_fn
-        fn = gated_fn(act, [lin.bias for lin in linears])
+        fn = gated_fn(adapter.mlp_activation(layer), [lin.bias for lin in linears])
     else:
         fn = linear_fn(linears[0].bias)
     return consumers, fn

@@ -31,12 +31,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import BitSpec, quantize_activation, quantize_weight
+from harness import BitSpec, LlamaAdapter, quantize_activation, quantize_weight
 from harness.quant.reassembly import Reassembled, Reassembly  # noqa: F401  (re-exported: the inference modules live in harness so exports reload without methods)
 
 
@@ -240,8 +241,13 @@ def ratio_theta(x_max: torch.Tensor, channel_ratio: float, steps: int = 0) -> fl
 SiteFn = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
 
 
-def attention_fn(attn: nn.Module, names: Sequence[str], out_name: str, position_embeddings) -> SiteFn:
-    """q/k/v site: the attention output before o_proj (the real module: RoPE, GQA, its scaling)."""
+def attention_fn(layer: nn.Module, adapter: LlamaAdapter, position_embeddings: Any) -> SiteFn:
+    """q/k/v site: the attention output before o_proj (the block's real attention module with o_proj the identity:
+    its Q/K norms, RoPE, GQA, scaling, and the layer's RoPE and mask from the adapter)."""
+    path = adapter.attention_path
+    attn = layer.get_submodule(path)
+    names = [name[len(path) + 1:] for name in adapter.qkv_names]
+    out_name = adapter.attn_out.consumers[0][len(path) + 1:]
     o_proj = attn.get_submodule(out_name)
 
     def fn(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -249,7 +255,7 @@ def attention_fn(attn: nn.Module, names: Sequence[str], out_name: str, position_
         params[f"{out_name}.weight"] = torch.eye(o_proj.in_features, device=x.device, dtype=x.dtype)
         if o_proj.bias is not None:
             params[f"{out_name}.bias"] = torch.zeros(o_proj.in_features, device=x.device, dtype=x.dtype)
-        out = torch.func.functional_call(attn, params, (x,), {"position_embeddings": position_embeddings, "attention_mask": None})
+        out = torch.func.functional_call(attn, params, (x,), adapter.attention_inputs(layer, x, position_embeddings))
         return out[0] if isinstance(out, tuple) else out
 
     return fn

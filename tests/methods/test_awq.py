@@ -13,7 +13,7 @@ from harness import BitSpec, ConfigError, QuantContext, get_method
 from harness.engine.blockwise import run_blockwise
 from harness.engine.hooks import BlockHooks
 from harness.models import tiny_llama
-from methods.awq import apply_clip, apply_scale, clip_subsample, scale_groups, search_clip, search_scale
+from methods.awq import apply_clip, clip_subsample, scale_groups, search_clip, search_scale
 
 CTX = QuantContext(device=torch.device("cpu"), seed=0, progress=False)
 
@@ -142,7 +142,7 @@ def test_scaling_is_exact_in_fp_and_attn_out_is_skipped_under_gqa(kv_heads, grou
         for layer in job.layers:
             for group in scale_groups(job, layer):
                 width = layer.get_submodule(group.pair.consumers[0]).in_features
-                apply_scale(layer, group.pair, torch.rand(width, generator=torch.Generator().manual_seed(width)) * 4 + 0.1)
+                job.adapter.fold_scale(layer, group.pair, torch.rand(width, generator=torch.Generator().manual_seed(width)) * 4 + 0.1)
                 names.append(group.pair.name)
         return {"groups": names}
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import BitSpec, ConfigError, QuantContext, ScalePair, get_method, quant_linears
+from harness import BitSpec, ConfigError, QuantContext, ScalePair, get_adapter, get_method, quant_linears
 from harness.evaluation.evaluate import perplexity
 from methods.osplus import (
     OSPlusConfig,
@@ -130,7 +130,8 @@ def test_batched_search_picks_the_official_threshold(tiny_model, site, seed):
         position_ids = torch.arange(16)[None]
         cos, sin = tiny_model.model.rotary_emb(x, position_ids)
         heads, kv_heads, head_dim = 4, 2, 16
-        batched, official = attention_site(heads, kv_heads, head_dim, (cos, sin)), official_qkv(heads, kv_heads, head_dim, cos, sin)
+        batched = attention_site(get_adapter(tiny_model), layer, (cos, sin))
+        official = official_qkv(heads, kv_heads, head_dim, cos, sin)
     elif site == "up_and_gate":
         names = ("mlp.gate_proj", "mlp.up_proj")
         x = site_inputs(seed, (2, 16, 64), {5: 25.0})
