@@ -10,6 +10,13 @@ rotated linears are then rounded by ``weight_solver`` (official default GPTQ; ``
 rotated, quantized model so far feeds it, after the online transforms (official
 ``fake_quant/main.py`` + ``rotation_utils.py`` + ``gptq_utils.py``, spcl/QuaRot 5008669).
 
+Families (``harness.adapter``): norms fold with their family's factor (Gemma's 1 + w); biases rotate with
+their linears (Qwen2); Q/K norms (Qwen3, Gemma3) see q_proj's and k_proj's outputs unchanged, since only
+their inputs are rotated. Gemma3's norms on each sublayer's output (before the residual add) do not
+commute with a rotation of the residual stream, so there the stream keeps its basis and each reader
+(q/k/v, gate/up) rotates its input online by the same Q (``harness.quant.rotation.ResidualRotation``):
+the quantized activations and weights are those of the offline rotation.
+
 At ``W16A16`` the method only rotates: its perplexity equals FP's, a check a user can run on their
 own model. Where ptqbench differs from the official code, each for a reason:
 - a head tied to the embedding is untied first (the official code rotates the shared matrix twice);
@@ -41,16 +48,9 @@ from harness.engine.hooks import BlockHooks, BlockJob
 from harness.engine.solvers import SolverOptions, check_solver, solve_block
 from harness.quant import attention
 from harness.quant.gptq import GPTQOptions
-from harness.quant.hadamard import factor, random_hadamard
+from harness.quant.hadamard import factor
 from harness.quant.qlinear import with_input_transform
-from harness.quant.rotation import check_foldable, rotate_block, rotate_ends
-
-
-def random_orthogonal(n: int, seed: int) -> torch.Tensor:
-    """The official ``random_orthogonal_matrix``: Q of the QR of a Gaussian matrix, columns signed by diag(R)."""
-    g = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    q, r = torch.linalg.qr(g)
-    return q * torch.sign(torch.diag(r)).unsqueeze(0)
+from harness.quant.rotation import ResidualRotation, check_foldable, residual_online, rotate_block, rotate_ends
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class QuaRot(Method):
 
     def check_model(self, config: PretrainedConfig) -> None:
         """Every width rotated needs a Hadamard matrix: MLP and head dimension, and hidden with ``rotation: hadamard``."""
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = get_adapter(config).attention_geometry(config)[2]
         widths = {"intermediate_size": config.intermediate_size, "head_dim": head_dim}
         if self.config.rotation == "hadamard":
             widths = {"hidden_size": config.hidden_size, **widths}
@@ -117,12 +117,14 @@ class QuaRot(Method):
         tokens = self.require_calibration(calibration) if solver.solver == "gptq" else None
         adapter = get_adapter(model)
         check_foldable(model, adapter)
-        seed, hidden = context.seed, model.config.hidden_size
-        q = random_hadamard(hidden, seed) if self.config.rotation == "hadamard" else random_orthogonal(hidden, seed)
+        residual = ResidualRotation(self.config.rotation, model.config.hidden_size, context.seed)
+        q = residual.matrix()
         rotate_ends(model, adapter, q, embed_mean=self.config.embed_mean)
-        hooks = QuaRotHooks(spec, solver, q, adapter.attention_geometry(model)[2])
+        online = residual if residual_online(adapter) else None
+        hooks = QuaRotHooks(spec, solver, q, adapter.attention_geometry(model)[2], online)
         jobs = run_blockwise(model, tokens, hooks, device=context.device, desc="quarot", progress=context.progress)
-        return QuantizeResult(model, {"jobs": len(jobs), "rotation": self.config.rotation})
+        return QuantizeResult(model, {"jobs": len(jobs), "rotation": self.config.rotation,
+                                      "residual": "online" if online is not None else "offline"})
 
 
 class QuaRotHooks(BlockHooks):
@@ -130,13 +132,14 @@ class QuaRotHooks(BlockHooks):
     ``solve`` rounds it with the weight solver. No teacher pass (GPTQ takes its Hessians on the student
     inputs); the student inputs come from FP activations where GPTQ runs as the official ``gptq_fwrd``."""
 
-    def __init__(self, spec: BitSpec, solver: SolverOptions, q: torch.Tensor, head_dim: int) -> None:
+    def __init__(self, spec: BitSpec, solver: SolverOptions, q: torch.Tensor, head_dim: int,
+                 online: ResidualRotation | None = None) -> None:
         super().__init__(teacher=False, student_activations=not (solver.solver == "gptq" and solver.fp_activations))
-        self.spec, self.solver, self.q, self.head_dim = spec, solver, q, head_dim
+        self.spec, self.solver, self.q, self.head_dim, self.online = spec, solver, q, head_dim, online
 
     def before(self, job: BlockJob) -> None:
         for layer in job.layers:
-            for name, transform in rotate_block(layer, job.adapter, self.q.to(job.device), self.head_dim).items():
+            for name, transform in rotate_block(layer, job.adapter, self.q.to(job.device), self.head_dim, self.online).items():
                 with_input_transform(layer, name, transform)
             if self.spec.quantizes_kv:  # the K cache quantized in the basis of the per-head Hadamard (exact in FP)
                 attention.install(layer.get_submodule(job.adapter.attention_path), self.spec).rotate_qk = True

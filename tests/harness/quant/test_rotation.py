@@ -10,7 +10,7 @@ import torch
 from harness import BitSpec, QuantContext
 from harness.adapter import get_adapter
 from harness.export.formats import export_model, load_quantized
-from harness.models import tiny_llama
+from harness.models import tiny_llama, tiny_model
 from harness.quant import rotation
 from harness.quant.hadamard import random_hadamard
 from harness.quant.qlinear import quantize_block
@@ -102,3 +102,49 @@ def test_the_documented_online_transform_example_keeps_the_fp_function(tiny_mode
     down = tiny_model.model.layers[0].mlp.down_proj
     assert type(down.input_transform).__name__ == "FullHadamard"
     assert torch.allclose(logits(tiny_model, tiny_tokens), reference, rtol=1e-4, atol=1e-5)
+
+
+def gemma_with_norms():
+    """A tiny Gemma3 (post-norms: its residual rotation runs online) with norm factors away from 1, float64."""
+    model = tiny_model("gemma3_text", seed=1)
+    adapter = get_adapter(model)
+    g = torch.Generator().manual_seed(2)
+    for name, module in model.named_modules():
+        if name.endswith("norm"):
+            adapter.set_norm_scale(module, 0.5 + torch.rand(module.weight.shape, generator=g))
+    return model.double()
+
+
+def rotate_online(model, kind: str, seed: int = 0) -> torch.nn.Module:
+    adapter = get_adapter(model)
+    residual = rotation.ResidualRotation(kind, model.config.hidden_size, seed)
+    q = residual.matrix()
+    rotation.rotate_ends(model, adapter, q)
+    for layer in adapter.layers(model):
+        transforms = rotation.rotate_block(layer, adapter, q, adapter.attention_geometry(model)[2], residual)
+        for name, qlinear in quantize_block(layer, BitSpec.parse("W16A16"), adapter).items():
+            qlinear.input_transform = transforms.get(name)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "random"])
+def test_an_online_residual_rotation_keeps_gemmas_fp_function_and_exports(kind, tmp_path):
+    """Gemma3's post-norms do not commute with a rotation of the residual stream: the stream keeps its basis, the
+    embedding and head are untouched, and each reader (q/k/v, gate/up) rotates its input online by the same Q."""
+    tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    model = gemma_with_norms()
+    reference, embedding = logits(model, tokens), model.model.embed_tokens.weight.detach().clone()
+    rotated = rotate_online(model, kind)
+    assert rotation.residual_online(get_adapter(rotated))
+    torch.testing.assert_close(logits(rotated, tokens), reference, rtol=1e-5, atol=1e-5)  # Gemma's norms compute in float32
+    assert torch.equal(rotated.model.embed_tokens.weight, embedding)
+    layer = rotated.model.layers[0]
+    q = layer.self_attn.q_proj.input_transform
+    assert isinstance(q, rotation.ResidualRotation) and layer.mlp.up_proj.input_transform is q
+    # the online x Q is the matrix's
+    x = torch.randn(3, rotated.config.hidden_size, dtype=torch.float64)
+    torch.testing.assert_close(q(x), x @ q.matrix())
+    export_model(rotated, None, tmp_path / "gemma")
+    reloaded = load_quantized(tmp_path / "gemma")
+    assert reloaded.model.layers[1].self_attn.k_proj.input_transform.to_dict() == q.to_dict()
+    torch.testing.assert_close(logits(reloaded.double(), tokens), logits(rotated, tokens), rtol=1e-6, atol=1e-8)
