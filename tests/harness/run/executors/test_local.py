@@ -23,7 +23,7 @@ from tests.harness.run.executors.conftest import stored, tiny_raw, tiny_sweep
 
 pytestmark = pytest.mark.slow  # real processes or whole sweeps: outside the inner loop (-m "not slow")
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]  # the repository (tests/harness/run/executors/)
 
 
 def test_runs_in_order_and_each_is_stored_before_the_next_starts(tmp_path):

@@ -17,7 +17,7 @@ from tests.harness.run.executors.conftest import stored, tiny_sweep
 
 pytestmark = pytest.mark.slow  # real processes or whole sweeps: outside the inner loop (-m "not slow")
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]  # the repository (tests/harness/run/executors/)
 # A hub id that passes config validation but cannot load offline: its runs fail on the worker.
 MISSING = "ptqbench-no-such-org/no-such-model"
 

@@ -23,7 +23,7 @@ from tests.harness.run.executors.conftest import stored, tiny_sweep
 
 pytestmark = pytest.mark.slow  # real processes or whole sweeps: outside the inner loop (-m "not slow")
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]  # the repository (tests/harness/run/executors/)
 BIG = "ptqbench-no-such-org/no-such-model"  # stands in for a 70B: passes validation offline, never loaded here
 
 
