@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from harness.errors import ResourceUnavailableError, UnknownNameError, did_you_mean
-from harness.models.packaged import PackagedGGUF, convert, converted_folder, is_converted
+from harness.models.packaged import PackagedGGUF, convert, convert_file, converted_folder
 
 log = logging.getLogger(__name__)
 
@@ -145,16 +144,7 @@ def gguf_path_folder(path: Path, convert: bool = True) -> Path:
 
     digest = (fingerprint(str(path)) or "").removeprefix("sha256:")[:16]
     folder = converted_folder(f"gguf-{path.stem}-{digest}")
-    if convert and not is_converted(folder):
-        from harness.models.packaged import save_plain
-
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_plain(path, tmp, path.name)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.replace(folder)
-    return folder
+    return convert_file(path, folder) if convert else folder
 
 
 def _load_pretrained(path: str | Path, *, dtype: torch.dtype, trust_remote_code: bool, what: str,

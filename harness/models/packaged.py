@@ -20,6 +20,7 @@ import logging
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,17 +109,31 @@ def converted_folder(name: str) -> Path:
 
 def convert(name: str, gguf: PackagedGGUF) -> Path:
     """Convert ``name``'s GGUF into a safetensors folder once (atomic: a killed conversion leaves no folder)."""
-    folder = converted_folder(name)
+
+    def fill(tmp: Path) -> None:
+        source = gguf_file(name, gguf, tmp)
+        save_plain(source, tmp, name)
+        if source.parent == tmp:
+            source.unlink()  # the assembled 4-bit file; the folder holds the dequantized weights
+
+    return converted_once(converted_folder(name), fill)
+
+
+def convert_file(path: Path, folder: Path) -> Path:
+    """Convert the ``.gguf`` file at ``path`` into ``folder`` once (a file given as a model)."""
+    return converted_once(folder, lambda tmp: save_plain(path, tmp, path.name))
+
+
+def converted_once(folder: Path, fill: Callable[[Path], None]) -> Path:
+    """``folder``, made by ``fill(tmp)`` in a sibling temporary folder renamed into place unless it is converted
+    already: a killed or failed conversion leaves no half folder behind."""
     if is_converted(folder):
         return folder
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        source = gguf_file(name, gguf, tmp)
-        save_plain(source, tmp, name)
-        if source.parent == tmp:
-            source.unlink()  # the assembled 4-bit file; the folder holds the dequantized weights
+        fill(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
