@@ -48,10 +48,10 @@ def method_options(label: str) -> tuple[str, dict]:
 
 
 def synthetic_config(hidden: int, layers: int):
-    from transformers import LlamaConfig
+    from transformers import AutoConfig
 
     # LLaMA proportions (TinyLlama's 2048 -> 5632 MLP); smollm2's vocabulary so its tokenizer serves the data
-    return LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+    return AutoConfig.for_model("llama", vocab_size=49152, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
                        num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128, max_position_embeddings=2048,
                        rms_norm_eps=1e-5, tie_word_embeddings=True, torch_dtype="float16")
 

@@ -27,7 +27,7 @@ class _Group(click.Group):
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars (lm-eval's and Hugging Face's included), warnings only.")
 def main(verbose: int, quiet: bool) -> None:
-    """ptqbench: post-training quantization methods for LLaMA models, head to head."""
+    """ptqbench: post-training quantization methods for LLMs, head to head."""
     level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
     if quiet:
         level = logging.WARNING

@@ -110,21 +110,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def tiny_llama(seed: int = 0, attention_kernel: str = "sdpa", **overrides: object) -> nn.Module:
-    """A randomly initialised LLaMA built in code (no files); ``overrides`` edit its LlamaConfig."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(**{**TINY_CONFIG, **overrides})
-    config._attn_implementation = attention_kernel
-    return LlamaForCausalLM(config).eval()
+    """A randomly initialised LLaMA built in code (no files); ``overrides`` edit its config."""
+    return tiny_model("llama", seed, attention_kernel, **overrides)
 
 
 def tiny_model(model_type: str = "llama", seed: int = 0, attention_kernel: str = "sdpa", **overrides: object) -> nn.Module:
     """A randomly initialised 2-layer model of a family (``TINY_FAMILY_CONFIGS``), built in code."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if model_type == "llama":
-        return tiny_llama(seed, attention_kernel, **overrides)
     cfg = {**TINY_FAMILY_CONFIGS[model_type], **overrides}
     torch.manual_seed(seed)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)

@@ -148,7 +148,7 @@ class QuantLinear(nn.Module):
 def quantize_block(
     layer: nn.Module,
     spec: BitSpec,
-    adapter: LlamaAdapter | None = None,
+    adapter: LlamaAdapter,
     include: Callable[[str, nn.Linear], bool] | None = None,
     prefix: str = "",
 ) -> dict[str, QuantLinear]:
@@ -157,7 +157,6 @@ def quantize_block(
     With ``spec.quantizes_attention`` the block's attention also gets its Q/K/V quantizer
     (``harness.quant.attention``), installed here so every method quantizes exactly the same tensors.
     """
-    adapter = adapter or LlamaAdapter()
     per_head = spec.attention_scope == "head" and (spec.quantizes_attention or spec.quantizes_kv)
     if per_head and not hasattr(layer.get_submodule(adapter.attention_path), attention.ATTRIBUTE):
         attention.install(layer.get_submodule(adapter.attention_path), spec)

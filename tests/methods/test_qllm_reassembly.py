@@ -126,7 +126,7 @@ def test_reassembly_keeps_width_and_recorded_error_is_real(block, site):
     _, layer, hidden, pe = block
     feats = site_features(layer, hidden, pe)[site]
     fp_layer = copy.deepcopy(layer)
-    quantize_block(layer, W4A4)
+    quantize_block(layer, W4A4, LlamaAdapter())
     x_max = channel_max(feats)
     theta = float(x_max.max()) / 3  # forces a reassembly with merges
     cfg = QLLMConfig(theta="fixed", theta_value=theta)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+from harness.adapter import LlamaAdapter
 from harness.bits import BitSpec
 from harness.models import TINY_FAMILY_CONFIGS, tiny_model
 from harness.quant.attention import EAGER_IMPLEMENTATION, IMPLEMENTATION, attention_quantizers, eager_kernel, install
@@ -28,7 +29,7 @@ def test_attention_output_matches_independent_per_token_per_head_computation(tin
     torch.manual_seed(0)
     layer = tiny_model.model.layers[0]
     attn = layer.self_attn
-    quantize_block(layer, BitSpec.parse("W16A4", attention=True))
+    quantize_block(layer, BitSpec.parse("W16A4", attention=True), LlamaAdapter())
     assert attn.config._attn_implementation == IMPLEMENTATION
     x = torch.randn(2, 9, tiny_model.config.hidden_size)
     cos, sin = tiny_model.model.rotary_emb(x, torch.arange(9).unsqueeze(0))
@@ -163,7 +164,6 @@ def test_an_eager_model_keeps_the_eager_kernel_behind_the_quantizer(tiny_tokens)
 
 def test_blocks_called_without_a_mask_stay_causal_with_the_eager_kernel():
     """The block-wise engine and QLLM's search pass attention_mask=None: causal with SDPA, and with eager too."""
-    from harness.adapter import LlamaAdapter
     from harness.models import tiny_llama
 
     outs = {}
@@ -172,7 +172,7 @@ def test_blocks_called_without_a_mask_stay_causal_with_the_eager_kernel():
         model.set_attn_implementation(kernel)
         layer = model.model.layers[0]
         if quantized:
-            quantize_block(layer, BitSpec.parse("W16A8", attention=True))
+            quantize_block(layer, BitSpec.parse("W16A8", attention=True), LlamaAdapter())
         h = torch.randn(1, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
         changed = h.clone()
         changed[0, -1] += 1.0
@@ -189,7 +189,7 @@ def test_kv_bits_quantize_k_and_v_per_token_and_head_and_leave_q_fp(tiny_model):
     """W16A16KV4 with attention off (QuaRot): Q FP, K after RoPE and V at 4 bits, against the independent reference."""
     layer = tiny_model.model.layers[0]
     attn = layer.self_attn
-    quantize_block(layer, BitSpec.parse("W16A16KV4"))
+    quantize_block(layer, BitSpec.parse("W16A16KV4"), LlamaAdapter())
     x = torch.randn(2, 9, tiny_model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     cos, sin = tiny_model.model.rotary_emb(x, torch.arange(9).unsqueeze(0))
     with torch.no_grad():

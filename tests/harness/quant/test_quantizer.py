@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from harness.adapter import LlamaAdapter
 from harness.bits import BitSpec
 from harness.quant.quantizer import (
     ActQuantizer,
@@ -215,7 +216,7 @@ def test_set_zero_point_grad_reaches_every_quantizer_of_a_block(tiny_model):
     from harness.quant.quantizer import WeightQuantizer, set_zero_point_grad
 
     layer = tiny_model.model.layers[0]
-    quantize_block(layer, BitSpec.parse("W4A4", attention=True))
+    quantize_block(layer, BitSpec.parse("W4A4", attention=True), LlamaAdapter())
     quantizers = [m for m in layer.modules() if isinstance(m, (ActQuantizer, WeightQuantizer))]
     assert len(quantizers) == 7 * 2 + 3  # act + weight per linear, and the Q, K and V quantizers
     assert all(q.zero_point_grad for q in quantizers)
