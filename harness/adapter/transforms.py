@@ -1,15 +1,17 @@
 """The equivalent transforms every adapter performs: each leaves the FP function unchanged.
 
 One place does the algebra of moving a per-channel scale or a shift across a producer and its consumers,
-folding a norm's factor into the linears it feeds, and rotating a linear's input or output side with its
-bias, in the family's terms (a norm's factor is its weight plus ``norm_offset``: Gemma's norms multiply by
-1 + w). Methods call these and never touch a weight for a transform themselves. In-place operations work in
-at least float32 (a product of two float32 weights is exact before its one rounding), rotations in float64;
+folding a norm's factor into the linears it feeds, and rotating (or mapping by any invertible linear map:
+``transform_input``, ``transform_output``) a linear's input or output side with its bias, in the family's
+terms (a norm's factor is its weight plus ``norm_offset``: Gemma's norms multiply by 1 + w). Methods call these
+and never touch a weight for a transform themselves. In-place operations work in at least float32 (a product
+of two float32 weights is exact before its one rounding), rotations and linear maps in float64;
 ``scaled_weight`` and ``scaled_norm_weight`` are the differentiable forms for transforms learned through a
 parametrization (OmniQuant's LET). ``tests/harness/adapter/test_families.py`` checks each on every family.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -158,6 +160,23 @@ class EquivalentTransforms:
         linear.weight.data = (q64.T @ w.double()).to(w.dtype)
         if linear.bias is not None:
             linear.bias.data = (linear.bias.double() @ q64).to(linear.bias.dtype)
+
+    @staticmethod
+    def transform_input(linear: nn.Linear, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """W <- fn(W) for a linear map of row vectors ``fn`` (x -> x M, given float64 rows): the linear then reads
+        x M^-T as it read x (the bias is unchanged). For maps too large to hold as one matrix (a Kronecker product
+        applied factor by factor); :meth:`rotate_input` is the orthogonal case given as a matrix (M^-T = M)."""
+        w = linear.weight.data
+        linear.weight.data = fn(w.double()).to(w.dtype)
+
+    @staticmethod
+    def transform_output(linear: nn.Linear, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """The linear writes fn(y) = y M instead of y, for a linear map of row vectors ``fn`` (given float64 rows):
+        W <- fn(Wᵀ)ᵀ and its bias b <- fn(b) (:meth:`rotate_output` with M given as a function)."""
+        w = linear.weight.data
+        linear.weight.data = fn(w.double().T).T.to(w.dtype)
+        if linear.bias is not None:
+            linear.bias.data = fn(linear.bias.double()).to(linear.bias.dtype)
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
