@@ -22,7 +22,7 @@ the buffers in pinned host memory when they do not fit, streamed a batch at a ti
 not grow with depth.
 
 ``train()`` is the shared optimisation loop: AdamW, per-block epochs, seeded (or no) shuffling,
-optional linear learning-rate decay, bf16 autocast on CUDA, and a NaN/inf loss stops the run with
+optional linear or cosine learning-rate decay, bf16 autocast on CUDA, and a NaN/inf loss stops the run with
 an error naming the block and epoch.
 """
 from __future__ import annotations
@@ -217,6 +217,9 @@ def train(
     batch_size: int = 1,
     weight_decay: float = 0.0,
     linear_decay: bool = False,
+    cosine_min_lr: float | None = None,
+    relative_loss: bool = False,
+    drop_last: bool = False,
     seed: int = 0,
     shuffle: bool = True,
     label: str = "block",
@@ -228,15 +231,31 @@ def train(
     ``parameter_groups`` are AdamW groups (each with its own ``lr``). Sample order is shuffled per
     epoch with a generator seeded by ``seed``, so a run is reproducible; ``shuffle=False`` goes through
     the samples in order every epoch (the official OmniQuant loop). The last batch of an epoch may
-    be smaller (the official loops drop it; with the default batch size 1 there is none).
+    be smaller (with the default batch size 1 there is none); ``drop_last`` leaves it out, as the official
+    loops do (all samples make one batch when there are fewer than ``batch_size``).
+
+    Learning rates stay constant, decay linearly to 0 over all steps (``linear_decay``), or follow a cosine
+    from each group's ``lr`` to ``cosine_min_lr`` (PyTorch's ``CosineAnnealingLR`` stepped once per step:
+    FlatQuant). ``relative_loss`` backpropagates loss / loss.detach(), a gradient of the relative error of
+    each step (FlatQuant's loop); the returned losses are the losses themselves either way.
     """
     params = [p for group in parameter_groups for p in group["params"]]
     if not params or epochs == 0:
         return []
+    if linear_decay and cosine_min_lr is not None:
+        raise ValueError("train: linear_decay and cosine_min_lr are two schedules; choose one")
     optimizer = torch.optim.AdamW(parameter_groups, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(n_samples / batch_size)
+    steps_per_epoch = max(1, n_samples // batch_size) if drop_last else math.ceil(n_samples / batch_size)
+    if drop_last and n_samples < batch_size:
+        batch_size = n_samples
     total = epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, (lambda s: 1.0 - s / total) if linear_decay else (lambda s: 1.0))
+    if cosine_min_lr is not None:
+        floor = cosine_min_lr
+        factors = [lambda s, lr=group["lr"]: (floor + (lr - floor) * (1 + math.cos(math.pi * s / total)) / 2) / lr
+                   for group in parameter_groups]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, (lambda s: 1.0 - s / total) if linear_decay else (lambda s: 1.0))
     generator = torch.Generator().manual_seed(seed)
     history = []
     for epoch in tqdm(range(epochs), desc=f"train {label}", disable=not progress, leave=False):
@@ -250,7 +269,7 @@ def train(
                 raise TrainingDivergedError(f"{label}, epoch {epoch}: loss is {loss.item()} (not finite); "
                                             "lower the learning rate or check the calibration data")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss / loss.detach().clamp_min(torch.finfo(loss.dtype).tiny) if relative_loss else loss).backward()
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())

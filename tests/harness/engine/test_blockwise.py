@@ -211,6 +211,53 @@ def test_train_without_parameters_or_epochs_is_a_no_op():
     assert w.item() == 1.0
 
 
+def test_cosine_schedule_is_torchs_cosine_annealing_per_group():
+    """cosine_min_lr: each group's lr follows CosineAnnealingLR(T_max = all steps, eta_min) stepped once per step."""
+    w, v = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    seen = []
+    groups = [{"params": [w], "lr": 0.05}, {"params": [v], "lr": 0.5}]
+
+    def loss_fn(idx):
+        seen.append([g["lr"] for g in groups])
+        return (w - 1).pow(2).sum() + (v + 1).pow(2).sum()
+
+    train(groups, loss_fn, 8, epochs=3, batch_size=4, cosine_min_lr=1e-4, shuffle=False)
+    reference = torch.optim.AdamW([{"params": [torch.zeros(1)], "lr": 0.05}, {"params": [torch.zeros(1)], "lr": 0.5}])
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=6, eta_min=1e-4)
+    expected = []
+    for _ in range(6):
+        expected.append([g["lr"] for g in reference.param_groups])
+        reference.step()
+        cosine.step()
+    assert len(seen) == 6
+    for got, want in zip(seen, expected):
+        assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_relative_loss_backpropagates_the_gradient_over_the_loss_and_reports_the_loss():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    w = torch.nn.Parameter(torch.zeros(3, 1))
+    grads = []
+    w.register_hook(lambda g: grads.append(g.clone()))
+    history = train([{"params": [w], "lr": 0.01}], lambda idx: F.mse_loss(x[idx] @ w, y[idx]), 8, epochs=1,
+                    batch_size=8, relative_loss=True)
+    start = torch.zeros(3, 1, requires_grad=True)
+    loss = F.mse_loss(x @ start, y)
+    (grad,) = torch.autograd.grad(loss, start)
+    assert history == [pytest.approx(loss.item())]
+    assert torch.allclose(grads[0], grad / loss.detach(), rtol=1e-6)
+
+
+def test_drop_last_leaves_out_the_short_batch_and_takes_all_samples_when_fewer_than_a_batch():
+    w = torch.nn.Parameter(torch.zeros(1))
+    for n, batches in ((10, [[0, 1, 2, 3], [4, 5, 6, 7]]), (3, [[0, 1, 2]])):
+        seen = []
+        train([{"params": [w], "lr": 0.1}], lambda idx: seen.append(idx.tolist()) or (w - 1).pow(2).sum(), n,
+              epochs=1, batch_size=4, shuffle=False, drop_last=True)
+        assert seen == batches
+
+
 def test_blocks_per_job_must_be_positive(tiny_model, tiny_tokens):
     with pytest.raises(ValueError, match="blocks_per_job"):
         run_blockwise(tiny_model, tiny_tokens, BlockHooks(solve=rtn_solve, blocks_per_job=0), device=CPU)
