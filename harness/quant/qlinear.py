@@ -79,8 +79,11 @@ def linear_recomputing_weight(x: torch.Tensor, weight_fn: Callable[[], torch.Ten
 class QuantLinear(nn.Module):
     """A drop-in replacement for ``nn.Linear`` that fake-quantizes its input and weight."""
 
-    # a class default, so a block pickled before the attribute existed (a checkpoint) still runs
+    # class defaults, so a block pickled before the attributes existed (a checkpoint) still runs
     recompute_weight: bool = False
+    # learned clip ratios of the input's per-token range, (of its max, of its min), set by ``set_act_clip`` (FlatQuant's
+    # LAC): part of the layer's function, in place of the spec's ``a_clip``; kept by ``quantize_block`` and exports
+    act_clip: tuple[float, float] | None = None
 
     def __init__(self, linear: nn.Linear, spec: BitSpec) -> None:
         super().__init__()
@@ -172,6 +175,8 @@ def quantize_block(
         qlinear = QuantLinear(linear, spec)
         if carrier:
             qlinear.input_transform = linear.input_transform
+            if linear.act_clip is not None:
+                set_act_clip(qlinear, *linear.act_clip)
         if spec.quantizes_attention and spec.attention_scope == "projection" and name in adapter.attn_in.consumers:
             # SmoothQuant's official quantize_bmm_input: q/k/v outputs per token over all heads,
             # before RoPE (mit-han-lab/smoothquant c61476d7 fake_quant.py L89-108, L209-226)
@@ -200,6 +205,14 @@ def with_input_transform(layer: nn.Module, name: str, transform: nn.Module) -> Q
         setattr(parent, attr, linear)
     linear.input_transform = transform
     return linear
+
+
+def set_act_clip(qlinear: QuantLinear, clip_max: float, clip_min: float) -> None:
+    """Clip the layer's per-token input range: its max times ``clip_max``, its min times ``clip_min`` (learned ratios in
+    (0, 1], FlatQuant's LAC), in place of the spec's ``a_clip``. Recorded on the layer (``act_clip``), so a carrier
+    (``with_input_transform``) hands it to the layer ``quantize_block`` swaps in, and an export keeps it."""
+    qlinear.act_clip = (float(clip_max), float(clip_min))
+    qlinear.act_quant.clip_ratio, qlinear.act_quant.clip_ratio_min = qlinear.act_clip
 
 
 def quantize_linears(

@@ -226,13 +226,14 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 
 def quantize_activation(x: torch.Tensor, bits: int, symmetric: bool = False, zero_point_grad: bool = True,
-                        clip_ratio: float = 1.0, full_grid: bool = False) -> torch.Tensor:
-    """Dynamic per-token fake quantization: one range per vector along the last dimension, times ``clip_ratio``."""
+                        clip_ratio: float = 1.0, full_grid: bool = False, clip_ratio_min: float | None = None) -> torch.Tensor:
+    """Dynamic per-token fake quantization: one range per vector along the last dimension, times ``clip_ratio``
+    (its minimum times ``clip_ratio_min`` when given: a learned clip of each side, FlatQuant's LAC)."""
     if bits >= 16:
         return x
     xmin, xmax = row_range(x)
-    if clip_ratio != 1.0:
-        xmin, xmax = xmin * clip_ratio, xmax * clip_ratio
+    if clip_ratio != 1.0 or clip_ratio_min is not None:
+        xmin, xmax = xmin * (clip_ratio if clip_ratio_min is None else clip_ratio_min), xmax * clip_ratio
     return fake_quantize(x, xmin, xmax, bits, symmetric, zero_point_grad, full_grid)
 
 
@@ -242,25 +243,31 @@ class ActQuantizer(nn.Module):
     # class defaults, so a block pickled before the attributes existed (a checkpoint) still runs
     zero_point_grad: bool = True
     clip_ratio: float = 1.0
+    clip_ratio_min: float | None = None  # the minimum's own ratio (None: clip_ratio); a learned clip sets both
     full_grid: bool = False
 
-    def __init__(self, bits: int, symmetric: bool = False, clip_ratio: float = 1.0, full_grid: bool = False) -> None:
+    def __init__(self, bits: int, symmetric: bool = False, clip_ratio: float = 1.0, full_grid: bool = False,
+                 clip_ratio_min: float | None = None) -> None:
         super().__init__()
         self.bits, self.symmetric, self.enabled = bits, symmetric, bits < 16
         if clip_ratio != 1.0:
             self.clip_ratio = clip_ratio
+        if clip_ratio_min is not None:
+            self.clip_ratio_min = clip_ratio_min
         if full_grid:
             self.full_grid = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        return quantize_activation(x, self.bits, self.symmetric, self.zero_point_grad, self.clip_ratio, self.full_grid)
+        return quantize_activation(x, self.bits, self.symmetric, self.zero_point_grad, self.clip_ratio, self.full_grid,
+                                   self.clip_ratio_min)
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, symmetric={self.symmetric}, enabled={self.enabled}"
                 + ("" if self.zero_point_grad else ", zero_point_grad=False")
                 + ("" if self.clip_ratio == 1.0 else f", clip_ratio={self.clip_ratio}")
+                + ("" if self.clip_ratio_min is None else f", clip_ratio_min={self.clip_ratio_min}")
                 + (", full_grid=True" if self.full_grid and self.symmetric else ""))
 
 

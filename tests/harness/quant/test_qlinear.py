@@ -8,7 +8,17 @@ import torch
 from torch import nn
 
 from harness.bits import BitSpec
-from harness.quant.qlinear import QuantLinear, freeze, quant_linears, quantize_linears, quantizers_disabled
+from harness.adapter import get_adapter
+from harness.quant.qlinear import (
+    QuantLinear,
+    freeze,
+    quant_linears,
+    quantize_block,
+    quantize_linears,
+    quantizers_disabled,
+    set_act_clip,
+    with_input_transform,
+)
 from harness.quant.quantizer import quantize_activation, quantize_weight
 
 
@@ -150,3 +160,18 @@ def test_recomputed_weight_keeps_no_weight_sized_tensor():
     assert kept_weight_sized(lambda: q(x)) == 0
     q.recompute_weight = False  # the default: plain autograd through the weight
     assert kept_weight_sized(lambda: q(x)) >= 2
+
+
+def test_a_learned_activation_clip_is_carried_into_the_quantized_layer(tiny_model):
+    """set_act_clip on a carrier (with_input_transform): quantize_block's layer clips its input range as the carrier said."""
+    layer = tiny_model.model.layers[0]
+    carrier = with_input_transform(layer, "mlp.down_proj", nn.Identity())
+    set_act_clip(carrier, 0.7, 0.5)
+    spec = BitSpec.parse("W4A4")
+    swapped = quantize_block(layer, spec, get_adapter(tiny_model))
+    down = swapped["mlp.down_proj"]
+    assert down.act_clip == (0.7, 0.5) and isinstance(down.input_transform, nn.Identity)
+    x = torch.randn(2, 5, down.in_features)
+    torch.testing.assert_close(down.act_quant(x), quantize_activation(x, 4, clip_ratio=0.7, clip_ratio_min=0.5))
+    assert swapped["mlp.up_proj"].act_clip is None and swapped["mlp.up_proj"].act_quant.clip_ratio_min is None
+

@@ -257,3 +257,24 @@ def test_the_full_symmetric_grid_reaches_minus_two_to_the_b_minus_one():
     full, restricted = ActQuantizer(4, True, 0.9, full_grid=True)(x), ActQuantizer(4, True, 0.9)(x)
     assert full[0, 0].item() == pytest.approx(-8 * scale) and restricted[0, 0].item() == pytest.approx(-7 * scale)
     assert torch.equal(full[0, 1:], restricted[0, 1:])
+
+
+def test_each_side_of_the_activation_range_takes_its_own_clip_ratio():
+    """clip_ratio_min (a learned clip, FlatQuant's LAC): the row's max times clip_ratio, its min times clip_ratio_min,
+    then the usual grids; against numpy from the definition (the symmetric range is the larger side)."""
+    x = torch.randn(6, 32, dtype=torch.float64)
+    hi, lo = 0.8, 0.6
+    rows = x.numpy()
+    for symmetric in (False, True):
+        got = ActQuantizer(4, symmetric, clip_ratio=hi, clip_ratio_min=lo)(x).numpy()
+        for row, out in zip(rows, got):
+            xmin, xmax = row.min() * lo, row.max() * hi
+            if symmetric:
+                scale = max(abs(xmin), abs(xmax)) / 7
+                expected = np.clip(np.round(row / scale), -7, 7) * scale
+            else:
+                scale = (xmax - xmin) / 15
+                zero = np.round(-xmin / scale)
+                expected = (np.clip(np.round(row / scale) + zero, 0, 15) - zero) * scale
+            np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12)
+    assert torch.equal(ActQuantizer(4, clip_ratio=hi, clip_ratio_min=hi)(x), ActQuantizer(4, clip_ratio=hi)(x))
