@@ -1,4 +1,4 @@
-"""Hadamard matrices of the orders LLaMA-family widths need, and the fast transform with them.
+"""Hadamard matrices of the orders LLaMA-family widths need, the fast transform with them, and R_K ⊗ H_m for the rest.
 
 A Hadamard matrix H of order n has entries +-1 and H H^T = n I, so H / sqrt(n) is orthogonal:
 rotating by it spreads every outlier channel over all channels (QuaRot, QuIP#). Sylvester's
@@ -15,6 +15,17 @@ official code's for the same random signs.
 Conventions, as the official ``matmul_hadU``: ``hadamard_transform(x) = x @ hadamard_matrix(n).T``
 with ``hadamard_matrix(n) = (B_K kron S_m) / sqrt(n)``, B_K the base of order K and S_m Sylvester's
 of order m = n / K.
+
+**Widths without a Hadamard matrix** (Qwen2.5-0.5B's MLP 4864 = 19 x 256, TinyLlama's 5632 = 11 x 512):
+``kronecker_matrix(n, seed) = R_K kron (S_m / sqrt(m))`` with m the largest power of two dividing n, K = n / m
+(odd, as small as it can be) and R_K a seeded random orthogonal K x K matrix (``random_orthogonal``). It is
+orthogonal, and applied as fast as a Hadamard of a base order: x viewed as (..., K, m), the butterfly along m,
+one K x K matmul along K, i.e. K multiply-adds and log2 m additions per element (19 + 8 for 4864; 12 + 7 for
+the Hadamard of 1536 = 12 x 128). It spreads an outlier evenly over the m channels of its Walsh-Hadamard
+block and, through R_K, over the K blocks with random weights (a Hadamard spreads it evenly over all n). ``rotation_matrix(n, seed)``
+and ``rotation_transform(x, seed)`` are QuaRot's rotation of any width: the Hadamard where the table has one
+(the seed unused), the Kronecker product otherwise; ``rotation_name(n, seed)`` says which and
+``rotation_cost(n)`` what it costs online.
 """
 from __future__ import annotations
 
@@ -49,6 +60,13 @@ def base_matrix(order: int) -> torch.Tensor:
     return torch.tensor(bits, dtype=torch.float64) * 2 - 1
 
 
+def random_orthogonal(n: int, seed: int) -> torch.Tensor:
+    """The official ``random_orthogonal_matrix``: Q of the QR of a Gaussian matrix, columns signed by diag(R), float64."""
+    g = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    q, r = torch.linalg.qr(g)
+    return q * torch.sign(torch.diag(r)).unsqueeze(0)
+
+
 def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -62,6 +80,24 @@ def factor(n: int) -> tuple[int, int]:
             return k, n // k
     raise ConfigError(f"no Hadamard matrix of order {n}: ptqbench builds 2^j and K x 2^j for K in "
                       f"{', '.join(map(str, sorted(BASE_ORDERS)))}")
+
+
+@functools.cache
+def has_hadamard(n: int) -> bool:
+    """Whether ``factor`` builds a Hadamard matrix of order n."""
+    try:
+        factor(n)
+    except ConfigError:
+        return False
+    return True
+
+
+def kronecker_factor(n: int) -> tuple[int, int]:
+    """(K, m) with n = K x m, m the largest power of two dividing n (K odd; 1 for a power of two)."""
+    if n <= 0:
+        raise ConfigError(f"no rotation of width {n}: a width is a positive integer")
+    m = n & -n
+    return n // m, m
 
 
 def sylvester(m: int) -> torch.Tensor:
@@ -107,11 +143,67 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor
     return y.reshape(x.shape) / math.sqrt(n)
 
 
-def random_hadamard(n: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """QuaRot's randomized Hadamard rotation: diag(s) hadamard_matrix(n)^T with random signs s.
+def random_signs(n: int, seed: int) -> torch.Tensor:
+    """n signs +-1, float64: ``torch.randint(0, 2, (n,))`` of a CPU generator seeded with ``seed``, the draw the
+    official ``random_hadamard_matrix`` makes when it is the first after ``torch.manual_seed(seed)``."""
+    return torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).to(torch.float64) * 2 - 1
 
-    The signs are ``torch.randint(0, 2, (n,))`` of a CPU generator seeded with ``seed``: the draw the
-    official ``random_hadamard_matrix`` makes when it is the first after ``torch.manual_seed(seed)``.
-    """
-    signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).to(torch.float64) * 2 - 1
-    return (signs[:, None] * hadamard_matrix(n).T).to(dtype)
+
+def random_hadamard(n: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """QuaRot's randomized Hadamard rotation: diag(s) hadamard_matrix(n)^T with random signs s (``random_signs``);
+    for a width without a Hadamard matrix, diag(s) kronecker_matrix(n, seed) (``rotation_matrix``)."""
+    return (random_signs(n, seed)[:, None] * rotation_matrix(n, seed)).to(dtype)
+
+
+def kronecker_matrix(n: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The orthogonal R_K kron (S_m / sqrt(m)) of ``kronecker_factor(n)``, R_K = ``random_orthogonal(K, seed)``."""
+    k, m = kronecker_factor(n)
+    return torch.kron(random_orthogonal(k, seed).contiguous(), sylvester(m) / math.sqrt(m)).to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _orthogonal_operand(k: int, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return random_orthogonal(k, seed).to(device, dtype)
+
+
+def kronecker_transform(x: torch.Tensor, seed: int, transpose: bool = False) -> torch.Tensor:
+    """``x @ kronecker_matrix(n, seed)`` along the last dimension (``transpose``: ``x @ kronecker_matrix(n, seed).T``,
+    the inverse), without forming the n x n matrix: with x viewed as X of shape (..., K, m), x (R kron S) is
+    R^T X S, so the butterfly runs along m and R^T (R for the inverse) multiplies on the left."""
+    n = x.shape[-1]
+    k, m = kronecker_factor(n)
+    y = walsh_hadamard(x.reshape(*x.shape[:-1], k, m)) / math.sqrt(m)
+    if k > 1:
+        r = _orthogonal_operand(k, seed, y.device, y.dtype)
+        y = (r if transpose else r.T) @ y
+    return y.reshape(x.shape)
+
+
+def rotation_matrix(n: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """QuaRot's rotation M of width n, ``rotation_transform(x, seed) = x @ M``: ``hadamard_matrix(n).T`` where the
+    table builds one (``seed`` unused), else ``kronecker_matrix(n, seed)``."""
+    return hadamard_matrix(n, dtype).T if has_hadamard(n) else kronecker_matrix(n, seed, dtype)
+
+
+def rotation_transform(x: torch.Tensor, seed: int, transpose: bool = False) -> torch.Tensor:
+    """``x @ rotation_matrix(n, seed)`` along the last dimension (``transpose``: its inverse), fast."""
+    if has_hadamard(x.shape[-1]):
+        return hadamard_transform(x, transpose)
+    return kronecker_transform(x, seed, transpose)
+
+
+def rotation_name(n: int, seed: int) -> str:
+    """Which matrix ``rotation_matrix(n, seed)`` is: ``H_64``, ``H_1536 (12 x 128)`` or ``R_19 (seed 0) ⊗ H_256``."""
+    if has_hadamard(n):
+        k, m = factor(n)
+        return f"H_{n}" + (f" ({k} x {m})" if k > 1 else "")
+    k, m = kronecker_factor(n)
+    return f"R_{k} (seed {seed}) ⊗ H_{m}"
+
+
+def rotation_cost(n: int) -> str:
+    """What applying ``rotation_transform`` to a width n costs per element: K multiply-adds (the K x K matmul) and
+    log2 m additions (the butterfly), ``19 + 8 MACs per element`` for 4864; log2 n additions for a power of two."""
+    k, m = factor(n) if has_hadamard(n) else kronecker_factor(n)
+    j = m.bit_length() - 1
+    return f"{k} + {j} MACs per element" if k > 1 else f"{j} additions per element"

@@ -1,4 +1,5 @@
-"""Hadamard matrices and the fast transform: orthogonality, the official transform, the official choice of base."""
+"""Hadamard matrices and the fast transform: orthogonality, the official transform, the official choice of base; R_K ⊗ H_m
+for widths without a Hadamard matrix against the dense product built from its definition."""
 from __future__ import annotations
 
 import math
@@ -79,3 +80,54 @@ def test_random_hadamard_is_orthogonal_seeded_and_the_official_draw():
     k, _ = had.factor(n)
     assert torch.allclose(q, official_matmul_hadU(signs, had.base_matrix(k), k), atol=1e-12)
     assert abs(q).max().item() == pytest.approx(1 / math.sqrt(n))
+
+
+def dense_kronecker(n: int, seed: int) -> torch.Tensor:
+    """R_K kron H_m / sqrt(m) built from the definitions: R_K the signed Q of the QR of a seeded Gaussian matrix,
+    H_m Sylvester's matrix from the popcount formula, the Kronecker product written out entry by entry."""
+    m = n & -n
+    k = n // m
+    q, r = torch.linalg.qr(torch.randn(k, k, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
+    rk = q * torch.sign(torch.diag(r))
+    i = torch.arange(m)
+    both = i[:, None] & i[None, :]
+    popcount = sum((both >> bit) & 1 for bit in range(max(m.bit_length(), 1)))
+    h = (-1.0) ** popcount.double() / math.sqrt(m)
+    return rk[:, None, :, None].mul(h[None, :, None, :]).reshape(n, n)  # [(i, a), (j, b)] = R[i, j] H[a, b]
+
+
+@pytest.mark.parametrize("n, k", [(4864, 19), (5632, 11), (1216, 19), (88, 11), (22, 11), (3, 3)])
+def test_widths_without_a_hadamard_split_off_the_largest_power_of_two(n, k):
+    assert not had.has_hadamard(n)
+    assert had.kronecker_factor(n) == (k, n // k) and k % 2 == 1
+
+
+@pytest.mark.parametrize("n", [1216, 88, 176])
+def test_kronecker_transform_is_x_times_the_dense_product_and_orthogonal(n):
+    seed = 5
+    dense = dense_kronecker(n, seed)
+    assert torch.allclose(had.kronecker_matrix(n, seed), dense, atol=1e-12)
+    assert torch.allclose(dense @ dense.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    x = torch.randn(2, 3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    assert torch.allclose(had.kronecker_transform(x, seed), x @ dense, atol=1e-12)
+    assert torch.allclose(had.kronecker_transform(x, seed, transpose=True), x @ dense.T, atol=1e-12)
+    assert had.kronecker_transform(x, seed).norm() == pytest.approx(x.norm().item(), rel=1e-12)
+    assert not torch.allclose(had.kronecker_transform(x, seed + 1), x @ dense, atol=1e-3)  # the seed draws R_K
+
+
+def test_the_rotation_of_a_width_is_its_hadamard_where_the_table_has_one_else_the_kronecker_product():
+    x = torch.randn(4, 1536, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(had.rotation_transform(x, seed=7), had.hadamard_transform(x))
+    assert torch.equal(had.rotation_matrix(1536, seed=7), had.hadamard_matrix(1536).T)
+    assert torch.allclose(had.rotation_matrix(4864, seed=7), dense_kronecker(4864, 7), atol=1e-12)
+    assert (had.rotation_name(4864, 7), had.rotation_cost(4864)) == ("R_19 (seed 7) ⊗ H_256", "19 + 8 MACs per element")
+    assert (had.rotation_name(1536, 7), had.rotation_cost(1536)) == ("H_1536 (12 x 128)", "12 + 7 MACs per element")
+    assert (had.rotation_name(64, 7), had.rotation_cost(64)) == ("H_64", "6 additions per element")
+
+
+def test_random_hadamard_of_a_width_without_one_is_the_signed_kronecker_product():
+    n, seed = 88, 3
+    signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).double() * 2 - 1
+    q = had.random_hadamard(n, seed)
+    assert torch.allclose(q, signs[:, None] * dense_kronecker(n, seed), atol=1e-12)
+    assert torch.allclose(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
