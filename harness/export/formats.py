@@ -69,7 +69,7 @@ from harness.quant import attention
 from harness.quant.qlinear import QuantLinear, freeze, quant_linears
 from harness.quant.quantizer import ActQuantizer
 from harness.quant.reassembly import Reassembled, Reassembly
-from harness.quant.rotation import online_transform
+from harness.quant.online import OnlineTransform, online_transform
 from harness.atomic import current_umask
 
 log = logging.getLogger(__name__)
@@ -306,12 +306,13 @@ def _write_compressed_tensors(model: nn.Module, linears: dict[str, QuantLinear],
 
 def _write_ptqbench(model: nn.Module, out: Path) -> None:
     wrapped = {n: m for n, m in model.named_modules() if isinstance(m, Reassembled)}
-    known = (QuantLinear, Reassembled, Reassembly)
+    known = (QuantLinear, Reassembled, Reassembly, OnlineTransform)
     for name, module in model.named_modules():
         origin = type(module).__module__.split(".")[0]
         if not isinstance(module, known) and origin not in ("torch", "transformers", "harness"):
             raise ExportError(f"cannot export module {name} ({type(module).__name__} from {type(module).__module__}): "
-                              "ptqbench's format knows QuantLinear, Reassembled and the architecture's own modules")
+                              "ptqbench's format knows QuantLinear, Reassembled, online transforms (harness.quant.online) "
+                              "and the architecture's own modules")
 
     def plain(name: str) -> str:  # the architecture's key of a module inside a Reassembled wrapper
         for path in wrapped:
@@ -341,6 +342,9 @@ def _linear_entry(name: str, q: QuantLinear) -> dict[str, Any]:
                           f"{q.spec.name} does not describe it")
     entry: dict[str, Any] = {"spec": q.spec.to_dict()}
     if getattr(q, "input_transform", None) is not None:
+        if q.input_transform.state_dict():  # the manifest holds the recipe alone (harness.quant.online)
+            raise ExportError(f"cannot export {name}: its online transform holds tensors its recipe (to_dict) does not "
+                              "rebuild; keep them as non-persistent buffers computed from the recipe")
         entry["input_transform"] = q.input_transform.to_dict()
     if getattr(q, "out_quant", None) is not None:
         entry["out_quant"] = attention.quantizer_dict(q.out_quant)

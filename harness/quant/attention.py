@@ -25,7 +25,8 @@ SDPA's different rounding alone moves that (broken, ppl ~2000) model by ~7%.
 
 KV cache (a bit spec with a KV part, ``W4A4KV4``): K and V take the KV bits and clip ratio, Q the
 activation bits when ``attention`` is set and stays FP otherwise (QuaRot). ``rotate_qk`` applies the
-Hadamard of the head dimension to Q and K first (QuaRot's online rotation for the K cache): exact in FP,
+Hadamard of the head dimension to Q and K first (QuaRot's online rotation for the K cache; R_K ⊗ H_m of
+``qk_seed`` for a head dimension without one, ``harness.quant.hadamard.rotation_transform``): exact in FP,
 since Q Kᵀ = (Q H)(K H)ᵀ.
 
 An exported model keeps these quantizers: ``describe(attn)`` says what ``install`` put on a block's attention
@@ -51,7 +52,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from harness.adapter import causal_mask
 from harness.bits import BitSpec
-from harness.quant.hadamard import hadamard_transform
+from harness.quant.hadamard import rotation_transform
 from harness.quant.quantizer import ActQuantizer
 
 IMPLEMENTATION = "ptqbench_qkv_sdpa"
@@ -63,6 +64,7 @@ class AttentionQuantizer(nn.Module):
     """The quantizers of one attention's Q, K (after RoPE) and V, each per token and head."""
 
     rotate_qk: bool = False  # a class default, so a block pickled without it still runs
+    qk_seed: int = 0  # the seed of R_K where the head dimension has no Hadamard matrix
     spec: BitSpec | None = None  # the spec ``install`` built it from (None: a block pickled before it was recorded)
 
     def __init__(self, q: ActQuantizer, k: ActQuantizer, v: ActQuantizer) -> None:
@@ -71,7 +73,7 @@ class AttentionQuantizer(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.rotate_qk:
-            query, key = (hadamard_transform(t.float()).to(t.dtype) for t in (query, key))
+            query, key = (rotation_transform(t.float(), self.qk_seed).to(t.dtype) for t in (query, key))
         return self.q(query), self.k(key), self.v(value)
 
     def extra_repr(self) -> str:
@@ -189,13 +191,15 @@ def describe(attn: nn.Module) -> dict | None:
     if _state(quantizer) != _state(_quantizer(spec)):
         raise ValueError(f"its Q/K/V quantizers were changed after install, so the bit spec {spec.name} does not "
                          "describe them")
-    return {"spec": spec.to_dict(), "rotate_qk": bool(quantizer.rotate_qk)}
+    seed = {"qk_seed": quantizer.qk_seed} if quantizer.qk_seed else {}
+    return {"spec": spec.to_dict(), "rotate_qk": bool(quantizer.rotate_qk), **seed}
 
 
 def reinstall(attn: nn.Module, data: dict) -> AttentionQuantizer:
     """Put back on ``attn`` the quantizer :func:`describe` described."""
     quantizer = install(attn, BitSpec.from_dict(data["spec"]))
     quantizer.rotate_qk = bool(data.get("rotate_qk", False))
+    quantizer.qk_seed = int(data.get("qk_seed", 0))
     return quantizer
 
 

@@ -16,8 +16,9 @@ from harness.quant.hadamard import random_hadamard
 from harness.quant.qlinear import quantize_block
 
 # (heads, kv_heads, hidden, intermediate, tied): GQA with a tied head; 3 heads (no Hadamard of order 3, as
-# smollm2's 9) over widths 48 = 12 x 4 and 96 = 12 x 8; multi-head attention with an untied head
-GEOMETRIES = [(4, 2, 64, 128, True), (3, 1, 48, 96, True), (4, 4, 64, 160, False)]
+# smollm2's 9) over widths 48 = 12 x 4 and 96 = 12 x 8; multi-head attention with an untied head; no width with a
+# Hadamard matrix (hidden 88 = 11 x 8, head_dim 22 = 11 x 2, MLP 152 = 19 x 8: R_K ⊗ H_m everywhere)
+GEOMETRIES = [(4, 2, 64, 128, True), (3, 1, 48, 96, True), (4, 4, 64, 160, False), (4, 2, 88, 152, False)]
 
 
 def model_with_norms(heads: int, kv_heads: int, hidden: int, intermediate: int, tied: bool):
@@ -88,6 +89,29 @@ def test_a_rotated_model_exports_and_reloads_with_its_online_transforms(tmp_path
     kinds = {type(q.input_transform).__name__ for q in reloaded.modules() if hasattr(q, "input_transform") and q.input_transform}
     assert kinds == {"FullHadamard", "HeadsThenFull"}
     assert torch.allclose(logits(reloaded.double(), tokens), reference, rtol=1e-6, atol=1e-8)
+
+
+def test_widths_without_a_hadamard_rotate_by_kronecker_products_that_export_and_reload(tmp_path):
+    """Hidden 88, head_dim 22 and MLP 152 have no Hadamard matrix: the residual rotation is diag(s) (R_11 ⊗ H_8), o_proj
+    reads through the per-head R_11 ⊗ H_2 undone and R_11 ⊗ H_8, down_proj through R_19 ⊗ H_8, all of seed 5."""
+    tokens = torch.randint(0, 300, (1, 8), generator=torch.Generator().manual_seed(0))
+    model = model_with_norms(*GEOMETRIES[3])
+    reference = logits(model, tokens)
+    adapter = get_adapter(model)
+    q = random_hadamard(88, 5)
+    rotation.rotate_ends(model, adapter, q)
+    for layer in adapter.layers(model):
+        transforms = rotation.rotate_block(layer, adapter, q, 22, seed=5)
+        for name, qlinear in quantize_block(layer, BitSpec.parse("W16A16"), adapter).items():
+            qlinear.input_transform = transforms.get(name)
+    assert (logits(model, tokens) - reference).abs().max() <= 1e-6 * reference.abs().max()  # RMSNorm computes in float32
+    layer = model.model.layers[1]
+    assert layer.mlp.down_proj.input_transform.to_dict() == {"kind": "kronecker", "size": 152, "seed": 5}
+    assert layer.self_attn.o_proj.input_transform.to_dict() == {"kind": "heads_then_hadamard", "head_dim": 22, "seed": 5}
+    export_model(model, None, tmp_path / "kronecker")
+    reloaded = load_quantized(tmp_path / "kronecker")
+    assert isinstance(reloaded.model.layers[0].mlp.down_proj.input_transform, rotation.KroneckerRotation)
+    assert torch.equal(logits(reloaded, tokens), logits(model, tokens))
 
 
 def test_the_documented_online_transform_example_keeps_the_fp_function(tiny_model, tiny_tokens):
