@@ -17,6 +17,12 @@ commute with a rotation of the residual stream, so there the stream keeps its ba
 (q/k/v, gate/up) rotates its input online by the same Q (``harness.quant.rotation.ResidualRotation``):
 the quantized activations and weights are those of the offline rotation.
 
+Widths without a Hadamard matrix (Qwen2.5-0.5B's MLP 4864 = 19 x 256; a head dimension or hidden size
+likewise) are rotated by R_K ⊗ H_m instead, R_K a random orthogonal K x K matrix of the run's seed and m the
+largest power of two dividing the width (``harness.quant.hadamard.rotation_transform``): exact in FP like the
+Hadamard, online at K + log2 m operations per element (``KroneckerRotation`` before down_proj). The run's
+``rotations`` say which matrix each width got and what it costs online.
+
 At ``W16A16`` the method only rotates: its perplexity equals FP's, a check a user can run on their
 own model. Where ptqbench differs from the official code, each for a reason:
 - a head tied to the embedding is untied first (the official code rotates the shared matrix twice);
@@ -48,7 +54,7 @@ from harness.engine.hooks import BlockHooks, BlockJob
 from harness.engine.solvers import SolverOptions, check_solver, solve_block
 from harness.quant import attention
 from harness.quant.gptq import GPTQOptions
-from harness.quant.hadamard import factor
+from harness.quant.hadamard import has_hadamard, rotation_cost, rotation_name
 from harness.quant.qlinear import with_input_transform
 from harness.quant.rotation import ResidualRotation, check_foldable, residual_online, rotate_block, rotate_ends
 
@@ -99,18 +105,6 @@ class QuaRot(Method):
         if self.config.weight_solver == "gptq":
             self.solver_options().gptq.check(spec)
 
-    def check_model(self, config: PretrainedConfig) -> None:
-        """Every width rotated needs a Hadamard matrix: MLP and head dimension, and hidden with ``rotation: hadamard``."""
-        head_dim = get_adapter(config).attention_geometry(config)[2]
-        widths = {"intermediate_size": config.intermediate_size, "head_dim": head_dim}
-        if self.config.rotation == "hadamard":
-            widths = {"hidden_size": config.hidden_size, **widths}
-        for field, width in widths.items():
-            try:
-                factor(width)
-            except ConfigError as err:
-                raise ConfigError(f"model: {field} {width} cannot be rotated by quarot: {err}") from None
-
     def quantize(self, model, spec: BitSpec, calibration, context: QuantContext) -> QuantizeResult:
         solver = self.solver_options()
         # RTN weights need no data: the engine then walks the blocks without a pass
@@ -121,10 +115,32 @@ class QuaRot(Method):
         q = residual.matrix()
         rotate_ends(model, adapter, q, embed_mean=self.config.embed_mean)
         online = residual if residual_online(adapter) else None
-        hooks = QuaRotHooks(spec, solver, q, adapter.attention_geometry(model)[2], online)
+        heads, _, head_dim = adapter.attention_geometry(model)
+        hooks = QuaRotHooks(spec, solver, q, head_dim, online, seed=context.seed)
         jobs = run_blockwise(model, tokens, hooks, device=context.device, desc="quarot", progress=context.progress)
         return QuantizeResult(model, {"jobs": len(jobs), "rotation": self.config.rotation,
-                                      "residual": "online" if online is not None else "offline"})
+                                      "residual": "online" if online is not None else "offline",
+                                      "rotations": self.rotations(model.config, heads * head_dim, head_dim, spec,
+                                                                  online is not None, context.seed)})
+
+    def rotations(self, config: PretrainedConfig, o_width: int, head_dim: int, spec: BitSpec, residual_online: bool,
+                  seed: int) -> dict[str, str]:
+        """What rotates each width (a Hadamard matrix, or R_K ⊗ H_m where the width has none) and, for the online
+        ones, what it costs per element: the run's record of its rotations."""
+        hidden, inter = config.hidden_size, config.intermediate_size
+
+        def online(n: int) -> str:
+            return f"{rotation_name(n, seed)} online, {rotation_cost(n)}"
+
+        residual = (f"diag(s) {rotation_name(hidden, seed)} (signs of seed {seed})" if self.config.rotation == "hadamard"
+                    else f"random orthogonal Q_{hidden} (seed {seed})")
+        found = {"residual": residual + (" online at q/k/v and gate/up" if residual_online else ""),
+                 "v_proj output per head": f"{rotation_name(head_dim, seed)} offline",
+                 "o_proj input": f"per-head {rotation_name(head_dim, seed)} undone, then {online(o_width)}",
+                 "down_proj input": online(inter)}
+        if spec.quantizes_kv:
+            found["Q and K per head"] = online(head_dim)
+        return found
 
 
 class QuaRotHooks(BlockHooks):
@@ -133,16 +149,20 @@ class QuaRotHooks(BlockHooks):
     inputs); the student inputs come from FP activations where GPTQ runs as the official ``gptq_fwrd``."""
 
     def __init__(self, spec: BitSpec, solver: SolverOptions, q: torch.Tensor, head_dim: int,
-                 online: ResidualRotation | None = None) -> None:
+                 online: ResidualRotation | None = None, seed: int = 0) -> None:
         super().__init__(teacher=False, student_activations=not (solver.solver == "gptq" and solver.fp_activations))
-        self.spec, self.solver, self.q, self.head_dim, self.online = spec, solver, q, head_dim, online
+        self.spec, self.solver, self.q, self.head_dim, self.online, self.seed = spec, solver, q, head_dim, online, seed
 
     def before(self, job: BlockJob) -> None:
         for layer in job.layers:
-            for name, transform in rotate_block(layer, job.adapter, self.q.to(job.device), self.head_dim, self.online).items():
+            transforms = rotate_block(layer, job.adapter, self.q.to(job.device), self.head_dim, self.online, seed=self.seed)
+            for name, transform in transforms.items():
                 with_input_transform(layer, name, transform)
             if self.spec.quantizes_kv:  # the K cache quantized in the basis of the per-head Hadamard (exact in FP)
-                attention.install(layer.get_submodule(job.adapter.attention_path), self.spec).rotate_qk = True
+                quantizer = attention.install(layer.get_submodule(job.adapter.attention_path), self.spec)
+                quantizer.rotate_qk = True
+                if not has_hadamard(self.head_dim):  # R_K ⊗ H_m of the run's seed
+                    quantizer.qk_seed = self.seed
 
     def solve(self, job: BlockJob) -> None:
         for layer in job.layers:

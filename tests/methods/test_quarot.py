@@ -1,22 +1,24 @@
 """QuaRot on the tiny random LLaMA (GQA 4/2 heads, tied head): at W16A16 the rotation alone leaves the
 model's function unchanged; GPTQ solves the rotated down_proj on its inputs after the online Hadamard
 (checked against a Hessian computed here on an independently rotated copy); on a model with outlier
-channels the rotation lowers the W4A4 error of RTN; widths without a Hadamard construction are refused."""
+channels the rotation lowers the W4A4 error of RTN; a Qwen2 MLP width without a Hadamard matrix (19 x 64)
+rotates by R_19 ⊗ H_64, exact in FP, and exports; the K cache is quantized after the Hadamard of Q and K."""
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig
 
 from harness import BitSpec, ConfigError, QuantContext, get_method
 from harness.adapter import get_adapter
+from harness.export.formats import export_model, load_quantized
 from harness.method import pretrained_config
+from harness.models import tiny_model
 from harness.quant.gptq import GPTQOptions, gptq_solve
 from harness.quant.hadamard import hadamard_transform, random_hadamard
 from harness.quant.qlinear import with_input_transform
-from harness.quant.rotation import rotate_block, rotate_ends
+from harness.quant.rotation import KroneckerRotation, rotate_block, rotate_ends
 from tests.harness.quant.test_gptq import official_hessian
 
 CTX = QuantContext(device=torch.device("cpu"), seed=0, progress=False)
@@ -83,12 +85,50 @@ def test_rotation_lowers_the_activation_quantization_error_on_a_model_with_outli
     assert errors["quarot"] < 0.5 * errors["rtn"], errors
 
 
-def test_a_width_without_a_hadamard_construction_is_refused_in_one_line():
+def test_widths_without_a_hadamard_matrix_are_accepted():
+    """TinyLlama's MLP 5632 = 11 x 512 and Qwen2.5-0.5B's 4864 = 19 x 256 rotate by R_K ⊗ H_m: nothing is refused."""
     method = get_method("quarot").from_options({})
-    config = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 5632, "num_attention_heads": 9}
-    with pytest.raises(ConfigError, match=r"^model: intermediate_size 5632 cannot be rotated by quarot: no Hadamard matrix"):
-        method.check_model(pretrained_config(config))  # config.json as the sweep reads it
-    method.check_model(LlamaConfig(**{**config, "intermediate_size": 1536}))  # smollm2-135m: 12 x 128
+    method.check_model(pretrained_config({"model_type": "llama", "hidden_size": 576, "intermediate_size": 5632,
+                                          "num_attention_heads": 9}))
+    method.check_model(pretrained_config({"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+                                          "num_attention_heads": 14, "num_key_value_heads": 2}))
+
+
+def qwen2_19():
+    """A tiny Qwen2 (q/k/v biases) whose MLP width 1216 = 19 x 64 has no Hadamard matrix, norms off their init."""
+    return with_norm_weights(tiny_model("qwen2", seed=1, intermediate_size=19 * 64))
+
+
+def test_quarot_on_an_mlp_width_without_a_hadamard_is_exact_in_fp_and_quantizes_at_w4a4(tiny_tokens):
+    model = qwen2_19()
+    ids = tiny_tokens % model.config.vocab_size
+    reference = logits(model, ids)
+    rotated = copy.deepcopy(model)
+    result = get_method("quarot").from_options({"weight_solver": "rtn"}).quantize(rotated, BitSpec.parse("W16A16"), ids, CTX)
+    assert ((logits(rotated, ids) - reference).norm() / reference.norm()).item() < 1e-5  # float32
+    down = rotated.model.layers[0].mlp.down_proj
+    assert isinstance(down.input_transform, KroneckerRotation) and down.input_transform.to_dict() == {
+        "kind": "kronecker", "size": 1216, "seed": CTX.seed}
+    assert result.stats["rotations"]["down_proj input"] == f"R_19 (seed {CTX.seed}) ⊗ H_64 online, 19 + 6 MACs per element"
+
+    w4a4 = copy.deepcopy(model)
+    get_method("quarot").from_options({"weight_solver": "rtn"}).quantize(w4a4, BitSpec.parse("W4A4"), ids, CTX)
+    down = w4a4.model.layers[1].mlp.down_proj
+    assert isinstance(down.input_transform, KroneckerRotation) and down.spec.name == "W4A4"
+    assert max(len(row.unique()) for row in down.quantized_weight()) <= 16 and down.act_quant.bits == 4  # 4-bit rows
+    out = logits(w4a4, ids)
+    assert torch.isfinite(out).all() and not torch.allclose(out, reference, atol=1e-3)
+
+
+def test_quarot_export_of_a_kronecker_rotated_model_reloads_bit_identical(tiny_tokens, tmp_path):
+    model = qwen2_19()
+    ids = tiny_tokens % model.config.vocab_size
+    get_method("quarot").from_options({"weight_solver": "rtn"}).quantize(model, BitSpec.parse("W4A4KV4"), ids, CTX)
+    export_model(model, None, tmp_path / "qwen2")
+    reloaded = load_quantized(tmp_path / "qwen2")
+    transform = reloaded.model.layers[0].mlp.down_proj.input_transform
+    assert isinstance(transform, KroneckerRotation) and (transform.size, transform.seed) == (1216, CTX.seed)
+    assert torch.equal(logits(reloaded, ids), logits(model, ids))
 
 
 def test_kv4_quantizes_the_k_cache_in_the_rotated_basis_and_w16a16kv16_stays_exact(tiny_model, tiny_tokens):
@@ -112,3 +152,72 @@ def test_a_norm_that_cannot_be_folded_is_refused_in_one_line_naming_it(tiny_mode
     with pytest.raises(ConfigError, match=r"^model: layers\.1\.post_attention_layernorm \(LayerNorm\) cannot be folded"):
         get_method("quarot").from_options({"weight_solver": "rtn"}).quantize(tiny_model, BitSpec.parse("W4A4"), tiny_tokens, CTX)
     assert torch.equal(tiny_model.model.embed_tokens.weight, before)  # refused before any work
+
+
+def sylvester_normalised(d: int) -> torch.Tensor:
+    """H_d / sqrt(d) from the popcount formula (Sylvester's matrix, symmetric)."""
+    i = torch.arange(d)
+    both = i[:, None] & i[None, :]
+    return (-1.0) ** sum((both >> bit) & 1 for bit in range(d.bit_length())).float() / d ** 0.5
+
+
+def with_an_outlier_key_channel(model):
+    """Channel 3 of K (key head 0) 30x the rest in every block, as trained LLMs' K caches have."""
+    model = with_norm_weights(model)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight[3] *= 30
+    return model
+
+
+def keys_at_the_k_quantizer(model, tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block 0's key after RoPE as its attention quantizer receives it, and the input of its K quantizer."""
+    quantizer = model.model.layers[0].self_attn.qkv_quant
+    seen = {}
+    hooks = [quantizer.register_forward_pre_hook(lambda _m, args: seen.__setitem__("key", args[1])),
+             quantizer.k.register_forward_pre_hook(lambda _m, args: seen.__setitem__("k", args[0]))]
+    logits(model, tokens)
+    for hook in hooks:
+        hook.remove()
+    return seen["key"], seen["k"]
+
+
+def test_the_k_cache_is_quantized_after_the_hadamard_of_each_heads_key(tiny_model, tiny_tokens):
+    """FP equivalence cannot see the K-cache rotation ((Q H)(K H)^T = Q K^T): the K quantizer's input must be each
+    head's key times H_16, and the outlier channel of key head 0 spread over the head (max / rms per token halved)."""
+    model = with_an_outlier_key_channel(tiny_model)
+    get_method("quarot").from_options({"weight_solver": "rtn"}).quantize(model, BitSpec.parse("W16A16KV4"), tiny_tokens, CTX)
+    key, k = keys_at_the_k_quantizer(model, tiny_tokens)  # (batch, kv heads, tokens, head_dim)
+    torch.testing.assert_close(k, key @ sylvester_normalised(16), rtol=1e-5, atol=1e-5)
+
+    def peak(t: torch.Tensor) -> torch.Tensor:  # per kv head: mean over tokens of max|x| / rms(x) over head_dim
+        return (t.abs().amax(-1) / t.pow(2).mean(-1).sqrt()).mean(dim=(0, 2))
+
+    assert peak(k)[0] < 0.6 * peak(key)[0], (peak(k), peak(key))
+
+
+def attention_score_error(model, tokens) -> float:
+    """Block 0's attention scores Q' K'^T after its attention quantizer against the FP scores Q K^T, relative."""
+    quantizer = model.model.layers[0].self_attn.qkv_quant
+    seen = {}
+    hooks = [quantizer.register_forward_pre_hook(lambda _m, args: seen.__setitem__("in", args)),
+             quantizer.register_forward_hook(lambda _m, _args, out: seen.__setitem__("out", out))]
+    logits(model, tokens)
+    for hook in hooks:
+        hook.remove()
+    (q, k, _), (q_seen, k_quantized, _) = seen["in"], seen["out"]
+    groups = q.shape[1] // k.shape[1]  # each kv head serves `groups` query heads
+    scores = q @ k.repeat_interleave(groups, 1).transpose(-1, -2)
+    quantized = q_seen @ k_quantized.repeat_interleave(groups, 1).transpose(-1, -2)
+    return ((quantized - scores).norm() / scores.norm()).item()
+
+
+def test_rotating_q_and_k_lowers_the_kv4_error_of_the_attention_scores(tiny_model, tiny_tokens):
+    """The same quantized model with and without the Q/K Hadamard (``rotate_qk``) on a key with an outlier channel."""
+    model = with_an_outlier_key_channel(tiny_model)
+    get_method("quarot").from_options({"weight_solver": "rtn"}).quantize(model, BitSpec.parse("W16A16KV4"), tiny_tokens, CTX)
+    errors = {}
+    for rotate in (True, False):
+        model.model.layers[0].self_attn.qkv_quant.rotate_qk = rotate
+        errors[rotate] = attention_score_error(model, tiny_tokens)
+    assert errors[True] < 0.85 * errors[False], errors

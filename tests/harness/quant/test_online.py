@@ -4,6 +4,8 @@ unknown kind, a second class for a kind or a transform holding tensors is refuse
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,3 +130,15 @@ def test_a_transform_holding_tensors_its_recipe_does_not_rebuild_is_refused(tmp_
         export_model(model, None, tmp_path / "learned")
     assert not (tmp_path / "learned").exists()
 
+
+def test_the_documented_plugin_transform_registers_and_rebuilds_from_its_recipe():
+    """docs/methods/quarot.md's example, exactly as printed."""
+    page = (Path(__file__).resolve().parents[3] / "docs" / "methods" / "quarot.md").read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", page, re.DOTALL) if "class SignFlip" in block]
+    namespace: dict = {"__name__": "docs_quarot_example"}
+    exec(code, namespace)  # noqa: S102
+    flip = namespace["SignFlip"](12, seed=1)
+    rebuilt = online_transform(json.loads(json.dumps(flip.to_dict())))
+    assert type(rebuilt) is namespace["SignFlip"] and "my_plugin.sign_flip" in online_kinds()
+    x = torch.randn(2, 12)
+    assert torch.equal(rebuilt(x), flip(x)) and torch.equal(flip(flip(x)), x)
