@@ -6,11 +6,15 @@ per-channel scale may move across), how to run one block or its attention on its
 cannot do exactly (``refusal``), and to perform the transforms (``transforms.py``: fold a scale or a
 shift into a producer, fold a norm into its consumers, rotate a linear's input or output side with its
 bias). Each operation leaves the FP function unchanged (tests/harness/adapter/ checks every family).
+A family that fuses or stacks projections in one tensor is first ``prepare``d into separate linears
+(``fused.py``), so the names always point at one ``nn.Linear`` each.
 This layout: pre-norm RMSNorm, q/k/v/o attention with RoPE and grouped-query heads, gated MLP
-(LLaMA-1/2/3, SmolLM, Mistral; Qwen2 adds q/k/v biases, Qwen3 QK-norms; see ``families.py``).
+(LLaMA-1/2/3, SmolLM, Mistral; Qwen2 adds q/k/v biases, Qwen3 QK-norms, Phi-3 fused projections,
+Qwen3-MoE routed experts; see ``families.py``).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,13 +35,29 @@ class LlamaAdapter(EquivalentTransforms):
     attn_in: ScalePair = ScalePair("attn_in", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
     mlp_in: ScalePair = ScalePair("mlp_in", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))
     attn_out: ScalePair = ScalePair("attn_out", "self_attn.v_proj", ("self_attn.o_proj",))
-    mlp_out: ScalePair = ScalePair("mlp_out", "mlp.up_proj", ("mlp.down_proj",))
+    # None where each expert has its own (``mlp_outs``)
+    mlp_out: ScalePair | None = ScalePair("mlp_out", "mlp.up_proj", ("mlp.down_proj",))
     # norms applied inside attention to each head of Q and K (Qwen3, Gemma3): () = none
     qk_norms: tuple[str, ...] = ()
     # norms on a sublayer's output before the residual add (Gemma3's post-attention and post-MLP norms)
     post_norms: tuple[str, ...] = ()
     # a norm multiplies by (offset + weight): 0 for LLaMA's RMSNorm, 1 for Gemma's
     norm_offset: float = 0.0
+    # the fraction of each head's channels RoPE turns (the first ones; config partial_rotary_factor, Phi-3 / Phi-4)
+    rotary_fraction: float = 1.0
+    # modules that read a pair's input and stay FP, never quantized (a MoE router, in mlp_in's consumers)
+    routers: tuple[str, ...] = ()
+    # routed experts per MLP (0: one dense MLP)
+    experts: int = 0
+
+    @classmethod
+    def from_config(cls, config: Any) -> LlamaAdapter:
+        """The adapter of a model with ``config`` (a transformers config or a config.json dict): what its layout
+        depends on beyond the family (here the rotary fraction)."""
+        rope = config_value(config, "rope_parameters") or {}
+        fraction = (rope.get("partial_rotary_factor") if isinstance(rope, Mapping) else None) \
+            or config_value(config, "partial_rotary_factor") or 1.0
+        return cls(rotary_fraction=float(fraction))
 
     @property
     def family(self) -> str:
@@ -45,13 +65,42 @@ class LlamaAdapter(EquivalentTransforms):
 
     @property
     def attention_path(self) -> str:
-        """The attention module of a block (the parent of q/k/v)."""
-        return self.attn_in.consumers[0].rpartition(".")[0]
+        """The attention module of a block (the parent of o_proj)."""
+        return self.attn_out.consumers[0].rpartition(".")[0]
 
     @property
     def mlp_path(self) -> str:
-        """The MLP module of a block (the parent of gate/up/down)."""
+        """The MLP module of a block (the parent of gate/up/down, or of a MoE's router and experts)."""
         return self.mlp_in.consumers[0].rpartition(".")[0]
+
+    @property
+    def mlp_outs(self) -> tuple[ScalePair, ...]:
+        """up_proj -> down_proj of every MLP of the block: ``mlp_out``, or one per expert."""
+        return (self.mlp_out,)
+
+    @property
+    def scale_pairs(self) -> tuple[ScalePair, ...]:
+        """Every pair of the block: attn_in, attn_out, mlp_in and the mlp_outs."""
+        return (self.attn_in, self.attn_out, self.mlp_in, *self.mlp_outs)
+
+    def input_groups(self, pair: ScalePair) -> tuple[tuple[str, ...], ...]:
+        """``pair``'s consumers grouped by the tokens they read: all of them (one group), except where a router sends
+        each token to some experts (the router alone, then each expert's gate/up). A group's first consumer's
+        recorded input stands for the group."""
+        return (pair.consumers,)
+
+    def intermediate_size(self, config: Any) -> int:
+        """The width of down_proj's input: of the MLP, or of one expert."""
+        return config_value(config, "intermediate_size")
+
+    def rotary_dim(self, head_dim: int) -> int:
+        """How many of a head's channels RoPE turns: channel d with d + rotary_dim / 2 for d < rotary_dim / 2."""
+        return int(head_dim * self.rotary_fraction)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Put separate linears where the family fuses or stacks projections (``fused.py``), in place; exact, and
+        nothing to do for this layout. Every loader calls it, and ``Method.apply``; a prepared model is left alone."""
+        return model
 
     @property
     def qkv_names(self) -> tuple[str, str, str]:
@@ -61,8 +110,10 @@ class LlamaAdapter(EquivalentTransforms):
 
     @property
     def linear_names(self) -> tuple[str, ...]:
-        """Every linear of a block, in execution order."""
-        return (*self.attn_in.consumers, *self.attn_out.consumers, *self.mlp_in.consumers, *self.mlp_out.consumers)
+        """Every linear of a block that is quantized (not the ``routers``), in execution order."""
+        names = (*self.attn_in.consumers, *self.attn_out.consumers, *self.mlp_in.consumers,
+                 *(name for pair in self.mlp_outs for name in pair.consumers))
+        return tuple(name for name in names if name not in self.routers)
 
     # -- where things are ---------------------------------------------------------------------------------
 
@@ -181,10 +232,13 @@ class LlamaAdapter(EquivalentTransforms):
 
         - ``rotate_residual``: rotate the residual stream offline (every writer writes h Q, every reader reads
           through W Q);
-        - ``transform_qk``: a per-channel scale or a rotation of q_proj's and k_proj's outputs (OmniQuant's q/k scale).
+        - ``transform_qk``: a per-channel scale or a rotation of q_proj's and k_proj's outputs (OmniQuant's q/k scale);
+        - ``mlp_site``: the MLP as one site, gate/up -> act(gate) * up -> down_proj, whose output a search computes
+          from those weights alone (OS+'s and QLLM's site functions).
 
-        Both follow from the layout: a norm between a sublayer's output and the residual add (``post_norms``)
-        normalises h Q differently from h; a norm on each head of Q and K (``qk_norms``) normalises scaled channels.
+        All follow from the layout: a norm between a sublayer's output and the residual add (``post_norms``)
+        normalises h Q differently from h; a norm on each head of Q and K (``qk_norms``) normalises scaled channels;
+        a router (``routers``) sends each token through some experts' gate/up/down only.
         """
         if operation == "rotate_residual" and self.post_norms:
             return (f"its norms on each sublayer's output before the residual add ({', '.join(self.post_norms)}) do not commute "
@@ -192,13 +246,24 @@ class LlamaAdapter(EquivalentTransforms):
         if operation == "transform_qk" and self.qk_norms:
             return (f"its norm on each head of Q and K ({', '.join(n.rpartition('.')[2] for n in self.qk_norms)}) commutes "
                     "with no per-channel scale or rotation of q_proj's and k_proj's outputs")
+        if operation == "mlp_site" and self.routers:
+            return (f"its router ({', '.join(self.routers)}) sends each token to some of its {self.experts} experts, each "
+                    "with its own gate/up/down: no single gated-MLP site")
         return None
 
 
+def config_value(config: Any, key: str) -> Any:
+    return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of the rotate-half layout (channels d and d + head_dim / 2 of a head turn together)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    """Rotary embedding of the rotate-half layout on the first cos.shape[-1] channels of each head (channels d and
+    d + rotary / 2 turn together); the rest pass unchanged (partial RoPE)."""
+    rotary = cos.shape[-1]
+    turned, kept = x[..., :rotary], x[..., rotary:]
+    half = rotary // 2
+    turned = turned * cos + torch.cat((-turned[..., half:], turned[..., :half]), dim=-1) * sin
+    return torch.cat((turned, kept), dim=-1) if kept.shape[-1] else turned
 
 
 def causal_mask(q_len: int, kv_len: int, dtype: torch.dtype, device: torch.device | str = "cpu",

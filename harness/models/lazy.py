@@ -135,9 +135,12 @@ class BlockStore:
 
             assign_tensors(layer, load_file(self._work_file(index)))
             return
+        from harness.adapter import prepared_state
+
         prefix = f"{self.layers_path}.{index}."
         tensors = read_tensors(self.folder, self.source_names(prefix), self.files, self.dtype)
-        assign_tensors(layer, {name[len(prefix):]: t for name, t in tensors.items()})
+        # the checkpoint's layout into the prepared block's (a fused linear's parts, stacked experts)
+        assign_tensors(layer, prepared_state(layer, {name[len(prefix):]: t for name, t in tensors.items()}))
 
     def finish(self, index: int, layer: nn.Module) -> int:
         """Write the finished block (atomically: tmp file + rename); return its size in bytes."""

@@ -52,7 +52,18 @@ TINY_FAMILY_CONFIGS: dict[str, dict] = {
     "qwen3": {"model_type": "qwen3", **TINY_CONFIG, "head_dim": 16},
     "gemma3_text": {"model_type": "gemma3_text", **TINY_CONFIG, "num_key_value_heads": 1, "head_dim": 32, "sliding_window": 16,
                     "layer_types": ["sliding_attention", "full_attention"], "query_pre_attn_scalar": 32},
+    # fused qkv_proj and gate_up_proj, RoPE on half of each head (Phi-4-mini turns 3/4)
+    "phi3": {"model_type": "phi3", **TINY_CONFIG, "sliding_window": 16, "partial_rotary_factor": 0.5},
+    # 4 experts of width 32, each token routed to 2 (Qwen3-30B-A3B: 128 of 768, top 8), Qwen3's QK-norms
+    "qwen3_moe": {"model_type": "qwen3_moe", **TINY_CONFIG, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 32, "norm_topk_prob": True},
 }
+
+
+def tiny_name(family: str) -> str:
+    """The zoo name of a family's tiny random model: ``tiny-random-llama``, ``tiny-random-gemma3``, ``tiny-random-qwen3-moe``."""
+    return "tiny-random-" + family.removesuffix("_text").replace("_", "-")
+
 
 ZOO: dict[str, ZooEntry] = {
     "smollm2-135m": ZooEntry(
@@ -74,7 +85,7 @@ ZOO: dict[str, ZooEntry] = {
                           size=253_113_024, sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
     ),
     "tiny-random-llama": ZooEntry("2-layer random LLaMA (hidden 64, GQA 4/2 heads), seeded; for tests", random_config=TINY_CONFIG),
-    **{f"tiny-random-{family.split('_')[0]}": ZooEntry(f"2-layer random {family} (hidden 64), seeded; for tests", random_config=cfg)
+    **{tiny_name(family): ZooEntry(f"2-layer random {family} (hidden 64), seeded; for tests", random_config=cfg)
        for family, cfg in TINY_FAMILY_CONFIGS.items() if family != "llama"},
     "llama-7b": ZooEntry("LLaMA-1 7B", hub_id="huggyllama/llama-7b"),
     "llama-13b": ZooEntry("LLaMA-1 13B", hub_id="huggyllama/llama-13b"),
@@ -114,15 +125,24 @@ def tiny_llama(seed: int = 0, attention_kernel: str = "sdpa", **overrides: objec
     return tiny_model("llama", seed, attention_kernel, **overrides)
 
 
-def tiny_model(model_type: str = "llama", seed: int = 0, attention_kernel: str = "sdpa", **overrides: object) -> nn.Module:
-    """A randomly initialised 2-layer model of a family (``TINY_FAMILY_CONFIGS``), built in code."""
+def tiny_model(model_type: str = "llama", seed: int = 0, attention_kernel: str = "sdpa", prepare: bool = True,
+               **overrides: object) -> nn.Module:
+    """A randomly initialised 2-layer model of a family (``TINY_FAMILY_CONFIGS``), built in code; ``prepare``: in the
+    layout its adapter describes (``LlamaAdapter.prepare``), as every loader gives it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = {**TINY_FAMILY_CONFIGS[model_type], **overrides}
     torch.manual_seed(seed)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     config._attn_implementation = attention_kernel
-    return AutoModelForCausalLM.from_config(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
+    return _prepared(model) if prepare else model
+
+
+def _prepared(model: nn.Module) -> nn.Module:
+    from harness.adapter import get_adapter
+
+    return get_adapter(model).prepare(model)
 
 
 def gguf_folder(name: str, entry: ZooEntry) -> Path:
@@ -156,7 +176,7 @@ def _load_pretrained(path: str | Path, *, dtype: torch.dtype, trust_remote_code:
             raise
         raise ResourceUnavailableError(f"model {what}: {_bad_weights(path) or 'a weight file'} is not a valid safetensors file ({err})") from err
     _decompress(model)
-    return model.eval(), tokenizer
+    return _prepared(model).eval(), tokenizer
 
 
 def _decompress(model: nn.Module) -> None:
@@ -202,6 +222,7 @@ def _load_lazy(folder: Path, *, dtype: torch.dtype, trust_remote_code: bool, wha
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      attn_implementation=attention_kernel)
         adapter = get_adapter(model)
+        adapter.prepare(model)  # on the meta device: the blocks' tensors arrive in its layout (BlockStore.load)
         store = BlockStore(folder, dtype, adapter.layers_path)
     except (OSError, ValueError) as err:
         raise ResourceUnavailableError(f"model {what}: could not be loaded ({err.__class__.__name__}: {str(err).splitlines()[0]})") from err

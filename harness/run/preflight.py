@@ -13,16 +13,20 @@ import math
 from collections.abc import Iterable
 from types import SimpleNamespace
 
-from harness.adapter import SUPPORTED_MODEL_TYPES, LlamaAdapter
+from harness.adapter import SUPPORTED_MODEL_TYPES, adapter_for
 from harness.bits import BitSpec
 from harness.errors import ConfigError
 from harness.models import model_config
 
 
 def model_widths(cfg: dict) -> dict[str, int]:
-    """The input widths of the linears a weight group runs along: q/k/v/gate/up, down, o."""
-    heads, _, head_dim = LlamaAdapter().attention_geometry(SimpleNamespace(**{"head_dim": None, "num_key_value_heads": None, **cfg}))
-    return {"hidden_size": cfg["hidden_size"], "intermediate_size": cfg["intermediate_size"], "attention output": heads * head_dim}
+    """The input widths of the linears a weight group runs along: q/k/v/gate/up, down (an expert's in a MoE), o."""
+    adapter = adapter_for(cfg.get("model_type") or "llama", cfg)  # (the LLaMA layout for a config without one)
+    heads, _, head_dim = adapter.attention_geometry(SimpleNamespace(**{"head_dim": None, "num_key_value_heads": None, **cfg}))
+    inter = adapter.intermediate_size(cfg)
+    if inter is None:
+        raise KeyError("intermediate_size")
+    return {"hidden_size": cfg["hidden_size"], "intermediate_size": inter, "attention output": heads * head_dim}
 
 
 def check_model(name: str, where: str, specs: Iterable[tuple[str, BitSpec]], seqlens: Iterable[tuple[str, int]]) -> None:

@@ -206,6 +206,10 @@ def test_widths_come_from_the_config_including_an_explicit_head_dim():
         {"hidden_size": 64, "intermediate_size": 128, "attention output": 64}
     # head_dim given (and not hidden / heads): o_proj's input is heads x head_dim
     assert model_widths({"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "head_dim": 32})["attention output"] == 128
+    # a MoE's down_proj is an expert's: its width is moe_intermediate_size, not the dense MLP's intermediate_size
+    moe = {"model_type": "qwen3_moe", "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 48,
+           "num_attention_heads": 4, "num_experts": 4}
+    assert model_widths(moe)["intermediate_size"] == 48
 
 
 def test_a_group_size_dividing_every_width_is_accepted(tmp_path):

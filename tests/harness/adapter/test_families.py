@@ -79,9 +79,9 @@ def test_fold_scale_leaves_the_output_equal(family, pair):
     before = blockwise_logits(model, ids)
     g = torch.Generator().manual_seed(3)
     for layer in adapter.layers(model):
-        p = getattr(adapter, pair)
-        width = layer.get_submodule(p.consumers[0]).in_features
-        adapter.fold_scale(layer, p, 0.5 + torch.rand(width, generator=g, dtype=torch.float64))
+        for p in adapter.mlp_outs if pair == "mlp_out" else (getattr(adapter, pair),):  # one per expert of a MoE
+            width = layer.get_submodule(p.consumers[0]).in_features
+            adapter.fold_scale(layer, p, 0.5 + torch.rand(width, generator=g, dtype=torch.float64))
     after = blockwise_logits(model, ids)
     torch.testing.assert_close(after, before, **tolerance(family))
 
@@ -190,5 +190,7 @@ def test_refusals_follow_the_layout(family):
     adapter = get_adapter(model64(family))
     assert (adapter.refusal("rotate_residual") is not None) == bool(adapter.post_norms)
     assert (adapter.refusal("transform_qk") is not None) == bool(adapter.qk_norms)
-    assert {family for family in FAMILIES if get_adapter({"model_type": family}).qk_norms} == {"qwen3", "gemma3_text"}
+    assert (adapter.refusal("mlp_site") is not None) == bool(adapter.routers)
+    assert {family for family in FAMILIES if get_adapter({"model_type": family}).qk_norms} == {"qwen3", "gemma3_text", "qwen3_moe"}
+    assert {family for family in FAMILIES if get_adapter({"model_type": family}).routers} == {"qwen3_moe"}
     assert adapter.refusal("fold_norm") is None
