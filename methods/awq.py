@@ -19,6 +19,12 @@ LLaMA's; Gemma3's mlp_in norm is pre_feedforward_layernorm):
 - ``mlp_in``: post_attention_layernorm -> gate/up, the loss on the MLP's output (down_proj FP);
 - ``mlp_out``: up_proj -> down_proj, the loss on down_proj's output.
 
+In a mixture-of-experts block (the adapter's ``mlp_outs``, ``routers``) ``mlp_in`` is the norm -> every expert's
+gate/up, the loss on the routed MLP's output, the router reading the scaled input FP (its columns take s, so it
+routes as before); each expert has its own ``mlp_out`` group, searched on the tokens routed to it (an expert that
+none of the kept samples reaches keeps s = 1 and its range). The clip search of an expert's linear sees its
+routed tokens too (``adapter.input_groups``).
+
 For ratio r in {0, 1/n_grid, ..., (n_grid - 1)/n_grid}: s = a^r clamped to >= 1e-4, divided by
 sqrt(max(s) min(s)), where a is the **mean** |x| of each input channel over every calibration
 token (the official ``get_act_scale``; its variable is called ``x_max``, but it is a mean). The
@@ -71,6 +77,7 @@ from harness import (
     quantize_weight,
     register_method,
 )
+from harness.adapter import LlamaAdapter
 from harness.engine.blockwise import run_blockwise
 from harness.engine.hooks import BlockHooks, BlockJob
 from harness.engine.solvers import SolverOptions, check_solver, solve_block
@@ -198,33 +205,46 @@ def apply_clip(linear: nn.Linear, bound: torch.Tensor) -> None:
 
 
 def scale_groups(job: BlockJob, layer: nn.Module) -> list[ScaleGroup]:
-    """The official scaling groups of one block (attn_out only without grouped-query attention)."""
+    """The official scaling groups of one block (attn_out only without grouped-query attention; one mlp_out per expert)."""
     a = job.adapter
     groups = [ScaleGroup(a.attn_in, lambda x: a.run_attention(layer, x, job.position_embeddings))]
     v, o = (layer.get_submodule(a.attn_out.producer), layer.get_submodule(a.attn_out.consumers[0]))
     if v.weight.shape == o.weight.shape:
         groups.append(ScaleGroup(a.attn_out, o))
     groups.append(ScaleGroup(a.mlp_in, layer.get_submodule(a.mlp_path)))
-    groups.append(ScaleGroup(a.mlp_out, layer.get_submodule(a.mlp_out.consumers[0])))
+    groups += [ScaleGroup(pair, layer.get_submodule(pair.consumers[0])) for pair in a.mlp_outs]
     return groups
+
+
+def recorded_inputs(adapter: LlamaAdapter) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The linears whose inputs the teacher pass records (one per group of consumers that read the same tokens), and
+    for every consumer the recorded one that stands for its input."""
+    groups = [group for pair in adapter.scale_pairs for group in adapter.input_groups(pair)]
+    return tuple(dict.fromkeys(g[0] for g in groups)), {name: g[0] for g in groups for name in g}
 
 
 @torch.no_grad()
 def auto_scale_block(job: BlockJob, layer: nn.Module, feats: dict[str, torch.Tensor], spec: BitSpec, n_grid: int
                      ) -> dict[str, float]:
-    """Search every scaling group's scales and fold them (``adapter.fold_scale``: exact in FP); return each group's ratio.
+    """Search every scaling group's scales and fold them (``adapter.fold_scale``: exact in FP); return each group's ratio
+    (the mean over the experts' mlp_out groups).
 
-    ``feats``: the recorded inputs of each group's first consumer, replaced by the scaled inputs the clip search sees.
+    ``feats``: the recorded inputs of each group's first consumer, replaced by the scaled inputs the clip search sees;
+    a group whose input was never recorded (an expert no kept sample is routed to) is left unscaled.
     """
-    ratios = {}
+    ratios: dict[str, list[float]] = {}
     for group in scale_groups(job, layer):
         pair = group.pair
-        x = feats[pair.consumers[0]]
-        linears = [layer.get_submodule(n) for n in pair.consumers]
-        scales, ratios[pair.name], _ = search_scale(x, linears, group.inspect, spec, n_grid)
+        x = feats.get(pair.consumers[0])
+        if x is None:
+            continue
+        linears = [layer.get_submodule(n) for n in pair.consumers if n in job.adapter.linear_names]  # not a router
+        scales, ratio, _ = search_scale(x, linears, group.inspect, spec, n_grid)
+        ratios.setdefault(pair.name, []).append(ratio)
         job.adapter.fold_scale(layer, pair, scales)
-        feats[pair.consumers[0]] = x / scales.to(x)
-    return ratios
+        for name in (g[0] for g in job.adapter.input_groups(pair) if g[0] in feats):  # every expert's input too
+            feats[name] = feats[name] / scales.to(feats[name])
+    return {name: statistics.fmean(values) for name, values in ratios.items()}
 
 
 @register_method
@@ -248,19 +268,18 @@ class AWQ(Method):
         calibration = self.require_calibration(calibration)
         cfg = self.config
         adapter = get_adapter(model)
-        pairs = (adapter.attn_in, adapter.attn_out, adapter.mlp_in, adapter.mlp_out)
-        record = tuple(p.consumers[0] for p in pairs)  # a pair's linears share one input: its first one's is recorded
-        source = {name: p.consumers[0] for p in pairs for name in p.consumers}
+        pairs = adapter.scale_pairs
+        record, source = recorded_inputs(adapter)  # linears that read the same tokens share one recorded input
 
         def solve(job: BlockJob) -> dict:
             stats: dict = {"ratio": {}, "clip_shrink": {}}
             clip_skipped = job.adapter.qkv_names[:2]  # q_proj, k_proj: the official auto_clip_block skips "q_" and "k_"
             for layer, inputs in zip(job.layers, job.inputs):
-                feats = {name: inputs.first_samples(name) for name in record}
+                feats = {name: inputs.first_samples(name) for name in record if name in inputs.samples}
                 for name, ratio in (auto_scale_block(job, layer, feats, spec, cfg.n_grid) if cfg.auto_scale else {}).items():
                     stats["ratio"].setdefault(name, []).append(ratio)
                 for name in job.adapter.linear_names if cfg.auto_clip else ():
-                    if name in clip_skipped:
+                    if name in clip_skipped or source[name] not in feats:  # not clipped without tokens to measure it on
                         continue
                     linear = layer.get_submodule(name)
                     bound = search_clip(linear.weight.data, clip_subsample(feats[source[name]], cfg.clip_tokens), spec,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
-from harness import BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, option, register_method
+from harness import BitSpec, ConfigError, Method, MethodConfig, QuantContext, QuantizeResult, get_adapter, option, register_method
 from harness.engine.blockwise import run_blockwise
 from harness.engine.hooks import BlockHooks, BlockJob
 from harness.engine.solvers import SolverOptions, solve_block
@@ -75,12 +75,13 @@ class GPTQ(Method):
         return QuantizeResult(model, {"jobs": jobs, "quantized_linears": sum(len(j["linears"]) for j in jobs)})
 
     def working_memory(self, config: PretrainedConfig) -> WorkingMemory:
-        """The float32 Hessians of the linears solved together (all seven, or the largest sequential group),
+        """The float32 Hessians of the linears solved together (all of a block's, or the largest sequential group),
         and the solver's two C x C copies (the dampened H and its inverse factor) of the widest input."""
-        h, inter = config.hidden_size, config.intermediate_size
+        adapter = get_adapter(config)
+        h, inter, experts = config.hidden_size, adapter.intermediate_size(config), max(1, adapter.experts)
         heads = config.num_attention_heads
         attn = heads * (getattr(config, "head_dim", None) or h // heads)
-        groups = [[h, h, h], [attn], [h, h], [inter]]  # input widths: q/k/v, o, gate/up, down
+        groups = [[h, h, h], [attn], [h, h] * experts, [inter] * experts]  # input widths: q/k/v, o, gate/up, down (each expert's)
         together = max(sum(c * c for c in g) for g in groups) if self.config.true_sequential else sum(
             c * c for g in groups for c in g)
         return WorkingMemory(extra_bytes=4 * (together + 2 * max(h, attn, inter) ** 2))

@@ -25,7 +25,9 @@ W4A4/W6A6 script exists for LLaMA-2-70B. ``let_attention: exact`` (the default) 
 attention and makes it exact under GQA: the v -> o scale has one entry per channel of the KV
 heads (v_proj's output size) and is repeated over the query heads sharing that KV head on o_proj's input columns; the q/k
 scale has one entry per (KV head, RoPE pair): RoPE rotates channels d and d + head_dim/2 of a head
-together, so both get the same scale, which makes the scale commute with the rotation. With the
+together, so both get the same scale, which makes the scale commute with the rotation (with partial RoPE,
+Phi-3's ``partial_rotary_factor``, the pairs are d and d + rotary/2 and each channel RoPE leaves alone has
+its own entry: ``adapter.rotary_dim``). With the
 quantizers off the transformed block computes exactly the FP function (see the tests).
 ``let_attention: off`` has LET on post_attention_layernorm -> gate/up only, no LET on q/k/v/o: the
 QLLM paper's "OmniQuant*" rows on LLaMA-2-70B. Without GQA both modes are available too.
@@ -200,8 +202,9 @@ class LETScales(nn.Module):
         if attention:
             self.qkv = nn.Parameter(torch.ones(hidden, **ones))  # attn_in: the attention's input norm -> q/k/v
             self.out = nn.Parameter(torch.ones(kv_heads * head_dim, **ones))  # attn_out: v_proj -> o_proj
-            if adapter.refusal("transform_qk") is None:
-                self.qk = nn.Parameter(torch.ones(kv_heads, head_dim // 2, **ones))  # q rows / s, k rows * s
+            if adapter.refusal("transform_qk") is None:  # q rows / s, k rows * s: one per RoPE pair, one per channel RoPE leaves
+                self.rotary = adapter.rotary_dim(head_dim)
+                self.qk = nn.Parameter(torch.ones(kv_heads, head_dim - self.rotary // 2, **ones))
 
     @property
     def has_qk(self) -> bool:
@@ -215,7 +218,8 @@ class LETScales(nn.Module):
         return per_kv_head.repeat_interleave(self.heads // self.kv_heads, dim=0).reshape(-1)
 
     def qk_kv(self) -> torch.Tensor:
-        return torch.cat([self.get("qk")] * 2, dim=-1)  # (kv_heads, head_dim), RoPE pairs tied
+        qk = self.get("qk")  # (kv_heads, head_dim): channels d and d + rotary / 2 (a RoPE pair) tied, then the rest
+        return torch.cat([qk[:, :self.rotary // 2], qk], dim=-1)
 
     def factors(self) -> dict[str, tuple[str, torch.Tensor | None, torch.Tensor | None]]:
         """Per parametrized module: (kind, row factor, column factor); a linear's weight becomes row * W * col

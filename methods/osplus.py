@@ -324,6 +324,12 @@ class OSPlus(Method):
             raise ConfigError(f"bits: {spec.name} is not allowed for os+: it searches scales against weight and activation "
                               "quantization, as every official config; use a spec that quantizes both (e.g. W8A8, W6A6, W4A4)")
 
+    def check_model(self, config: PretrainedConfig) -> None:
+        """The gate/up and down_proj sites are a dense gated MLP's (``adapter.refusal("mlp_site")``: not a MoE's)."""
+        adapter = get_adapter(config)
+        if (why := adapter.refusal("mlp_site")) is not None:
+            raise ConfigError(f"model: os+ cannot run on {adapter.family}: {why} for its threshold search to score")
+
     def working_memory(self, config: PretrainedConfig) -> WorkingMemory:
         """One batch of threshold candidates, and the site inputs of ``search_samples`` windows."""
         return WorkingMemory(extra_bytes=self.config.batch_mb * 2**20, samples=self.config.search_samples)

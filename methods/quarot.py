@@ -127,7 +127,7 @@ class QuaRot(Method):
                   seed: int) -> dict[str, str]:
         """What rotates each width (a Hadamard matrix, or R_K ⊗ H_m where the width has none) and, for the online
         ones, what it costs per element: the run's record of its rotations."""
-        hidden, inter = config.hidden_size, config.intermediate_size
+        hidden, inter = config.hidden_size, get_adapter(config).intermediate_size(config)  # an expert's in a MoE
 
         def online(n: int) -> str:
             return f"{rotation_name(n, seed)} online, {rotation_cost(n)}"

@@ -45,7 +45,12 @@ class InputRecord:
     samples: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     def first_samples(self, name: str) -> torch.Tensor:
-        return torch.cat(self.samples[name])
+        """The kept inputs of ``name`` stacked along dim 0; inputs of different lengths (a routed expert's tokens of
+        each sequence) joined along the tokens as one sample, (1, tokens, width)."""
+        kept = self.samples[name]
+        if len({t.shape[1:] for t in kept}) > 1:
+            return torch.cat([t.reshape(-1, t.shape[-1]) for t in kept]).unsqueeze(0)
+        return torch.cat(kept)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ A method that wants a choice offers ``weight_solver: rtn | gptq`` and calls this
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ from harness.quant.clip_search import clip_search_params
 from harness.quant.gptq import FixedGridQuantizer, GPTQOptions, Hessian, gptq_solve
 from harness.quant.qlinear import freeze, quantize_block, quantizers_disabled
 from harness.quant.quantizer import group_view
+
+log = logging.getLogger(__name__)
 
 SOLVERS = ("rtn", "gptq")
 
@@ -60,11 +63,13 @@ class SolverOptions:
 
 
 def sequential_groups(job: BlockJob, true_sequential: bool) -> list[tuple[str, ...]]:
-    """The groups of linears solved one after another (the official ``sequential`` lists)."""
+    """The groups of linears solved one after another (the official ``sequential`` lists; every expert's gate/up, then
+    every expert's down_proj, in a MoE block; its router is never quantized)."""
     a = job.adapter
     if not true_sequential:
         return [a.linear_names]
-    return [a.attn_in.consumers, a.attn_out.consumers, a.mlp_in.consumers, a.mlp_out.consumers]
+    groups = [a.attn_in.consumers, a.attn_out.consumers, a.mlp_in.consumers, tuple(n for p in a.mlp_outs for n in p.consumers)]
+    return [tuple(name for name in group if name in a.linear_names) for group in groups]
 
 
 def solve_block(job: BlockJob, layer: nn.Module, spec: BitSpec, options: SolverOptions) -> list[dict]:
@@ -85,8 +90,16 @@ def solve_block(job: BlockJob, layer: nn.Module, spec: BitSpec, options: SolverO
             hessians = _collect(job, position, layer, names)
         for name in names:
             started = time.perf_counter()
-            linear = layer.get_submodule(name)
-            q, scale, zero, loss = gptq_solve(linear.weight.data.to(job.device), hessians.pop(name).matrix, spec, options.gptq)
+            linear, hessian = layer.get_submodule(name), hessians.pop(name)
+            if not hessian.samples:  # no calibration token reached it (an expert no token was routed to): GPTQ
+                (qlinear,) = quantize_block(layer, spec, job.adapter, include=lambda n, _l, name=name: n == name).values()
+                if options.gptq.clip_search:  # would zero every column it never saw, so it is rounded to nearest
+                    rows = group_view(qlinear.weight.detach().float(), spec)
+                    qlinear.weight_quant = FixedGridQuantizer(spec, *clip_search_params(rows, spec))
+                qlinear.freeze()
+                log.info("%s: no calibration token reached %s; rounded to nearest", job.label, name)
+                continue
+            q, scale, zero, loss = gptq_solve(linear.weight.data.to(job.device), hessian.matrix, spec, options.gptq)
             (qlinear,) = quantize_block(layer, spec, job.adapter, include=lambda n, _l, name=name: n == name).values()
             qlinear.weight.data = q.to(qlinear.weight.device, qlinear.weight.dtype)
             qlinear.weight_quant = FixedGridQuantizer(spec, scale, zero)

@@ -271,6 +271,13 @@ class QLLM(Method):
     description = "QLLM: adaptive channel reassembly + low-rank error correction (Liu et al. 2023)"
     config_class = QLLMConfig
 
+    def check_model(self, config: PretrainedConfig) -> None:
+        """Channel reassembly's gate/up and down_proj sites are a dense gated MLP's (``adapter.refusal("mlp_site")``)."""
+        adapter = get_adapter(config)
+        if self.config.disassembly and (why := adapter.refusal("mlp_site")) is not None:
+            raise ConfigError(f"model: qllm's channel reassembly cannot run on {adapter.family}: {why} to reassemble; "
+                              "use disassembly: false and assembly: false (the low-rank error correction alone)")
+
     def working_memory(self, config: PretrainedConfig) -> WorkingMemory:
         """Q(W) of the block group, cached while the error correction trains (low_memory: as 1-byte codes), and
         the site features of ``search_samples`` windows."""

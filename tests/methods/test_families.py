@@ -7,6 +7,9 @@
 2. at W4A4, a one-run sweep (``parse_config`` + ``plan`` + ``execute`` on ``tiny-random-<family>``) stores a
    finite result, or ``parse_config`` refuses the pair in one line that names the family.
 
+A method that refuses a family (``Method.check_model``: OS+'s and QLLM's reassembly on a MoE) does so in one line
+naming it, in 1. as in 2.
+
 A family added to ``TINY_FAMILY_CONFIGS`` and a method added to the registry are picked up here.
 """
 from __future__ import annotations
@@ -21,12 +24,12 @@ from harness import BitSpec, ConfigError, QuantContext
 from harness.adapter import get_adapter
 from harness.engine.blockwise import run_blockwise
 from harness.engine.hooks import BlockHooks
-from harness.models import TINY_FAMILY_CONFIGS, tiny_model
+from harness.models import TINY_FAMILY_CONFIGS, tiny_model, tiny_name
 from harness.registry import REGISTRY
 from harness.run.config import parse_config
 from harness.run.execute import execute, plan
 from harness.run.results import ResultStore
-from methods.awq import auto_scale_block
+from methods.awq import auto_scale_block, recorded_inputs
 from methods.osplus import OSPlusConfig, suppress
 from tests.conftest import fast_options
 
@@ -35,10 +38,6 @@ METHODS = sorted(name for name in REGISTRY.names() if not REGISTRY.get(name).is_
 CPU = torch.device("cpu")
 CTX = QuantContext(device=CPU, progress=False)
 TOLERANCE = 1e-5  # relative logit error; a fold with the wrong algebra is off by 1e-2 or more
-
-
-def zoo_name(family: str) -> str:
-    return f"tiny-random-{family.split('_')[0]}"
 
 
 def tokens(n: int, seed: int) -> torch.Tensor:
@@ -72,8 +71,7 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def awq_scaling(model: torch.nn.Module, calibration: torch.Tensor) -> None:
     """AWQ's scale search and fold (``auto_scale_block``) on every block, no clipping, no rounding."""
-    adapter = get_adapter(model)
-    record = tuple(p.consumers[0] for p in (adapter.attn_in, adapter.attn_out, adapter.mlp_in, adapter.mlp_out))
+    record, _ = recorded_inputs(get_adapter(model))
 
     def solve(job):
         for layer, inputs in zip(job.layers, job.inputs):
@@ -104,10 +102,15 @@ def test_transforms_leave_the_fp_function_unchanged(method, family):
     model = outlier_model(family)
     calibration, ids = tokens(2, 0), tokens(2, 1)
     reference = logits(model, ids)
+    options = {**fast_options(method), **W16A16_OPTIONS.get(method, {})}
+    try:
+        REGISTRY.get(method).from_options(options).check_model(model.config)
+    except ConfigError as err:  # a family the method cannot serve, refused before any work
+        assert family in str(err) and "\n" not in str(err), str(err)
+        return
     if method in TRANSFORM_STEPS:
         TRANSFORM_STEPS[method](model, calibration)
     else:
-        options = {**fast_options(method), **W16A16_OPTIONS.get(method, {})}
         try:
             ptqbench.quantize(model, method, "W16A16", calibration, device="cpu", progress=False, **options)
         except ConfigError as err:  # a method that only rounds (GPTQ) has nothing to run at 16 bits
@@ -123,20 +126,23 @@ def test_the_transforms_act_on_the_models_above():
         model = outlier_model(family)
         adapter = get_adapter(model)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        ptqbench.quantize(model, "qllm", "W16A16", tokens(2, 0), device="cpu", progress=False,
-                          **fast_options("qllm"), **W16A16_OPTIONS["qllm"])
-        widths = [layer.get_submodule(adapter.attn_in.consumers[0]).weight.shape[1] for layer in adapter.layers(model)]
-        assert max(widths) > model.config.hidden_size, family  # channels disassembled, not merged back
-        model = outlier_model(family)
+        if adapter.refusal("mlp_site") is None:  # QLLM's reassembly refuses a MoE
+            ptqbench.quantize(model, "qllm", "W16A16", tokens(2, 0), device="cpu", progress=False,
+                              **fast_options("qllm"), **W16A16_OPTIONS["qllm"])
+            widths = [layer.get_submodule(adapter.attn_in.consumers[0]).weight.shape[1] for layer in adapter.layers(model)]
+            assert max(widths) > model.config.hidden_size, family  # channels disassembled, not merged back
+            model = outlier_model(family)
         ptqbench.quantize(model, "smoothquant", "W16A16", tokens(2, 0), device="cpu", progress=False)
-        norm = f"{adapter.layers_path}.0.{adapter.attn_in.producer}.weight"
-        assert not torch.equal(dict(model.named_parameters())[norm], before[norm]), family
+        params = dict(model.named_parameters())
+        for name in (adapter.attn_in.producer, *adapter.routers):  # a MoE's router takes the scales of its input too
+            key = f"{adapter.layers_path}.0.{name}.weight"
+            assert not torch.equal(params[key], before[key]), (family, name)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_w4a4_runs_through_a_sweep_or_is_refused_in_one_line(method, family, tmp_path):
-    raw = {"name": "families", "models": [zoo_name(family)], "methods": [{"name": method, **fast_options(method)}],
+    raw = {"name": "families", "models": [tiny_name(family)], "methods": [{"name": method, **fast_options(method)}],
            "bits": ["W4A4"], "device": "cpu", "calibration": {"dataset": "brown", "samples": 2, "seqlen": 32},
            "evaluation": {"ppl": {"datasets": ["brown"], "seqlen": 32, "max_windows": 2}}}
     try:
@@ -148,5 +154,5 @@ def test_w4a4_runs_through_a_sweep_or_is_refused_in_one_line(method, family, tmp
     store = ResultStore(tmp_path)
     store.write(run.key, execute(run, progress=False))
     [record] = list(store.records())
-    assert record.method == method and record.model == zoo_name(family) and record.bits == "W4A4"
+    assert record.method == method and record.model == tiny_name(family) and record.bits == "W4A4"
     assert math.isfinite(record.metrics["ppl"]["brown"])

@@ -1,6 +1,8 @@
 """OmniQuant-style method: LET is an exact equivalence (GQA included), LWC, training, export, perplexity."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.nn.utils import parametrize
@@ -10,7 +12,7 @@ from harness import BitSpec, ConfigError, QuantContext, QuantLinear, get_adapter
 from harness.engine.blockwise import run_blockwise
 from harness.engine.hooks import BlockHooks
 from harness.engine.blockwise import train as real_train
-from harness.models import tiny_llama
+from harness.models import tiny_llama, tiny_model
 from methods.omniquant import LearnableClipQuantizer, OmniQuantConfig, attach, fold
 
 W4A4 = BitSpec.parse("W4A4")
@@ -79,6 +81,45 @@ def test_untied_rope_pairs_would_break_equivalence(tiny_model, tiny_tokens):
         attn.k_proj.weight.mul_(s[:, None])
         attn.q_proj.weight.div_(s.view(2, -1).repeat_interleave(2, dim=0).reshape(-1)[:, None])
         assert not torch.allclose(tiny_model(tiny_tokens).logits, reference, atol=1e-4)
+
+
+def _let_logits(model, tokens, adapter):
+    """The logits with random LET scales (quantizers off), after folding them, and the states."""
+    g = torch.Generator().manual_seed(0)
+    states = [attach(layer, W4A4, adapter, adapter.attention_geometry(model), None, OmniQuantConfig())
+              for layer in adapter.layers(model)]
+    for s in states:
+        random_scales(s, g)
+    with quantizers_disabled(model), torch.no_grad():
+        transformed = model(tokens).logits
+        for s in states:
+            fold(s)
+        return transformed, model(tokens).logits, states
+
+
+@pytest.mark.parametrize("family", ["phi3", "qwen3_moe"])
+def test_let_is_exact_with_partial_rope_and_routed_experts(family, tiny_tokens):
+    """Phi-3 turns half of each head (the q/k scale ties d with d + rotary/2, the other half free); Qwen3-MoE's
+    router reads the scaled MLP input (its columns take the scale) and has no q/k scale (QK-norms)."""
+    model = tiny_model(family, seed=0).double()
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        reference = model(tiny_tokens).logits
+    transformed, folded, states = _let_logits(model, tiny_tokens, adapter)
+    assert states[0].scales is None  # folded
+    # the scales are float32 (s and 1 / s round once each): ~1e-7; a wrong tie is off by 1e-2 (below)
+    torch.testing.assert_close(transformed, reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(folded, reference, rtol=0, atol=1e-6)
+
+
+def test_a_q_k_scale_tied_as_for_full_rope_breaks_partial_rope(tiny_tokens):
+    """Why the tie follows the rotary dimension: with Phi-3's half RoPE, pairs (d, d + head_dim/2) change the function."""
+    model = tiny_model("phi3", seed=0).double()
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        reference = model(tiny_tokens).logits
+    transformed, _, _ = _let_logits(model, tiny_tokens, dataclasses.replace(adapter, rotary_fraction=1.0))
+    assert not torch.allclose(transformed, reference, atol=1e-3)
 
 
 @pytest.mark.smollm2

@@ -43,3 +43,34 @@ def test_gptq_on_fp_activations_solves_the_same_weights_whatever_the_activation_
     quantized_inputs = solved(copy.deepcopy(tiny_model), tiny_tokens, BitSpec.parse("W4A4"),
                               SolverOptions("gptq", true_sequential=True))
     assert any(not torch.allclose(quantized_inputs[n], w, atol=1e-6) for n, w in weight_only.items())
+
+
+def test_gptq_rounds_an_expert_no_token_reaches_to_nearest_and_never_quantizes_the_router(tiny_tokens):
+    """A MoE block whose router never picks expert 3: GPTQ would zero every column of a linear whose Hessian is empty,
+    so that expert's linears are rounded to nearest; the others are GPTQ's (not RTN's), and the router stays FP."""
+    from harness import get_adapter, quantize_weight
+    from harness.adapter.fused import Router
+    from harness.models import tiny_model
+
+    model = tiny_model("qwen3_moe", seed=0)
+    adapter = get_adapter(model)
+    for layer in adapter.layers(model):
+        router = layer.get_submodule(adapter.routers[0])
+
+        def never_three(x, router=router):
+            logits = torch.nn.functional.linear(x.reshape(-1, router.in_features), router.weight)
+            top, chosen = logits.masked_fill(torch.arange(4) == 3, -1e9).softmax(-1).topk(router.top_k, dim=-1)
+            return top / top.sum(-1, keepdim=True), chosen
+
+        router.forward = never_three
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    spec = BitSpec.parse("W4A16")
+    for true_sequential in (False, True):
+        quantized = copy.deepcopy(model)
+        weights = solved(quantized, tiny_tokens, spec, SolverOptions("gptq", true_sequential=true_sequential))
+        assert {n for n in weights if ".experts.3." in n} and len(weights) == len(adapter.linear_names) * 2
+        for name, w in weights.items():
+            assert torch.equal(w, quantize_weight(original[name], spec)) == (".experts.3." in name), name
+        for layer, before in zip(adapter.layers(quantized), adapter.layers(model)):
+            router = layer.get_submodule(adapter.routers[0])
+            assert type(router) is Router and torch.equal(router.weight, before.get_submodule(adapter.routers[0]).weight)
