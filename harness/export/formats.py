@@ -24,7 +24,8 @@ Two formats; the model decides which:
   inputs (Q/K/V per token and head, the KV cache, QuaRot's Hadamard on Q and K; ``harness.quant.attention``)
   and q/k/v outputs (``attention_scope: projection``), online transforms of a linear's input (a rotation's
   Hadamard), QLLM's channel reassembly (index/scale modules between a norm and its linears), an ``lm_head``
-  bias (QLLM's final norm bias folded into the head), per-tensor weights. Everything that folds is folded
+  bias (QLLM's final norm bias folded into the head), per-tensor weights, the separate linears of a family whose
+  checkpoint fuses or stacks them (Phi-3's q/k/v, Qwen3-MoE's experts: ``harness.adapter.fused``). Everything that folds is folded
   into plain weights: ``model.safetensors`` holds the architecture's own keys with the fake-quantized
   weights (a reassembled linear's weight with its reassembled width) plus ``<module>.reassembly.{src,scale,
   group,count}`` buffers, and ``ptqbench_quant.json`` says what to rebuild::
@@ -43,7 +44,7 @@ Two formats; the model decides which:
 
 Every folder also gets the tokenizer and ``ptqbench_export.json`` (format, size, attention kernel, why
 ptqbench's format was needed, and the run it came from when known). Unquantized models are written as
-plain HF folders.
+plain HF folders, in the family's checkpoint layout (Phi-3's projections fused back).
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from harness.adapter import PREPARED_MODULES, SUPPORTED_MODEL_TYPES, checkpoint_state, get_adapter
 from harness.bits import BitSpec
 from harness.errors import PtqbenchError, ResourceUnavailableError
 from harness.quant import attention
@@ -133,7 +135,7 @@ def export_model(model: nn.Module, tokenizer: Any, out: str | Path, *, source: d
     with staged(out) as tmp:
         if not linears:
             fmt = DENSE
-            _save_dense(model, _state_dict(model), tmp)
+            _save_dense(model, checkpoint_state(model, _state_dict(model)), tmp)  # fused projections fused back
         elif blocker is None:
             fmt = _write_compressed_tensors(model, linears, tmp)
         else:
@@ -209,6 +211,9 @@ def _save_dense(model: nn.Module, state: dict[str, torch.Tensor], out: Path, qua
 
 def compressed_tensors_blocker(model: nn.Module, linears: dict[str, QuantLinear]) -> str | None:
     """Why ``model`` cannot be written in compressed-tensors format (None: it can)."""
+    prepared = next((n for n, m in model.named_modules() if isinstance(m, PREPARED_MODULES)), None)
+    if prepared is not None:  # transformers' own module there holds one fused or stacked tensor, not these linears
+        return f"{prepared} holds separate linears where the {model.config.model_type} checkpoint fuses or stacks them"
     if any(isinstance(m, Reassembled) for m in model.modules()):
         return "it has channel reassembly (QLLM) in front of its linears"
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -417,7 +422,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
         if spec is not None:
             return _load_compressed_tensors(path, spec, kernel).to(device).eval()
         # a dense folder, or a compressed-tensors one from elsewhere: transformers' own loader
-        return AutoModelForCausalLM.from_pretrained(path, **_kernel_kwargs(kernel)).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, **_kernel_kwargs(kernel))
+        return _prepared(model).to(device).eval()
     manifest = json.loads((path / MANIFEST).read_text())
     if manifest.get("format") != PTQBENCH or manifest.get("version") not in READABLE_VERSIONS:
         raise ExportError(f"{path / MANIFEST}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
@@ -428,6 +434,7 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, manifest["dtype"]),
                                              **_kernel_kwargs(manifest.get("attention_kernel")))
+    _prepared(model)  # the layout the quantized model was written in (separate linears)
     tensors = load_file(str(path / "model.safetensors"))
     buffers = {k for k in tensors if any(k == f"{p}.reassembly.{b}" for p in manifest["reassembly"] for b in _BUFFERS)}
     expected = set(model.state_dict())
@@ -474,6 +481,11 @@ def _load_compressed_tensors(path: Path, spec: BitSpec, kernel: str | None) -> n
             module.weight.requires_grad_(False)
             setattr(model.get_submodule(parent), attr, QuantLinear.frozen_from(module, spec))
     return model
+
+
+def _prepared(model: nn.Module) -> nn.Module:
+    """``model`` in its adapter's layout (``LlamaAdapter.prepare``) when ptqbench describes its family, as loaded models are."""
+    return get_adapter(model).prepare(model) if model.config.model_type in SUPPORTED_MODEL_TYPES else model
 
 
 def _kernel_kwargs(kernel: str | None) -> dict[str, str]:

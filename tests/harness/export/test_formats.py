@@ -290,3 +290,25 @@ def test_a_version_1_folder_loads_and_warns_that_it_lacks_its_attention_quantize
         reloaded = load_quantized(tmp_path / "out")
     assert "written without its attention quantizers (format version 1)" in caplog.text
     assert attention_quantizers(reloaded) == []
+
+
+@pytest.mark.parametrize("family", ["phi3", "qwen3_moe"])
+def test_a_prepared_family_exports_in_its_checkpoint_layout_or_ptqbench_format(family, tiny_tokens, tmp_path):
+    """FP: a dense folder in the checkpoint's layout (Phi-3's q/k/v fused back), which transformers alone loads to the
+    same logits. Quantized: ptqbench's format (transformers' own modules there hold one fused or stacked tensor, which
+    a compressed-tensors loader would quantize as one), reloaded into the prepared layout to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from harness.adapter import PREPARED_MODULES
+    from harness.models import tiny_model
+
+    model = tiny_model(family, seed=1)
+    assert export_model(model, None, tmp_path / "fp").format == "dense"
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "fp")
+    assert not any(isinstance(m, PREPARED_MODULES) for m in plain.modules())  # transformers' own fused/stacked modules
+    torch.testing.assert_close(logits(plain, tiny_tokens), logits(model, tiny_tokens), rtol=1e-6, atol=1e-6)
+    assert torch.equal(logits(load_quantized(tmp_path / "fp"), tiny_tokens), logits(model, tiny_tokens))
+    model = quantized(model, "rtn", "W4A16", w_symmetric=True)
+    result = export_model(model, None, tmp_path / "w4")
+    assert result.format == PTQBENCH and f"where the {family} checkpoint fuses or stacks them" in result.reason
+    assert torch.equal(logits(load_quantized(tmp_path / "w4"), tiny_tokens), logits(model, tiny_tokens))
