@@ -1,5 +1,6 @@
 """The process's own machinery that every layer may call: named kill points, returning freed memory to
-the OS, and leaving long-lived objects out of garbage collections.
+the OS, leaving long-lived objects out of garbage collections, and factorizations that do not depend on
+the thread count.
 
 Named kill points: where the durability tests kill a real run, deterministically, without sleeps.
 
@@ -66,3 +67,28 @@ def gc_frozen() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+@contextlib.contextmanager
+def thread_count_independent(tensor: "torch.Tensor") -> Iterator[None]:
+    """Run the ``with`` body on one CPU thread when ``tensor`` is on the CPU.
+
+    LAPACK's blocked factorizations (Cholesky, LU, QR) split their panels over the threads, so their float
+    rounding depends on the thread count (measured: a 576 x 576 float32 Cholesky differs by 2.4e-7 between 1
+    and 2 threads; the matmuls and forward passes of the same runs are bit-identical). One rounding flip in
+    GPTQ's inverse Hessian changes every later rounding decision of its layer, so its results moved 17% in
+    perplexity with the core count. One thread gives every machine the 1-thread result; the factorizations are
+    O(C^3) on C x C matrices (C <= 28672 for LLaMA-2-70B's MLP), small beside the passes that feed them.
+    CUDA factorizations are left as they are.
+    """
+    import torch
+
+    if tensor.device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -9,7 +9,8 @@ The solver follows the official code (IST-DASLab/gptq 2d65066, ``gptq.py`` ``GPT
   activation matrix at once): ``H *= n / (n + m); n += m; H += (sqrt(2 / n) X)^T (sqrt(2 / n) X)``.
 - dead inputs (diag H = 0) get diag 1 and a zero weight column; dampening adds ``damp`` x mean(diag H)
   to the diagonal; H^-1 comes as the upper Cholesky factor of the inverse (``cholesky``,
-  ``cholesky_inverse``, ``cholesky(upper=True)``).
+  ``cholesky_inverse``, ``cholesky(upper=True)``), on one CPU thread: the blocked factorization rounds
+  differently with each thread count (``harness.runtime.thread_count_independent``).
 - columns go in blocks of ``block_size`` (lazy batch updates): inside a block each column is rounded
   and its error ``(w - q) / d`` updates the block's later columns; after the block, the columns
   beyond it get the block's errors at once.
@@ -37,6 +38,7 @@ from harness.bits import BitSpec
 from harness.errors import ConfigError, PtqbenchError
 from harness.quant.clip_search import clip_search_params
 from harness.quant.quantizer import grid_bounds, quant_params, row_range
+from harness.runtime import thread_count_independent
 
 
 class SingularHessianError(PtqbenchError):
@@ -133,7 +135,8 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, spec: BitSpec, optio
         W, H = W[:, perm], H[perm][:, perm]
     H[range(columns), range(columns)] += options.damp * torch.mean(torch.diag(H))
     try:
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        with thread_count_independent(H):  # LAPACK's blocked Cholesky rounds differently per thread count
+            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     except torch.linalg.LinAlgError:
         raise SingularHessianError(f"GPTQ: the Hessian of a {rows} x {columns} weight is not positive definite even with "
                                    f"damp {options.damp}; raise damp or use more calibration samples") from None
