@@ -75,20 +75,27 @@ def thread_count_independent(tensor: "torch.Tensor") -> Iterator[None]:
 
     LAPACK's blocked factorizations (Cholesky, LU, QR) split their panels over the threads, so their float
     rounding depends on the thread count (measured: a 576 x 576 float32 Cholesky differs by 2.4e-7 between 1
-    and 2 threads; the matmuls and forward passes of the same runs are bit-identical). One rounding flip in
-    GPTQ's inverse Hessian changes every later rounding decision of its layer, so its results moved 17% in
-    perplexity with the core count. One thread gives every machine the 1-thread result; the factorizations are
+    and 2 threads; the matmuls and forward passes of smollm2-135m's blocks are bit-identical). A difference in
+    GPTQ's inverse Hessian can flip a rounding decision, and each flip changes the error every later column of
+    the layer absorbs, so GPTQ's perplexity moved with the core count. One thread gives every machine the 1-thread result; the factorizations are
     O(C^3) on C x C matrices (C <= 28672 for LLaMA-2-70B's MLP), small beside the passes that feed them.
     CUDA factorizations are left as they are.
     """
+    with torch_threads(1 if tensor.device.type == "cpu" else None):
+        yield
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` for the ``with`` body (None: unchanged)."""
     import torch
 
-    if tensor.device.type != "cpu" or torch.get_num_threads() == 1:
+    if threads is None:
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 @click.option("--dry-run", is_flag=True, help="Validate and list the planned runs with their estimated peak memory, run nothing.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Overrides the YAML's device.")
 @click.option("--seed", type=int, default=None, help="Overrides the YAML's seed (and seeds): one seed.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Overrides the YAML's threads: torch CPU threads per run.")
 @click.option("--seeds", "seeds_text", default=None, metavar="0,1,2",
               help="Overrides the YAML's seeds: every run once per seed (comma-separated integers).")
 @click.option("--executor", type=click.Choice(["local", "ray", "slurm"]), default=None,
@@ -35,12 +36,12 @@ log = logging.getLogger(__name__)
               help="Local copies of the zero-shot tasks' data (<task>/<split>.jsonl); overrides the YAML's.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars.")
 def command(config_path: Path, out_dir: Path | None, force: bool, dry_run: bool, device: str | None,
-            seed: int | None, seeds_text: str | None, executor: str | None, ray_address: str | None, task_data: Path | None, progress: bool) -> None:
+            seed: int | None, threads: int | None, seeds_text: str | None, executor: str | None, ray_address: str | None, task_data: Path | None, progress: bool) -> None:
     """Run the sweep described by CONFIG (models x methods x bit specs)."""
     import dataclasses
 
     config = load_config(config_path)
-    overrides = {k: v for k, v in (("device", device), ("seed", seed)) if v is not None}
+    overrides = {k: v for k, v in (("device", device), ("seed", seed), ("threads", threads)) if v is not None}
     if seed is not None:
         overrides["seeds"] = ()  # --seed means exactly that one seed
     if seeds_text is not None:

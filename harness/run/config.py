@@ -96,6 +96,9 @@ class SweepConfig:
     attention_kernel: "sdpa" (default) or "eager", the attention kernel every run's model computes
         with (FP and quantized, calibration and evaluation). "eager" reproduces the official codes'
         numerics; it is slower and uses more memory at long sequences.
+    threads: the torch threads every run computes with on the CPU (null = torch's default, the machine's
+        cores); recorded in each result's provenance. Results do not depend on it (docs/fidelity.md#reproducibility):
+        it pins speed and the load a sweep puts on a shared machine.
     """
 
     name: str = "sweep"
@@ -104,6 +107,7 @@ class SweepConfig:
     device: str = "auto"
     dtype: str = "auto"
     attention_kernel: str = "sdpa"
+    threads: int | None = None
     trust_remote_code: bool = False
     keep_work: bool = False  # keep each run's work directory (<out>/work/<key>: finished blocks) after it finished
     keep_quantized: bool = False  # keep each quantized run's model in <out>/quantized/<key>/ (export format)
@@ -125,6 +129,8 @@ class SweepConfig:
             raise ConfigError(f"dtype: {self.dtype!r} is not allowed; use one of {DTYPES}")
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise ConfigError(f"attention_kernel: {self.attention_kernel!r} is not allowed; use one of {ATTENTION_KERNELS}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError(f"threads: {self.threads!r} is not allowed; use an integer >= 1, or leave it out for torch's default")
         if not self.models:
             raise ConfigError("models: empty; list at least one model (zoo name, HF id or local folder)")
         if len(set(self.seeds)) != len(self.seeds):

@@ -36,7 +36,7 @@ from harness.data.config import CalibrationConfig
 from harness.evaluation.config import EvaluationConfig
 from harness.run.costs import CostMeter
 from harness.fingerprint import fingerprint, hub_commit
-from harness.runtime import kill_point
+from harness.runtime import kill_point, torch_threads
 from harness.run.record import RunRecord
 from harness.run.results import run_key
 
@@ -57,6 +57,7 @@ class RunSpec:
     device: str = "auto"
     dtype: str = "auto"
     attention_kernel: str = "sdpa"  # transformers' attn_implementation (harness.run.config.ATTENTION_KERNELS)
+    threads: int | None = None  # torch CPU threads (None: torch's default); not part of the key: results do not depend on it
     trust_remote_code: bool = False
     inputs: tuple[tuple[str, str], ...] = ()  # (local file or folder, fingerprint), from local_inputs()
     # Where the run keeps its finished blocks while it runs (``<out>/work``; not part of the key).
@@ -132,7 +133,7 @@ def plan(config: SweepConfig) -> list[RunSpec]:
     for seed in config.run_seeds:  # seed-major: an interrupted sweep has whole seeds, not a ragged mix
         first = seed == config.run_seeds[0]
         common = dict(evaluation=config.evaluation, seed=seed, device=config.device, dtype=config.dtype,
-                      attention_kernel=config.attention_kernel, trust_remote_code=config.trust_remote_code,
+                      attention_kernel=config.attention_kernel, threads=config.threads, trust_remote_code=config.trust_remote_code,
                       keep_work=config.keep_work)
         for model in config.models:
             inputs = local_inputs(model, None, config.evaluation)
@@ -164,6 +165,12 @@ def quantized_dir(run: RunSpec) -> Path:
 
 
 def execute(run: RunSpec, progress: bool = True) -> RunRecord:
+    """:func:`_execute` with the run's torch thread count (``threads``), the process's own restored after."""
+    with torch_threads(run.threads):
+        return _execute(run, progress)
+
+
+def _execute(run: RunSpec, progress: bool = True) -> RunRecord:
     """Run one quantize-and-evaluate job and return its record (token streams are cached by ``harness.data.windows``).
 
     Models with a safetensors folder load lazily (``harness.models.lazy``): each decoder block is read when
@@ -235,13 +242,14 @@ def keep_model(run: RunSpec, model: torch.nn.Module, tokenizer: Any) -> None:
 
 
 def _inputs_provenance(run: RunSpec, device: torch.device) -> dict[str, Any]:
-    """What the run read, beyond its key: input prints, the hub commit, the resolved dtype, the corpus package."""
+    """What the run read and computed with, beyond its key: input prints, the hub commit, the resolved dtype, the corpus
+    package, the torch threads it ran on (``threads``, or the process's default)."""
     hub_id = ZOO[run.model].hub_id if run.model in ZOO else (None if run.model in dict(run.inputs) else run.model)
     datasets = {*run.evaluation.ppl.datasets, *([run.calibration.dataset] if run.calibration else [])}
     return {"inputs": dict(run.inputs), "model_commit": hub_commit(hub_id) if hub_id else None,
             "dtype": str(resolve_dtype(run.dtype, device)).removeprefix("torch."),
             "corpus_packages": {"brown": brown.NPM_PACKAGE} if "brown" in datasets else {},
-            "seed_independent": run.method_class.seed_independent()}
+            "seed_independent": run.method_class.seed_independent(), "torch_threads": torch.get_num_threads()}
 
 
 def check_finite(metrics: dict[str, Any]) -> None:

@@ -163,3 +163,25 @@ def test_same_seed_gives_bit_identical_metrics_on_cpu(method):
     assert first.metrics == second.metrics  # exact float equality, not approx
     assert untimed(first.stats) == untimed(second.stats) and first.key == second.key  # losses, thresholds, ...
     assert torch.are_deterministic_algorithms_enabled() is False  # bit-identical without asking torch for it
+
+
+def test_threads_pin_each_run_are_recorded_and_leave_keys_and_results_unchanged():
+    """``threads:`` sets torch's thread count for the run (recorded in its provenance, the process's own restored
+    after); it is not part of the key, and GPTQ (the method whose factorizations depended on it) gives the same
+    metrics at 1 and 2 threads."""
+    gptq = {**TINY, "methods": [{"name": "gptq", "bits": ["W3A16"]}], "calibration": {"dataset": "brown", "samples": 2, "seqlen": 32}}
+    one, two = (plan(parse_config({**gptq, "threads": n}))[1] for n in (1, 2))
+    assert one.key == two.key == plan(parse_config(gptq))[1].key and (one.threads, two.threads) == (1, 2)
+    before = torch.get_num_threads()
+    records = [execute(run, progress=False) for run in (one, two)]
+    assert torch.get_num_threads() == before
+    assert [r.provenance["torch_threads"] for r in records] == [1, 2]
+    assert records[0].metrics == records[1].metrics
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
+def test_threads_must_be_a_positive_integer(bad):
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^threads: .* is not allowed; use an integer"):
+        parse_config({**TINY, "threads": bad})
