@@ -30,11 +30,14 @@ Two formats; the model decides which:
   weights (a reassembled linear's weight with its reassembled width) plus ``<module>.reassembly.{src,scale,
   group,count}`` buffers, and ``ptqbench_quant.json`` says what to rebuild::
 
-      {"format": "ptqbench", "version": 2, "dtype": "float32", "attention_kernel": "sdpa",
+      {"format": "ptqbench", "version": 3, "dtype": "float32", "attention_kernel": "sdpa",
        "linears": {"model.layers.0.self_attn.o_proj": {"spec": {BitSpec.to_dict()},          # act quantizer
+                                                       "act_clip": [0.9, 0.8],               # learned clip (v3)
                                                        "input_transform": {"kind": ...},     # online transform
                                                        "out_quant": {"bits": 4, ...}}, ...}, # q/k/v, projection
-       "attention": {"model.layers.0.self_attn": {"spec": {...}, "rotate_qk": true}, ...},  # Q/K/V quantizers
+       "attention": {"model.layers.0.self_attn": {"spec": {...}, "rotate_qk": true,         # Q/K/V quantizers
+                                                  "clips": {"k": [0.9, 0.8]},              # learned clips (v3)
+                                                  "k_transform": {"kind": ...}}, ...},      # Q/K transforms (v3)
        "reassembly": {"model.layers.0.input_layernorm": {"after": true}, ...},              # Reassembled wrappers
        "lm_head_bias": true}
 
@@ -68,7 +71,7 @@ from harness.adapter import PREPARED_MODULES, SUPPORTED_MODEL_TYPES, checkpoint_
 from harness.bits import BitSpec
 from harness.errors import PtqbenchError, ResourceUnavailableError
 from harness.quant import attention
-from harness.quant.qlinear import QuantLinear, freeze, quant_linears
+from harness.quant.qlinear import QuantLinear, freeze, quant_linears, set_act_clip
 from harness.quant.quantizer import ActQuantizer
 from harness.quant.reassembly import Reassembled, Reassembly
 from harness.quant.online import OnlineTransform, online_transform
@@ -80,8 +83,10 @@ MANIFEST = "ptqbench_quant.json"
 INFO = "ptqbench_export.json"
 # 2: the attention quantizers, q/k/v output quantizers and attention kernel. A version-1 folder holds none of them, so
 # it loads, but a model whose run quantized Q/K/V loads without those quantizers (load_quantized warns).
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 3: learned activation clips (a linear's "act_clip", an attention's "clips") and transforms of Q and K after RoPE
+# ("q_transform", "k_transform"), which a version-2 reader would drop; a folder without them is written as version 2.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 CT_PACKED, CT_INT, PTQBENCH, DENSE = "compressed-tensors/pack-quantized", "compressed-tensors/int-quantized", "ptqbench", "dense"
 _BUFFERS = ("src", "scale", "group", "count")
 
@@ -327,11 +332,15 @@ def _write_ptqbench(model: nn.Module, out: Path) -> None:
 
     state = {plain(k): v for k, v in _state_dict(model).items()}
     head = model.get_output_embeddings()
+    linears = {plain(n): _linear_entry(n, q) for n, q in quant_linears(model)}
+    attentions = _attention_entries(model, plain)
+    extended = any("act_clip" in e for e in linears.values()) or any(map(attention.extends_version_2, attentions.values()))
     manifest = {
-        "format": PTQBENCH, "version": FORMAT_VERSION, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "format": PTQBENCH, "version": FORMAT_VERSION if extended else 2,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "attention_kernel": attention.kernel_of(model.config),
-        "linears": {plain(n): _linear_entry(n, q) for n, q in quant_linears(model)},
-        "attention": _attention_entries(model, plain),
+        "linears": linears,
+        "attention": attentions,
         "reassembly": {path: {"after": m.after} for path, m in wrapped.items()},
         "lm_head_bias": head is not None and head.bias is not None,
     }
@@ -340,12 +349,19 @@ def _write_ptqbench(model: nn.Module, out: Path) -> None:
 
 
 def _linear_entry(name: str, q: QuantLinear) -> dict[str, Any]:
-    """A linear's manifest entry: its spec (the activation quantizer), its online transform, its output quantizer."""
-    built = QuantLinear(nn.Linear(1, 1, bias=False), q.spec).act_quant  # what load_quantized builds from the spec
+    """A linear's manifest entry: its spec (the activation quantizer, with its learned clip), its online transform,
+    its output quantizer."""
+    built = QuantLinear(nn.Linear(1, 1, bias=False), q.spec)  # what load_quantized builds from the spec
+    act_clip = getattr(q, "act_clip", None)
+    if act_clip is not None:
+        set_act_clip(built, *act_clip)
+    built = built.act_quant
     if (attention.quantizer_dict(q.act_quant), q.act_quant.enabled) != (attention.quantizer_dict(built), built.enabled):
         raise ExportError(f"cannot export {name}: its input quantizer was changed after it was built, so the bit spec "
                           f"{q.spec.name} does not describe it")
     entry: dict[str, Any] = {"spec": q.spec.to_dict()}
+    if act_clip is not None:
+        entry["act_clip"] = list(act_clip)
     if getattr(q, "input_transform", None) is not None:
         if q.input_transform.state_dict():  # the manifest holds the recipe alone (harness.quant.online)
             raise ExportError(f"cannot export {name}: its online transform holds tensors its recipe (to_dict) does not "
@@ -447,6 +463,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
         parent, _, attr = name.rpartition(".")
         owner = model.get_submodule(parent)
         qlinear = QuantLinear.frozen_from(getattr(owner, attr), BitSpec.from_dict(entry["spec"]))
+        if "act_clip" in entry:
+            set_act_clip(qlinear, *entry["act_clip"])
         if "input_transform" in entry:
             qlinear.input_transform = online_transform(entry["input_transform"])
         if "out_quant" in entry:

@@ -27,10 +27,11 @@ KV cache (a bit spec with a KV part, ``W4A4KV4``): K and V take the KV bits and 
 activation bits when ``attention`` is set and stays FP otherwise (QuaRot). ``rotate_qk`` applies the
 Hadamard of the head dimension to Q and K first (QuaRot's online rotation for the K cache; R_K ⊗ H_m of
 ``qk_seed`` for a head dimension without one, ``harness.quant.hadamard.rotation_transform``): exact in FP,
-since Q Kᵀ = (Q H)(K H)ᵀ.
+since Q Kᵀ = (Q H)(K H)ᵀ. A method may put any pair of online transforms there (``set_qk_transforms``:
+FlatQuant's learned Q M^-T and K M) and learned clip ratios on the three quantizers (``set_clip``).
 
 An exported model keeps these quantizers: ``describe(attn)`` says what ``install`` put on a block's attention
-(its bit spec and ``rotate_qk``), ``reinstall(attn, data)`` puts the same quantizers back on a reloaded one, and
+(its bit spec, ``rotate_qk``, the Q/K transforms' recipes and the learned clips), ``reinstall(attn, data)`` puts the same quantizers back on a reloaded one, and
 ``kernel_of(config)`` names the transformers kernel behind ptqbench's routing (``sdpa`` or ``eager``), which the
 reloaded model needs too (harness/export/formats.py).
 
@@ -53,6 +54,7 @@ from transformers.modeling_utils import AttentionInterface
 from harness.adapter import causal_mask
 from harness.bits import BitSpec
 from harness.quant.hadamard import rotation_transform
+from harness.quant.online import online_transform
 from harness.quant.quantizer import ActQuantizer
 
 IMPLEMENTATION = "ptqbench_qkv_sdpa"
@@ -70,14 +72,45 @@ class AttentionQuantizer(nn.Module):
     def __init__(self, q: ActQuantizer, k: ActQuantizer, v: ActQuantizer) -> None:
         super().__init__()
         self.q, self.k, self.v = q, k, v
+        # online transforms of Q and K after RoPE, before their quantizers (``set_qk_transforms``), and the learned
+        # clip ratios of the quantizers (``set_clip``): read with getattr, a block pickled without them has none
+        self.q_transform: nn.Module | None = None
+        self.k_transform: nn.Module | None = None
+        self.clips: dict[str, tuple[float, float]] = {}
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.rotate_qk:
             query, key = (rotation_transform(t.float(), self.qk_seed).to(t.dtype) for t in (query, key))
+        q_transform, k_transform = getattr(self, "q_transform", None), getattr(self, "k_transform", None)
+        if q_transform is not None:
+            query = q_transform(query)
+        if k_transform is not None:
+            key = k_transform(key)
         return self.q(query), self.k(key), self.v(value)
 
     def extra_repr(self) -> str:
         return "rotate_qk=True" if self.rotate_qk else ""
+
+
+def set_qk_transforms(quantizer: AttentionQuantizer, q_transform: nn.Module, k_transform: nn.Module) -> None:
+    """Transform Q and K after RoPE (and ``rotate_qk``) before they are quantized: Q -> q_transform(Q), K ->
+    k_transform(K). Exact in FP when one is the other's inverse transpose, Q M^-T (K M)ᵀ = Q Kᵀ (FlatQuant's K
+    transform: the K cache is quantized as K M). Online transforms (``harness.quant.online``) export with the model."""
+    quantizer.q_transform, quantizer.k_transform = q_transform, k_transform
+
+
+def set_clip(quantizer: AttentionQuantizer, which: str, clip_max: float, clip_min: float) -> None:
+    """Make the quantizer of ``which`` (q, k or v) its spec's, with its per-token range's max times ``clip_max`` and
+    min times ``clip_min`` (learned ratios, FlatQuant's LAC) in place of the spec's clip ratio; recorded, so the
+    quantizer stays one its spec and ``clips`` describe (:func:`describe`)."""
+    if which not in ("q", "k", "v"):
+        raise ValueError(f"set_clip: {which!r} is not one of q, k, v")
+    fresh = getattr(_quantizer(quantizer.spec), which)
+    fresh.clip_ratio, fresh.clip_ratio_min = float(clip_max), float(clip_min)
+    setattr(quantizer, which, fresh)
+    clips = dict(getattr(quantizer, "clips", None) or {})
+    clips[which] = (float(clip_max), float(clip_min))
+    quantizer.clips = clips
 
 
 def _quantized(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -167,19 +200,32 @@ def attention_quantizers(model: nn.Module) -> list[ActQuantizer]:
 def quantizer_dict(q: ActQuantizer) -> dict:
     """What decides an activation quantizer's output, as JSON data (``ActQuantizer(**d)`` rebuilds it, ``enabled``
     aside: it follows the bits)."""
-    return {"bits": q.bits, "symmetric": q.symmetric, "clip_ratio": q.clip_ratio, "full_grid": q.full_grid}
+    data = {"bits": q.bits, "symmetric": q.symmetric, "clip_ratio": q.clip_ratio, "full_grid": q.full_grid}
+    if q.clip_ratio_min is not None:
+        data["clip_ratio_min"] = q.clip_ratio_min
+    return data
 
 
 def _state(quantizer: AttentionQuantizer) -> list[tuple[dict, bool]]:
     return [(quantizer_dict(q), q.enabled) for q in (quantizer.q, quantizer.k, quantizer.v)]
 
 
+def _expected(quantizer: AttentionQuantizer) -> AttentionQuantizer:
+    """What ``install`` and the recorded ``set_clip`` calls build: the quantizers ``quantizer`` must have."""
+    built = _quantizer(quantizer.spec)
+    for which, (clip_max, clip_min) in (getattr(quantizer, "clips", None) or {}).items():
+        getattr(built, which).clip_ratio, getattr(built, which).clip_ratio_min = clip_max, clip_min
+    return built
+
+
 def describe(attn: nn.Module) -> dict | None:
     """The quantizer ``install`` put on ``attn`` as JSON data, ``{"spec": BitSpec.to_dict(), "rotate_qk": bool}``
+    plus, where set, ``"clips": {"k": [max, min], ...}`` and the recipes of ``"q_transform"`` / ``"k_transform"``
     (None: ``attn`` has none); :func:`reinstall` puts the same one back.
 
     Raises ``ValueError`` (one line, for the exporter to name the module) when the installed quantizers are not
-    the ones their spec builds, so a saved model never quantizes Q/K/V differently from the model it came from.
+    the ones their spec (and their recorded clips) build, so a saved model never quantizes Q/K/V differently from
+    the model it came from.
     """
     quantizer = getattr(attn, ATTRIBUTE, None)
     if quantizer is None:
@@ -188,11 +234,22 @@ def describe(attn: nn.Module) -> dict | None:
     if not isinstance(quantizer, AttentionQuantizer) or spec is None:
         raise ValueError("its Q/K/V quantizer does not record its bit spec (a block checkpointed by an earlier "
                          "ptqbench); quantize the run again")
-    if _state(quantizer) != _state(_quantizer(spec)):
+    if _state(quantizer) != _state(_expected(quantizer)):
         raise ValueError(f"its Q/K/V quantizers were changed after install, so the bit spec {spec.name} does not "
                          "describe them")
-    seed = {"qk_seed": quantizer.qk_seed} if quantizer.qk_seed else {}
-    return {"spec": spec.to_dict(), "rotate_qk": bool(quantizer.rotate_qk), **seed}
+    data = {"spec": spec.to_dict(), "rotate_qk": bool(quantizer.rotate_qk)}
+    if quantizer.qk_seed:
+        data["qk_seed"] = quantizer.qk_seed
+    clips = getattr(quantizer, "clips", None) or {}
+    if clips:
+        data["clips"] = {which: list(ratios) for which, ratios in sorted(clips.items())}
+    for name in ("q_transform", "k_transform"):
+        transform = getattr(quantizer, name, None)
+        if transform is not None:
+            if transform.state_dict():  # the manifest holds the recipe alone (harness.quant.online)
+                raise ValueError(f"its {name} holds tensors its recipe (to_dict) does not rebuild")
+            data[name] = transform.to_dict()
+    return data
 
 
 def reinstall(attn: nn.Module, data: dict) -> AttentionQuantizer:
@@ -200,7 +257,17 @@ def reinstall(attn: nn.Module, data: dict) -> AttentionQuantizer:
     quantizer = install(attn, BitSpec.from_dict(data["spec"]))
     quantizer.rotate_qk = bool(data.get("rotate_qk", False))
     quantizer.qk_seed = int(data.get("qk_seed", 0))
+    for which, (clip_max, clip_min) in data.get("clips", {}).items():
+        set_clip(quantizer, which, clip_max, clip_min)
+    if "q_transform" in data or "k_transform" in data:
+        set_qk_transforms(quantizer, *(None if name not in data else online_transform(data[name])
+                                       for name in ("q_transform", "k_transform")))
     return quantizer
+
+
+def extends_version_2(data: dict) -> bool:
+    """Whether a :func:`describe` entry holds what a reader of ptqbench's format version 2 would drop."""
+    return any(key in data for key in ("clips", "q_transform", "k_transform"))
 
 
 def kernel_of(config: object) -> str | None:

@@ -276,6 +276,25 @@ def test_an_attention_quantizer_its_spec_does_not_describe_is_refused(tiny_model
     assert not (tmp_path / "out").exists()
 
 
+def test_learned_activation_clips_export_as_version_3_and_reload_to_identical_logits(tiny_model, tiny_tokens, tmp_path):
+    """set_act_clip on every linear (FlatQuant's LAC): the manifest records it (version 3, which a version-2 reader would
+    misread) and load_quantized puts it back; the clip changes the logits, so the reload is not equal by accident."""
+    import copy
+
+    from harness.quant.qlinear import set_act_clip
+
+    plain = quantized(tiny_model, "rtn", "W4A4")
+    model = copy.deepcopy(plain)
+    for _, q in quant_linears(model):
+        set_act_clip(q, 0.8, 0.7)
+    expected = logits(model, tiny_tokens)
+    assert not torch.equal(expected, logits(plain, tiny_tokens))
+    export_model(model, None, tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["version"] == 3 and all(e["act_clip"] == [0.8, 0.7] for e in manifest["linears"].values())
+    assert torch.equal(logits(load_quantized(tmp_path / "out"), tiny_tokens), expected)
+
+
 def test_a_version_1_folder_loads_and_warns_that_it_lacks_its_attention_quantizers(tiny_model, tmp_path, caplog):
     from harness.quant.attention import attention_quantizers
 

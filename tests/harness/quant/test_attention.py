@@ -10,7 +10,18 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 from harness.adapter import LlamaAdapter
 from harness.bits import BitSpec
 from harness.models import TINY_FAMILY_CONFIGS, tiny_model
-from harness.quant.attention import EAGER_IMPLEMENTATION, IMPLEMENTATION, attention_quantizers, eager_kernel, install
+from harness.quant.attention import (
+    EAGER_IMPLEMENTATION,
+    IMPLEMENTATION,
+    attention_quantizers,
+    describe,
+    eager_kernel,
+    install,
+    reinstall,
+    set_clip,
+    set_qk_transforms,
+)
+from harness.quant.online import OnlineTransform, register_online_transform
 from harness.quant.qlinear import quantize_block, quantize_linears, quantizers_disabled
 from harness.quant.quantizer import quantize_activation
 from harness.scheme import QuantSchemeConfig
@@ -223,6 +234,63 @@ def test_the_qk_hadamard_is_exact_in_fp_and_clip_ratios_shrink_the_range(tiny_mo
     zero = torch.round(-lo / scale)
     expected = (torch.clamp(torch.round(x / scale) + zero, 0, 15) - zero) * scale
     torch.testing.assert_close(quantize_activation(x, 4, clip_ratio=0.9), expected, atol=1e-6, rtol=0)
+
+
+@register_online_transform
+class TimesMatrix(OnlineTransform):
+    """x -> x M over the last dimension, M in the recipe (a test's own online transform)."""
+
+    kind = "test_attention.times_matrix"
+
+    def __init__(self, matrix) -> None:
+        super().__init__()
+        self.matrix = torch.as_tensor(matrix, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.matrix.to(x.dtype)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "matrix": self.matrix.tolist()}
+
+
+def test_q_and_k_transforms_are_exact_in_fp_feed_the_quantizers_and_come_back_with_their_clips(tiny_model, tiny_tokens):
+    """set_qk_transforms(Q M^-T, K M): the FP logits are unchanged; the K quantizer sees K M; describe / reinstall (through
+    JSON) rebuild the transforms and set_clip's ratios, and a ratio changed by hand is still refused."""
+    import copy
+    import json
+
+    d = tiny_model.config.hidden_size // tiny_model.config.num_attention_heads
+    m = torch.eye(d) + 0.3 * torch.randn(d, d, generator=torch.Generator().manual_seed(0))
+    twin = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        reference = tiny_model(tiny_tokens).logits
+        for layer in tiny_model.model.layers:
+            set_qk_transforms(install(layer.self_attn, BitSpec.parse("W16A16KV16")), TimesMatrix(torch.linalg.inv(m).T),
+                              TimesMatrix(m))
+        torch.testing.assert_close(tiny_model(tiny_tokens).logits, reference, atol=1e-5, rtol=1e-4)
+
+    attn = tiny_model.model.layers[0].self_attn
+    quantizer = install(attn, BitSpec.parse("W16A16KV4"))
+    set_qk_transforms(quantizer, TimesMatrix(torch.linalg.inv(m).T), TimesMatrix(m))
+    set_clip(quantizer, "k", 0.8, 0.6)
+    assert (quantizer.k.clip_ratio, quantizer.k.clip_ratio_min) == (0.8, 0.6)
+    seen = {}
+    quantizer.k_transform.register_forward_hook(lambda mod, i, o: seen.update(key=i[0], transformed=o))
+    quantizer.k.register_forward_pre_hook(lambda mod, i: seen.update(quantized=i[0]))
+    with torch.no_grad():
+        expected = tiny_model(tiny_tokens).logits
+    torch.testing.assert_close(seen["transformed"], seen["key"] @ m)
+    assert torch.equal(seen["quantized"], seen["transformed"])
+
+    data = json.loads(json.dumps(describe(attn)))
+    assert data["clips"] == {"k": [0.8, 0.6]} and data["k_transform"]["kind"] == TimesMatrix.kind
+    for layer, source in zip(twin.model.layers, tiny_model.model.layers):
+        reinstall(layer.self_attn, json.loads(json.dumps(describe(source.self_attn))))
+    with torch.no_grad():
+        assert torch.equal(twin(tiny_tokens).logits, expected)
+    quantizer.k.clip_ratio = 0.5
+    with pytest.raises(ValueError, match="changed after install"):
+        describe(attn)
 
 
 @pytest.mark.parametrize("family", sorted(TINY_FAMILY_CONFIGS))
