@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from harness.errors import ConfigError
+from harness.runtime import thread_count_independent
 
 BASES_FILE = Path(__file__).with_name("hadamard_bases.txt")
 # The official order of preference (hadamard_utils.get_hadK): the first base K with n = K x 2^j.
@@ -63,7 +64,8 @@ def base_matrix(order: int) -> torch.Tensor:
 def random_orthogonal(n: int, seed: int) -> torch.Tensor:
     """The official ``random_orthogonal_matrix``: Q of the QR of a Gaussian matrix, columns signed by diag(R), float64."""
     g = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    q, r = torch.linalg.qr(g)
+    with thread_count_independent(g):  # LAPACK's blocked QR rounds differently per thread count
+        q, r = torch.linalg.qr(g)
     return q * torch.sign(torch.diag(r)).unsqueeze(0)
 
 

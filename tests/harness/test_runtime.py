@@ -59,3 +59,21 @@ def test_gptq_solve_is_bit_identical_at_one_and_two_threads():
     for a, b in zip(results[0][:3], results[1][:3]):
         assert torch.equal(a, b)
     assert results[0][3] == results[1][3]
+
+
+def test_random_orthogonal_is_bit_identical_at_one_and_two_threads():
+    """QuaRot's random rotation and the Kronecker factor R_K: a QR, which LAPACK blocks per thread count."""
+    from harness.quant.hadamard import random_orthogonal
+
+    before = torch.get_num_threads()
+    try:
+        found = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            found.append(random_orthogonal(576, seed=0))
+            g = torch.randn(576, 576, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+            found.append(torch.linalg.qr(g)[0])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(found[0], found[2])
+    assert not torch.equal(found[1], found[3])  # the unguarded QR does differ: the guard is what makes them equal
