@@ -1,6 +1,6 @@
 # ptqbench: `make demo` (set up + the 10-minute demo sweep + report), `make demo-full` (every method at every
 # bit spec, with zero-shot), `make demo-seeds` (the W4A4 demo over three seeds), `make baselines` (RTN, GPTQ, AWQ,
-# SmoothQuant, OS+ head to head), `make test` (set up + tests), `make test-zoo` (the packaged Qwen2.5 and Gemma3 models: prepare + their tests).
+# SmoothQuant, OS+ head to head), `make families` (every method on the three packaged models), `make test` (set up + tests), `make test-zoo` (the packaged Qwen2.5 and Gemma3 models: prepare + their tests).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_CACHE ?= $(PTQBENCH_HOME)/hf-datasets
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo demo-full demo-seeds baselines test test-zoo bench clean
+.PHONY: setup demo demo-full demo-seeds baselines families test test-zoo bench clean
 
 $(BIN)/ptqbench: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ baselines: setup
 	$(BIN)/ptqbench run configs/baselines.yaml --out runs/baselines
 	$(BIN)/ptqbench report runs/baselines -o reports/baselines.md
 
+families: setup
+	$(BIN)/ptqbench prepare qwen2.5-coder-0.5b gemma3-270m
+	$(BIN)/ptqbench run configs/families.yaml --out runs/families
+	$(BIN)/ptqbench report runs/families -o reports/families.md
+
 # Test files spread over one worker per core (pytest-xdist; each worker computes on one thread). The tests of
 # the packaged models that make setup does not install (0.75 GB) run with make test-zoo.
 test: setup
@@ -58,4 +63,4 @@ bench: setup
 	$(BIN)/ptqbench bench
 
 clean:
-	rm -rf runs/demo runs/demo-full runs/demo-seeds runs/baselines
+	rm -rf runs/demo runs/demo-full runs/demo-seeds runs/baselines runs/families
