@@ -38,6 +38,8 @@ FAST_OPTIONS: dict[str, dict] = {
     "omniquant": {"epochs": 1, "max_samples": 2},
     "qllm": {"epochs": 1, "grid_steps": 4},
     "os+": {"search_samples": 2},
+    "spinquant": {"steps": 2},
+    "flatquant": {"epochs": 1},
 }
 
 
