@@ -201,6 +201,8 @@ class FlatBlock(nn.Module):
         """Fold the scales, inverse halves, weight clips and Pv into the weights; leave the online halves and the
         learned activation clips on carriers (module docstring). The block is then the FP function it was."""
         a, get = self.adapter, layer.get_submodule
+        for transform in (self.attn_in, self.mlp_in, *self.mlp_outs):
+            transform.forget()
         flats: dict[str, FlatLinear] = {name: get(name) for name in a.linear_names}
         for name, flat in flats.items():
             _replace(layer, name, flat.linear)

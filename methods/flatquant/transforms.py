@@ -105,11 +105,20 @@ class KroneckerTransform(nn.Module):
         a, b = decompose(size)
         self.left, self.right = InvertibleMatrix(a, form, seed), InvertibleMatrix(b, form, seed + 2)
         self.diag = None if diag is None else nn.Parameter(diag.detach().float().clone())
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.diag is not None:
-            x = x * self.diag
-        return kron_apply(x, self.left.matrix(), self.right.matrix())
+        # q/k/v (gate/up) read one input: transform it once per forward, as the official forward does
+        if self._last is not None and self._last[0] is x:
+            return self._last[1]
+        y = x if self.diag is None else x * self.diag
+        y = kron_apply(y, self.left.matrix(), self.right.matrix())
+        self._last = (x, y)
+        return y
+
+    def forget(self) -> None:
+        """Drop the last input and output kept for the linears that share them."""
+        self._last = None
 
     def weight_side(self, w: torch.Tensor) -> torch.Tensor:
         """W d^-1 P^-T: the rows of a weight that reads this transform's output."""

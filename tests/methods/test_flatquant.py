@@ -15,7 +15,8 @@ import torch
 
 import methods.flatquant.method as flat_method
 from harness import BitSpec, QuantContext, get_method, quantizers_disabled
-from harness.export.formats import MANIFEST, load_quantized
+from harness.export.formats import MANIFEST
+from harness.export.loader import load_quantized
 from harness.models import tiny_llama
 from harness.quant.online import online_transform
 from harness.scheme import effective_spec
@@ -208,3 +209,20 @@ def test_a_w4a4kv4_sweep_stores_its_result_and_its_export_reloads_to_the_runs_pe
     model = load_quantized(folder)
     metrics = evaluate_model(model, AutoTokenizer.from_pretrained(folder), run.evaluation, device=CPU, progress=False)
     assert metrics["ppl"]["brown"] == pytest.approx(record.ppl["brown"], rel=1e-6, abs=0)
+
+
+def test_gptq_rounds_the_merged_weights_and_keeps_the_online_transforms_and_clips():
+    """weight_solver: gptq (official --gptq): every linear ends frozen on the 4-bit grid of its row, behind its
+    kronecker_affine transform and its learned activation clip; the output is finite and not RTN's."""
+    from harness import QuantLinear
+
+    gptq = quantize(outlier_model(), "W4A4", epochs=1, weight_solver="gptq")
+    rtn = quantize(outlier_model(), "W4A4", epochs=1)
+    linears = [m for m in gptq.model.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 7 and all(m.frozen for m in linears)
+    assert all(isinstance(m.input_transform, KroneckerAffine) and m.act_clip is not None for m in linears)
+    assert all(torch.unique(row).numel() <= 16 for m in linears for row in m.weight.detach())
+    ids = tokens(2, seed=7)
+    with torch.no_grad():
+        out, ref = gptq.model(ids).logits, rtn.model(ids).logits
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
