@@ -70,7 +70,7 @@ class FlatLinear(nn.Module):
             w = clip_rows(w, self.gamma, self.beta)
         if weight_out is not None:
             w = weight_out(w.T).T
-        return quantize_weight(w, self.spec)
+        return quantize_weight(w, self.spec, zero_point_grad=False)  # the official find_params: a plain round
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         online, _, weight_out = self._fns

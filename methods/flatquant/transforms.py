@@ -135,7 +135,10 @@ class KroneckerTransform(nn.Module):
 
 class ClippedActQuantizer(ActQuantizer):
     """Per-token activation quantization with learned clipping (LAC): range [min σ(β), max σ(γ)], one (γ, β) per
-    quantizer; ``frozen()`` is the plain ``ActQuantizer`` with those ratios, the same values."""
+    quantizer; ``frozen()`` is the plain ``ActQuantizer`` with those ratios, the same values. An asymmetric zero
+    point rounds without a gradient, as the official ``get_scale_zero`` (torch.round)."""
+
+    zero_point_grad = False
 
     def __init__(self, bits: int, symmetric: bool, full_grid: bool) -> None:
         super().__init__(bits, symmetric, full_grid=full_grid)
