@@ -32,6 +32,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from harness import schema
+from harness.adapter import SUPPORTED_MODEL_TYPES, get_adapter
 from harness.bits import BitSpec
 from harness.errors import ConfigError
 
@@ -196,11 +197,15 @@ class Method(ABC):
         return calibration
 
     def apply(self, model: nn.Module, spec: BitSpec, calibration: torch.Tensor | None, context: QuantContext) -> QuantizeResult:
-        """What every route calls: :meth:`check` the spec and :meth:`check_model` the model, then :meth:`quantize`."""
+        """What every route calls: :meth:`check` the spec and :meth:`check_model` the model, then :meth:`quantize` the
+        model in its adapter's layout (``LlamaAdapter.prepare``: separate linears where its family fuses or stacks
+        projections; a model from ptqbench's loaders already is, one built elsewhere is prepared here, in place)."""
         self.check(spec)
         config = getattr(model, "config", None)
         if config is not None:
             self.check_model(pretrained_config(config))
+            if getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES:
+                get_adapter(model).prepare(model)
         return self.quantize(model, spec, calibration, context)
 
     @abstractmethod

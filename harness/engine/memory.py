@@ -83,11 +83,15 @@ def estimate(run: Any, config: Any | None = None) -> MemoryEstimate | None:
         return None
     device = resolve_device(run.device)
     b = dtype_bytes(run.dtype, device)
-    h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    from harness.adapter import get_adapter
+
+    adapter = get_adapter(config)
+    h, inter, vocab = config.hidden_size, adapter.intermediate_size(config), config.vocab_size  # inter: an expert's in a MoE
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or h // heads
-    block = 2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * inter + 2 * h
+    mlp = 3 * h * inter * max(1, adapter.experts) + h * adapter.experts  # every expert's gate/up/down and the router
+    block = 2 * h * heads * head_dim + 2 * h * kv * head_dim + mlp + 2 * h
     own = working_memory(run, config)
     group = block * own.blocks_per_job
     eager = vocab * h * (1 if getattr(config, "tie_word_embeddings", False) else 2) + h

@@ -114,3 +114,16 @@ def test_a_lazily_loaded_checkpoint_equals_the_model(family, tmp_path, smollm2_t
     expected = logits(original, ids)
     torch.testing.assert_close(logits(eager, ids), expected, rtol=0, atol=0)
     torch.testing.assert_close(logits(materialize_all(lazy), ids), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", PREPARED)
+def test_a_model_built_elsewhere_is_prepared_when_a_method_applies(family):
+    """``Method.apply`` (every route: the API, a sweep) prepares a transformers model it is handed, in place."""
+    import ptqbench
+
+    built, loaded = tiny_model(family, seed=1, prepare=False), tiny_model(family, seed=1)
+    for model in (built, loaded):
+        ptqbench.quantize(model, "rtn", "W4A16", None, device="cpu", progress=False)
+    assert any(isinstance(m, PREPARED_MODULES) for m in built.modules())
+    ids = tokens()
+    assert torch.equal(logits(built, ids), logits(loaded, ids))

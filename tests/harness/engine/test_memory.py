@@ -96,3 +96,15 @@ def test_dry_run_prints_the_estimate(tmp_path):
     result = CliRunner().invoke(main, ["run", str(path), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert result.output.count("host ") == 2 and " GB" in result.output
+
+
+def test_a_moe_block_counts_every_expert_and_the_router(monkeypatch):
+    from transformers import Qwen3MoeConfig
+
+    from methods.omniquant import OmniQuant
+
+    monkeypatch.setattr(OmniQuant, "working_memory", lambda self, config: WorkingMemory())
+    moe = dict(CONFIG, moe_intermediate_size=704, num_experts_per_tok=2, num_hidden_layers=8)
+    few, many = (estimate(spec(), Qwen3MoeConfig(num_experts=n, **moe)) for n in (4, 8))
+    # four more experts' gate/up/down (of the expert width, not intermediate_size) and router rows, fp16 and float32
+    assert many.host_bytes - few.host_bytes == 4 * (3 * 1024 * 704 + 1024) * (2 + 4)
