@@ -318,3 +318,21 @@ def test_low_memory_trains_with_the_weights_out_of_memory(monkeypatch, tiny_mode
     jobs = [flags for flags in seen if flags]  # the final norm's training has no corrections left
     assert len(jobs) == 1 and all(jobs[0])  # the tiny model's 2 blocks are one job
     assert not any(m.weight.is_meta for _, m in quant_linears(model))
+
+
+def test_on_a_moe_reassembly_is_refused_and_the_error_correction_alone_trains_every_expert(tiny_tokens):
+    """Channel reassembly scores one dense gated MLP's sites: refused on qwen3_moe in one line naming it. Without it the
+    low-rank corrections train on every expert's linears (those a calibration token reaches move) and merge."""
+    from harness.models import tiny_model
+
+    model = tiny_model("qwen3_moe", seed=0)
+    with pytest.raises(ConfigError, match=r"^model: qllm's channel reassembly cannot run on qwen3_moe: its router") as err:
+        get_method("qllm").from_options({}).apply(model, W4A4, tiny_tokens, QuantContext(progress=False))
+    assert "\n" not in str(err.value)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    options = {"disassembly": False, "assembly": False, "epochs": 1, "final_norm": "off"}
+    get_method("qllm").from_options(options).apply(model, W4A4, tiny_tokens, QuantContext(progress=False))
+    experts = {n: q for n, q in quant_linears(model) if ".experts." in n}
+    assert len(experts) == 2 * 4 * 3  # 2 blocks x 4 experts x gate/up/down
+    assert all(q.side is None and q.frozen for q in experts.values())  # corrections merged, weights frozen
+    assert any(not torch.equal(q.weight, quantize_weight(before[f"{n}.weight"], W4A4)) for n, q in experts.items())
