@@ -1,31 +1,52 @@
-"""Throughput of perplexity evaluation: fake-quantized model vs the plain FP model, in one process.
+"""Throughput of perplexity evaluation: the model a sweep evaluates against the plain FP model, in one process.
 
-Fake quantization must not make benchmarking slow: after ``freeze()`` the weights are stored
-quantized, so only the per-token activation quantizer costs extra. This measures both models on
-the same windows, alternating FP and quantized passes so machine noise hits both alike, and
-reports the median throughput ratio (quantized / FP; 1.0 = no overhead).
+``ptqbench bench`` (and ``make bench``) runs this. Each row is one method at one bit spec, quantized the way a
+sweep quantizes it: the method entries and bit specs are parsed by the sweep's own parser and planned by its
+planner (``harness.run.config``, ``harness.run.execute.plan``), so the bit spec is the sweep's effective one
+(``harness.scheme.effective_spec``: the method's ``quant_defaults``, Q/K/V and the KV cache as ``quant.attention``
+and a KV part say) and a method that needs data calibrates once on the run's calibration windows (a small set by
+default: the evaluation's speed does not depend on it). The quantized model is then timed on the same perplexity
+windows as a copy of the FP model, alternating FP and quantized passes so machine noise hits both alike; a row
+reports the median tokens per second of each, their ratio (quantized / FP; 1.0 = no overhead) and both
+perplexities.
+
+Timings are of the plain forward (``harness.evaluation.evaluate.perplexity``) with the whole model on the device;
+a sweep's lazily loaded model evaluates block by block with the same quantizers.
 """
 from __future__ import annotations
 
 import copy
+import gc
+import logging
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from harness.data.windows import eval_windows
+from harness.data.windows import calibration_windows, eval_windows
 from harness.evaluation.evaluate import perplexity
 from harness.method import QuantContext
 from harness.models import load_model, resolve_device
-from harness.registry import get_method
-from harness.scheme import effective_spec
+from harness.runtime import torch_threads
+
+log = logging.getLogger(__name__)
+
+# what ``ptqbench bench`` measures unless told otherwise: the issue's goal is a ratio of at least TARGET
+DEFAULT_METHODS: tuple[Any, ...] = ("rtn", "smoothquant", "quarot")
+DEFAULT_BITS: tuple[str, ...] = ("W4A4", "W4A4KV4")
+TARGET = 0.95
 
 
-@dataclass
-class BenchResult:
+@dataclass(frozen=True)
+class BenchRow:
+    """One method at one bit spec: FP and quantized throughput (median of the repeats) and perplexity."""
+
+    method: str
     spec: str
-    tokens: int
+    tokens: int  # per timed pass
     fp_tokens_per_s: float
     quant_tokens_per_s: float
     fp_ppl: float
@@ -36,30 +57,65 @@ class BenchResult:
         return self.quant_tokens_per_s / self.fp_tokens_per_s
 
 
-def throughput_ratio(model_name: str = "smollm2-135m", spec: str = "W4A4", method: str = "rtn", windows: int = 4,
-                     seqlen: int = 512, repeats: int = 3, dataset: str = "brown", device: str = "auto",
-                     options: dict | None = None) -> BenchResult:
+def bench_config(model: str, methods: Sequence[Any], bits: Sequence[str], *, windows: int, seqlen: int,
+                 dataset: str, calibration_samples: int, calibration_seqlen: int, device: str, threads: int | None,
+                 seed: int = 0) -> dict[str, Any]:
+    """The one-model sweep (as YAML would give it) whose runs the bench times."""
+    return {"name": "bench", "models": [model], "methods": list(methods), "bits": list(bits), "seed": seed,
+            "device": device, "threads": threads,
+            "calibration": {"dataset": dataset, "samples": calibration_samples, "seqlen": calibration_seqlen},
+            "evaluation": {"ppl": {"datasets": [dataset], "seqlen": seqlen, "max_windows": windows}}}
+
+
+def bench_throughput(model: str = "smollm2-135m", methods: Sequence[Any] = DEFAULT_METHODS,
+                     bits: Sequence[str] = DEFAULT_BITS, *, windows: int = 4, seqlen: int = 512, repeats: int = 3,
+                     dataset: str = "brown", calibration_samples: int = 4, calibration_seqlen: int = 512,
+                     device: str = "auto", threads: int | None = None, seed: int = 0) -> list[BenchRow]:
+    """Time every (method, bit spec) run of the sweep ``bench_config`` describes; one row each, in plan order.
+
+    ``methods``: sweep ``methods:`` entries (a name, or ``{name: ..., <options>, bits: [...], quant: {...}}``);
+    ``bits``: the sweep's bit specs. The config is validated whole before the model loads (a bad entry is one
+    ``ConfigError`` line).
+    """
+    from harness.run.config import parse_config
+    from harness.run.execute import plan
+
+    config = parse_config(bench_config(model, methods, bits, windows=windows, seqlen=seqlen, dataset=dataset,
+                                       calibration_samples=calibration_samples, calibration_seqlen=calibration_seqlen,
+                                       device=device, threads=threads, seed=seed), "bench")
+    runs = [r for r in plan(config) if not r.method_class.is_baseline]
     dev = resolve_device(device)
-    loaded = load_model(model_name, device=device)
-    fp_model = loaded.model.to(dev)
-    quant_model = copy.deepcopy(fp_model).cpu()
-    # no calibration data: a data-free method (rtn, quarot with weight_solver: rtn) or one that refuses in one line
-    method_cls = get_method(method)
-    # the model a sweep evaluates: the method's quant_defaults, Q/K/V and the KV cache quantized as a sweep quantizes them
-    bits = effective_spec(method_cls, spec)
-    method_cls.from_options(options or {}).apply(quant_model, bits, None, QuantContext(device=dev, progress=False))
-    quant_model = quant_model.to(dev)
-    data = eval_windows(dataset, loaded.tokenizer, seqlen, windows)
-    tokens = data.numel()
+    rows = []
+    with torch_threads(threads):
+        loaded = load_model(model, device=device, seed=seed)
+        fp_model = loaded.model.to(dev)
+        data = eval_windows(dataset, loaded.tokenizer, seqlen, windows)
+        tokens = data.numel()
 
-    def timed(model: torch.nn.Module) -> tuple[float, float]:
-        t = time.perf_counter()
-        ppl = perplexity(model, data, device=dev, progress=False)
-        return tokens / (time.perf_counter() - t), ppl
+        def timed(m: torch.nn.Module) -> tuple[float, float]:
+            start = time.perf_counter()
+            ppl = perplexity(m, data, device=dev, progress=False)
+            return tokens / (time.perf_counter() - start), ppl
 
-    timed(fp_model), timed(quant_model)  # warm-up: allocator, kernels, caches
-    fp, quant = [], []
-    for _ in range(repeats):
-        fp.append(timed(fp_model))
-        quant.append(timed(quant_model))
-    return BenchResult(spec, tokens, statistics.median(t for t, _ in fp), statistics.median(t for t, _ in quant), fp[0][1], quant[0][1])
+        for run in runs:
+            quant_model = copy.deepcopy(fp_model).cpu()
+            calib = None
+            if run.calibration is not None:
+                c = run.calibration
+                calib = calibration_windows(c.dataset, loaded.tokenizer, c.samples, c.seqlen, run.seed)
+            torch.manual_seed(run.seed)  # as the sweep: the method's randomness starts from the seed
+            log.info("bench: quantizing %s", run.label)
+            result = run.method_class(run.config).apply(quant_model, run.bits, calib,
+                                                        QuantContext(device=dev, seed=run.seed, progress=False))
+            quant_model = result.model.to(dev)
+            timed(fp_model), timed(quant_model)  # warm-up: allocator, kernels, caches
+            fp, quant = [], []
+            for _ in range(repeats):
+                fp.append(timed(fp_model))
+                quant.append(timed(quant_model))
+            rows.append(BenchRow(run.method, run.bits.name, tokens, statistics.median(t for t, _ in fp),
+                                 statistics.median(t for t, _ in quant), fp[0][1], quant[0][1]))
+            log.info("bench: %s %s ratio %.3f", run.method, run.bits.name, rows[-1].ratio)
+            del quant_model, result
+            gc.collect()
+    return rows

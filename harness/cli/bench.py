@@ -1,32 +1,56 @@
-"""``ptqbench bench``: evaluation throughput with fake-quantized linears relative to FP."""
+"""``ptqbench bench``: perplexity-evaluation throughput of the models a sweep evaluates, relative to FP."""
 from __future__ import annotations
 
 import click
+import torch
 import yaml
 
-from harness.bench.throughput import throughput_ratio
+from harness.bench.throughput import DEFAULT_BITS, DEFAULT_METHODS, TARGET, bench_throughput
+
+
+def method_entries(text: str) -> list:
+    """``--methods``: comma-separated names, or a YAML list of sweep ``methods:`` entries."""
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError:
+        parsed = None
+    if isinstance(parsed, str):
+        parsed = [name.strip() for name in parsed.split(",") if name.strip()]
+    if not isinstance(parsed, list) or not parsed:
+        raise click.BadParameter(f"{text!r}: use method names (rtn,quarot) or a YAML list of sweep entries, "
+                                 "e.g. '[rtn, {name: quarot, weight_solver: rtn}]'", param_hint="--methods")
+    return parsed
 
 
 @click.command("bench")
 @click.option("--model", default="smollm2-135m", show_default=True)
-@click.option("--bits", "spec", default="W4A4", show_default=True)
-@click.option("--windows", default=4, show_default=True, help="Windows per timed pass.")
-@click.option("--seqlen", default=512, show_default=True)
-@click.option("--repeats", default=3, show_default=True)
+@click.option("--methods", "methods_text", default=",".join(DEFAULT_METHODS), show_default=True,
+              help="Comma-separated method names, or a YAML list of sweep methods: entries (options, own bits, quant).")
+@click.option("--bits", "bits_text", default=",".join(DEFAULT_BITS), show_default=True, help="Comma-separated bit specs.")
+@click.option("--windows", default=4, show_default=True, type=click.IntRange(min=1), help="Perplexity windows per timed pass.")
+@click.option("--seqlen", default=512, show_default=True, type=click.IntRange(min=2))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Timed passes of each model per row.")
+@click.option("--dataset", default="brown", show_default=True, help="Perplexity and calibration text.")
+@click.option("--calibration-samples", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Calibration windows for methods that need data (quantized once per row).")
+@click.option("--calibration-seqlen", default=512, show_default=True, type=click.IntRange(min=2))
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--method", default="rtn", show_default=True, help="A data-free method (rtn; quarot with weight_solver: rtn).")
-@click.option("--options", default="{}", show_default=True, help="The method's options as a YAML mapping.")
-def command(model: str, spec: str, windows: int, seqlen: int, repeats: int, device: str, method: str, options: str) -> None:
-    """Print FP and fake-quantized perplexity throughput and their ratio (target >= 0.8).
+def command(model: str, methods_text: str, bits_text: str, windows: int, seqlen: int, repeats: int, dataset: str,
+            calibration_samples: int, calibration_seqlen: int, threads: int | None, device: str) -> None:
+    """Time perplexity evaluation of each method at each bit spec (quantized as a sweep quantizes it) against FP.
 
-    ``--method quarot --options '{weight_solver: rtn}'`` includes the cost of its online Hadamard transforms.
+    One row per method and bit spec: FP and quantized tokens per second (median of --repeats passes,
+    alternating), their ratio and both perplexities.
     """
-    parsed = yaml.safe_load(options)
-    if not isinstance(parsed, dict):
-        raise click.BadParameter(f"{options!r}: use a YAML mapping, e.g. '{{weight_solver: rtn}}'", param_hint="--options")
-    r = throughput_ratio(model, spec, method=method, windows=windows, seqlen=seqlen, repeats=repeats, device=device,
-                         options=parsed)
-    click.echo(f"model {model}, method {method}, {r.tokens} tokens per pass, median of {repeats}")
-    click.echo(f"fp     {r.fp_tokens_per_s:8.1f} tok/s  (ppl {r.fp_ppl:.2f})")
-    click.echo(f"{r.spec:<6} {r.quant_tokens_per_s:8.1f} tok/s  (ppl {r.quant_ppl:.2f})")
-    click.echo(f"throughput ratio {r.spec}/fp = {r.ratio:.3f}  (target >= 0.8)")
+    bits = [b.strip() for b in bits_text.split(",") if b.strip()]
+    rows = bench_throughput(model, method_entries(methods_text), bits, windows=windows, seqlen=seqlen, repeats=repeats,
+                            dataset=dataset, calibration_samples=calibration_samples,
+                            calibration_seqlen=calibration_seqlen, device=device, threads=threads)
+    click.echo(f"model {model}, {rows[0].tokens if rows else 0} tokens per pass ({windows} x {seqlen} {dataset}), "
+               f"median of {repeats}, {torch.get_num_threads() if threads is None else threads} torch threads, device {device}")
+    click.echo(f"{'method':<14} {'bits':<10} {'fp tok/s':>9} {'quant tok/s':>11} {'ratio':>6}  {'fp ppl':>9} {'quant ppl':>10}")
+    for r in rows:
+        click.echo(f"{r.method:<14} {r.spec:<10} {r.fp_tokens_per_s:>9.1f} {r.quant_tokens_per_s:>11.1f} {r.ratio:>6.3f}  "
+                   f"{r.fp_ppl:>9.4f} {r.quant_ppl:>10.4f}")
+    click.echo(f"ratio = quantized / FP tokens per second (target >= {TARGET})")
