@@ -35,7 +35,9 @@ from torch import nn
 
 from harness.bits import BitSpec
 from harness.errors import ConfigError, PtqbenchError
-from harness.export.formats import ExportResult, export_model, load_quantized
+from harness.export.formats import ExportResult
+from harness.export.loader import load_quantized
+from harness.export.writer import export_model
 from harness.method import Method, MethodConfig, QuantContext
 from harness.models import LoadedModel, load_model
 from harness.registry import get_method, register_method

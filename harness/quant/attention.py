@@ -33,7 +33,7 @@ FlatQuant's learned Q M^-T and K M) and learned clip ratios on the three quantiz
 An exported model keeps these quantizers: ``describe(attn)`` says what ``install`` put on a block's attention
 (its bit spec, ``rotate_qk``, the Q/K transforms' recipes and the learned clips), ``reinstall(attn, data)`` puts the same quantizers back on a reloaded one, and
 ``kernel_of(config)`` names the transformers kernel behind ptqbench's routing (``sdpa`` or ``eager``), which the
-reloaded model needs too (harness/export/formats.py).
+reloaded model needs too (harness/export/).
 
 Grouped-query attention: here K and V are quantized *before* ``repeat_kv`` (SDPA repeats them),
 the official layers after it. ``repeat_kv`` only copies whole heads, and the range is per

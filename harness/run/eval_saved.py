@@ -17,7 +17,7 @@ from typing import Any
 from harness import schema
 from harness.bits import FP
 from harness.evaluation.evaluate import evaluate_model
-from harness.export.formats import export_info, is_quantized_export, load_quantized
+from harness.export.loader import export_info, is_quantized_export, load_quantized
 from harness.models import load_model, resolve_device
 from harness.evaluation.config import EvaluationConfig
 from harness.run.costs import CostMeter

@@ -230,7 +230,7 @@ def _execute(run: RunSpec, progress: bool = True) -> RunRecord:
 def keep_model(run: RunSpec, model: torch.nn.Module, tokenizer: Any) -> None:
     """``keep_quantized``: the run's model in the export format at ``quantized_dir(run)`` (replaced whole if there)."""
     from harness.models.lazy import materialize_all
-    from harness.export.formats import export_model
+    from harness.export.writer import export_model
 
     if run.method_class.is_baseline:
         return

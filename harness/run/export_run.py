@@ -26,14 +26,16 @@ from typing import Any
 import torch
 
 from harness import schema
+from harness.data.config import CalibrationConfig
 from harness.data.windows import calibration_windows
 from harness.errors import PtqbenchError
-from harness.export.formats import INFO, ExportResult, check_target, export_info, export_model, folder_size, staged
+from harness.evaluation.config import EvaluationConfig
+from harness.export.formats import INFO, ExportResult, folder_size
+from harness.export.loader import export_info
+from harness.export.writer import check_target, export_model, staged
 from harness.method import QuantContext
 from harness.models import load_model, resolve_device
 from harness.registry import get_method
-from harness.data.config import CalibrationConfig
-from harness.evaluation.config import EvaluationConfig
 from harness.run.execute import RunSpec, local_inputs
 from harness.run.record import RunRecord
 from harness.run.results import ResultStore

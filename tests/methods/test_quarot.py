@@ -12,7 +12,8 @@ import torch
 
 from harness import BitSpec, ConfigError, QuantContext, get_method
 from harness.adapter import get_adapter
-from harness.export.formats import export_model, load_quantized
+from harness.export.loader import load_quantized
+from harness.export.writer import export_model
 from harness.method import pretrained_config
 from harness.models import tiny_model
 from harness.quant.gptq import GPTQOptions, gptq_solve

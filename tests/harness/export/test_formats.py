@@ -18,19 +18,12 @@ import torch
 from safetensors.torch import load_file
 
 from harness import BitSpec, QuantContext, get_method, quant_linears
-from harness.evaluation.evaluate import perplexity
-from harness.export.formats import (
-    CT_INT,
-    CT_PACKED,
-    MANIFEST,
-    PTQBENCH,
-    TRANSFORMERS_DEQUANTIZE,
-    ExportError,
-    export_model,
-    load_quantized,
-)
-from harness.quant.reassembly import Reassembled
 from harness.atomic import current_umask
+from harness.evaluation.evaluate import perplexity
+from harness.export.formats import CT_INT, CT_PACKED, MANIFEST, PTQBENCH, TRANSFORMERS_DEQUANTIZE, ExportError
+from harness.export.loader import load_quantized
+from harness.export.writer import export_model
+from harness.quant.reassembly import Reassembled
 
 CPU = QuantContext(device=torch.device("cpu"), seed=0, progress=False)
 
@@ -151,7 +144,7 @@ def test_compressed_tensors_schemes_are_the_presets(bits, preset):
     the presets leave for compressed-tensors to infer and ptqbench declares."""
     from compressed_tensors.quantization import preset_name_to_scheme
 
-    from harness.export.formats import _ct_scheme
+    from harness.export.writer import _ct_scheme
 
     name, _, sym = bits.partition("-")
     spec = BitSpec.parse(name, w_symmetric=bool(sym), a_symmetric=bool(sym))
@@ -305,7 +298,7 @@ def test_a_version_1_folder_loads_and_warns_that_it_lacks_its_attention_quantize
     for key in ("attention", "attention_kernel"):  # what a version-1 folder holds
         del manifest[key]
     (tmp_path / "out" / MANIFEST).write_text(json.dumps({**manifest, "version": 1}))
-    with caplog.at_level("WARNING", logger="harness.export.formats"):
+    with caplog.at_level("WARNING", logger="harness.export.loader"):
         reloaded = load_quantized(tmp_path / "out")
     assert "written without its attention quantizers (format version 1)" in caplog.text
     assert attention_quantizers(reloaded) == []

@@ -20,7 +20,8 @@ from click.testing import CliRunner
 
 from harness.errors import ConfigError
 from harness.evaluation.evaluate import evaluate_model
-from harness.export.formats import CT_INT, CT_PACKED, MANIFEST, PTQBENCH, load_quantized
+from harness.export.formats import CT_INT, CT_PACKED, MANIFEST, PTQBENCH
+from harness.export.loader import load_quantized
 from harness.registry import REGISTRY, get_method
 from harness.run.config import parse_config
 from harness.run.execute import RunSpec, execute, plan, quantized_dir

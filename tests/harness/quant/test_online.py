@@ -13,7 +13,9 @@ from torch import nn
 
 from harness import BitSpec, UnknownNameError
 from harness.adapter import get_adapter
-from harness.export.formats import MANIFEST, PTQBENCH, ExportError, export_model, load_quantized
+from harness.export.formats import MANIFEST, PTQBENCH, ExportError
+from harness.export.loader import load_quantized
+from harness.export.writer import export_model
 from harness.models import tiny_llama
 from harness.quant.online import OnlineTransform, online_kinds, online_transform, register_online_transform
 from harness.quant.qlinear import freeze, quantize_block, with_input_transform

@@ -9,7 +9,8 @@ import torch
 
 from harness import BitSpec, QuantContext
 from harness.adapter import get_adapter
-from harness.export.formats import export_model, load_quantized
+from harness.export.loader import load_quantized
+from harness.export.writer import export_model
 from harness.models import tiny_llama, tiny_model
 from harness.quant import rotation
 from harness.quant.hadamard import random_hadamard
