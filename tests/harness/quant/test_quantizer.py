@@ -278,3 +278,64 @@ def test_each_side_of_the_activation_range_takes_its_own_clip_ratio():
                 expected = (np.clip(np.round(row / scale) + zero, 0, 15) - zero) * scale
             np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12)
     assert torch.equal(ActQuantizer(4, clip_ratio=hi, clip_ratio_min=hi)(x), ActQuantizer(4, clip_ratio=hi)(x))
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal as stored: NaN at the same places, every other value with the same bits (so -0 is not +0)."""
+    nan = a.isnan()
+    if not torch.equal(nan, b.isnan()):
+        return False
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.masked_fill(nan, 0).view(ints), b.masked_fill(nan, 0).view(ints))
+
+
+def _awkward_rows(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Random rows with an outlier channel, plus rows that reach every special case of the range."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 3.0, shape[-1], dtype=torch.float64)
+    rows = x.view(-1, shape[-1])
+    rows[:, 3] *= 40  # an outlier channel
+    rows[0] = 0.0  # all zero: the scale clamps to SCALE_MIN
+    rows[1] = 2.5  # constant: zero width, x / scale far off the grid
+    rows[2] = torch.linspace(-1e-3, 1e-4, shape[-1])  # values rounding to -0 on a symmetric grid
+    rows[2, -1] = 1.0
+    rows[3, 5] = float("inf")  # a non-finite range: the row is NaN
+    rows[4, 1] = float("nan")
+    rows[5] = torch.linspace(-3e5, 2e5, shape[-1])  # a scale beyond SCALE_MAX
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(12, 48), (2, 3, 8, 16)])  # tokens x features, (batch, heads, tokens, head_dim)
+@pytest.mark.parametrize("symmetric, full_grid", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("clips", [(1.0, None), (0.9, None), (0.8, 0.6)])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_evaluation_path_is_the_training_path_bit_for_bit(dtype, shape, symmetric, full_grid, clips, bits):
+    """quantize_activation without autograd (quantize_rows) gives the STE node's values bit for bit, the sign of
+    zero and the NaN rows included, for every grid, clip ratio, bit width and dtype."""
+    x = _awkward_rows(shape, dtype)
+    clip_ratio, clip_ratio_min = clips
+    args = (bits, symmetric, True, clip_ratio, full_grid, clip_ratio_min)
+    with torch.enable_grad():
+        reference = quantize_activation(x.clone().requires_grad_(), *args)
+    assert reference.grad_fn is not None  # the training path ran
+    fast = quantize_activation(x, *args)
+    assert fast.grad_fn is None and _same_bits(fast, reference.detach())
+    with torch.no_grad():  # a tensor that requires grad, evaluated without autograd, takes the evaluation path
+        assert _same_bits(quantize_activation(x.clone().requires_grad_(), *args), fast)
+    assert fast.view(-1, shape[-1])[3].isnan().all() and (fast.view(-1, shape[-1])[2] == 0).any()
+
+
+def test_the_training_path_keeps_its_gradient():
+    """An input that needs a gradient goes through the STE node: its gradient is the written-out form's (the clamp
+    mask, and the range's path to the row's extremes)."""
+    x0 = torch.randn(6, 16, dtype=torch.float64) * 2
+    grad_out = torch.randn(6, 16, dtype=torch.float64)
+    x = x0.clone().requires_grad_()
+    y = ActQuantizer(4, clip_ratio=0.7)(x)
+    assert y.grad_fn is not None
+    (y * grad_out).sum().backward()
+    ref = x0.clone().requires_grad_()
+    (_written_out(ref, ref.amin(-1, keepdim=True) * 0.7, ref.amax(-1, keepdim=True) * 0.7, 4, False) * grad_out).sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-12, atol=1e-12)
+    assert (x.grad != grad_out).any()  # values outside the clipped range pass none of it
