@@ -3,7 +3,8 @@
 ``QuantLinear`` = input-activation quantizer + weight quantizer + the original weight and bias.
 While a method calibrates, the weight is quantized on every forward (so gradients reach learnable
 quantizer parameters). ``freeze()`` then stores the fake-quantized weight once, so evaluation pays
-only for the activation quantizer.
+only for the activation quantizer, and layers that read one tensor with the same quantizer settings
+(q/k/v, gate/up) quantize it once (``_SharedInput``).
 
 ``recompute_weight`` (off by default; methods turn it on for a ``low_memory`` option) trades time
 for memory while a method trains: the layer keeps only its input for the backward pass and computes
@@ -16,6 +17,8 @@ codes) would be kept in full.
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -76,6 +79,44 @@ def linear_recomputing_weight(x: torch.Tensor, weight_fn: Callable[[], torch.Ten
     return _RecomputedWeightLinear.apply(x, weight.detach(), bias, weight_fn, anchor)
 
 
+class _SharedInput(threading.local):
+    """The last input a ``QuantLinear`` quantized without autograd, and its quantized value.
+
+    q/k/v (and gate/up) read the same tensor through quantizers with the same settings: the second and third
+    compute what the first did. A layer whose quantizer is a plain ``ActQuantizer`` with the same settings, given
+    the same tensor object at the same version (nothing wrote to it, nor to the quantized value), takes the kept
+    value instead of computing it again. The input is held weakly: the value is dropped when the input is freed
+    (at the end of the attention or MLP that read it). Inference-mode tensors keep no version counter, so they are
+    never reused; nor is anything autograd has to see.
+    """
+
+    def __init__(self) -> None:
+        self.source: weakref.ref | None = None
+        self.state: tuple = ()
+        self.value: torch.Tensor | None = None
+
+    def _drop(self, ref: weakref.ref) -> None:
+        if self.source is ref:
+            self.source, self.value = None, None
+
+    def quantize(self, quantizer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if type(quantizer) is not ActQuantizer or not quantizer.enabled or x.is_inference() or (
+                x.requires_grad and torch.is_grad_enabled()):
+            return quantizer(x)
+        settings = (quantizer.bits, quantizer.symmetric, quantizer.clip_ratio, quantizer.clip_ratio_min,
+                    quantizer.full_grid)
+        value = self.value
+        if (value is not None and self.source() is x and self.state == (x._version, value._version, settings)):
+            return value
+        value = quantizer(x)
+        self.source = weakref.ref(x, self._drop)
+        self.state, self.value = (x._version, value._version, settings), value
+        return value
+
+
+_shared_input = _SharedInput()
+
+
 class QuantLinear(nn.Module):
     """A drop-in replacement for ``nn.Linear`` that fake-quantizes its input and weight."""
 
@@ -110,7 +151,7 @@ class QuantLinear(nn.Module):
         transform = getattr(self, "input_transform", None)
         if transform is not None:
             x = transform(x)
-        x = self.act_quant(x)
+        x = _shared_input.quantize(self.act_quant, x)
         if self.recompute_weight and not self.frozen:
             y = linear_recomputing_weight(x, self.quantized_weight, self.bias)
         else:

@@ -175,3 +175,95 @@ def test_a_learned_activation_clip_is_carried_into_the_quantized_layer(tiny_mode
     torch.testing.assert_close(down.act_quant(x), quantize_activation(x, 4, clip_ratio=0.7, clip_ratio_min=0.5))
     assert swapped["mlp.up_proj"].act_clip is None and swapped["mlp.up_proj"].act_quant.clip_ratio_min is None
 
+
+
+def _count_quantizations(monkeypatch) -> list:
+    """Record the width of every input an enabled activation quantizer computes (from now on, in this test)."""
+    from harness.quant.quantizer import ActQuantizer
+
+    calls = []
+    original = ActQuantizer.forward
+
+    def counting(self, x):
+        if self.enabled:
+            calls.append(x.shape[-1])
+        return original(self, x)
+
+    monkeypatch.setattr(ActQuantizer, "forward", counting)
+    return calls
+
+
+def test_linears_reading_one_tensor_quantize_it_once(monkeypatch):
+    """q/k/v (and gate/up) read one tensor: with the same settings it is quantized once, and the layers compute what
+    they compute alone; a write to the tensor, other settings or autograd quantize it again."""
+    torch.manual_seed(0)
+    spec = BitSpec.parse("W4A4")
+    a, b, c = (QuantLinear(nn.Linear(32, 8), spec) for _ in range(3))
+    x = torch.randn(5, 32)
+    alone = [layer(x.clone()) for layer in (a, b, c)]
+    calls = _count_quantizations(monkeypatch)
+    with torch.no_grad():
+        assert all(torch.equal(layer(x), ref) for layer, ref in zip((a, b, c), alone)) and len(calls) == 1
+        x.mul_(2.0)  # written in place: its version moves
+        assert torch.equal(a(x), a(x.clone())) and len(calls) == 3
+        b.act_quant.clip_ratio = 0.9  # other settings
+        assert torch.equal(b(x), b(x.clone())) and len(calls) == 5
+        y = x.clone()
+        a(y), c(y)
+        assert len(calls) == 6
+    with torch.enable_grad():
+        z = x.clone().requires_grad_()
+        a(z), c(z)
+    assert len(calls) == 8  # the training path, every time
+    with torch.inference_mode():
+        w = torch.randn(5, 32)
+        a(w), c(w)
+    assert len(calls) == 10  # inference tensors keep no version counter: never reused
+
+
+def test_the_kept_value_goes_with_its_input():
+    from harness.quant.qlinear import _shared_input
+
+    layer = QuantLinear(nn.Linear(16, 4), BitSpec.parse("W4A4"))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        layer(x)
+    value = weakref.ref(_shared_input.value)
+    del x
+    gc.collect()
+    assert value() is None and _shared_input.value is None
+
+
+@pytest.mark.parametrize("method, bits, quant", [
+    ("rtn", "W4A4", {}),
+    ("rtn", "W4A4KV4", {"act_symmetric": True, "act_clip_ratio": 0.9, "symmetric_grid": "full", "kv_clip_ratio": 0.95}),
+    ("rtn", "W4A8g16", {"attention_scope": "projection"}),
+    ("smoothquant", "W6A6", {}),
+    ("quarot", "W4A4", {}),
+    ("quarot", "W4A4KV4", {}),
+])
+def test_a_quantized_model_evaluates_as_it_trains_bit_for_bit(method, bits, quant, tiny_model, tiny_tokens, monkeypatch):
+    """The logits of a quantized model without autograd (evaluation: quantize_rows, shared inputs quantized once,
+    the attention and online transforms' evaluation paths) equal those with autograd on (every quantizer through
+    its STE node) bit for bit; q/k/v and gate/up quantize their input once."""
+    from harness.method import QuantContext
+    from harness.registry import get_method
+    from harness.scheme import effective_spec
+
+    cls = get_method(method)
+    options = {"weight_solver": "rtn"} if method == "quarot" else {}
+    spec = effective_spec(cls, bits, quant)
+    calibration = tiny_tokens if cls.needs_calibration else None
+    model = cls.from_options(options).apply(tiny_model, spec, calibration, QuantContext(device=torch.device("cpu"), progress=False)).model
+    with torch.enable_grad():
+        reference = model(tiny_tokens).logits
+    assert reference.requires_grad
+    calls = _count_quantizations(monkeypatch)
+    with torch.no_grad():
+        fast = model(tiny_tokens).logits
+    assert torch.equal(fast, reference.detach())
+    from harness.quant.attention import attention_quantizers
+
+    others = sum(q.enabled for q in attention_quantizers(model)) + sum(
+        m.out_quant is not None for _, m in quant_linears(model))  # Q/K/V per head, or q/k/v outputs
+    assert len(calls) == 4 * len(get_adapter(model).layers(model)) + others  # inputs of q/k/v, o, gate/up, down
