@@ -118,15 +118,34 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
 
 def walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
-    """x @ S_m along the last dimension (m a power of two), unnormalised: the butterfly, O(m log m) adds."""
+    """x @ S_m along the last dimension (m a power of two), unnormalised: the butterfly, O(m log m) adds; a new tensor.
+
+    Stage h pairs the elements h apart within blocks of 2h: (a, b) -> (a + b, a - b). Without autograd the
+    stages alternate between two buffers (the input is never written), each writing its sums and differences
+    straight into the other buffer's halves: one pass per stage. With autograd (a transform trained through)
+    each stage stacks new tensors; the same additions, so the same values bit for bit.
+    """
     m = x.shape[-1]
     lead = x.shape[:-1]
+    if x.requires_grad and torch.is_grad_enabled():
+        h = 1
+        while h < m:
+            y = x.reshape(*lead, m // (2 * h), 2, h)
+            x = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
+            h *= 2
+        return x.reshape(*lead, m) if m > 1 else x.clone()
+    src, dst = x, torch.empty(*lead, m, dtype=x.dtype, device=x.device)
     h = 1
     while h < m:
-        y = x.reshape(*lead, m // (2 * h), 2, h)
-        x = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
+        y, out = src.reshape(*lead, m // (2 * h), 2, h), dst.view(*lead, m // (2 * h), 2, h)
+        torch.add(y[..., 0, :], y[..., 1, :], out=out[..., 0, :])
+        torch.sub(y[..., 0, :], y[..., 1, :], out=out[..., 1, :])
+        if src is x:  # from now on the two buffers take turns
+            src, dst = dst, torch.empty_like(dst) if 2 * h < m else None
+        else:
+            src, dst = dst, src
         h *= 2
-    return x.reshape(*lead, m)
+    return x.clone() if src is x else src
 
 
 def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -140,9 +159,14 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor
     k, m = factor(n)
     y = walsh_hadamard(x.reshape(*x.shape[:-1], k, m))
     if k > 1:
-        base = base_matrix(k).to(y)
+        base = _base_operand(k, y.device, y.dtype)
         y = (base.T if transpose else base) @ y
-    return y.reshape(x.shape) / math.sqrt(n)
+    return y.reshape(x.shape).div_(math.sqrt(n))
+
+
+@functools.lru_cache(maxsize=16)
+def _base_operand(k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return base_matrix(k).to(device, dtype)
 
 
 def random_signs(n: int, seed: int) -> torch.Tensor:
@@ -174,7 +198,7 @@ def kronecker_transform(x: torch.Tensor, seed: int, transpose: bool = False) -> 
     R^T X S, so the butterfly runs along m and R^T (R for the inverse) multiplies on the left."""
     n = x.shape[-1]
     k, m = kronecker_factor(n)
-    y = walsh_hadamard(x.reshape(*x.shape[:-1], k, m)) / math.sqrt(m)
+    y = walsh_hadamard(x.reshape(*x.shape[:-1], k, m)).div_(math.sqrt(m))
     if k > 1:
         r = _orthogonal_operand(k, seed, y.device, y.dtype)
         y = (r if transpose else r.T) @ y

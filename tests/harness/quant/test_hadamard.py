@@ -131,3 +131,50 @@ def test_random_hadamard_of_a_width_without_one_is_the_signed_kronecker_product(
     q = had.random_hadamard(n, seed)
     assert torch.allclose(q, signs[:, None] * dense_kronecker(n, seed), atol=1e-12)
     assert torch.allclose(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+
+
+def _stacked_butterfly(x: torch.Tensor) -> torch.Tensor:
+    """x @ S_m written as new tensors per stage (the plain form the fast transform must equal bit for bit)."""
+    m, lead, h = x.shape[-1], x.shape[:-1], 1
+    while h < m:
+        y = x.reshape(*lead, m // (2 * h), 2, h)
+        x = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
+        h *= 2
+    return x.reshape(*lead, m)
+
+
+def _plain_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    n = x.shape[-1]
+    k, m = had.factor(n)
+    y = _stacked_butterfly(x.reshape(*x.shape[:-1], k, m))
+    if k > 1:
+        base = had.base_matrix(k).to(y)
+        y = (base.T if transpose else base) @ y
+    return y.reshape(x.shape) / math.sqrt(n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 64, 96, 576, 1536])
+def test_the_fast_transform_is_the_plain_one_bit_for_bit(n, dtype):
+    """The buffers-taking-turns butterfly (evaluation) and the stacked one (autograd) give the plain form's values
+    bit for bit, on a contiguous input and on a transposed one (Q and K after RoPE), and never write the input."""
+    x = torch.randn(2, 5, 3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n)).to(dtype)
+    for inp in (x, x.transpose(1, 2)):
+        before = inp.clone()
+        for transpose in (False, True):
+            plain = _plain_transform(inp, transpose)
+            assert torch.equal(had.hadamard_transform(inp, transpose), plain)
+            with torch.enable_grad():
+                trained = had.hadamard_transform(inp.clone().requires_grad_(), transpose)
+            assert trained.grad_fn is not None and torch.equal(trained.detach(), plain)
+        assert torch.equal(inp, before)
+    m = n & -n
+    assert torch.equal(had.walsh_hadamard(x[..., :m]), _stacked_butterfly(x[..., :m]))
+    assert had.walsh_hadamard(x[..., :m]).data_ptr() != x.data_ptr()
+
+
+def test_the_kronecker_transform_evaluates_as_it_trains():
+    x = torch.randn(3, 7, 88, generator=torch.Generator().manual_seed(0))
+    with torch.enable_grad():
+        trained = had.kronecker_transform(x.clone().requires_grad_(), seed=2)
+    assert torch.equal(had.kronecker_transform(x, seed=2), trained.detach())
