@@ -6,8 +6,9 @@ planner (``harness.run.config``, ``harness.run.execute.plan``), so the bit spec 
 (``harness.scheme.effective_spec``: the method's ``quant_defaults``, Q/K/V and the KV cache as ``quant.attention``
 and a KV part say) and a method that needs data calibrates once on the run's calibration windows (a small set by
 default: the evaluation's speed does not depend on it). The quantized model is then timed on the same perplexity
-windows as a copy of the FP model, alternating FP and quantized passes so machine noise hits both alike; a row
-reports the median tokens per second of each, their ratio (quantized / FP; 1.0 = no overhead) and both
+windows as a copy of the FP model, in pairs of one FP and one quantized pass (FP first, then quantized first, in
+turn) so machine noise hits both alike; a row reports the median tokens per second of each, the median of the
+pairs' ratios (quantized / FP; 1.0 = no overhead: a pair's ratio is measured under one load) and both
 perplexities.
 
 Timings are of the plain forward (``harness.evaluation.evaluate.perplexity``) with the whole model on the device;
@@ -51,10 +52,7 @@ class BenchRow:
     quant_tokens_per_s: float
     fp_ppl: float
     quant_ppl: float
-
-    @property
-    def ratio(self) -> float:
-        return self.quant_tokens_per_s / self.fp_tokens_per_s
+    ratio: float  # the median over the repeats of quantized / FP tokens per second of one pair of passes
 
 
 def bench_config(model: str, methods: Sequence[Any], bits: Sequence[str], *, windows: int, seqlen: int,
@@ -110,11 +108,13 @@ def bench_throughput(model: str = "smollm2-135m", methods: Sequence[Any] = DEFAU
             quant_model = result.model.to(dev)
             timed(fp_model), timed(quant_model)  # warm-up: allocator, kernels, caches
             fp, quant = [], []
-            for _ in range(repeats):
-                fp.append(timed(fp_model))
-                quant.append(timed(quant_model))
+            for i in range(repeats):  # pairs in turn FP first and quantized first, so a trend in the load cancels
+                first, second = (fp, quant) if i % 2 == 0 else (quant, fp)
+                first.append(timed(fp_model if first is fp else quant_model))
+                second.append(timed(fp_model if second is fp else quant_model))
             rows.append(BenchRow(run.method, run.bits.name, tokens, statistics.median(t for t, _ in fp),
-                                 statistics.median(t for t, _ in quant), fp[0][1], quant[0][1]))
+                                 statistics.median(t for t, _ in quant), fp[0][1], quant[0][1],
+                                 statistics.median(q / f for (f, _), (q, _) in zip(fp, quant))))
             log.info("bench: %s %s ratio %.3f", run.method, run.bits.name, rows[-1].ratio)
             del quant_model, result
             gc.collect()

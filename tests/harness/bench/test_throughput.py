@@ -26,7 +26,7 @@ def test_rows_are_the_sweeps_runs(tmp_path):
     assert [(r.method, r.spec) for r in rows] == [(m, b) for m in ("rtn", "smoothquant", "quarot") for b in ("W4A4", "W4A4KV4")]
     for r in rows:
         assert r.tokens == 2 * 32 and r.fp_tokens_per_s > 0 and r.quant_tokens_per_s > 0 and math.isfinite(r.ratio)
-        assert r.ratio == pytest.approx(r.quant_tokens_per_s / r.fp_tokens_per_s, rel=1e-12)
+        assert r.ratio == pytest.approx(r.quant_tokens_per_s / r.fp_tokens_per_s, rel=1e-12)  # one pair: its ratio
     runs = plan(parse_config(bench_config("tiny-random-llama", methods, ["W4A4", "W4A4KV4"], **SMALL), "bench"))
     stored = {}
     for run in runs:
