@@ -120,10 +120,13 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 def walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
     """x @ S_m along the last dimension (m a power of two), unnormalised: the butterfly, O(m log m) adds; a new tensor.
 
-    Stage h pairs the elements h apart within blocks of 2h: (a, b) -> (a + b, a - b). Without autograd the
-    stages alternate between two buffers (the input is never written), each writing its sums and differences
-    straight into the other buffer's halves: one pass per stage. With autograd (a transform trained through)
-    each stage stacks new tensors; the same additions, so the same values bit for bit.
+    Stage h pairs the elements h apart within blocks of 2h, (a, b) -> (a + b, a - b), for h = 1, 2, 4, ... in
+    this order (the order of the additions decides the rounding). With autograd (a transform trained through)
+    each stage stacks new tensors. Without it (evaluation) the same additions run faster, so the values are the
+    same bit for bit: the rows are regrouped in blocks of B (64 where their count allows) laid out as (m, B), so a
+    stage's operands are runs of h x B contiguous values instead of runs of h (a few elements for the first
+    stages, which the elementwise kernels cannot vectorize), and the stages alternate between two buffers,
+    each writing its sums and differences straight into the other's halves.
     """
     m = x.shape[-1]
     lead = x.shape[:-1]
@@ -134,18 +137,20 @@ def walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
             x = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
             h *= 2
         return x.reshape(*lead, m) if m > 1 else x.clone()
-    src, dst = x, torch.empty(*lead, m, dtype=x.dtype, device=x.device)
+    rows = x.reshape(-1, m)
+    block = next((b for b in (64, 32, 16, 8) if rows.shape[0] % b == 0), 1)
+    # (rows / B, m, B), always a copy (contiguous() would return the input itself where B or m is 1): never written
+    src = rows.view(-1, block, m).transpose(1, 2).clone(memory_format=torch.contiguous_format)
+    dst = torch.empty_like(src)
     h = 1
     while h < m:
-        y, out = src.reshape(*lead, m // (2 * h), 2, h), dst.view(*lead, m // (2 * h), 2, h)
-        torch.add(y[..., 0, :], y[..., 1, :], out=out[..., 0, :])
-        torch.sub(y[..., 0, :], y[..., 1, :], out=out[..., 1, :])
-        if src is x:  # from now on the two buffers take turns
-            src, dst = dst, torch.empty_like(dst) if 2 * h < m else None
-        else:
-            src, dst = dst, src
+        y, out = src.view(-1, m // (2 * h), 2, h * block), dst.view(-1, m // (2 * h), 2, h * block)
+        torch.add(y[:, :, 0], y[:, :, 1], out=out[:, :, 0])
+        torch.sub(y[:, :, 0], y[:, :, 1], out=out[:, :, 1])
+        src, dst = dst, src
         h *= 2
-    return x.clone() if src is x else src
+    # back to rows (a copy): the standard layout, as the stacked form's, since a kernel may round by layout (SDPA does)
+    return src.transpose(1, 2).reshape(-1, m).view(*lead, m)
 
 
 def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:

@@ -156,14 +156,17 @@ def _plain_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [1, 2, 64, 96, 576, 1536])
 def test_the_fast_transform_is_the_plain_one_bit_for_bit(n, dtype):
-    """The buffers-taking-turns butterfly (evaluation) and the stacked one (autograd) give the plain form's values
-    bit for bit, on a contiguous input and on a transposed one (Q and K after RoPE), and never write the input."""
+    """The blocked butterfly (evaluation) and the stacked one (autograd) give the plain form's values bit for bit, on
+    contiguous inputs whose rows make blocks of every size and on a transposed one (Q and K after RoPE), and never
+    write the input."""
     x = torch.randn(2, 5, 3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n)).to(dtype)
-    for inp in (x, x.transpose(1, 2)):
+    rows = torch.randn(128, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n)).to(dtype)
+    for inp in (x, x.transpose(1, 2), rows, rows[:72], rows[:3]):  # row counts taking blocks of 64, 8, 1
         before = inp.clone()
         for transpose in (False, True):
-            plain = _plain_transform(inp, transpose)
-            assert torch.equal(had.hadamard_transform(inp, transpose), plain)
+            plain, fast = _plain_transform(inp, transpose), had.hadamard_transform(inp, transpose)
+            assert torch.equal(fast, plain)
+            assert fast.stride() == plain.stride() or n == 1  # the layout too, SDPA rounds by it (width 1: a division)
             with torch.enable_grad():
                 trained = had.hadamard_transform(inp.clone().requires_grad_(), transpose)
             assert trained.grad_fn is not None and torch.equal(trained.detach(), plain)
