@@ -41,6 +41,8 @@ from harness.runtime import thread_count_independent
 BASES_FILE = Path(__file__).with_name("hadamard_bases.txt")
 # The official order of preference (hadamard_utils.get_hadK): the first base K with n = K x 2^j.
 BASE_ORDERS = (172, 156, 140, 108, 60, 52, 36, 28, 40, 20, 12)
+# Row blocks of the butterfly in evaluation (``walsh_hadamard``), largest first.
+BLOCKS = (64, 32, 16, 8)
 
 
 @functools.cache
@@ -123,10 +125,10 @@ def walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
     Stage h pairs the elements h apart within blocks of 2h, (a, b) -> (a + b, a - b), for h = 1, 2, 4, ... in
     this order (the order of the additions decides the rounding). With autograd (a transform trained through)
     each stage stacks new tensors. Without it (evaluation) the same additions run faster, so the values are the
-    same bit for bit: the rows are regrouped in blocks of B (64 where their count allows) laid out as (m, B), so a
-    stage's operands are runs of h x B contiguous values instead of runs of h (a few elements for the first
-    stages, which the elementwise kernels cannot vectorize), and the stages alternate between two buffers,
-    each writing its sums and differences straight into the other's halves.
+    same bit for bit: the rows are regrouped in blocks of B (64 where their count allows, ``_blocked``) laid out
+    as (m, B) in one copy, so a stage's operands are runs of h x B contiguous values instead of runs of h (a few
+    elements for the first stages, which the elementwise kernels cannot vectorize), and the stages alternate
+    between two buffers, each writing its sums and differences straight into the other's halves.
     """
     m = x.shape[-1]
     lead = x.shape[:-1]
@@ -137,11 +139,8 @@ def walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
             x = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
             h *= 2
         return x.reshape(*lead, m) if m > 1 else x.clone()
-    rows = x.reshape(-1, m)
-    block = next((b for b in (64, 32, 16, 8) if rows.shape[0] % b == 0), 1)
-    # (rows / B, m, B), always a copy (contiguous() would return the input itself where B or m is 1): never written
-    src = rows.view(-1, block, m).transpose(1, 2).clone(memory_format=torch.contiguous_format)
-    dst = torch.empty_like(src)
+    src = _blocked(x).transpose(-1, -2).clone(memory_format=torch.contiguous_format)  # (..., m, B): never the input
+    dst, block = torch.empty_like(src), src.shape[-1]
     h = 1
     while h < m:
         y, out = src.view(-1, m // (2 * h), 2, h * block), dst.view(-1, m // (2 * h), 2, h * block)
@@ -150,7 +149,19 @@ def walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
         src, dst = dst, src
         h *= 2
     # back to rows (a copy): the standard layout, as the stacked form's, since a kernel may round by layout (SDPA does)
-    return src.transpose(1, 2).reshape(-1, m).view(*lead, m)
+    return src.transpose(-1, -2).reshape(-1, m).view(*lead, m)
+
+
+def _blocked(x: torch.Tensor) -> torch.Tensor:
+    """x's rows grouped in blocks of B (..., B, m): its last leading dimension split where B divides it (a view,
+    whatever the layout: Q and K after RoPE are transposed), else all rows flattened (a view where x is contiguous)."""
+    m, lead = x.shape[-1], x.shape[:-1]
+    last = lead[-1] if lead else 1
+    block = next((b for b in BLOCKS if last % b == 0), 0)
+    if block:
+        return x.reshape(*lead[:-1], last // block, block, m)
+    rows = math.prod(lead)
+    return x.reshape(-1, next((b for b in BLOCKS if rows % b == 0), 1), m)
 
 
 def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -162,7 +173,7 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor
     """
     n = x.shape[-1]
     k, m = factor(n)
-    y = walsh_hadamard(x.reshape(*x.shape[:-1], k, m))
+    y = walsh_hadamard(x.reshape(*x.shape[:-1], k, m) if k > 1 else x)
     if k > 1:
         base = _base_operand(k, y.device, y.dtype)
         y = (base.T if transpose else base) @ y
@@ -203,7 +214,7 @@ def kronecker_transform(x: torch.Tensor, seed: int, transpose: bool = False) -> 
     R^T X S, so the butterfly runs along m and R^T (R for the inverse) multiplies on the left."""
     n = x.shape[-1]
     k, m = kronecker_factor(n)
-    y = walsh_hadamard(x.reshape(*x.shape[:-1], k, m)).div_(math.sqrt(m))
+    y = walsh_hadamard(x.reshape(*x.shape[:-1], k, m) if k > 1 else x).div_(math.sqrt(m))
     if k > 1:
         r = _orthogonal_operand(k, seed, y.device, y.dtype)
         y = (r if transpose else r.T) @ y

@@ -156,12 +156,14 @@ def _plain_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [1, 2, 64, 96, 576, 1536])
 def test_the_fast_transform_is_the_plain_one_bit_for_bit(n, dtype):
-    """The blocked butterfly (evaluation) and the stacked one (autograd) give the plain form's values bit for bit, on
-    contiguous inputs whose rows make blocks of every size and on a transposed one (Q and K after RoPE), and never
-    write the input."""
+    """The blocked butterfly (evaluation) and the stacked one (autograd) give the plain form's values bit for bit, in
+    the same layout, on contiguous inputs whose rows make blocks of every size and on transposed ones (Q and K after
+    RoPE: blocks of their tokens), and never write the input."""
     x = torch.randn(2, 5, 3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n)).to(dtype)
     rows = torch.randn(128, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n)).to(dtype)
-    for inp in (x, x.transpose(1, 2), rows, rows[:72], rows[:3]):  # row counts taking blocks of 64, 8, 1
+    after_rope = torch.randn(1, 64, 3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    after_rope = after_rope.transpose(1, 2)  # (batch, heads, tokens, head_dim) over (batch, tokens, heads) memory
+    for inp in (x, x.transpose(1, 2), rows, rows[:72], rows[:3], after_rope):  # blocks of 64, 8, 1; split tokens
         before = inp.clone()
         for transpose in (False, True):
             plain, fast = _plain_transform(inp, transpose), had.hadamard_transform(inp, transpose)
