@@ -116,12 +116,16 @@ class WorkingMemory:
             candidates).
         samples: calibration samples whose inputs inside a block (each linear's) it keeps in float32 while
             it searches; None = all of the run's calibration samples.
+        token_bytes: bytes it holds on the compute device per token of a calibration window (the activations a
+            backward pass through a batch of whole windows keeps); the estimate multiplies it by the windows'
+            length.
     """
 
     blocks_per_job: int = 1
     weight_copies: float = 0.0
     extra_bytes: int = 0
     samples: int | None = 0
+    token_bytes: int = 0
 
 
 def pretrained_config(config: PretrainedConfig | dict) -> PretrainedConfig:

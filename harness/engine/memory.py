@@ -9,8 +9,9 @@ out-of-core engine keeps (``harness.models.lazy``, ``harness.engine.blockwise``,
   do not fit on the device) the engine's three calibration buffers and evaluation hidden states;
 - device (CUDA): the block group in float32, the activation buffers when they fit, per-sample
   temporaries of a training step (attention and MLP intermediates with their gradients), what the
-  method says it holds (``Method.working_memory``: its block group size, weight copies, other bytes and
-  the search inputs it keeps), and the evaluation's hidden states and logits of one batch.
+  method says it holds (``Method.working_memory``: its block group size, weight copies, other bytes, the
+  search inputs it keeps and the activations per window token of its backward passes), and the evaluation's
+  hidden states and logits of one batch.
 
 On CPU the device is the host, so both numbers are added into the host figure. ``harness.bench.scale``
 prints the estimate beside measured peaks.
@@ -107,6 +108,7 @@ def estimate(run: Any, config: Any | None = None) -> MemoryEstimate | None:
         dev += TRAIN_TEMPORARIES * calib.seqlen * width * 4
         kept = calib.samples if own.samples is None else min(own.samples, calib.samples)
         dev += kept * calib.seqlen * (2 * h + inter) * 4  # the linears' inputs a search keeps
+        dev += own.token_bytes * calib.seqlen  # a backward pass through whole windows (learned rotations)
     p = run.evaluation.ppl
     windows = p.max_windows or DEFAULT_EVAL_WINDOWS
     eval_hidden = windows * p.seqlen * h * b

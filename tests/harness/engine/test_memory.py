@@ -55,6 +55,7 @@ BLOCK = 4 * 1024 * 1024 + 3 * 1024 * 2816 + 2 * 1024  # attention (no GQA), MLP,
     (WorkingMemory(samples=4), 4 * 256 * (2 * 1024 + 2816) * 4),  # the linears' float32 inputs of 4 windows
     (WorkingMemory(samples=None), 16 * 256 * (2 * 1024 + 2816) * 4),  # ... of every calibration window
     (WorkingMemory(samples=100), 16 * 256 * (2 * 1024 + 2816) * 4),  # never more than the run has
+    (WorkingMemory(token_bytes=1000), 1000 * 256),  # per token of the calibration windows (seqlen 256)
 ])
 def test_what_a_method_says_it_holds_adds_to_the_estimate(monkeypatch, own, added):
     from methods.omniquant import OmniQuant
