@@ -40,6 +40,7 @@ SMALL = {
     "awq": {"n_grid": 2, "clip_grid": 2, "clip_tokens": 32, "search_samples": 1},
     "os+": {"min_steps": 2, "step_unit": 1000.0, "search_samples": 1},
     "quarot": {"weight_solver": "rtn"},
+    "spinquant": {"steps": 2, "weight_solver": "rtn"},
 }
 # exp of a mean NLL over 2 x 63 tokens: the reload computes the same float operations, so only rounding may differ
 REL = 1e-6
