@@ -16,11 +16,10 @@ its copies) and the weights rounded by ``weight_solver`` block by block on the e
 (facebookresearch/SpinQuant 8f47aa3: ``optimize_rotation.py``, ``train_utils/``, ``eval_utils/``).
 
 Training never copies the model: each block runs through ``torch.func.functional_call`` with its weights
-computed from R1 and R2 on the fly (norms folded, R4 applied) under activation checkpointing, so the backward
-pass keeps the block inputs and one block's recomputation. The quantizers are the run's (``quantize_block``)
-with the official straight-through rounding. As the official scripts do, rotations for GPTQ weights are learned
-with FP weights (``W16A4KV4`` for a ``W4A4KV4`` run) where activations or the KV cache are quantized, and with
-the run's RTN-rounded weights otherwise.
+computed from R1 and R2 on the fly under activation checkpointing. The quantizers are the run's
+(``quantize_block``) with the official straight-through rounding; as the official scripts do, rotations for GPTQ
+weights are learned with FP weights where activations or the KV cache are quantized (``W16A4KV4`` for
+``W4A4KV4``), and with the run's RTN-rounded weights otherwise.
 
 Every family the adapter describes: where post-norms keep the residual stream from rotating (Gemma3) R1 runs
 online at each reader (x -> x R1, W <- W R1), learned the same way; a MoE's router reads through W R1 and stays
@@ -197,21 +196,18 @@ def initial_rotations(rotation: str, hidden: int, head_dim: int, layers: int, se
     matrix: ``rotation_matrix``), the signs drawn in that order from one generator seeded with ``seed`` (the official
     draws after ``transformers.set_seed(seed)``: R1 is ``random_hadamard(hidden, seed)``); with ``random`` random
     orthogonal matrices of ``seed``, ``seed + 1``, ..."""
-    if rotation == "random":
-        return Rotations(residual_rotation("random", hidden, seed),
-                         [residual_rotation("random", head_dim, seed + 1 + i) for i in range(layers)], [])
     generator = torch.Generator().manual_seed(seed)
 
-    def signed(n: int) -> torch.Tensor:
-        signs = torch.randint(0, 2, (n,), generator=generator).to(torch.float64) * 2 - 1
-        return signs[:, None] * rotation_matrix(n, seed)
+    def draw(n: int, i: int) -> torch.Tensor:
+        if rotation == "random":
+            return residual_rotation("random", n, seed + i)
+        return (torch.randint(0, 2, (n,), generator=generator).to(torch.float64) * 2 - 1)[:, None] * rotation_matrix(n, seed)
 
-    return Rotations(signed(hidden), [signed(head_dim) for _ in range(layers)], [])  # R1's signs drawn first
+    return Rotations(draw(hidden, 0), [draw(head_dim, 1 + i) for i in range(layers)], [])  # R1's signs drawn first
 
 
 def resumed_rotations(model: nn.Module) -> Rotations | None:
-    """The rotations a killed run of this model trained, from its engine checkpoint (its blocks were rotated by
-    them), or None: a resumed run continues with them instead of training again."""
+    """The rotations a killed run of this model trained (its finished blocks were rotated by them), or None."""
     store = block_store(model)
     if store is None or store.work is None:
         return None
@@ -449,9 +445,7 @@ def _frozen_on(modules: list[nn.Module], device: torch.device) -> Iterator[None]
     flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
     try:
         for m in modules:
-            m.to(device=device, dtype=torch.float32)
-        for p, _ in flags:
-            p.requires_grad_(False)
+            m.to(device=device, dtype=torch.float32).requires_grad_(False)
         yield
     finally:
         for p, flag in flags:
