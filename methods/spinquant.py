@@ -272,15 +272,14 @@ def rotate_block(layer: nn.Module, adapter: LlamaAdapter, r1: torch.Tensor, r2: 
     """
     get = layer.get_submodule
     transforms: dict[str, nn.Module] = {}
-    shared = LearnedRotation(r1) if online else None  # one copy of R1 per block, for all of its readers
     for pair in (adapter.attn_in, adapter.mlp_in):
         adapter.fold_norm(layer, pair)
         for name in pair.consumers:
-            if shared is not None and name in adapter.routers:
+            if online and name in adapter.routers:
                 continue  # a router reads the stream, which keeps its basis, as it is
             adapter.rotate_input(get(name), r1)
-            if shared is not None:
-                transforms[name] = shared
+            if online:  # a copy each: a block's tensors are stored unshared (lazy models, checkpoints)
+                transforms[name] = LearnedRotation(r1)
     v_proj, o_proj, downs = get(adapter.attn_out.producer), get(adapter.attn_out.consumers[0]), down_names(adapter)
     if not online:
         for writer in (o_proj, *map(get, downs)):
