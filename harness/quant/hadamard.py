@@ -120,15 +120,18 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
 
 def walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
-    """x @ S_m along the last dimension (m a power of two), unnormalised: the butterfly, O(m log m) adds; a new tensor.
+    """x @ S_m along the last dimension (m a power of two), unnormalised: the butterfly, O(m log m) adds; a new
+    contiguous tensor.
 
     Stage h pairs the elements h apart within blocks of 2h, (a, b) -> (a + b, a - b), for h = 1, 2, 4, ... in
     this order (the order of the additions decides the rounding). With autograd (a transform trained through)
     each stage stacks new tensors. Without it (evaluation) the same additions run faster, so the values are the
-    same bit for bit: the rows are regrouped in blocks of B (64 where their count allows, ``_blocked``) laid out
-    as (m, B) in one copy, so a stage's operands are runs of h x B contiguous values instead of runs of h (a few
-    elements for the first stages, which the elementwise kernels cannot vectorize), and the stages alternate
-    between two buffers, each writing its sums and differences straight into the other's halves.
+    same bit for bit: the rows are taken in blocks of B (64 where their count allows, ``_blocked``) and every
+    stage but the last writes its sums and differences into a buffer laid out (m, B), so the next stage's
+    operands are runs of h x B contiguous values instead of runs of h (a few elements for the first stages,
+    which the elementwise kernels cannot vectorize). The first stage reads the input in place (never writing it)
+    and the last writes the result in the standard layout (the stacked form's, which SDPA's rounding depends
+    on), so regrouping costs no pass of its own; between them two buffers take turns.
     """
     m = x.shape[-1]
     lead = x.shape[:-1]
@@ -139,22 +142,28 @@ def walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
             x = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
             h *= 2
         return x.reshape(*lead, m) if m > 1 else x.clone()
-    src = _blocked(x).transpose(-1, -2).clone(memory_format=torch.contiguous_format)  # (..., m, B): never the input
-    dst, block = torch.empty_like(src), src.shape[-1]
+    result = torch.empty(*lead, m, dtype=x.dtype, device=x.device)
+    if m == 1:
+        return result.copy_(x)
+    src = _blocked(x).transpose(-1, -2)  # (..., m, B) views: the input's and the result's
+    last = _blocked(result).transpose(-1, -2)
+    buffers = [torch.empty(src.shape, dtype=x.dtype, device=x.device) for _ in range(2 if m > 4 else 1)]
     h = 1
     while h < m:
-        y, out = src.view(-1, m // (2 * h), 2, h * block), dst.view(-1, m // (2 * h), 2, h * block)
-        torch.add(y[:, :, 0], y[:, :, 1], out=out[:, :, 0])
-        torch.sub(y[:, :, 0], y[:, :, 1], out=out[:, :, 1])
-        src, dst = dst, src
+        dst = last if 2 * h == m else buffers[0]
+        y, out = (t.unflatten(-2, (m // (2 * h), 2, h)) for t in (src, dst))  # (..., m / 2h, 2, h, B)
+        torch.add(y[..., 0, :, :], y[..., 1, :, :], out=out[..., 0, :, :])
+        torch.sub(y[..., 0, :, :], y[..., 1, :, :], out=out[..., 1, :, :])
+        src = dst
+        buffers.reverse()
         h *= 2
-    # back to rows (a copy): the standard layout, as the stacked form's, since a kernel may round by layout (SDPA does)
-    return src.transpose(-1, -2).reshape(-1, m).view(*lead, m)
+    return result
 
 
 def _blocked(x: torch.Tensor) -> torch.Tensor:
     """x's rows grouped in blocks of B (..., B, m): its last leading dimension split where B divides it (a view,
-    whatever the layout: Q and K after RoPE are transposed), else all rows flattened (a view where x is contiguous)."""
+    whatever the layout: Q and K after RoPE are transposed), else all rows flattened (a view where x is contiguous,
+    a copy otherwise). Depends on the shape alone, so a result of the same shape is grouped alike."""
     m, lead = x.shape[-1], x.shape[:-1]
     last = lead[-1] if lead else 1
     block = next((b for b in BLOCKS if last % b == 0), 0)
