@@ -463,6 +463,8 @@ def learn_rotations(model: nn.Module, tokens: torch.Tensor, spec: BitSpec, confi
     device = context.device
     init = initial_rotations(config.rotation, model.config.hidden_size, adapter.attention_geometry(model)[2],
                              len(layers), context.seed)
+    if not config.steps:
+        return init
     r1 = nn.Parameter(init.r1.to(device))
     r2 = [nn.Parameter(r.to(device)) for r in init.r2]
     embed, norm, head = adapter.embed(model), adapter.final_norm(model), adapter.lm_head(model)

@@ -106,6 +106,19 @@ def test_a_few_steps_lower_the_quantized_loss_and_the_curve_is_recorded():
     assert result.stats["orthogonality_error"] < 1e-12
 
 
+def test_zero_steps_deploy_the_starting_rotations():
+    model = sharp_model()
+    ids = own_samples(model, 2, 16)
+    by_hand = copy.deepcopy(model)
+    method = get_method("spinquant").from_options({"steps": 0, "weight_solver": "rtn"})
+    result = method.apply(model, spec("W4A4KV4"), ids, CTX)
+    start = initial_rotations("hadamard", 64, 16, 2, seed=0)
+    apply_rotations(by_hand, spec("W4A4KV4"), start, method.solver_options(), ids, CTX)  # RTN with the clip search
+    assert result.stats["loss_curve"] == [] and result.stats["steps"] == 0
+    for (name, a), b in zip(model.state_dict().items(), by_hand.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_r2_rotates_what_the_v_quantizer_sees():
     model = tiny_llama(seed=0, vocab_size=256)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
