@@ -48,10 +48,18 @@ def test_a_rotation_alone_is_the_fp_model():
 
 def test_command_prints_a_row_per_method_and_spec():
     result = CliRunner().invoke(main, ["-q", "bench", "--model", "tiny-random-llama", "--methods", "rtn", "--bits", "W4A4,W8A8",
-                                       "--windows", "1", "--seqlen", "16", "--repeats", "1", "--device", "cpu"])
+                                       "--windows", "1", "--seqlen", "16", "--repeats", "1", "--device", "cpu", "--clock", "cpu"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert [line.split()[:2] for line in lines if line.startswith("rtn")] == [["rtn", "W4A4"], ["rtn", "W8A8"]]
+    assert "cpu clock" in lines[0] and all(float(line.split()[2]) > 0 for line in lines if line.startswith("rtn"))
+
+
+def test_an_unknown_clock_is_one_line():
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="^clock: 'sun' is not allowed; use one of wall, cpu$"):
+        bench_throughput("tiny-random-llama", ["rtn"], ["W4A4"], repeats=1, clock="sun", **SMALL)
 
 
 @pytest.mark.parametrize("methods, message", [("[", "--methods"), ("{a: 1}", "--methods"), ("nosuch", "unknown")])
